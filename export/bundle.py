@@ -1,0 +1,135 @@
+"""Writing a bundle: every component exported and verified, tables saved, the manifest written last.
+
+The bundle is assembled in a temporary sibling folder and renamed into place, so a crash never leaves a
+half-written bundle that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from illume_rt import __version__
+from illume_rt.export.components import Component, ExportError, export_onnx
+from illume_rt.export.configs import Preset
+from illume_rt.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+from illume_rt.runtime.layout import supported_resolutions
+
+
+@dataclass
+class ReferenceModels:
+    """The PyTorch reference networks of one model (random or loaded from a checkpoint)."""
+
+    preset: Preset
+    llm: object  # transformers Qwen2ForCausalLM
+    dualvitok: object  # DualViTokPixel: codebooks, pixel encoder and decoder
+    extra_components: list[Callable[["ReferenceModels"], Component]] = field(default_factory=list)
+    random_weights: bool = True
+    source: dict = field(default_factory=dict)  # checkpoint paths and hashes
+
+
+def build_reference_models(preset: Preset) -> ReferenceModels:
+    """Random-weight reference networks for a preset, deterministic from its seed."""
+    from illume_rt.export.llm import build_llm
+    from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
+
+    return ReferenceModels(preset, build_llm(preset), build_dualvitok_pixel(preset))
+
+
+def components_for(models: ReferenceModels) -> list[Component]:
+    from illume_rt.export.llm import HEAD_RANGES, head_component, llm_component
+    from illume_rt.export.networks.dualvitok import pixel_decoder_component
+
+    preset = models.preset
+    comps = [llm_component(preset, models.llm)]
+    comps += [head_component(preset, models.llm, which) for which in HEAD_RANGES]
+    comps.append(pixel_decoder_component(preset, models.dualvitok))
+    comps += [make(models) for make in models.extra_components]
+    return comps
+
+
+def tables_for(models: ReferenceModels) -> dict[str, np.ndarray]:
+    from illume_rt.export.networks.dualvitok import effective_codebooks
+
+    semantic, pixel = effective_codebooks(models.dualvitok)
+    embed = models.llm.get_input_embeddings().weight.detach().float().numpy()
+    return {"embed_tokens": embed, "semantic_codebook": semantic, "pixel_codebook": pixel}
+
+
+def _file_entry(path: Path, root: Path) -> dict:
+    return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Export every component of ``models`` into a new bundle at ``out_dir`` (replacing one that is there)."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        preset = models.preset
+        manifest: dict = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"illume-rt {__version__}",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"preset": preset.name, "random_weights": models.random_weights, "seed": preset.seed,
+                      "source": models.source, "config": preset.to_dict()},
+            "vocab": preset.vocab.to_dict(),
+            "resolutions": [list(r) for r in supported_resolutions()],
+            "llm": {
+                "num_hidden_layers": preset.llm.num_hidden_layers,
+                "num_key_value_heads": preset.llm.num_key_value_heads,
+                "head_dim": preset.llm.head_dim,
+                "hidden_size": preset.llm.hidden_size,
+                "max_context": preset.llm.max_position_embeddings,
+                "kv_dtype": "float32",
+            },
+            "tokenizer": {"kind": "bytes"} if preset.vocab.text_vocab_size == 256 else {"kind": "hf",
+                                                                                        "file": "tokenizer.json"},
+            "components": {},
+            "tables": {},
+            "files": {},
+        }
+        for comp in components_for(models):
+            t0 = time.perf_counter()
+            path = work / f"{comp.name}.onnx"
+            report = export_onnx(comp, comp.build_module(), path, seed=preset.seed)
+            entry = comp.manifest_entry()
+            entry.update(_file_entry(path, work))
+            entry["precision"] = "fp32"
+            entry["accuracy"] = {"reference": "pytorch fp32", "worst_cosine": report["worst_cosine"],
+                                 "worst_max_abs_err": report["worst_max_abs_err"], "cases": report["cases"]}
+            manifest["components"][comp.name] = entry
+            log(f"exported {comp.name:<18} cos {report['worst_cosine']:.8f}  max|err| "
+                f"{report['worst_max_abs_err']:.2e}  {time.perf_counter() - t0:.1f}s")
+        for name, table in tables_for(models).items():
+            path = work / f"{name}.npy"
+            np.save(path, np.ascontiguousarray(table))
+            manifest["tables"][name] = {**_file_entry(path, work), "dtype": str(table.dtype),
+                                        "shape": list(table.shape)}
+        tokenizer_file = models.source.get("tokenizer_file")
+        if manifest["tokenizer"]["kind"] == "hf":
+            if not tokenizer_file:
+                raise ExportError("this vocabulary needs a tokenizer.json; pass --checkpoint with the MLLM folder")
+            shutil.copyfile(tokenizer_file, work / "tokenizer.json")
+            manifest["files"]["tokenizer"] = _file_entry(work / "tokenizer.json", work)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            work.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(out_dir)
+        return out_dir
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)

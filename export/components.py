@@ -1,0 +1,198 @@
+"""Component descriptors: one description per exported network, feeding export, verification, the manifest,
+engine profiles and the runtime's shape checks.
+
+A descriptor names its inputs and outputs with symbolic dims, says which sample size each dim takes at export
+(at least 2, or the dynamo exporter silently fixes it) and a second size used to prove the dim stayed dynamic,
+builds the reference module in "export form" (positional inputs in descriptor order, a tuple of outputs), and
+makes sample inputs. Shapes are never written down anywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+ONNX_IR_VERSION = 10  # onnxruntime-gpu rejects IR 14; TensorRT 10 parsers accept 10
+ONNX_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """An exported graph that does not match its reference, or an export that could not be written."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints and symbolic dim names
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Export verification: max |a-b| <= atol + rtol*max|b|, and cosine >= min_cosine."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float = 0.99999
+
+
+@dataclass
+class Component:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Symbolic dim -> (export sample size, verification size, (min, opt, max) for engine profiles).
+    dims: dict[str, tuple[int, int, tuple[int, int, int]]]
+    build_module: Callable[[], "object"]  # -> torch.nn.Module in export form
+    make_inputs: Callable[[dict[str, int], np.random.Generator], dict[str, np.ndarray]]
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    description: str = ""
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def sample_dims(self, which: int = 0) -> dict[str, int]:
+        return {d: v[which] for d, v in self.dims.items()}
+
+    def profiles(self) -> dict[str, list[int]]:
+        return {d: list(v[2]) for d, v in self.dims.items()}
+
+    def manifest_entry(self) -> dict:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "profiles": self.profiles(),
+            "description": self.description,
+        }
+
+
+def atomic_path(final: Path) -> Path:
+    """A temporary sibling of ``final`` to write into, then ``os.replace`` onto it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def compare_arrays(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict:
+    """Figures for one output; 'ok' says whether they meet the tolerance."""
+    got64, want64 = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+    if got64.shape != want64.shape:
+        return {"ok": False, "error": f"shape {got.shape} != {want.shape}"}
+    max_abs = float(np.max(np.abs(got64 - want64))) if got64.size else 0.0
+    scale = float(np.max(np.abs(want64))) if want64.size else 0.0
+    denom = np.linalg.norm(got64) * np.linalg.norm(want64)
+    cosine = float(got64 @ want64 / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    ok = max_abs <= tol.atol + tol.rtol * scale and cosine >= tol.min_cosine
+    return {"ok": bool(ok), "max_abs_err": max_abs, "ref_max_abs": scale, "cosine": cosine}
+
+
+def _torch_inputs(component: Component, arrays: dict[str, np.ndarray]):
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])) for t in component.inputs)
+
+
+def run_reference(component: Component, module, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        outs = module(*_torch_inputs(component, arrays))
+    if not isinstance(outs, (tuple, list)):
+        outs = (outs,)
+    return {t.name: o.detach().float().numpy() if o.dtype.is_floating_point else o.numpy()
+            for t, o in zip(component.outputs, outs)}
+
+
+def export_onnx(component: Component, module, path: Path, seed: int = 0) -> dict:
+    """Export ``module`` to ``path`` (atomically), then verify it against the module at two sizes per dim.
+
+    Returns the verification report; raises ExportError when a figure misses the tolerance.
+    """
+    import onnx
+    import torch
+
+    rng = np.random.default_rng(seed)
+    sample = component.make_inputs(component.sample_dims(0), rng)
+    dyn = {}
+    for spec in component.inputs:
+        axes = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(spec.shape) if isinstance(d, str)}
+        dyn[spec.name] = axes or None
+    tmp = atomic_path(path)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, _torch_inputs(component, sample), input_names=component.input_names(),
+                output_names=component.output_names(), dynamic_shapes=dyn, dynamo=True,
+                opset_version=ONNX_OPSET, external_data=False, verbose=False,
+            )
+        model = program.model_proto
+        model.ir_version = ONNX_IR_VERSION
+        _name_dims(model, component)
+        onnx.checker.check_model(model)
+        if model.ByteSize() > 2**31 - 1:
+            raise ExportError(f"{component.name}: graph over 2 GiB; external data is not implemented yet")
+        onnx.save(model, str(tmp))
+        report = verify_onnx(component, module, tmp, seed=seed)
+        if not report["ok"]:
+            raise ExportError(f"{component.name}: exported graph differs from the reference: {report}")
+        os.replace(tmp, path)
+        return report
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _name_dims(model, component: Component) -> None:
+    """Give graph inputs/outputs the descriptor's symbolic dim names (the exporter invents its own)."""
+    by_name = {t.name: t for t in (*component.inputs, *component.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, spec.shape):
+            if isinstance(want, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = want
+
+
+def verify_onnx(component: Component, module, path: Path, seed: int = 0) -> dict:
+    """Run graph and reference at the export sample size and at the second size; compare every output."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got_names = [o.name for o in session.get_outputs()]
+    if got_names != component.output_names():
+        return {"ok": False, "error": f"graph outputs {got_names} != descriptor {component.output_names()}"}
+    report: dict = {"ok": True, "cases": []}
+    for which in (0, 1):
+        dims = component.sample_dims(which)
+        arrays = component.make_inputs(dims, np.random.default_rng(seed + 1 + which))
+        want = run_reference(component, module, arrays)
+        got = dict(zip(got_names, session.run(None, {t.name: arrays[t.name] for t in component.inputs})))
+        case = {"dims": dims, "outputs": {}}
+        for name in got_names:
+            figures = compare_arrays(got[name], want[name], component.tolerance)
+            case["outputs"][name] = figures
+            report["ok"] &= figures["ok"]
+        report["cases"].append(case)
+    report["worst_cosine"] = min(o.get("cosine", 0.0) for c in report["cases"] for o in c["outputs"].values())
+    report["worst_max_abs_err"] = max(o.get("max_abs_err", math.inf) for c in report["cases"]
+                                      for o in c["outputs"].values())
+    return report

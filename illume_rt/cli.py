@@ -1,0 +1,155 @@
+"""``illume-rt`` command line. Heavy packages (torch) are imported only by the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "tiny"
+
+
+class UsageError(Exception):
+    """A bad command line or input, reported as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from illume_rt.engines.base import BackendError
+    from illume_rt.runtime.bundle import BundleError
+    from illume_rt.runtime.layout import LayoutError
+
+    errors: list[type[BaseException]] = [UsageError, BackendError, BundleError, LayoutError]
+    try:
+        from illume_rt.export.components import ExportError
+
+        errors.append(ExportError)
+    except ImportError:  # runtime-only install
+        pass
+    return tuple(errors)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ILLUME_RT_CACHE", Path.home() / ".cache" / "illume-rt"))
+
+
+def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
+    """Cached bundle of a built-in preset, keyed by the exporter's source so a code change re-exports it."""
+    import illume_rt
+
+    digest = hashlib.sha256(illume_rt.__version__.encode())
+    roots = [Path(__file__).resolve().parent.parent / d for d in ("export", "runtime")]
+    for root in roots:
+        for file in sorted(root.rglob("*.py")):
+            digest.update(file.read_bytes())
+    return cache_dir() / "bundles" / f"{preset}-{digest.hexdigest()[:12]}"
+
+
+def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
+    path = default_bundle_path(preset)
+    if (path / "manifest.json").is_file():
+        return path
+    try:
+        from illume_rt.export.bundle import build_reference_models, write_bundle
+        from illume_rt.export.configs import get_preset
+    except ImportError as exc:
+        raise UsageError(f"no --bundle given and the built-in model cannot be exported here ({exc}); "
+                         "install the export extra (pip install 'illume-rt[export]') or pass --bundle") from None
+    log(f"exporting the built-in '{preset}' model once to {path} ...")
+    write_bundle(build_reference_models(get_preset(preset)), path, log=lambda m: log("  " + m))
+    return path
+
+
+def cmd_export(args) -> None:
+    from illume_rt.export.bundle import build_reference_models, write_bundle
+    from illume_rt.export.configs import get_preset
+
+    if args.checkpoint:
+        raise UsageError("loading official checkpoints is not implemented yet; export a preset (--preset tiny)")
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = write_bundle(build_reference_models(preset), args.output)
+    print(f"bundle written to {out}")
+
+
+def _sampling(args):
+    from illume_rt.runtime.layout import SamplingConfig
+
+    return SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, pixel_top_k=args.pixel_top_k, greedy=args.greedy)
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from illume_rt.runtime.layout import image_grid, parse_resolution
+    from illume_rt.runtime.pipeline import Pipeline
+
+    resolution = parse_resolution(args.resolution)
+    sampling = _sampling(args)
+    sampling.validate()
+    bundle = Path(args.bundle) if args.bundle else ensure_default_bundle()
+    pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
+    if pipe.random_weights:
+        print(f"note: bundle {bundle.name} has RANDOM weights ({pipe.bundle.manifest['model']['preset']} preset): "
+              "the image will be noise-like; pass --bundle with a real model for real pictures", file=sys.stderr)
+    grid = image_grid(*resolution)
+    total = grid.num_codes
+    with tqdm(total=total, unit="tok", desc="semantic", disable=args.quiet, file=sys.stderr) as bar:
+        def on_token(level: int) -> None:
+            if level == 1 and bar.desc != "pixel":
+                bar.set_description("pixel")
+            bar.update(1)
+
+        result = pipe.generate(args.prompt, resolution, seed=args.seed, sampling=sampling, on_token=on_token)
+    out = result.save(args.output)
+    t = result.timings
+    print(f"wrote {out} ({resolution[0]}x{resolution[1]}); prefill {t['prefill']:.2f}s, semantic "
+          f"{t['semantic']:.2f}s, pixel {t['pixel']:.2f}s, image decode {t['image_decode']:.2f}s, "
+          f"total {t['total']:.2f}s ({result.tokens.steps} decode steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="illume-rt", description="ILLUME+ inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export", help="export a model to a bundle (ONNX graphs + tables + manifest)")
+    exp.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    exp.add_argument("--preset", default=DEFAULT_PRESET, help="tiny (random weights), 3b or 7b")
+    exp.add_argument("--checkpoint", help="official checkpoint folder (MLLM)")
+    exp.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="text to image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="illume.png", help="PNG to write")
+    gen.add_argument("--bundle", help="bundle folder (default: the built-in tiny model, exported once)")
+    gen.add_argument("--resolution", default="256x256", help="HEIGHTxWIDTH, one of the ILLUME+ anchors")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=2048, help="semantic level; pixel level uses 3x")
+    gen.add_argument("--pixel-top-k", type=int, default=None, help="override the pixel-level top-k")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
+    gen.add_argument("--backend", default="ort-cpu", help="ort-cpu, ort-cuda or tensorrt")
+    gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as exc:
+        print(f"illume-rt: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The decoding loop: KV cache, prefill, decode steps, and the coarse-to-fine image-token schedule.
+
+Read top to bottom: ``KVCache`` (one preallocated buffer, written in place), ``LanguageModel`` (embedding lookup,
+one call of the body graph per step, the head over one row range), ``image_schedule`` (which positions of an image
+are forced and which are sampled) and ``generate_image_tokens`` (the loop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from illume_rt.engines.base import Engine
+from illume_rt.runtime.layout import ImageGrid, LayoutError, SamplingConfig, VocabLayout
+from illume_rt.runtime.sampler import choose, guide
+
+SEMANTIC, PIXEL = 0, 1
+LEVEL_HEADS = {SEMANTIC: "semantic", PIXEL: "pixel"}
+
+
+class KVCache:
+    """Keys/values of every layer for ``batch`` rows, time axis outermost: [capacity, layers, 2, batch, kv_heads,
+    head_dim]. The filled prefix ``kv[:length]`` is contiguous, so it is handed to the graph without a copy, and
+    each step writes only its new positions after it."""
+
+    def __init__(self, capacity: int, layers: int, batch: int, kv_heads: int, head_dim: int,
+                 dtype=np.float32) -> None:
+        # np.zeros maps untouched pages lazily: memory grows with the filled length, not the capacity.
+        self.kv = np.zeros((capacity, layers, 2, batch, kv_heads, head_dim), dtype=dtype)
+        self.mask = np.zeros((batch, capacity), dtype=np.int64)
+        self.next_position = np.zeros(batch, dtype=np.int64)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.mask.nbytes
+
+
+class LanguageModel:
+    """The body graph, the three head slices and the embedding table of a bundle."""
+
+    def __init__(self, body: Engine, heads: dict[str, Engine], embed_tokens: np.ndarray, llm_info: dict,
+                 vocab: VocabLayout) -> None:
+        self.body, self.heads, self.embed_tokens = body, heads, embed_tokens
+        self.layers, self.kv_heads = llm_info["num_hidden_layers"], llm_info["num_key_value_heads"]
+        self.head_dim, self.max_context = llm_info["head_dim"], llm_info["max_context"]
+        self.vocab = vocab
+        self.kv_dtype = np.dtype(llm_info.get("kv_dtype", "float32"))
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        if capacity > self.max_context:
+            raise LayoutError(f"this request needs {capacity} positions but the model's context is "
+                              f"{self.max_context}; shorten the prompt or choose a smaller resolution")
+        return KVCache(capacity, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
+
+    def prefill(self, cache: KVCache, rows: list[list[int]]) -> np.ndarray:
+        """Left-pad rows of different lengths into one batch, run them, return the last hidden state per row."""
+        longest = max(len(r) for r in rows)
+        ids = np.full((len(rows), longest), self.vocab.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row):] = row
+            mask[i, longest - len(row):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        return self._run(cache, ids, mask, positions)
+
+    def step(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
+        """Feed the same tokens to every row (the guidance rows share the generated image)."""
+        batch, seq = cache.kv.shape[3], len(token_ids)
+        ids = np.broadcast_to(np.asarray(token_ids, dtype=np.int64), (batch, seq))
+        positions = cache.next_position[:, None] + np.arange(seq, dtype=np.int64)[None]
+        return self._run(cache, ids, np.ones((batch, seq), dtype=np.int64), positions)
+
+    def _run(self, cache: KVCache, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        start, seq = cache.length, ids.shape[1]
+        if start + seq > cache.capacity:
+            raise LayoutError(f"KV cache full ({cache.capacity} positions)")
+        cache.mask[:, start:start + seq] = mask
+        hidden, new_kv = self.body.run({
+            "inputs_embeds": np.ascontiguousarray(self.embed_tokens[ids], dtype=np.float32),
+            "attention_mask": cache.mask[:, :start + seq],
+            "position_ids": np.ascontiguousarray(positions),
+            "past_kv": cache.kv[:start],
+        })
+        cache.kv[start:start + seq] = new_kv
+        cache.length = start + seq
+        cache.next_position = positions[:, -1] + 1
+        return hidden
+
+    def logits(self, hidden: np.ndarray, which: str) -> np.ndarray:
+        return self.heads[which].run({"hidden": hidden})[0]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One position of an image: a forced token id, or a code sampled at ``level``."""
+
+    token: int | None = None
+    level: int | None = None
+
+
+def image_schedule(vocab: VocabLayout, grid: ImageGrid) -> list[Slot]:
+    """Every position from <start_of_image> to <end_of_image>: structure forced, codes sampled, coarse first."""
+    slots = [Slot(vocab.start_of_image_id), Slot(vocab.start_of_level0_id)]
+    for level, rows, cols, end in ((SEMANTIC, grid.semantic_rows, grid.semantic_cols, vocab.end_of_level0_id),
+                                   (PIXEL, grid.pixel_rows, grid.pixel_cols, vocab.end_of_level1_id)):
+        for _ in range(rows):
+            slots += [Slot(level=level)] * cols + [Slot(vocab.end_of_line_id)]
+        slots.append(Slot(end))
+        if level == SEMANTIC:
+            slots.append(Slot(vocab.start_of_level1_id))
+    slots.append(Slot(vocab.end_of_image_id))
+    assert len(slots) == grid.num_tokens
+    return slots
+
+
+@dataclass
+class ImageTokens:
+    semantic: np.ndarray  # [sem_rows, sem_cols] code indices
+    pixel: np.ndarray  # [pix_rows, pix_cols]
+    timings: dict = field(default_factory=dict)
+    steps: int = 0  # body-graph calls
+
+
+def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int], uncond_ids: list[int],
+                          sampling: SamplingConfig, rng: np.random.Generator,
+                          on_token: Callable[[int], None] | None = None) -> ImageTokens:
+    """Coarse-to-fine decoding of one image with guidance batched as two rows of each forward."""
+    vocab = lm.vocab
+    guided = sampling.guidance_scale != 1.0
+    rows = [cond_ids, uncond_ids] if guided else [cond_ids]
+    schedule = image_schedule(vocab, grid)
+    cache = lm.new_cache(len(rows), max(len(r) for r in rows) + len(schedule))
+    codes: dict[int, list[int]] = {SEMANTIC: [], PIXEL: []}
+    offsets = {SEMANTIC: vocab.semantic_code_offset, PIXEL: vocab.pixel_code_offset}
+    timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
+
+    # Forced tokens accumulate in ``pending`` and go through the body in one call just before the next sample:
+    # no head runs for a position whose successor is forced.
+    first = next(i for i, s in enumerate(schedule) if s.level is not None)
+    pending = [s.token for s in schedule[:first]]
+    t0 = time.perf_counter()
+    hidden = lm.prefill(cache, [r + pending for r in rows])
+    timings["prefill"] = time.perf_counter() - t0
+    pending, steps = [], 1
+    for slot in schedule[first:]:
+        if slot.level is None:
+            pending.append(slot.token)
+            continue
+        t0 = time.perf_counter()
+        if pending:
+            hidden = lm.step(cache, pending)
+            steps += 1
+        logits = lm.logits(hidden, LEVEL_HEADS[slot.level])
+        scores = guide(logits[0], logits[1] if guided else None, sampling.guidance_scale)
+        temperature, top_k, top_p = sampling.level(slot.level)
+        index = choose(scores, temperature, top_k, top_p, sampling.greedy, rng)
+        codes[slot.level].append(index)
+        pending = [offsets[slot.level] + index]
+        timings[LEVEL_HEADS[slot.level]] += time.perf_counter() - t0
+        if on_token is not None:
+            on_token(slot.level)
+    semantic = np.asarray(codes[SEMANTIC], dtype=np.int64).reshape(grid.semantic_rows, grid.semantic_cols)
+    pixel = np.asarray(codes[PIXEL], dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols)
+    return ImageTokens(semantic, pixel, timings, steps)

@@ -1,0 +1,53 @@
+"""Prompt ids for ILLUME+ tasks: Qwen chat template + ILLUME+ task templates + resolution tags.
+
+Templates follow ILLUME/generation_eval/models/illume.py: the user turn holds the task text with the
+``<height_h><width_w>`` tags in place of ``{resolution_tag}``, and the tags are appended again after the
+assistant prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from illume_rt.runtime.layout import LayoutError, VocabLayout
+from illume_rt.runtime.tokenizer import SYSTEM_PROMPT, Tokenizer
+
+Segment = Union[str, int]  # text to tokenize, or a special id
+
+T2I_TEMPLATE = "Generate an image of {tags}, the content of image is {content}\n"
+T2I_UNCOND_TEMPLATE = "Generate a random image of {tags}\n"
+
+
+def chat_ids(tokenizer: Tokenizer, layout: VocabLayout, user: list[Segment], assistant_prefix: list[Segment]) -> list[int]:
+    """<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{prefix}"""
+    segments: list[Segment] = [
+        layout.im_start_id, f"system\n{SYSTEM_PROMPT}", layout.im_end_id, "\n",
+        layout.im_start_id, "user\n", *user, layout.im_end_id, "\n",
+        layout.im_start_id, "assistant\n", *assistant_prefix,
+    ]
+    ids: list[int] = []
+    for seg in segments:
+        if isinstance(seg, int):
+            ids.append(seg)
+        elif seg:
+            ids.extend(tokenizer.encode(seg))
+    return ids
+
+
+def _fill(template: str, tags: list[int], **fields: str) -> list[Segment]:
+    """Split a template at {tags} so the tag ids go in as ids."""
+    before, after = template.split("{tags}")
+    for key, value in fields.items():  # str.replace, not format: prompts may contain braces
+        before, after = before.replace("{" + key + "}", value), after.replace("{" + key + "}", value)
+    return [before, *tags, after]
+
+
+def text_to_image_ids(tokenizer: Tokenizer, layout: VocabLayout, prompt: str, height: int, width: int
+                      ) -> tuple[list[int], list[int]]:
+    """(conditional, unconditional) prompt ids for text to image."""
+    if not prompt or not prompt.strip():
+        raise LayoutError("the prompt is empty: describe the image, e.g. \"a red circle on a blue background\"")
+    tags = [layout.height_tag(height), layout.width_tag(width)]
+    cond = chat_ids(tokenizer, layout, _fill(T2I_TEMPLATE, tags, content=prompt), tags)
+    uncond = chat_ids(tokenizer, layout, _fill(T2I_UNCOND_TEMPLATE, tags), tags)
+    return cond, uncond

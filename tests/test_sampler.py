@@ -1,0 +1,71 @@
+"""The numpy sampler against straightforward definitions of guidance, top-k, top-p and inverse-CDF sampling."""
+
+import numpy as np
+import pytest
+
+from illume_rt.runtime.layout import LayoutError, SamplingConfig
+from illume_rt.runtime.sampler import choose, guide, sample, warp
+
+
+def log_softmax(x):
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def test_guidance_on_a_range_equals_the_log_prob_mix():
+    rng = np.random.default_rng(0)
+    full_c, full_u = rng.normal(size=50), rng.normal(size=50)
+    lo, hi, w = 10, 30, 2.0
+    official = w * (log_softmax(full_c) - log_softmax(full_u)) + log_softmax(full_u)
+    ours = guide(full_c[lo:hi], full_u[lo:hi], w)
+    diff = official[lo:hi] - ours
+    assert np.allclose(diff, diff[0])  # equal up to one constant
+    assert not np.allclose(guide(full_c, full_u, 1.0), full_u)
+    assert guide(full_c, None, 2.0) is full_c
+
+
+def test_top_k_keeps_ties_and_removes_the_rest():
+    scores = np.array([1.0, 5.0, 3.0, 3.0, 0.5])
+    out = warp(scores, 1.0, 2, 1.0)
+    assert np.isfinite(out).tolist() == [False, True, True, True, False]
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    out = warp(np.log(probs), 1.0, 0, 0.7)
+    assert np.isfinite(out).tolist() == [True, True, False, False]
+    out = warp(np.log(probs), 1.0, 0, 0.45)
+    assert np.isfinite(out).tolist() == [True, False, False, False]
+
+
+def test_temperature_scales():
+    scores = np.array([1.0, 2.0])
+    assert np.allclose(warp(scores, 0.5, 0, 1.0), scores * 2)
+
+
+def test_inverse_cdf_sampling_frequencies():
+    probs = np.array([0.1, 0.0, 0.6, 0.3])
+    scores = np.log(np.where(probs > 0, probs, 1e-300))
+    scores[1] = -np.inf
+    rng = np.random.default_rng(1)
+    draws = np.array([sample(scores, rng.random()) for _ in range(20000)])
+    freq = np.bincount(draws, minlength=4) / draws.size
+    assert freq[1] == 0
+    assert np.allclose(freq, probs, atol=0.015)
+
+
+def test_choose_greedy_takes_argmax_without_drawing():
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    assert choose(np.array([0.1, 3.0, 2.0]), 1.0, 0, 1.0, True, rng) == 1
+    assert rng.bit_generator.state == state
+
+
+def test_sampling_config_levels_and_validation():
+    cfg = SamplingConfig(top_k=100)
+    assert cfg.level(0) == (1.0, 100, 1.0)
+    assert cfg.level(1) == (1.0, 300, 1.0)
+    assert SamplingConfig(top_k=100, pixel_top_k=7).level(1)[1] == 7
+    for bad in (SamplingConfig(temperature=0), SamplingConfig(top_p=1.5), SamplingConfig(guidance_scale=0.5)):
+        with pytest.raises(LayoutError):
+            bad.validate()
