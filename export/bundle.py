@@ -59,9 +59,9 @@ def components_for(models: ReferenceModels) -> list[Component]:
 def tables_for(models: ReferenceModels) -> dict[str, np.ndarray]:
     from illume_rt.export.networks.dualvitok import effective_codebooks
 
-    semantic, pixel = effective_codebooks(models.dualvitok)
+    tables = effective_codebooks(models.dualvitok)
     embed = models.llm.get_input_embeddings().weight.detach().float().numpy()
-    return {"embed_tokens": embed, "semantic_codebook": semantic, "pixel_codebook": pixel}
+    return {"embed_tokens": embed, "semantic_codebook": tables["semantic"], "pixel_codebook": tables["pixel"]}
 
 
 def _file_entry(path: Path, root: Path) -> dict:

@@ -99,8 +99,11 @@ def cmd_generate(args) -> None:
     grid = image_grid(*resolution)
     total = grid.num_codes
     with tqdm(total=total, unit="tok", desc="semantic", disable=args.quiet, file=sys.stderr) as bar:
+        levels_seen = {0}
+
         def on_token(level: int) -> None:
-            if level == 1 and bar.desc != "pixel":
+            if level not in levels_seen:  # disabled bars (-q) keep no description, so track the level here
+                levels_seen.add(level)
                 bar.set_description("pixel")
             bar.update(1)
 

@@ -13,8 +13,9 @@ class LayoutError(ValueError):
     """A request that does not fit the model's token layout (resolution, prompt length)."""
 
 
-# Semantic-branch resize per output size, keyed (width, height) -> (width, height) as in the official
-# RESOLUTION_MAPPING (vision_tokenizer/tokenizer/dualvitok_model.py); the semantic grid is that size / 28.
+# Semantic-branch resize per output size: the official RESOLUTION_MAPPING (vision_tokenizer/tokenizer/
+# dualvitok_model.py). The official code indexes it (w, h) in one place and (h, w) in another; the table holds both
+# orientations, so both readings give the same grids. We read it (width, height); the semantic grid is size / 28.
 SEMANTIC_RESIZE: dict[tuple[int, int], tuple[int, int]] = {
     (256, 256): (252, 252),
     (512, 512): (504, 504),

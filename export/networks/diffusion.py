@@ -33,7 +33,9 @@ Facts verified in the official pipeline ``vision_tokenizer/tokenizer/sdxl_decode
 - Loop order per timestep t (pipe:840-881): x_in = cat([x, x]); x_in = scheduler.scale_model_input(x_in, t);
   map_in = cat([0, nearest(map)]); eps = unet(cat([x_in, map_in], 1), t, zeros text, text_time(zeros pooled,
   time_ids)); guidance mix; x = scheduler.step(eps, t, x). Timesteps come from ``scheduler.set_timesteps(n)``
-  via ``retrieve_timesteps`` (pipe:753-755).
+  via ``retrieve_timesteps`` (pipe:753-755). add_time_ids is one row per guidance half, repeated per image
+  (pipe:805, 809): every row is the same. ``eta`` only reaches schedulers whose step takes it (pipe:543-558);
+  the initial noise comes from a seeded torch.Generator (illume.py:526), which numpy cannot reproduce bit for bit.
 - Decode: latents / vae.config.scaling_factor (or the latents_mean/std form when the VAE config has them,
   pipe:920-933), ``vae.decode`` -> image in [-1, 1] (pipe:935), then VaeImageProcessor.postprocess
   ((x / 2 + 0.5).clamp(0, 1), pipe:948).
@@ -296,11 +298,12 @@ def unet_component(preset: Preset, unet) -> Component:
         build_module=lambda: unet_export_module(preset, unet),
         make_inputs=make_inputs,
         tolerance=Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999),
-        description=("SDXL-type UNet of the 2x diffusion decoder. latent: scheduler-scaled noisy latent "
-                     "(output size / 8); timestep: scheduler timestep per row; token_map: 64-ch map at 1/16 of "
-                     "the token-decoder size (zeros for guidance's uncond rows), nearest-upsampled x4 inside; "
-                     "resolution_index: index of the output (W, H) in DIFFUSION_SIZES (add_time_ids[-1]). "
-                     "Zero text conditioning is folded. Batch guidance as [uncond rows, cond rows]."),
+        description=(f"SDXL-type UNet of the 2x diffusion decoder. latent: scheduler-scaled noisy latent "
+                     f"(output size / {vae_scale_factor(preset)}); timestep: scheduler timestep per row; token_map: "
+                     f"{c_map}-ch map at 1/16 of the token-decoder size (zeros for guidance's uncond rows), "
+                     f"nearest-upsampled to the latent grid inside (lat = {m} x map); resolution_index: index of "
+                     f"the output (W, H) in DIFFUSION_SIZES (add_time_ids[-1]). Zero text conditioning is folded. "
+                     f"Batch guidance as [uncond rows, cond rows]."),
     )
 
 

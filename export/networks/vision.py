@@ -20,7 +20,7 @@ Which official code each part follows (ILLUME_plus, commit 51de69d; read for fac
   its temporal axis, then the patch grid is permuted to the same window order.
 - Which output the MLLM uses: ILLUME/illume/model/multimodal_encoder/dual_encoder.py:85 (``self.semantic_encoder =
   vq_model.semantic_encoder.model``, i.e. the bare Qwen2-VL ViT with its merger, not DualViTok's extra blocks) and
-  :150-160 (``h_semantics = self.semantic_encoder(images_2, images_grid_thw)``: the 3584-d merger output).
+  :125 and :143 (``h_semantic(s) = self.semantic_encoder(image_2, image_grid_thw)``: the 3584-d merger output).
 - ``MLPProjector`` / ``MixedProjector``: ILLUME/illume/model/multimodal_projector/builder.py:73-114 (nn.Sequential of
   Linear, GELU, Linear; ``projector_1`` for the semantic features, ``projector_2`` for the pixel features), types
   from configs/_base_/models/qwen2_5_dualencoder.py:29-39 (MixedProjector of two MLPProjector, mlp_depth 2).
@@ -60,7 +60,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Engine profile for the semantic encoder input. Understanding images are at most 768*768 pixels in AREA
 # (DualVisionTower max_pixels), so one side may exceed 768: the side limit below covers area-capped images up to an
 # aspect ratio of about 3:1 (e.g. 1328x432 -> 1316x420 at the ViT). Square 768x768 becomes 756x756 (the opt).
-MIN_SIDE = 56
+# The official resize floors each side to max(28, side // 28 * 28) (dualvitok_model.py:110), hence the minimum 28.
+MIN_SIDE = 28
 OPT_SIDE = 756
 MAX_SIDE = 1344
 
@@ -342,8 +343,6 @@ class SemanticEncoderExport(nn.Module):
 def vision_tower_component(preset: Preset, tower: Qwen2VisionTransformer, projectors: Projectors) -> Component:
     cfg = preset.vision_tower
     unit = semantic_unit(cfg)
-    if unit * 2 > MIN_SIDE:
-        raise ValueError(f"profile minimum {MIN_SIDE} px is under two {unit}-px tokens")
 
     def make_inputs(dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         semantic_grid(cfg, dims["height"], dims["width"])  # validates

@@ -1,0 +1,102 @@
+"""The LLM's export form against transformers, its ONNX graph against both, and the runtime's cache handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from illume_rt.engines.ort import OrtEngine
+from illume_rt.export.components import export_onnx
+from illume_rt.export.configs import get_preset
+from illume_rt.export.llm import HEAD_RANGES, LLMStep, build_llm, head_component, head_range, llm_component
+from illume_rt.runtime.generate import LanguageModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    preset = get_preset("tiny")
+    return preset, build_llm(preset)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    preset, model = tiny
+    out = tmp_path_factory.mktemp("llm")
+    reports = {}
+    for comp in [llm_component(preset, model)] + [head_component(preset, model, w) for w in HEAD_RANGES]:
+        reports[comp.name] = export_onnx(comp, comp.build_module(), out / f"{comp.name}.onnx")
+    return out, reports
+
+
+def empty_past(preset, batch):
+    c = preset.llm
+    return torch.zeros(0, c.num_hidden_layers, 2, batch, c.num_key_value_heads, c.head_dim)
+
+
+def test_step_matches_transformers_full_forward(tiny):
+    preset, model = tiny
+    ids = torch.randint(0, preset.vocab.vocab_rows, (2, 10), generator=torch.Generator().manual_seed(0))
+    step = LLMStep(model).eval()
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states[-1][:, -1]
+        got, kv = step(model.model.embed_tokens(ids), torch.ones(2, 10, dtype=torch.long),
+                       torch.arange(10).repeat(2, 1), empty_past(preset, 2))
+    assert torch.allclose(got, want, atol=1e-5)
+    c = preset.llm
+    assert kv.shape == (10, c.num_hidden_layers, 2, 2, c.num_key_value_heads, c.head_dim)
+
+
+def test_left_padding_does_not_change_a_row(tiny):
+    preset, model = tiny
+    step = LLMStep(model).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    emb = model.model.embed_tokens
+    with torch.no_grad():
+        alone, _ = step(emb(ids), torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], empty_past(preset, 1))
+        padded_ids = torch.cat([torch.full((1, 3), preset.vocab.pad_id), ids], dim=1)
+        mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+        pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+        padded, _ = step(emb(padded_ids), mask, pos, empty_past(preset, 1))
+    assert torch.allclose(alone, padded, atol=1e-5)
+    assert not torch.allclose(alone, step(emb(padded_ids), torch.ones(1, 9, dtype=torch.long), pos,
+                                          empty_past(preset, 1))[0], atol=1e-3)
+
+
+def test_export_reports_are_within_tolerance(exported):
+    _, reports = exported
+    for name, report in reports.items():
+        assert report["ok"], name
+        assert len(report["cases"]) == 2  # two different sizes: the dynamic dims stayed dynamic
+        assert report["worst_cosine"] > 0.99999
+
+
+def test_head_slices_cover_their_rows(tiny, exported):
+    preset, model = tiny
+    out, _ = exported
+    hidden = np.random.default_rng(0).standard_normal((2, preset.llm.hidden_size), dtype=np.float32)
+    full = model.lm_head(torch.from_numpy(hidden)).detach().numpy()
+    for which in HEAD_RANGES:
+        lo, hi = head_range(preset, which)
+        (got,) = OrtEngine(which, out / f"lm_head_{which}.onnx").run({"hidden": hidden})
+        assert np.allclose(got, full[:, lo:hi], atol=1e-5)
+
+
+def test_cached_decode_matches_full_recompute_through_onnx(tiny, exported):
+    """Prefill + token-by-token steps through the runtime's cache give the hidden states of a full forward."""
+    preset, model = tiny
+    out, _ = exported
+    c = preset.llm
+    info = {"num_hidden_layers": c.num_hidden_layers, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "max_context": c.max_position_embeddings}
+    lm = LanguageModel(OrtEngine("llm", out / "llm.onnx"), {}, model.get_input_embeddings().weight.detach().numpy(),
+                       info, preset.vocab)
+    rows = [list(range(40, 52)), list(range(60, 67))]  # different lengths: left padding in row 1
+    extra = [300, 301, 302, 303]
+    cache = lm.new_cache(2, 32)
+    lm.prefill(cache, rows)
+    lm.step(cache, extra[:1])
+    hidden = lm.step(cache, extra[1:])  # a run of several tokens in one call
+    assert cache.length == 12 + 4
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            want = model(torch.tensor([row + extra]), output_hidden_states=True).hidden_states[-1][0, -1]
+            assert np.allclose(hidden[i], want.numpy(), atol=1e-4)
