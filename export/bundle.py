@@ -34,24 +34,57 @@ class ReferenceModels:
     extra_components: list[Callable[["ReferenceModels"], Component]] = field(default_factory=list)
     random_weights: bool = True
     source: dict = field(default_factory=dict)  # checkpoint paths and hashes
+    # Filled by the checkpoint loaders (export/checkpoints.py); None for the random-weight presets.
+    vision_tower: object = None  # Qwen2VisionTransformer (the MLLM's fine-tuned semantic ViT + merger)
+    projectors: object = None  # Projectors (projector_1 semantic, projector_2 pixel)
+    pixel_encoder: object = None  # MoVQEncoder from the MLLM (fine-tuned; dualvitok.pixel_encoder is the tokenizer's)
+    unet: object = None  # diffusers UNet2DConditionModel of the diffusion decoder
+    vae: object = None  # diffusers AutoencoderKL of the diffusion decoder
 
 
-def build_reference_models(preset: Preset) -> ReferenceModels:
-    """Random-weight reference networks for a preset, deterministic from its seed."""
+def build_reference_models(preset: Preset, with_diffusion: bool = True) -> ReferenceModels:
+    """Random-weight reference networks for a preset, deterministic from its seed.
+
+    The MLLM's pixel encoder is the tokenizer's own module here (the released MLLM carries a fine-tuned copy,
+    which the checkpoint loader keeps apart)."""
     from illume_rt.export.llm import build_llm
     from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
+    from illume_rt.export.networks.vision import build_projectors, build_vision_tower
 
-    return ReferenceModels(preset, build_llm(preset), build_dualvitok_pixel(preset))
+    dualvitok = build_dualvitok_pixel(preset)
+    models = ReferenceModels(preset, build_llm(preset), dualvitok, vision_tower=build_vision_tower(preset),
+                             projectors=build_projectors(preset), pixel_encoder=dualvitok.pixel_encoder)
+    if with_diffusion and preset.diffusion.unet:
+        from illume_rt.export.networks.diffusion import build_diffusion
+
+        models.unet, models.vae = build_diffusion(preset)
+    return models
 
 
 def components_for(models: ReferenceModels) -> list[Component]:
+    """Every graph the models allow: generation always; understanding/editing encoders and the diffusion decoder
+    when their networks are present."""
     from illume_rt.export.llm import HEAD_RANGES, head_component, llm_component
-    from illume_rt.export.networks.dualvitok import pixel_decoder_component
+    from illume_rt.export.multimodal import pixel_embedder_component, token_map_component
+    from illume_rt.export.networks.dualvitok import effective_codebooks, pixel_decoder_component
 
     preset = models.preset
+    if models.dualvitok is None:
+        raise ExportError("a bundle needs the DualViTok tokenizer (pixel decoder and codebooks); "
+                          "pass --tokenizer-checkpoint")
     comps = [llm_component(preset, models.llm)]
     comps += [head_component(preset, models.llm, which) for which in HEAD_RANGES]
     comps.append(pixel_decoder_component(preset, models.dualvitok))
+    if models.vision_tower is not None and models.projectors is not None:
+        from illume_rt.export.networks.vision import vision_tower_component
+
+        comps.append(vision_tower_component(preset, models.vision_tower, models.projectors))
+        comps.append(pixel_embedder_component(preset, models.pixel_encoder, models.projectors.pixel_projector))
+    if models.unet is not None and models.vae is not None:
+        from illume_rt.export.networks.diffusion import unet_component, vae_decoder_component
+
+        comps.append(token_map_component(preset, effective_codebooks(models.dualvitok)))
+        comps += [unet_component(preset, models.unet), vae_decoder_component(preset, models.vae)]
     comps += [make(models) for make in models.extra_components]
     return comps
 
@@ -92,6 +125,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                 "max_context": preset.llm.max_position_embeddings,
                 "kv_dtype": "float32",
             },
+            "diffusion": {"scheduler": preset.diffusion.scheduler} if models.unet is not None else None,
             "tokenizer": {"kind": "bytes"} if preset.vocab.text_vocab_size == 256 else {"kind": "hf",
                                                                                         "file": "tokenizer.json"},
             "components": {},
@@ -104,6 +138,9 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             report = export_onnx(comp, comp.build_module(), path, seed=preset.seed)
             entry = comp.manifest_entry()
             entry.update(_file_entry(path, work))
+            for data in report.get("external_data", []):  # weights of a graph over 2 GiB, beside it
+                entry["external_data"] = data
+                manifest["files"][f"{comp.name}_external_data"] = _file_entry(work / data, work)
             entry["precision"] = "fp32"
             entry["accuracy"] = {"reference": "pytorch fp32", "worst_cosine": report["worst_cosine"],
                                  "worst_max_abs_err": report["worst_max_abs_err"], "cases": report["cases"]}

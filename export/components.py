@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,21 +118,37 @@ def run_reference(component: Component, module, arrays: dict[str, np.ndarray]) -
             for t, o in zip(component.outputs, outs)}
 
 
-def export_onnx(component: Component, module, path: Path, seed: int = 0) -> dict:
+PROTOBUF_LIMIT = 2**31 - 1  # one serialized ModelProto cannot exceed 2 GiB
+
+
+def export_onnx(component: Component, module, path: Path, seed: int = 0,
+                external_data: bool | None = None) -> dict:
     """Export ``module`` to ``path`` (atomically), then verify it against the module at two sizes per dim.
+
+    Graphs over the 2 GiB protobuf limit (or any graph with ``external_data=True``) keep their weights in one
+    side file, ``<path name>.data`` beside ``path``; the report then names it under ``external_data`` (relative
+    to ``path``'s folder) so the bundle lists it with its size and hash. Both files are written in a temporary
+    folder beside ``path`` and moved into place only after verification, the data file first.
 
     Returns the verification report; raises ExportError when a figure misses the tolerance.
     """
+    import logging
+
     import onnx
     import torch
 
+    # the exporter warns about torchvision ops it cannot register; this project never uses them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     rng = np.random.default_rng(seed)
     sample = component.make_inputs(component.sample_dims(0), rng)
     dyn = {}
     for spec in component.inputs:
         axes = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(spec.shape) if isinstance(d, str)}
         dyn[spec.name] = axes or None
-    tmp = atomic_path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = work / path.name
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -142,18 +159,28 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0) -> dict
         model = program.model_proto
         model.ir_version = ONNX_IR_VERSION
         _name_dims(model, component)
-        onnx.checker.check_model(model)
-        if model.ByteSize() > 2**31 - 1:
-            raise ExportError(f"{component.name}: graph over 2 GiB; external data is not implemented yet")
-        onnx.save(model, str(tmp))
+        if external_data is None:
+            external_data = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)  # margin for the graph itself
+        data_name = f"{path.name}.data"
+        if external_data:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024, convert_attribute=False)
+            onnx.checker.check_model(str(tmp))  # by path: the checker reads the data file as ORT will
+        else:
+            onnx.checker.check_model(model)
+            onnx.save(model, str(tmp))
         report = verify_onnx(component, module, tmp, seed=seed)
         if not report["ok"]:
             raise ExportError(f"{component.name}: exported graph differs from the reference: {report}")
+        if external_data:
+            os.replace(work / data_name, path.parent / data_name)
+            report["external_data"] = [data_name]
+        elif (path.parent / data_name).exists():  # a stale side file of an earlier export
+            (path.parent / data_name).unlink()
         os.replace(tmp, path)
         return report
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _name_dims(model, component: Component) -> None:

@@ -223,8 +223,27 @@ def _official(name: str, llm: LLMConfig, vocab_rows: int) -> Preset:
     )
 
 
+def _bench() -> Preset:
+    """Memory-bound like the real model for benchmarks: a Qwen2.5-0.5B-shaped body (358M parameters, 1.43 GB in
+    fp32, under the 2 GiB single-graph limit) with the official vocabulary layout, so the 283,047-row LM head and
+    embedding table weigh what they do in ILLUME+ 3B at this width; small DualViTok pixel decoder; random weights."""
+    codebook = CodebookConfig()
+    return Preset(
+        name="bench",
+        vocab=official_vocab_layout(283047),
+        llm=LLMConfig(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                      intermediate_size=4864, max_position_embeddings=4096),
+        vision_tower=VisionTowerConfig(embed_dim=64, depth=2, num_heads=2, out_dim=128),
+        pixel_encoder=MoVQConfig(ch=32, z_channels=32, embed_dim=32),
+        pixel_decoder=MoVQConfig(ch=32, z_channels=64, embed_dim=64),
+        codebook=codebook,
+        diffusion=_tiny_diffusion(2 * codebook.dim),
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
+    "bench": _bench,
     "3b": lambda: _official("3b", LLMConfig(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                                             num_key_value_heads=2, intermediate_size=11008), 283047),
     "7b": lambda: _official("7b", LLMConfig(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,

@@ -66,12 +66,27 @@ def cmd_export(args) -> None:
     from illume_rt.export.configs import get_preset
 
     if args.checkpoint:
-        raise UsageError("loading official checkpoints is not implemented yet; export a preset (--preset tiny)")
-    try:
-        preset = get_preset(args.preset)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    out = write_bundle(build_reference_models(preset), args.output)
+        from illume_rt.export.checkpoints import load_reference_models
+
+        if not args.tokenizer_checkpoint:
+            raise UsageError("--tokenizer-checkpoint DUALVITOK.bin is required with --checkpoint: the bundle's "
+                             "pixel decoder and codebooks come from the DualViTok checkpoint (ILLUME-MLLM/dualvitok "
+                             "pytorch_model.bin)")
+        models = load_reference_models(args.checkpoint, args.tokenizer_checkpoint, args.diffusion,
+                                       base=args.preset, use_ema=args.tokenizer_ema)
+        print(f"loaded {args.checkpoint} (preset {models.preset.name}, vocab {models.preset.vocab.vocab_rows} rows, "
+              f"{'tied' if models.preset.llm.tie_word_embeddings else 'untied'} head)")
+    else:
+        for flag, value in (("--tokenizer-checkpoint", args.tokenizer_checkpoint), ("--diffusion", args.diffusion),
+                            ("--tokenizer-ema", args.tokenizer_ema)):
+            if value:
+                raise UsageError(f"{flag} needs --checkpoint MLLM_DIR")
+        try:
+            preset = get_preset(args.preset or DEFAULT_PRESET)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        models = build_reference_models(preset)
+    out = write_bundle(models, args.output)
     print(f"bundle written to {out}")
 
 
@@ -115,14 +130,59 @@ def cmd_generate(args) -> None:
           f"total {t['total']:.2f}s ({result.tokens.steps} decode steps)")
 
 
+def cmd_build_engines(args) -> None:
+    """Check every graph against TensorRT's operator table and Q/DQ rules, then build (or reuse) the engines."""
+    from illume_rt.engines.checks import check_bundle
+    from illume_rt.engines.profiles import uncovered_requests
+    from illume_rt.runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    failed = False
+    for report in check_bundle(bundle, args.tensorrt_ops):
+        status = "ok" if report.ok else "FAIL"
+        print(f"{report.graph:<18} {status}  {sum(report.ops.values())} nodes, {len(report.ops)} op types"
+              + (f", {len(report.warnings)} warnings" if report.warnings else ""))
+        for line in report.errors[:10]:
+            print(f"  error: {line}")
+        failed |= not report.ok
+    missing = uncovered_requests(bundle.manifest, [16, 256])
+    for line in missing[:10]:
+        print(f"  uncovered shape: {line}")
+    if failed or missing:
+        raise UsageError("the bundle's graphs do not fit TensorRT as they are (see above); re-export them")
+    if args.check_only:
+        print("checks passed (no engines built: --check-only)")
+        return
+    from illume_rt.engines.tensorrt import build_bundle_engines
+
+    components = args.components.split(",") if args.components else None
+    entries = build_bundle_engines(bundle, args.precision, args.opt_level, components,
+                                   workspace=args.workspace_gib << 30, force=args.force)
+    print(f"{len(entries)} engines in {bundle.path / 'engines'}")
+
+
+def cmd_bench(args) -> None:
+    from illume_rt.bench.cli import run_from_args
+
+    run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="illume-rt", description="ILLUME+ inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
     exp = sub.add_parser("export", help="export a model to a bundle (ONNX graphs + tables + manifest)")
     exp.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    exp.add_argument("--preset", default=DEFAULT_PRESET, help="tiny (random weights), 3b or 7b")
-    exp.add_argument("--checkpoint", help="official checkpoint folder (MLLM)")
+    exp.add_argument("--preset", default=None,
+                     help="without --checkpoint: the random-weight preset, tiny (default), 3b or 7b; with "
+                          "--checkpoint: the preset whose vision tower, MoVQ and codebook-dim shapes the checkpoints "
+                          "have (default: the official ones; the LLM and vocabulary come from config.json)")
+    exp.add_argument("--checkpoint", metavar="MLLM_DIR",
+                     help="official ILLUME+ MLLM folder (config.json, tokenizer.json, safetensors)")
+    exp.add_argument("--tokenizer-checkpoint", metavar="DUALVITOK_BIN",
+                     help="DualViTok pytorch_model.bin (codebooks and pixel decoder); required with --checkpoint")
+    exp.add_argument("--tokenizer-ema", action="store_true", help="use the 'ema' weights of the DualViTok checkpoint")
+    exp.add_argument("--diffusion", metavar="DIR", help="diffusion decoder diffusers folder (optional)")
     exp.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="text to image")
@@ -141,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    eng = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (into BUNDLE/engines)")
+    eng.add_argument("bundle")
+    eng.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "int8", "fp8"],
+                     help="int8/fp8 need Q/DQ graphs (built strongly typed)")
+    eng.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="N",
+                     help="TensorRT builder optimization level 0..5 (default 3)")
+    eng.add_argument("--components", help="comma-separated subset (default: every graph)")
+    eng.add_argument("--workspace-gib", type=int, default=4)
+    eng.add_argument("--force", action="store_true", help="rebuild even when a cached engine matches")
+    eng.add_argument("--check-only", action="store_true",
+                     help="run the operator, Q/DQ and profile checks only (works without TensorRT)")
+    eng.add_argument("--tensorrt-ops", default=None, help="operator table version (default: newest shipped)")
+    eng.set_defaults(func=cmd_build_engines)
+
+    from illume_rt.bench.cli import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="latency, bandwidth and memory against the reference and a peer")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

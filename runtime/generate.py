@@ -53,6 +53,9 @@ class LanguageModel:
         self.head_dim, self.max_context = llm_info["head_dim"], llm_info["max_context"]
         self.vocab = vocab
         self.kv_dtype = np.dtype(llm_info.get("kv_dtype", "float32"))
+        # Engines that accept out= (onnxruntime with IO binding) write new keys/values straight into the cache.
+        self._write_in_place = bool(getattr(body, "accepts_out", False))
+        self._logits: dict[tuple[str, int], np.ndarray] = {}
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         if capacity > self.max_context:
@@ -60,42 +63,73 @@ class LanguageModel:
                               f"{self.max_context}; shorten the prompt or choose a smaller resolution")
         return KVCache(capacity, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
 
-    def prefill(self, cache: KVCache, rows: list[list[int]]) -> np.ndarray:
-        """Left-pad rows of different lengths into one batch, run them, return the last hidden state per row."""
+    def prefill(self, cache: KVCache, rows: list) -> np.ndarray:
+        """Left-pad rows of different lengths into one batch, run them, return the last hidden state per row.
+
+        A row is a list of token ids, or a float32 [length, hidden] array of embeddings (prompts with spliced
+        image features)."""
         longest = max(len(r) for r in rows)
-        ids = np.full((len(rows), longest), self.vocab.pad_id, dtype=np.int64)
+        embeds = np.zeros((len(rows), longest, self.embed_tokens.shape[1]), dtype=np.float32)
         mask = np.zeros((len(rows), longest), dtype=np.int64)
         for i, row in enumerate(rows):
-            ids[i, longest - len(row):] = row
+            embeds[i, longest - len(row):] = row if isinstance(row, np.ndarray) else self.embed(row)
             mask[i, longest - len(row):] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        return self._run(cache, ids, mask, positions)
+        return self._run(cache, embeds, mask, positions)
+
+    def embed(self, ids) -> np.ndarray:
+        return np.asarray(self.embed_tokens[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def extend(self, row, ids: list[int]):
+        """A prompt row (ids, or embeddings) followed by more token ids, in the row's own form."""
+        if isinstance(row, np.ndarray):
+            return np.concatenate([row, self.embed(ids).reshape(len(ids), row.shape[1])])
+        return list(row) + list(ids)
 
     def step(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
         """Feed the same tokens to every row (the guidance rows share the generated image)."""
         batch, seq = cache.kv.shape[3], len(token_ids)
-        ids = np.broadcast_to(np.asarray(token_ids, dtype=np.int64), (batch, seq))
+        embeds = np.broadcast_to(self.embed(token_ids), (batch, seq, self.embed_tokens.shape[1]))
         positions = cache.next_position[:, None] + np.arange(seq, dtype=np.int64)[None]
-        return self._run(cache, ids, np.ones((batch, seq), dtype=np.int64), positions)
+        return self._run(cache, embeds, np.ones((batch, seq), dtype=np.int64), positions)
 
-    def _run(self, cache: KVCache, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        start, seq = cache.length, ids.shape[1]
+    def _run(self, cache: KVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        start, seq = cache.length, embeds.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
         cache.mask[:, start:start + seq] = mask
-        hidden, new_kv = self.body.run({
-            "inputs_embeds": np.ascontiguousarray(self.embed_tokens[ids], dtype=np.float32),
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
             "attention_mask": cache.mask[:, :start + seq],
             "position_ids": np.ascontiguousarray(positions),
             "past_kv": cache.kv[:start],
-        })
-        cache.kv[start:start + seq] = new_kv
+        }
+        slots = cache.kv[start:start + seq]  # contiguous: the time axis is outermost
+        if self._write_in_place and slots.dtype == np.float32:
+            hidden, _ = self.body.run(feeds, out={"new_kv": slots})
+        else:
+            hidden, new_kv = self.body.run(feeds)
+            slots[...] = new_kv
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1
         return hidden
 
     def logits(self, hidden: np.ndarray, which: str) -> np.ndarray:
-        return self.heads[which].run({"hidden": hidden})[0]
+        """Logits of one head slice. With an engine that accepts out=, they land in a buffer reused by the next
+        call of the same head and batch size (the loop consumes them at once; copy to keep them)."""
+        head = self.heads[which]
+        if not getattr(head, "accepts_out", False):
+            return head.run({"hidden": hidden})[0]
+        key = (which, hidden.shape[0])
+        buffer = self._logits.get(key)
+        if buffer is None:
+            buffer = self._logits[key] = np.empty((hidden.shape[0], self.head_rows(which)), dtype=np.float32)
+        return head.run({"hidden": hidden}, out={"logits": buffer})[0]
+
+    def head_rows(self, which: str) -> int:
+        v = self.vocab
+        start, stop = {"text": v.text_range, "semantic": v.semantic_range, "pixel": v.pixel_range}[which]
+        return stop - start
 
 
 @dataclass(frozen=True)
@@ -147,7 +181,7 @@ def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int
     first = next(i for i, s in enumerate(schedule) if s.level is not None)
     pending = [s.token for s in schedule[:first]]
     t0 = time.perf_counter()
-    hidden = lm.prefill(cache, [r + pending for r in rows])
+    hidden = lm.prefill(cache, [lm.extend(r, pending) for r in rows])
     timings["prefill"] = time.perf_counter() - t0
     pending, steps = [], 1
     for slot in schedule[first:]:
@@ -170,3 +204,37 @@ def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int
     semantic = np.asarray(codes[SEMANTIC], dtype=np.int64).reshape(grid.semantic_rows, grid.semantic_cols)
     pixel = np.asarray(codes[PIXEL], dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols)
     return ImageTokens(semantic, pixel, timings, steps)
+
+
+def generate_text(lm: LanguageModel, prompt, max_new_tokens: int, greedy: bool = True,
+                  rng: np.random.Generator | None = None, temperature: float = 1.0,
+                  stop_ids: tuple[int, ...] = (), banned_ids: tuple[int, ...] = (),
+                  on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Plain text decoding with the text rows of the head (``lm_head_text``), batch 1: prefill the prompt (ids, or
+    embeddings with spliced image features), then one body call and one head call per new token. Greedy takes
+    the argmax; otherwise a temperature-scaled sample (one uniform per token, inverse CDF). ``banned_ids`` never
+    come out (image structure tokens in a text answer). Stops after ``max_new_tokens`` or at a token in
+    ``stop_ids`` (included in the result); ``on_token`` sees each token as it is produced (streaming)."""
+    if max_new_tokens < 1:
+        return []
+    if not greedy and rng is None:
+        raise ValueError("sampling needs an rng (numpy Generator)")
+    cache = lm.new_cache(1, len(prompt) + max_new_tokens)
+    hidden = lm.prefill(cache, [prompt if isinstance(prompt, np.ndarray) else list(prompt)])
+    banned = np.asarray(banned_ids, dtype=np.int64)
+    out: list[int] = []
+    while True:
+        logits = lm.logits(hidden, "text")[0]
+        if banned.size:
+            logits = logits.copy()
+            logits[banned] = -np.inf
+        if greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = choose(logits, temperature, 0, 1.0, False, rng)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(out) == max_new_tokens or token in stop_ids:
+            return out
+        hidden = lm.step(cache, [token])

@@ -10,27 +10,52 @@ from typing import Callable
 import numpy as np
 
 from illume_rt.engines.base import BackendError, Engine
-from illume_rt.runtime.bundle import Bundle, load_bundle
-from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens
+from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
+from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens, generate_text
+from illume_rt.runtime.images import load_image, pad_to_anchor, understanding_image, unpad_and_resize_back
 from illume_rt.runtime.layout import SamplingConfig, image_grid
-from illume_rt.runtime.prompts import text_to_image_ids
+from illume_rt.runtime.multimodal import ImageEncoder, image_block, splice
+from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
+from illume_rt.runtime.refine import RefineConfig, Refiner
 from illume_rt.runtime.tokenizer import load_tokenizer
+
+# Editing defaults (facts section 5 / ILLUME/app.py): temperature 0.7, top-k 512 (pixel 3x), top-p 0.8, CFG 1.5.
+EDIT_SAMPLING = SamplingConfig(guidance_scale=1.5, temperature=0.7, top_k=512, top_p=0.8)
+UNDERSTAND_MAX_NEW_TOKENS = 1024
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 
 
 def open_engine(bundle: Bundle, name: str, backend: str, threads: int | None) -> Engine:
     entry = bundle.component(name)
-    if backend in ("ort-cpu", "ort-cuda"):
+    if backend == "ort-cpu":
         from illume_rt.engines.ort import OrtEngine
 
         return OrtEngine(name, bundle.component_path(name), backend, threads,
                          emulate_fp8=entry.get("precision") == "fp8")
+    if backend == "ort-cuda":
+        from illume_rt.engines.ort_cuda import OrtCudaEngine  # device buffers, IO binding
+
+        return OrtCudaEngine(name, bundle.component_path(name), threads,
+                             emulate_fp8=entry.get("precision") == "fp8")
     if backend == "tensorrt":
         from illume_rt.engines import tensorrt as trt_backend  # optional, needs the tensorrt package
 
         return trt_backend.open_engine(bundle, name)
     raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+class LazyEngines(dict):
+    """Head slices open when first used: text generation never loads the code rows, and image generation never
+    loads the (largest) text rows."""
+
+    def __init__(self, opener: Callable[[str], Engine]) -> None:
+        super().__init__()
+        self._opener = opener
+
+    def __missing__(self, key: str) -> Engine:
+        self[key] = engine = self._opener(key)
+        return engine
 
 
 @dataclass
@@ -39,6 +64,7 @@ class GenerationResult:
     tokens: ImageTokens
     timings: dict = field(default_factory=dict)  # seconds per stage
     seed: int | None = None
+    refined: bool = False  # True when the image came from the diffusion decoder (2x size)
 
     def save(self, path: str | Path) -> Path:
         """Write a PNG atomically (temporary name, then rename)."""
@@ -59,13 +85,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None) -> None:
-        self.bundle, self.backend = bundle, backend
+        self.bundle, self.backend, self.threads = bundle, backend, threads
+        self._lazy: dict[str, Engine] = {}
         self.vocab = bundle.vocab
         self.tokenizer = load_tokenizer(bundle.manifest["tokenizer"], bundle.path, self.vocab)
-        heads = {which: open_engine(bundle, f"lm_head_{which}", backend, threads)
-                 for which in ("semantic", "pixel")}
-        self.lm = LanguageModel(open_engine(bundle, "llm", backend, threads), heads,
-                                bundle.table("embed_tokens"), bundle.llm, self.vocab)
+        heads = LazyEngines(lambda which: open_engine(bundle, f"lm_head_{which}", backend, threads))
+        body = open_engine(bundle, "llm", backend, threads)
+        # GPU backends bring a LanguageModel that keeps the KV cache on the device (same loop, same interface).
+        lm_class = getattr(body, "language_model_class", None) or LanguageModel
+        self.lm = lm_class(body, heads, bundle.table("embed_tokens"), bundle.llm, self.vocab)
         self.pixel_decoder = open_engine(bundle, "pixel_decoder", backend, threads)
         self.semantic_codebook = bundle.table("semantic_codebook", mmap=False)
         self.pixel_codebook = bundle.table("pixel_codebook", mmap=False)
@@ -79,28 +107,135 @@ class Pipeline:
     def random_weights(self) -> bool:
         return self.bundle.random_weights
 
+    def _engine(self, name: str) -> Engine:
+        """Graphs that only some tasks use (encoders, diffusion) open on first use, so start-up stays fast."""
+        if name not in self._lazy:
+            self._lazy[name] = open_engine(self.bundle, name, self.backend, self.threads)
+        return self._lazy[name]
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return ImageEncoder(self._engine("semantic_encoder"), self._engine("pixel_embedder"))
+
+    @property
+    def refiner(self) -> Refiner:
+        info = self.bundle.manifest.get("diffusion")
+        if not info:
+            raise BundleError(f"bundle {self.bundle.path} has no diffusion decoder; export one with --diffusion "
+                              "(or drop --refine)")
+        return Refiner(self._engine("diffusion_unet"), self._engine("vae_decoder"), info["scheduler"])
+
+    def code_embeddings(self, semantic: np.ndarray, pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Code grids -> channels-first embeddings [1, dim, rows, cols] through the codebook tables."""
+        return (np.ascontiguousarray(self.semantic_codebook[semantic].transpose(2, 0, 1)[None]),
+                np.ascontiguousarray(self.pixel_codebook[pixel].transpose(2, 0, 1)[None]))
+
     def decode_image(self, semantic: np.ndarray, pixel: np.ndarray) -> np.ndarray:
         """Code grids -> float image [3, H, W] in about [-1, 1] via the codebook tables and the pixel decoder."""
-        semantic_embed = self.semantic_codebook[semantic].transpose(2, 0, 1)[None]
-        pixel_embed = self.pixel_codebook[pixel].transpose(2, 0, 1)[None]
-        (image,) = self.pixel_decoder.run({"semantic_embed": np.ascontiguousarray(semantic_embed),
-                                          "pixel_embed": np.ascontiguousarray(pixel_embed)})
+        semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
+        (image,) = self.pixel_decoder.run({"semantic_embed": semantic_embed, "pixel_embed": pixel_embed})
         return image[0]
 
+    def refine_image(self, semantic: np.ndarray, pixel: np.ndarray, grid, config: RefineConfig,
+                     rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """Code grids -> float image [3, 2H, 2W] through the token map and the diffusion decoder."""
+        semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
+        (token_map,) = self._engine("token_map").run({"semantic_embed": semantic_embed, "pixel_embed": pixel_embed})
+        return self.refiner.refine(token_map, grid, config, rng)
+
+    def _finish(self, tokens: ImageTokens, grid, refine: RefineConfig | None, rng, start: float, seed
+                ) -> GenerationResult:
+        t0 = time.perf_counter()
+        timings = dict(tokens.timings)
+        if refine is None:
+            image = self.decode_image(tokens.semantic, tokens.pixel)
+            timings["image_decode"] = time.perf_counter() - t0
+        else:
+            image, refine_timings = self.refine_image(tokens.semantic, tokens.pixel, grid, refine, rng)
+            timings.update(refine_timings)
+            timings["image_decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
+        return GenerationResult(to_uint8(image), tokens, timings, seed, refined=refine is not None)
+
     def generate(self, prompt: str, resolution: tuple[int, int] = (256, 256), seed: int | None = 0,
-                 sampling: SamplingConfig | None = None,
+                 sampling: SamplingConfig | None = None, refine: RefineConfig | None = None,
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        """Text to image. ``resolution`` is (height, width); ``on_token(level)`` is called per sampled code."""
+        """Text to image. ``resolution`` is (height, width); ``on_token(level)`` is called per sampled code;
+        ``refine`` runs the diffusion decoder (2x output) instead of the pixel decoder."""
         sampling = sampling or SamplingConfig()
         sampling.validate()
+        if refine is not None:
+            refine.validate()
         grid = image_grid(*resolution)
         cond, uncond = text_to_image_ids(self.tokenizer, self.vocab, prompt, *resolution)
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
-        t0 = time.perf_counter()
-        image = self.decode_image(tokens.semantic, tokens.pixel)
-        timings = dict(tokens.timings)
-        timings["image_decode"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - start
-        return GenerationResult(to_uint8(image), tokens, timings, seed)
+        return self._finish(tokens, grid, refine, rng, start, seed)
+
+    def edit(self, image, instruction: str, seed: int | None = 0, sampling: SamplingConfig | None = None,
+             refine: RefineConfig | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        """Image editing: pad to the nearest anchor, generate there with the editing prompt (guided by the
+        reconstruct prompt with the same image), then unpad and resize back to the input size."""
+        from PIL import Image
+
+        sampling = sampling or EDIT_SAMPLING
+        sampling.validate()
+        if refine is not None:
+            refine.validate()
+        source = load_image(image)
+        padded, padding = pad_to_anchor(source)
+        grid = image_grid(*padding.anchor)
+        start = time.perf_counter()
+        block = image_block(self.lm, self.image_encoder.encode(understanding_image(padded)))
+        cond_ids, uncond_ids = editing_ids(self.tokenizer, self.vocab, instruction, *padding.anchor)
+        cond, uncond = splice(self.lm, cond_ids, block), splice(self.lm, uncond_ids, block)
+        encode_time = time.perf_counter() - start
+        rng = np.random.default_rng(seed)
+        tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
+        tokens.timings["image_encode"] = encode_time
+        result = self._finish(tokens, grid, refine, rng, start, seed)
+        out = Image.fromarray(result.image)
+        if result.refined:  # the padding scales with the 2x output
+            out = out.resize((padding.anchor[1], padding.anchor[0]), Image.LANCZOS)
+        result.image = np.asarray(unpad_and_resize_back(out, padding))
+        return result
+
+    def understand(self, image, question: str, max_new_tokens: int = UNDERSTAND_MAX_NEW_TOKENS,
+                   on_text: Callable[[str], None] | None = None) -> "UnderstandingResult":
+        """Greedy answer about an image; ``on_text`` receives the answer as it grows (streaming)."""
+        start = time.perf_counter()
+        encoded = self.image_encoder.encode(understanding_image(load_image(image)))
+        prompt = splice(self.lm, understanding_ids(self.tokenizer, self.vocab, question), image_block(self.lm, encoded))
+        t_encode = time.perf_counter() - start
+        v = self.vocab
+        # a text answer: no image structure tokens (the official text-mode mask), and no new image
+        banned = (v.start_of_image_id, v.end_of_image_id, v.end_of_line_id, v.start_of_level0_id,
+                  v.end_of_level0_id, v.start_of_level1_id, v.end_of_level1_id)
+        ids: list[int] = []
+        printed = ""
+
+        def on_token(token: int) -> None:
+            nonlocal printed
+            ids.append(token)
+            if on_text is not None:
+                text = self.tokenizer.decode([i for i in ids if i != v.im_end_id])
+                if len(text) > len(printed) and not text.endswith("\ufffd"):  # whole characters only
+                    on_text(text[len(printed):])
+                    printed = text
+
+        generate_text(self.lm, prompt, max_new_tokens, stop_ids=(v.im_end_id,), banned_ids=banned,
+                      on_token=on_token)
+        answer = self.tokenizer.decode([i for i in ids if i != v.im_end_id])
+        if on_text is not None and len(answer) > len(printed):
+            on_text(answer[len(printed):])
+        timings = {"image_encode": t_encode, "total": time.perf_counter() - start}
+        timings["decode"] = timings["total"] - t_encode
+        return UnderstandingResult(answer, ids, timings)
+
+
+@dataclass
+class UnderstandingResult:
+    text: str
+    token_ids: list[int]
+    timings: dict = field(default_factory=dict)

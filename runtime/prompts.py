@@ -51,3 +51,28 @@ def text_to_image_ids(tokenizer: Tokenizer, layout: VocabLayout, prompt: str, he
     cond = chat_ids(tokenizer, layout, _fill(T2I_TEMPLATE, tags, content=prompt), tags)
     uncond = chat_ids(tokenizer, layout, _fill(T2I_UNCOND_TEMPLATE, tags), tags)
     return cond, uncond
+
+
+# Where the image block goes in a prompt's ids (the official IMAGE_TOKEN_INDEX); never a vocabulary id.
+IMAGE_PLACEHOLDER = -200
+UNDERSTAND_TEMPLATE = "\n{content}"  # user turn: <image>\n{question} (ILLUME/app.py)
+EDIT_TEMPLATE = "\nPlease edit the image according to the instruction: {content}\n"  # ILLUME/app.py (no period)
+EDIT_UNCOND_TEMPLATE = "\nReconstruct the image according to the given image\n"
+
+
+def understanding_ids(tokenizer: Tokenizer, layout: VocabLayout, question: str) -> list[int]:
+    if not question or not question.strip():
+        raise LayoutError("the question is empty: ask something about the image, e.g. \"What is in the image?\"")
+    return chat_ids(tokenizer, layout, [IMAGE_PLACEHOLDER, UNDERSTAND_TEMPLATE.replace("{content}", question)], [])
+
+
+def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str, height: int, width: int
+                ) -> tuple[list[int], list[int]]:
+    """(conditional, unconditional) ids for editing; both hold the same image at IMAGE_PLACEHOLDER."""
+    if not instruction or not instruction.strip():
+        raise LayoutError("the instruction is empty: say how to change the image, e.g. \"make the sky red\"")
+    tags = [layout.height_tag(height), layout.width_tag(width)]
+    cond = chat_ids(tokenizer, layout, [*tags, IMAGE_PLACEHOLDER, EDIT_TEMPLATE.replace("{content}", instruction)],
+                    tags)
+    uncond = chat_ids(tokenizer, layout, [*tags, IMAGE_PLACEHOLDER, EDIT_UNCOND_TEMPLATE], tags)
+    return cond, uncond

@@ -25,12 +25,17 @@ structure, order of operations and state-dict key names follow it. Paths are und
 | pixel_encoder_component  | ILLUME/illume/model/multimodal_encoder/dual_encoder.py L84, L110, L134: the MLLM    |
 |                          | feeds ``pixel_encoder(image)`` to its projector, WITHOUT pixel_quant_conv           |
 
-Deviations (none changes a number computed from real weights):
+Deviations: the same functions, checked against the official modules loaded with this module's state dict
+(max |diff| 1e-6 to 1e-5, float rounding; tests/test_dualvitok.py::test_parity_with_official_movq):
 - GroupNorm groups come from ``MoVQConfig.norm_groups`` (32 in the official presets, as the official code hard-codes;
   the tiny preset's 8-channel levels need fewer).
+- Attention is written as two batched matmuls with softmax over key positions and scale 1/sqrt(c) (the function of
+  the official xformers and SDPA branches, one head); fewer ops than SDPA for the exporter to trace.
+- DCDownBlock2d's shortcut (pixel_unshuffle, groups of 4 channels, mean) is a 2x2 average pool when in == out channels,
+  as in every official use: the same numbers, and much cheaper to export with dynamic height/width.
+- The decoder nearest-resizes zq once per level and hands it to that level's SpatialNorms (each official SpatialNorm
+  resizes it again to the same size); SpatialNorm still resizes whatever zq it gets to its input's grid.
 - Dropout modules (p=0.0, no state) and the unused ``conv_shortcut`` / SpatialNorm ``add_conv`` options are left out.
-- Attention always uses ``F.scaled_dot_product_attention`` (the official picks xformers, SDPA or an einsum path at
-  import time; the first two compute the same function).
 - ``merge_quants`` has no training-time pixel dropout/noise (``apply_noise`` is training only).
 - Random weights (``build_dualvitok_pixel``) are drawn from a generator seeded by ``preset.seed``; SpatialNorm's
   ``conv_y`` bias starts at 1 so an untrained decoder modulates around identity and gives a non-degenerate image.
@@ -162,7 +167,12 @@ class DCDownBlock2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.pixel_unshuffle(self.conv(x), self.factor)
-        y = F.pixel_unshuffle(x, self.factor).unflatten(1, (-1, self.group_size)).mean(dim=2)
+        if self.group_size == self.factor ** 2:
+            # pixel_unshuffle puts the 4 sub-pixels of one channel next to each other, so the group mean is a 2x2
+            # average pool: the same numbers, and far cheaper to trace with dynamic shapes and to run.
+            y = F.avg_pool2d(x, self.factor)
+        else:
+            y = F.pixel_unshuffle(x, self.factor).unflatten(1, (-1, self.group_size)).mean(dim=2)
         return h + y
 
 
@@ -184,6 +194,14 @@ class DCUpBlock2d(nn.Module):
         return h + y
 
 
+def resize_nearest(zq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """zq nearest-resized to like's grid; returned as is when it is already there (nearest to the same size is the
+    identity, so skipping it changes no number and keeps the graph free of no-op Resize nodes)."""
+    if zq.shape[-2:] == like.shape[-2:]:
+        return zq
+    return F.interpolate(zq, size=like.shape[-2:], mode="nearest")
+
+
 class SpatialNorm(nn.Module):
     """GroupNorm(x) * conv_y(zq) + conv_b(zq), zq nearest-resized to x's grid first."""
 
@@ -194,7 +212,7 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1, 1, 0)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+        zq = resize_nearest(zq, x)
         return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
 
 
@@ -226,8 +244,6 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, 1x1 convs for q, k, v and proj_out, residual."""
 
-    num_heads = 1
-
     def __init__(self, channels: int, groups: int, zq_ch: int | None = None):
         super().__init__()
         self.zq_ch = zq_ch
@@ -240,13 +256,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         nx = self.norm(x) if self.zq_ch is None else self.norm(x, zq)
         b, c, h, w = x.shape
-        n = self.num_heads
-
-        def heads(t):  # 'b (n c) h w -> b n (h w) c'
-            return t.reshape(b, n, c // n, h * w).transpose(-1, -2)
-
-        o = F.scaled_dot_product_attention(heads(self.q(nx)), heads(self.k(nx)), heads(self.v(nx)))
-        o = o.transpose(-1, -2).reshape(b, c, h, w)  # 'b n (h w) c -> b (n c) h w'
+        # One head: softmax(q^T k / sqrt(c)) over key positions, as the official SDPA/xformers branches. Written
+        # with two batched matmuls on [b, c, h*w] views (the same maths as SDPA, far fewer ops to trace/export).
+        q, k, v = (t.flatten(2) for t in (self.q(nx), self.k(nx), self.v(nx)))  # [b, c, hw]
+        attn = torch.softmax(torch.bmm(q.transpose(1, 2), k) * (c ** -0.5), dim=-1)  # [b, hw_q, hw_k]
+        o = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)
         return x + self.proj_out(o)
 
 
@@ -346,15 +360,18 @@ class MoVQDecoder(nn.Module):
         else:
             h = self.conv_in(z)
         h = self.mid(h, zq)
+        zq_level = zq
         for i_level in reversed(range(len(self.up))):
             level = self.up[i_level]
+            # Every SpatialNorm of a level resizes zq to the same grid: resize once per level (same numbers).
+            zq_level = resize_nearest(zq, h)
             for i_block, block in enumerate(level.block):
-                h = block(h, zq)
+                h = block(h, zq_level)
                 if len(level.attn) > 0:
-                    h = level.attn[i_block](h, zq)
+                    h = level.attn[i_block](h, zq_level)
             if i_level != 0:
                 h = level.upsample(h)
-        h = silu(self.norm_out(h, zq))
+        h = silu(self.norm_out(h, zq_level))
         return self.conv_out(h)
 
 
@@ -478,10 +495,12 @@ class PixelEncoderGraph(nn.Module):
         return (h,)
 
 
-# Export sample / verification anchors (height, width). The sample's dims all differ from each other so the
-# exporter cannot tie two of them together; the second anchor is square and smaller.
-_SAMPLE_ANCHOR = (384, 512)
-_VERIFY_ANCHOR = (256, 256)
+# Export sample and verification sizes: small grids (the networks are fully convolutional; the bicubic resize ratio is
+# not an integer in either case) so that verifying even the full-size model on a CPU takes seconds. The sample's dims
+# all differ from each other and from 1, so the exporter can neither tie two of them together nor specialise one.
+# Keys are the ImageGrid attributes; the encoder sees the pixel grid times PIXEL_PATCH.
+_SAMPLE_GRID = {"semantic_rows": 3, "semantic_cols": 4, "pixel_rows": 5, "pixel_cols": 7}
+_VERIFY_GRID = {"semantic_rows": 5, "semantic_cols": 6, "pixel_rows": 9, "pixel_cols": 11}
 _BATCH = (2, 1, (1, 1, 4))  # decoder/encoder run once per image; a few images may share a call
 # Understanding inputs: smart_resize with factor 16, 32x32 to 768x768 pixels of area, any aspect ratio (a side can
 # fall to 16); a 4:1 image at the area cap is 384x1536. Editing inputs are anchors (sides up to 1024).
@@ -497,11 +516,10 @@ def pixel_decoder_component(preset: Preset, model: DualViTokPixel) -> Component:
     """Descriptor of the pixel decoder graph ("pixel_decoder")."""
     dim = preset.codebook.dim
     tables = effective_codebooks(model)
-    sample, verify = image_grid(*_SAMPLE_ANCHOR), image_grid(*_VERIFY_ANCHOR)
     dims = {"batch": _BATCH}
     for name, attr in (("sem_rows", "semantic_rows"), ("sem_cols", "semantic_cols"),
                        ("pix_rows", "pixel_rows"), ("pix_cols", "pixel_cols")):
-        dims[name] = (getattr(sample, attr), getattr(verify, attr), _grid_profile(attr))
+        dims[name] = (_SAMPLE_GRID[attr], _VERIFY_GRID[attr], _grid_profile(attr))
 
     def make_inputs(d: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         def embed(table, rows, cols):  # real code vectors, channel-first
@@ -538,7 +556,8 @@ def pixel_encoder_component(preset: Preset, model: DualViTokPixel, with_quant_co
     cfg = preset.pixel_encoder
     channels = cfg.embed_dim if with_quant_conv else cfg.z_channels
     stride = 2 ** (len(cfg.ch_mult) - 1)
-    (sh, sw), (vh, vw) = _SAMPLE_ANCHOR, _VERIFY_ANCHOR
+    sh, sw = stride * _SAMPLE_GRID["pixel_rows"], stride * _SAMPLE_GRID["pixel_cols"]
+    vh, vw = stride * _VERIFY_GRID["pixel_rows"], stride * _VERIFY_GRID["pixel_cols"]
 
     def make_inputs(d: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image = rng.uniform(-1.0, 1.0, size=(d["batch"], cfg.in_channels, d["height"], d["width"]))

@@ -1,0 +1,42 @@
+"""Arguments of ``illume-rt bench`` (kept here so the CLI module only gains a subcommand)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="bench", help="preset exported once for the benchmark (default: bench)")
+    p.add_argument("--bundle", help="benchmark this bundle instead (its preset's reference is rebuilt from the seed)")
+    p.add_argument("--int8-bundle", help="a quantized bundle of the same model: adds the INT8 runtime contender")
+    p.add_argument("--resolutions", default="256x256,512x512", help="comma-separated HEIGHTxWIDTH list")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per contender and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--rounds", type=int, default=1, help="contenders re-run in turn this many times (interleaved)")
+    p.add_argument("--probe-codes", type=int, default=12, help="codes decoded per level in each timed probe")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for every contender (default: all)")
+    p.add_argument("--text-tokens", type=int, default=48, help="new tokens in the text-decoding comparison")
+    p.add_argument("--full", action="store_true", help="also decode whole images (slow) to check the estimate")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("-o", "--output", help="results folder (default bench/results/<time>-<preset>)")
+
+
+def run_from_args(args) -> Path:
+    from illume_rt.bench.models import bench_bundle
+    from illume_rt.bench.run import run_bench
+    from illume_rt.runtime.bundle import load_bundle
+    from illume_rt.runtime.layout import parse_resolution
+
+    resolutions = [parse_resolution(r.strip()) for r in args.resolutions.split(",") if r.strip()]
+    bundle = Path(args.bundle) if args.bundle else bench_bundle(args.preset)
+    preset = load_bundle(bundle, verify=False).manifest["model"]["preset"]
+    return run_bench(bundle, preset, resolutions, repeats=args.repeats, warmup=args.warmup,
+                     probe_codes=args.probe_codes, rounds=args.rounds, threads=args.threads, full=args.full,
+                     int8_bundle=Path(args.int8_bundle) if args.int8_bundle else None, peer=not args.no_peer,
+                     reference=not args.no_reference, ablations=not args.no_ablations,
+                     text_tokens=args.text_tokens, out_dir=Path(args.output) if args.output else None,
+                     command="illume-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""The fixed-shape decode step that a CUDA graph can replay.
+
+A CUDA graph replays kernels with the shapes and addresses they were captured with, but the LLM's ``past`` dim
+grows by one or more every step. The graph contract (docs/bundle-format.md) lets every step have the same shape:
+
+- ``past_kv`` is always the cache's whole (bucketed) capacity ``P`` -- the same device address and shape each step.
+  Rows not yet written are zeros (the cache is zeroed once when allocated) and their ``attention_mask`` columns
+  are 0, so they get exactly zero attention weight; since keys are stored after rotary embedding and
+  ``position_ids`` are explicit, attending over [filled prefix + masked rows] equals attending over the prefix.
+- the step always has ``S`` new positions (GRAPH_STEP_SEQ): the real ones are right-aligned, the leading padding
+  positions have mask 0 (no real query attends to them) and their outputs are dropped. ``hidden`` is the last
+  position, i.e. the last real one.
+- ``new_kv`` goes to a fixed staging buffer; after the replay one device-to-device copy moves its last ``seq``
+  rows to ``cache[start:start + seq]`` (contiguous: the time axis is outermost).
+
+Cost: attention reads ``P`` cache rows instead of the filled length, and the GEMMs see ``S`` rows instead of 1-4.
+Decode is bound by reading the weights, so both are small (3B, 512x512 with guidance: P ~ 1.4k rows x 36 KiB x 2
+rows ~ 0.1 GB per step against ~6 GB of bf16 weights). A request with a different bucket recaptures once.
+
+``static_step_feeds`` below is the host-side part, shared by the TensorRT runner and by ``StaticStepLanguageModel``,
+which runs the same plan on onnxruntime so that the equivalence is tested on any machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from illume_rt.engines.profiles import GRAPH_STEP_SEQ
+from illume_rt.runtime.generate import KVCache, LanguageModel
+
+CAPACITY_BUCKET = 64
+
+
+def bucket_capacity(capacity: int, max_context: int, step: int = GRAPH_STEP_SEQ) -> int | None:
+    """Capacity rounded up to a bucket (so requests of similar length share one captured graph), or None when the
+    fixed-shape step would not fit the context (then the runtime uses the plain dynamic-shape step)."""
+    bucketed = -(-capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    if bucketed + step > max_context:
+        bucketed = capacity
+    return bucketed if bucketed + step <= max_context else None
+
+
+def static_step_feeds(cache_mask: np.ndarray, start: int, embeds: np.ndarray, positions: np.ndarray,
+                      step: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Host inputs of one fixed-shape step (all but ``past_kv``). ``cache_mask`` is [batch, P] with the filled
+    columns set; ``embeds`` [batch, seq, hidden] and ``positions`` [batch, seq] are the real new positions.
+    ``out`` holds preallocated (pinned) arrays to fill in place."""
+    batch, seq, hidden = embeds.shape
+    capacity = cache_mask.shape[1]
+    if seq > step:
+        raise ValueError(f"a fixed-shape step takes at most {step} new positions, got {seq}")
+    if out is None:
+        out = {"inputs_embeds": np.empty((batch, step, hidden), np.float32),
+               "attention_mask": np.empty((batch, capacity + step), np.int64),
+               "position_ids": np.empty((batch, step), np.int64)}
+    pad = step - seq
+    out["inputs_embeds"][:, :pad] = 0.0
+    out["inputs_embeds"][:, pad:] = embeds
+    mask = out["attention_mask"]
+    mask[:, :capacity] = cache_mask
+    mask[:, start:capacity] = 0  # rows not written yet (also stale rows of an earlier request)
+    mask[:, capacity:capacity + pad] = 0
+    mask[:, capacity + pad:] = 1
+    out["position_ids"][:, :pad] = positions[:, :1]
+    out["position_ids"][:, pad:] = positions
+    return out
+
+
+class StaticStepLanguageModel(LanguageModel):
+    """``LanguageModel`` whose short decode steps use the fixed-shape plan above on any backend (host buffers).
+
+    Exists to prove on CPU that the plan the CUDA-graph path runs gives the same tokens as the plain loop."""
+
+    step_seq = GRAPH_STEP_SEQ
+
+    def _run(self, cache: KVCache, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        start, seq = cache.length, ids.shape[1]
+        if start == 0 or seq > self.step_seq or cache.capacity + self.step_seq > self.max_context:
+            return super()._run(cache, ids, mask, positions)
+        feeds = static_step_feeds(cache.mask, start, self.embed_tokens[ids].astype(np.float32), positions,
+                                  self.step_seq)
+        feeds["past_kv"] = cache.kv  # the whole capacity, every step
+        hidden, new_kv = self.body.run(feeds)
+        cache.kv[start:start + seq] = new_kv[self.step_seq - seq:]
+        cache.mask[:, start:start + seq] = mask
+        cache.length = start + seq
+        cache.next_position = positions[:, -1] + 1
+        return hidden

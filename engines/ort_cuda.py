@@ -1,0 +1,123 @@
+"""onnxruntime with the CUDA execution provider, IO binding on device buffers, behind the same ``Engine``
+interface. Needs ``onnxruntime-gpu`` (installed *instead of* onnxruntime); without it, opening raises a
+BackendError that says so.
+
+- ``OrtCudaEngine.run``: inputs are copied once into device OrtValues that are kept and reused while the shape
+  stays the same (``update_inplace``), outputs are bound to the device and copied back to the host once.
+- ``OrtCudaLanguageModel``: the KV cache is one device OrtValue [capacity, layers, 2, batch, kv_heads, head_dim];
+  ``past_kv`` is bound to its filled prefix and ``new_kv`` to the rows right after it by raw pointer
+  (``bind_input``/``bind_output`` with ``buffer_ptr``), so the cache is written in place on the device and never
+  crosses to the host; only ``hidden`` comes back for the LM head and the sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from illume_rt.engines.base import BackendError
+from illume_rt.runtime.generate import LanguageModel
+
+PROVIDER = "CUDAExecutionProvider"
+
+
+def require_cuda_provider(available: list[str] | None = None) -> None:
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if PROVIDER not in available:
+        raise BackendError(f"--backend ort-cuda needs onnxruntime's {PROVIDER}, which this onnxruntime lacks (has "
+                           f"{', '.join(available)}); pip uninstall onnxruntime && pip install onnxruntime-gpu "
+                           "(or 'illume-rt[gpu]'), or use --backend ort-cpu")
+
+
+class OrtCudaEngine:
+    def __init__(self, name: str, path, threads: int | None = None, emulate_fp8: bool = False,
+                 device_id: int = 0) -> None:
+        import onnxruntime as ort
+
+        from illume_rt.engines.ort import session_options
+
+        require_cuda_provider()
+        self.ort, self.name, self.device_id = ort, name, device_id
+        providers = [(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8), providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._device_inputs: dict[str, object] = {}
+
+    def _device_value(self, name: str, array: np.ndarray):
+        value = self._device_inputs.get(name)
+        if value is not None and tuple(value.shape()) == array.shape and value.data_type() == _ort_type(array):
+            value.update_inplace(array)
+        else:
+            value = self.ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
+            self._device_inputs[name] = value
+        return value
+
+    def binding(self):
+        return self.session.io_binding()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        io = self.session.io_binding()
+        for name in self.input_names:
+            io.bind_ortvalue_input(name, self._device_value(name, np.ascontiguousarray(feeds[name])))
+        for name in self.output_names:
+            io.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()
+
+    @property
+    def language_model_class(self):
+        return OrtCudaLanguageModel if self.name == "llm" else None
+
+
+def _ort_type(array: np.ndarray) -> str:
+    return {np.dtype(np.float32): "tensor(float)", np.dtype(np.int64): "tensor(int64)",
+            np.dtype(np.float16): "tensor(float16)"}.get(array.dtype, "")
+
+
+class _DeviceKV:
+    def __init__(self, value, shape) -> None:
+        self.value, self.shape, self.ptr = value, tuple(shape), value.data_ptr()
+
+
+class OrtCudaLanguageModel(LanguageModel):
+    """The decoding loop's model with the KV cache on the GPU, bound by pointer (see module docstring)."""
+
+    def new_cache(self, batch: int, capacity: int):
+        from illume_rt.engines.tensorrt import DeviceKVCache
+
+        super().new_cache(batch, capacity)  # context check
+        shape = (capacity, self.layers, 2, batch, self.kv_heads, self.head_dim)
+        value = self.body.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda",
+                                                                     self.body.device_id)
+        row_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
+        return DeviceKVCache(_DeviceKV(value, shape), batch, capacity, row_bytes)
+
+    def _run(self, cache, ids, mask, positions) -> np.ndarray:
+        from illume_rt.runtime.layout import LayoutError
+
+        start, seq = cache.length, ids.shape[1]
+        if start + seq > cache.capacity:
+            raise LayoutError(f"KV cache full ({cache.capacity} positions)")
+        cache.mask[:, start:start + seq] = mask
+        body: OrtCudaEngine = self.body
+        batch, dev = ids.shape[0], body.device_id
+        kv_tail = cache.kv.shape[1:]
+        io = body.session.io_binding()
+        host = {"inputs_embeds": np.ascontiguousarray(self.embed_tokens[ids], dtype=np.float32),
+                "attention_mask": np.ascontiguousarray(cache.mask[:, :start + seq]),
+                "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
+        for name, array in host.items():
+            io.bind_ortvalue_input(name, body._device_value(name, array))
+        io.bind_input("past_kv", "cuda", dev, self.kv_dtype, (start, *kv_tail), cache.row(0))
+        io.bind_output("new_kv", "cuda", dev, self.kv_dtype, (seq, *kv_tail), cache.row(start))
+        io.bind_output("hidden", "cpu")
+        body.session.run_with_iobinding(io)
+        hidden = io.copy_outputs_to_cpu()[0]
+        cache.length = start + seq
+        cache.next_position = positions[:, -1] + 1
+        return hidden

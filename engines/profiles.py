@@ -1,0 +1,233 @@
+"""Optimization profiles for engine builders, derived from the manifest's component profiles, and the logic that
+picks a profile and sizes device buffers at run time. Pure Python: tested without TensorRT.
+
+The manifest gives, per component, each symbolic dim's ``[min, opt, max]`` (from the component descriptors of
+``illume_rt.export``). Most components get one profile straight from it. The LLM body gets two, because one
+profile cannot be good for both phases: TensorRT picks kernels for the ``opt`` shape.
+
+- ``prefill``: ``seq`` from 1 to the context, ``past`` from 0 up (prefill is ``past = 0``; long forced runs and
+  spliced image features later in a conversation also land here), opt at a typical prompt.
+- ``decode``: ``seq`` 1..DECODE_MAX_SEQ (one sampled token plus the forced structural tokens that follow it: at
+  most 4 in text to image), ``past`` up to the context, opt at the manifest's ``past`` opt.
+
+Batch ranges come from the manifest (1..2: the guidance rows ride in one batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+DECODE_MAX_SEQ = 8
+GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
+PREFILL_OPT_SEQ = 128
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
+               "bool": 1, "float8_e4m3fn": 1}
+
+
+class ProfileError(ValueError):
+    """A shape no profile of an engine covers; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: input name -> (min, opt, max) shapes."""
+
+    name: str
+    shapes: dict  # name -> (tuple, tuple, tuple)
+
+    def covers(self, shapes: dict) -> bool:
+        for name, shape in shapes.items():
+            lo, _, hi = self.shapes[name]
+            if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return False
+        return True
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shapes": {k: [list(v) for v in t] for k, t in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        return cls(data["name"], {k: tuple(tuple(v) for v in t) for k, t in data["shapes"].items()})
+
+
+def _resolve(shape: list, dims: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else int(dims[d]) for d in shape)
+
+
+def _profile(name: str, entry: dict, ranges: dict[str, tuple[int, int, int]]) -> Profile:
+    shapes = {}
+    for spec in entry["inputs"]:
+        shapes[spec["name"]] = tuple(_resolve(spec["shape"], {d: r[i] for d, r in ranges.items()})
+                                     for i in range(3))
+    return Profile(name, shapes)
+
+
+def _check_ranges(component: str, ranges: dict) -> None:
+    for dim, (lo, opt, hi) in ranges.items():
+        if not 0 <= lo <= opt <= hi:
+            raise ProfileError(f"{component}: profile of dim {dim!r} is not min <= opt <= max: {[lo, opt, hi]}; "
+                               "re-export the bundle")
+
+
+def engine_profiles(name: str, entry: dict) -> list[Profile]:
+    """The optimization profiles an engine of manifest component ``name`` is built with."""
+    base = {d: tuple(int(x) for x in v) for d, v in entry.get("profiles", {}).items()}
+    symbolic = {d for spec in entry["inputs"] for d in spec["shape"] if isinstance(d, str)}
+    missing = symbolic - set(base)
+    if missing:
+        raise ProfileError(f"{name}: manifest gives no profile for dims {sorted(missing)}; re-export the bundle")
+    _check_ranges(name, base)
+    if name != "llm":
+        return [_profile("default", entry, base)]
+    ctx = base["total"][2]
+    batch = base["batch"]
+    past_opt = min(base["past"][1], ctx - 1)
+    prefill_opt = min(PREFILL_OPT_SEQ, ctx)
+    prefill = {"batch": batch, "seq": (1, prefill_opt, ctx), "past": (0, 0, ctx - 1), "total": (1, prefill_opt, ctx)}
+    decode_max = min(DECODE_MAX_SEQ, ctx)
+    decode = {"batch": batch, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx - 1),
+              "total": (1, past_opt + 1, ctx)}
+    for ranges in (prefill, decode):
+        _check_ranges(name, ranges)
+    return [_profile("prefill", entry, prefill), _profile("decode", entry, decode)]
+
+
+def select_profile(profiles: list[Profile], shapes: dict, prefer: str | None = None) -> int:
+    """Index of the profile covering ``shapes`` (``prefer`` first), or a ProfileError naming the fix."""
+    order = sorted(range(len(profiles)), key=lambda i: profiles[i].name != prefer)
+    for index in order:
+        if profiles[index].covers(shapes):
+            return index
+    ranges = "; ".join(f"{p.name}: " + ", ".join(f"{k} {list(v[0])}..{list(v[2])}" for k, v in p.shapes.items())
+                       for p in profiles)
+    asked = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    raise ProfileError(f"no optimization profile covers {asked} ({ranges}); rebuild the engines with "
+                       "`illume-rt build-engines BUNDLE` after widening the component's profile at export")
+
+
+def max_shape(profiles: list[Profile], name: str) -> tuple[int, ...]:
+    """Elementwise max over the profiles' max shapes of one input."""
+    shapes = [p.shapes[name][2] for p in profiles]
+    return tuple(max(s[i] for s in shapes) for i in range(len(shapes[0])))
+
+
+def nbytes(shape, dtype: str) -> int:
+    return int(prod(shape)) * DTYPE_BYTES[str(np.dtype(dtype)) if dtype not in DTYPE_BYTES else dtype]
+
+
+def output_max_shape(entry: dict, output: str, profiles: list[Profile]) -> tuple[int, ...] | None:
+    """Largest shape an output can take: its symbolic dims at the largest value any input profile gives them;
+    None when an output dim is named by no input (the image size of a decoder): such buffers are sized at run time
+    from the engine's output shape and grown when a larger one comes."""
+    spec = next(o for o in entry["outputs"] if o["name"] == output)
+    biggest: dict[str, int] = {}
+    for spec_in in entry["inputs"]:
+        top = max_shape(profiles, spec_in["name"])
+        for dim, value in zip(spec_in["shape"], top):
+            if isinstance(dim, str):
+                biggest[dim] = max(biggest.get(dim, 0), value)
+    unknown = [d for d in spec["shape"] if isinstance(d, str) and d not in biggest]
+    if unknown:
+        return None
+    return _resolve(spec["shape"], biggest)
+
+
+def io_buffer_bytes(entry: dict, profiles: list[Profile],
+                    caps: dict[str, int] | None = None) -> dict[str, int | None]:
+    """Bytes to allocate once per input/output so that every covered shape fits. ``caps`` bounds symbolic dims
+    (e.g. the runtime's real context need), since the LLM's ``max`` can be far larger than a request needs."""
+    caps = caps or {}
+    sizes = {}
+    for spec in entry["inputs"]:
+        shape = list(max_shape(profiles, spec["name"]))
+        for i, d in enumerate(spec["shape"]):
+            if isinstance(d, str) and d in caps:
+                shape[i] = min(shape[i], caps[d])
+        sizes[spec["name"]] = nbytes(shape, spec["dtype"])
+    for spec in entry["outputs"]:
+        top = output_max_shape(entry, spec["name"], profiles)
+        if top is None:
+            sizes[spec["name"]] = None
+            continue
+        shape = list(top)
+        for i, d in enumerate(spec["shape"]):
+            if isinstance(d, str) and d in caps:
+                shape[i] = min(shape[i], caps[d])
+        sizes[spec["name"]] = nbytes(shape, spec["dtype"])
+    return sizes
+
+
+def kv_cache_bytes(capacity: int, llm: dict, batch: int) -> int:
+    """Device bytes of one KV cache [capacity, layers, 2, batch, kv_heads, head_dim]."""
+    shape = (capacity, llm["num_hidden_layers"], 2, batch, llm["num_key_value_heads"], llm["head_dim"])
+    return nbytes(shape, llm.get("kv_dtype", "float32"))
+
+
+def llm_shapes(entry: dict, batch: int, seq: int, past: int) -> dict[str, tuple[int, ...]]:
+    """Input shapes of one LLM call."""
+    dims = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+    return {spec["name"]: _resolve(spec["shape"], dims) for spec in entry["inputs"]}
+
+
+def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[bool, ...] = (True, False)):
+    """Every (component, input shapes) the text-to-image loop of ``illume_rt.runtime`` asks for, over all supported
+    resolutions and the given prompt lengths (the longer of the cond/uncond rows). Mirrors
+    ``runtime.generate.generate_image_tokens``: one prefill of prompt + forced prefix, then one decode call per
+    sampled code with the forced tokens that preceded it, then the pixel decoder once."""
+    from illume_rt.runtime.generate import image_schedule
+    from illume_rt.runtime.layout import image_grid
+
+    vocab = _vocab(manifest)
+    comps = manifest["components"]
+    for height, width in manifest["resolutions"]:
+        grid = image_grid(height, width)
+        schedule = image_schedule(vocab, grid)
+        first = next(i for i, s in enumerate(schedule) if s.level is not None)
+        for prompt in prompt_lengths:
+            for guided in guidance:
+                batch = 2 if guided else 1
+                length = prompt + first
+                yield "llm", "prefill", llm_shapes(comps["llm"], batch, length, 0)
+                pending = 0
+                for slot in schedule[first:]:
+                    if slot.level is None:
+                        pending += 1
+                        continue
+                    if pending:
+                        yield "llm", "decode", llm_shapes(comps["llm"], batch, pending, length)
+                        length += pending
+                    for head in ("lm_head_semantic", "lm_head_pixel"):
+                        if head in comps:
+                            yield head, None, {"hidden": (batch, manifest["llm"]["hidden_size"])}
+                    pending = 1
+        if "pixel_decoder" in comps:
+            dim = comps["pixel_decoder"]["inputs"][0]["shape"][1]
+            yield "pixel_decoder", None, {
+                "semantic_embed": (1, dim, grid.semantic_rows, grid.semantic_cols),
+                "pixel_embed": (1, dim, grid.pixel_rows, grid.pixel_cols)}
+
+
+def _vocab(manifest: dict):
+    from illume_rt.runtime.layout import VocabLayout
+
+    return VocabLayout.from_dict(manifest["vocab"])
+
+
+def uncovered_requests(manifest: dict, prompt_lengths: list[int]) -> list[str]:
+    """Requests of ``runtime_requests`` that no engine profile covers (empty when all are)."""
+    profiles = {name: engine_profiles(name, entry) for name, entry in manifest["components"].items()}
+    missing, seen = [], set()
+    for comp, phase, shapes in runtime_requests(manifest, prompt_lengths):
+        key = (comp, tuple(sorted(shapes.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            select_profile(profiles[comp], shapes, prefer=phase)
+        except ProfileError:
+            missing.append(f"{comp} ({phase or 'default'}): {shapes}")
+    return missing

@@ -1,0 +1,133 @@
+"""Image pre- and post-processing with numpy and PIL, as the official processors do it.
+
+- ``to_rgb``: transformers' convert_to_rgb (alpha composited on white).
+- ``smart_resize`` / ``understanding_image``: MoVQImageProcessor (vision_tokenizer/tokenizer/movqgan/
+  image_processing_movqgan.py): aspect-preserving resize to multiples of 16 within [32*32, 768*768] pixels
+  (ILLUME+ stage-3 config), PIL bicubic, values mapped to [-1, 1].
+- ``semantic_view``: ScalingLayerForQwen2ViT (dualvitok_model.py): [-1,1] -> [0,1], bicubic with antialias to the
+  anchor's semantic size or a multiple of 28 (floor), clamp, CLIP mean/std. torch's antialiased bicubic is PIL's
+  filter, so PIL's float resize reproduces it.
+- ``pad_to_anchor`` / ``unpad_and_resize_back``: AspectRatioCrop at inference (ILLUME/illume/data/
+  aspect_ratio_utils.py, data_utils.py): the anchor with the closest aspect ratio (ties: closest size), LANCZOS
+  resize keeping the aspect ratio, white padding centred; the inverse crops and resizes back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from illume_rt.runtime.layout import SEMANTIC_PATCH, SEMANTIC_RESIZE, LayoutError
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+UNDERSTANDING_MIN_PIXELS = 32 * 32
+UNDERSTANDING_MAX_PIXELS = 768 * 768
+PIXEL_FACTOR = 16
+# Editing anchors (height, width): official RATIOS, i.e. every supported size except 256x256.
+EDIT_ANCHORS = ((512, 512), (384, 512), (512, 384), (384, 768), (768, 384), (384, 576), (576, 384),
+                (320, 960), (960, 320), (256, 1024), (1024, 256))
+
+
+def load_image(source) -> Image.Image:
+    """A path or a PIL image -> RGB PIL image; a clear error for anything unreadable."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    path = Path(source)
+    if not path.is_file():
+        raise LayoutError(f"image {path} does not exist; pass the path of a PNG or JPEG file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError) as exc:
+        raise LayoutError(f"cannot read {path} as an image ({exc}); pass a PNG or JPEG file") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def smart_resize(height: int, width: int, factor: int = PIXEL_FACTOR, min_pixels: int = UNDERSTANDING_MIN_PIXELS,
+                 max_pixels: int = UNDERSTANDING_MAX_PIXELS) -> tuple[int, int]:
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return max(h_bar, factor), max(w_bar, factor)
+
+
+def understanding_image(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> float32 [1, 3, H, W] in [-1, 1], H and W multiples of 16."""
+    height, width = smart_resize(img.height, img.width)
+    if (img.height, img.width) != (height, width):
+        img = img.resize((width, height), Image.BICUBIC)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+
+
+def semantic_size(height: int, width: int) -> tuple[int, int]:
+    if (width, height) in SEMANTIC_RESIZE:
+        sem_w, sem_h = SEMANTIC_RESIZE[(width, height)]
+        return sem_h, sem_w
+    return max(SEMANTIC_PATCH, height // SEMANTIC_PATCH * SEMANTIC_PATCH), \
+        max(SEMANTIC_PATCH, width // SEMANTIC_PATCH * SEMANTIC_PATCH)
+
+
+def resize_float(channels_first: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[C, H, W] float32 -> [C, height, width], per-channel PIL bicubic (antialiased, like torch antialias=True)."""
+    if channels_first.shape[1:] == (height, width):
+        return channels_first.copy()
+    return np.stack([np.asarray(Image.fromarray(c, mode="F").resize((width, height), Image.BICUBIC))
+                     for c in channels_first.astype(np.float32)])
+
+
+def semantic_view(image: np.ndarray) -> np.ndarray:
+    """[1, 3, H, W] in [-1, 1] -> the ViT's normalized input [1, 3, H', W'] (multiples of 28)."""
+    height, width = semantic_size(*image.shape[2:])
+    unit = resize_float((image[0] + 1.0) / 2.0, height, width)
+    unit = np.clip(unit, 0.0, 1.0)
+    return np.ascontiguousarray(((unit - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None])[None], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Padding:
+    original_size: tuple[int, int]  # (height, width) of the input
+    anchor: tuple[int, int]  # (height, width) generated
+
+
+def nearest_anchor(height: int, width: int) -> tuple[int, int]:
+    aspect = width / height
+    diffs = [abs(w / h - aspect) for h, w in EDIT_ANCHORS]
+    best = min(diffs)
+    candidates = [a for a, d in zip(EDIT_ANCHORS, diffs) if d == best]
+    return min(candidates, key=lambda a: (height - a[0]) ** 2 + (width - a[1]) ** 2)
+
+
+def pad_to_anchor(img: Image.Image) -> tuple[Image.Image, Padding]:
+    anchor_h, anchor_w = nearest_anchor(img.height, img.width)
+    ratio = min(anchor_w / img.width, anchor_h / img.height)
+    new_w, new_h = int(img.width * ratio), int(img.height * ratio)
+    resized = img.resize((new_w, new_h), Image.LANCZOS)
+    dw, dh = anchor_w - new_w, anchor_h - new_h
+    padded = ImageOps.expand(resized, (dw // 2, dh // 2, dw - dw // 2, dh - dh // 2), fill=(255, 255, 255))
+    return padded, Padding((img.height, img.width), (anchor_h, anchor_w))
+
+
+def unpad_and_resize_back(img: Image.Image, padding: Padding) -> Image.Image:
+    orig_h, orig_w = padding.original_size
+    ratio = min(img.width / orig_w, img.height / orig_h)
+    new_w, new_h = int(orig_w * ratio), int(orig_h * ratio)
+    left, upper = (img.width - new_w) // 2, (img.height - new_h) // 2
+    return img.crop((left, upper, left + new_w, upper + new_h)).resize((orig_w, orig_h), Image.LANCZOS)

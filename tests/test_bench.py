@@ -1,0 +1,183 @@
+"""Fast checks of the benchmark's building blocks on the tiny preset: text decoding against transformers, IO binding
+and in-place cache writes, the loop variants (they must decode the same tokens as the runtime's loop, or the
+ablation would compare different work), measuring helpers and the report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from illume_rt.bench.loops import probe_grid, step_time_at_context, variant_image_tokens
+from illume_rt.bench.measure import peak_rss_bytes, read_bandwidth, reset_peak_rss, stats
+from illume_rt.bench.run import merge_rounds
+from illume_rt.engines.ort import OrtEngine
+from illume_rt.export.components import export_onnx
+from illume_rt.export.configs import get_preset
+from illume_rt.export.llm import build_llm, head_component, llm_component
+from illume_rt.runtime.generate import LanguageModel, generate_image_tokens, generate_text
+from illume_rt.runtime.layout import SamplingConfig, image_grid
+
+HEADS = ("text", "semantic", "pixel")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    preset = get_preset("tiny")
+    model = build_llm(preset)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    comps = [llm_component(preset, model)] + [head_component(preset, model, w) for w in HEADS]
+    for comp in comps:
+        export_onnx(comp, comp.build_module(), folder / f"{comp.name}.onnx", seed=preset.seed)
+    embed = model.get_input_embeddings().weight.detach().numpy().copy()
+    llm_info = {"num_hidden_layers": preset.llm.num_hidden_layers, "num_key_value_heads": preset.llm.num_key_value_heads,
+                "head_dim": preset.llm.head_dim, "max_context": preset.llm.max_position_embeddings}
+
+    def open_lm(io_binding=True):
+        def engine(name):
+            return OrtEngine(name, folder / f"{name}.onnx", io_binding=io_binding)
+
+        return LanguageModel(engine("llm"), {w: engine(f"lm_head_{w}") for w in HEADS}, embed, llm_info, preset.vocab)
+
+    return preset, model, open_lm
+
+
+def test_generate_text_matches_transformers_greedy(tiny):
+    preset, model, open_lm = tiny
+    prompt = [int(i) for i in np.random.default_rng(0).integers(0, 256, 12)]
+    got = generate_text(open_lm(), prompt, 10, greedy=True)
+    # transformers greedy, with the head restricted to the text rows as the runtime does outside an image
+    ids, want = list(prompt), []
+    stop = preset.vocab.text_range[1]
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, :stop]
+            want.append(int(torch.argmax(logits)))
+            ids.append(want[-1])
+    assert got == want
+    assert generate_text(open_lm(), prompt, 10, greedy=True, stop_ids=(want[3],)) == want[:4]
+    sampled = generate_text(open_lm(), prompt, 6, greedy=False, rng=np.random.default_rng(1))
+    assert len(sampled) == 6 and all(0 <= t < stop for t in sampled)
+    with pytest.raises(ValueError):
+        generate_text(open_lm(), prompt, 3, greedy=False)
+
+
+def test_io_binding_writes_outputs_in_place(tiny):
+    preset, _, open_lm = tiny
+    bound, plain = open_lm(io_binding=True), open_lm(io_binding=False)
+    hidden = np.random.default_rng(0).standard_normal((2, preset.llm.hidden_size), dtype=np.float32)
+    out = np.full((2, bound.head_rows("pixel")), np.nan, dtype=np.float32)
+    (logits,) = bound.heads["pixel"].run({"hidden": hidden}, out={"logits": out})
+    assert logits is out and not np.isnan(out).any()
+    (want,) = plain.heads["pixel"].run({"hidden": hidden})
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        bound.heads["pixel"].run({"hidden": hidden}, out={"logits": out[:, ::2]})
+    # the body writes new keys/values straight into the cache: same cache as the copying path
+    caches = []
+    for lm in (bound, plain):
+        cache = lm.new_cache(2, 32)
+        lm.prefill(cache, [[1, 2, 3, 4, 5], [6, 7, 8]])
+        lm.step(cache, [9, 10])
+        caches.append(cache)
+    assert caches[0].length == caches[1].length == 7
+    np.testing.assert_allclose(caches[0].kv[:7], caches[1].kv[:7], rtol=1e-5, atol=1e-5)
+    assert not caches[0].kv[:7].any(axis=tuple(range(1, 6))).tolist().count(False)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(greedy=True), SamplingConfig(top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_loop_variants_decode_the_same_tokens(tiny, sampling):
+    preset, _, open_lm = tiny
+    lm = open_lm()
+    grid = probe_grid(image_grid(256, 256), 5)
+    cond, uncond = [1, 2, 3, 4, 5, 6], [1, 2, 3]
+    want = generate_image_tokens(lm, grid, cond, uncond, sampling, np.random.default_rng(3))
+    for guidance, head in (("sequential", "active"), ("batched", "full"), ("sequential", "full")):
+        got = variant_image_tokens(lm, grid, cond, uncond, sampling, np.random.default_rng(3), guidance, head)
+        np.testing.assert_array_equal(got.semantic, want.semantic)
+        np.testing.assert_array_equal(got.pixel, want.pixel)
+        assert got.steps > want.steps
+    with pytest.raises(ValueError):
+        variant_image_tokens(lm, grid, cond, uncond, sampling, np.random.default_rng(3), guidance="nope")
+    assert step_time_at_context(lm, 100, steps=2) > 0
+
+
+def test_measuring_helpers():
+    s = stats([3.0, 1.0, 2.0, 10.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 10.0 and s["n"] == 4
+    bw = read_bandwidth(nbytes=16 << 20, repeats=2)
+    assert bw["bytes_per_s"] > 1e8 and bw["best_method"]
+    before = peak_rss_bytes()
+    big = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB touched
+    assert peak_rss_bytes() >= before
+    if reset_peak_rss():
+        del big
+        assert peak_rss_bytes() < before + (64 << 20)
+    merged = merge_rounds([{"a": stats([1.0, 2.0]), "peak_rss_bytes": 5, "load_s": 1.0, "tag": "x"},
+                           {"a": stats([3.0]), "peak_rss_bytes": 9, "load_s": 3.0, "tag": "y"}])
+    assert merged["a"]["n"] == 3 and merged["a"]["median"] == 2.0
+    assert merged["peak_rss_bytes"] == 9 and merged["load_s"] == 3.0 and merged["tag"] == "x"
+
+
+def test_report_from_synthetic_results(tmp_path):
+    from illume_rt.bench.report import analyse, write_reports
+
+    def st(v):
+        return stats([v, v * 1.1])
+
+    gb = 10**9
+    entry = {"grid": [9, 9, 16, 16], "num_codes": 337, "num_tokens": 362, "prefill_s": st(1.0),
+             "semantic_step_s": st(0.2), "pixel_step_s": st(0.25), "pixel_step_late_s": st(0.27),
+             "image_decode_s": st(0.5)}
+    ref = {"grid": [9, 9, 16, 16], "num_codes": 337, "num_tokens": 362, "prefill_s": st(2.0),
+           "token_step_s": st(1.0), "image_decode_s": st(1.0)}
+    mem = {"peak_rss_generate_bytes": 2.5 * gb, "peak_rss_load_bytes": 3 * gb}
+    results = {
+        "command": "test", "created_at": "now", "machine": {"cpu_count": 2}, "versions": {"numpy": "x"},
+        "bundle": "b", "preset": "bench", "settings": {}, "int8": "not run", "peer": "not run",
+        "bandwidth": {"best": {"bytes_per_s": 10 * gb, "best_method": "np.max", "method": "m"}},
+        "manifest": {"components": {"llm": {"bytes": 1.4 * gb}, "lm_head_text": {"bytes": 0.5 * gb},
+                                    "lm_head_semantic": {"bytes": 0.1 * gb}, "lm_head_pixel": {"bytes": 0.35 * gb}}},
+        "contenders": {
+            "runtime fp32": {"resolutions": {"256x256": entry}, "memory": mem, "kv_cache_bytes": {"256x256": gb // 10},
+                             "weights": {"graphs": {"llm": 1.4 * gb, "lm_head_pixel": 0.35 * gb},
+                                         "tables": {"embed_tokens": gb, "semantic_codebook": 0, "pixel_codebook": 0}}},
+            "reference (transformers)": {"resolutions": {"256x256": ref}, "memory": {**mem, "peak_rss_generate_bytes": 5 * gb}},
+        },
+        "ablations": None,
+    }
+    d = analyse(results)
+    assert d["ratios"]["runtime vs reference per image 256x256"] == pytest.approx(
+        (2.0 + 361 * 1.0 + 1.0) / (1.0 + 81 * 0.2 + 256 * 0.26 + 0.5))
+    assert d["bandwidth_fraction"]["semantic step 256x256"] == pytest.approx(1.5 / 10 / 0.21)
+    targets = {t["target"]: t for t in d["targets"]}
+    assert targets["runtime peak < reference peak"]["met"]
+    assert not targets["runtime peak memory / (weights + kv)"]["met"]  # 2.5 GB > 1.25 x 1.85 GB
+    results["derived"] = d
+    results.pop("manifest")
+    write_reports(results, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "bench"
+    assert "| runtime vs reference per image 256x256 | >= 3.0x |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_external_data_export_is_listed_and_verified(tmp_path):
+    """Graphs over 2 GiB keep their weights in a side file; forced here on the tiny head to test the path."""
+    import onnxruntime as ort
+
+    preset = get_preset("tiny")
+    model = build_llm(preset)
+    comp = head_component(preset, model, "pixel")
+    path = tmp_path / f"{comp.name}.onnx"
+    report = export_onnx(comp, comp.build_module(), path, seed=0, external_data=True)
+    data = tmp_path / f"{comp.name}.onnx.data"
+    assert report["ok"] and report["external_data"] == [data.name]
+    assert data.stat().st_size >= 4 * preset.llm.hidden_size * preset.vocab.pixel_codebook_size
+    assert path.stat().st_size < 64 * 1024  # the graph alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, data.name])  # no temporaries left
+    hidden = np.ones((1, preset.llm.hidden_size), dtype=np.float32)
+    (logits,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"hidden": hidden})
+    assert logits.shape == (1, preset.vocab.pixel_codebook_size)
+    export_onnx(comp, comp.build_module(), path, seed=0, external_data=False)  # re-export inline: side file gone
+    assert not data.exists()
