@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-codes", type=int, default=12, help="codes decoded per level in each timed probe")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every contender (default: all)")
     p.add_argument("--text-tokens", type=int, default=48, help="new tokens in the text-decoding comparison")
-    p.add_argument("--full", action="store_true", help="also decode whole images (slow) to check the estimate")
+    p.add_argument("--full", action="store_true", help="also decode whole images with the runtime at the first resolution (slow) to check the estimate")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ablations", action="store_true")

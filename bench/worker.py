@@ -114,7 +114,7 @@ def run_runtime(spec: dict) -> dict:
             "pixel_step_late_s": stats(late),
             "image_decode_s": stats(decode),
         }
-        if spec.get("full"):
+        if spec.get("full") and list(res) == list(spec["resolutions"][0]):  # whole images: first resolution
             def one_full():
                 r = pipe.generate(spec["prompt"], tuple(res), seed=spec.get("seed", 0), sampling=sampling)
                 return r.timings

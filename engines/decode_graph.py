@@ -31,6 +31,14 @@ from illume_rt.runtime.generate import KVCache, LanguageModel
 CAPACITY_BUCKET = 64
 
 
+def new_embeddings(lm, x: np.ndarray) -> np.ndarray:
+    """``_run``'s first argument as float32 embeddings [batch, seq, hidden]: the runtime passes embeddings (token
+    ids in older versions of runtime/generate.py, looked up here)."""
+    if np.issubdtype(np.asarray(x).dtype, np.integer):
+        return np.ascontiguousarray(lm.embed_tokens[x], dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def bucket_capacity(capacity: int, max_context: int, step: int = GRAPH_STEP_SEQ) -> int | None:
     """Capacity rounded up to a bucket (so requests of similar length share one captured graph), or None when the
     fixed-shape step would not fit the context (then the runtime uses the plain dynamic-shape step)."""
@@ -77,8 +85,7 @@ class StaticStepLanguageModel(LanguageModel):
         start, seq = cache.length, ids.shape[1]
         if start == 0 or seq > self.step_seq or cache.capacity + self.step_seq > self.max_context:
             return super()._run(cache, ids, mask, positions)
-        feeds = static_step_feeds(cache.mask, start, self.embed_tokens[ids].astype(np.float32), positions,
-                                  self.step_seq)
+        feeds = static_step_feeds(cache.mask, start, new_embeddings(self, ids), positions, self.step_seq)
         feeds["past_kv"] = cache.kv  # the whole capacity, every step
         hidden, new_kv = self.body.run(feeds)
         cache.kv[start:start + seq] = new_kv[self.step_seq - seq:]

@@ -108,7 +108,9 @@ class OrtCudaLanguageModel(LanguageModel):
         batch, dev = ids.shape[0], body.device_id
         kv_tail = cache.kv.shape[1:]
         io = body.session.io_binding()
-        host = {"inputs_embeds": np.ascontiguousarray(self.embed_tokens[ids], dtype=np.float32),
+        from illume_rt.engines.decode_graph import new_embeddings
+
+        host = {"inputs_embeds": new_embeddings(self, ids),
                 "attention_mask": np.ascontiguousarray(cache.mask[:, :start + seq]),
                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
         for name, array in host.items():

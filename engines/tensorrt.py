@@ -336,7 +336,9 @@ class TrtLanguageModel(_language_model_base()):
         start, seq = cache.length, ids.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        embeds = np.ascontiguousarray(self.embed_tokens[ids], dtype=np.float32)
+        from illume_rt.engines.decode_graph import new_embeddings
+
+        embeds = new_embeddings(self, ids)
         cache.mask[:, start:start + seq] = mask
         if (self.use_cuda_graph and start > 0 and seq <= self.step_seq
                 and cache.capacity + self.step_seq <= self.max_context):

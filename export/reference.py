@@ -97,13 +97,17 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) ->
 class _Stream:
     """One sequence with its own transformers cache, fed token by token."""
 
-    def __init__(self, model, prompt: list[int]) -> None:
+    def __init__(self, model, prompt) -> None:
+        """``prompt``: token ids, or a [length, hidden] tensor of embeddings (image features spliced in)."""
         import inspect
 
         self.model = model
         # transformers 5 renamed past_key_values to cache
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._consume(model(input_ids=torch.tensor([prompt]), use_cache=True))
+        if isinstance(prompt, torch.Tensor):
+            self._consume(model(inputs_embeds=prompt[None], use_cache=True))
+        else:
+            self._consume(model(input_ids=torch.tensor([prompt]), use_cache=True))
 
     def _consume(self, out) -> None:
         self.past = getattr(out, self.cache_arg)
@@ -113,6 +117,12 @@ class _Stream:
         self._consume(self.model(input_ids=torch.tensor([[token]]), use_cache=True, **{self.cache_arg: self.past}))
 
 
+def _extend(model, prompt, ids: list[int]):
+    if isinstance(prompt, torch.Tensor):
+        return torch.cat([prompt, model.get_input_embeddings()(torch.tensor(ids))])
+    return list(prompt) + list(ids)
+
+
 @torch.no_grad()
 def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids: list[int],
                            uncond_ids: list[int], sampling: SamplingConfig, rng: np.random.Generator
@@ -120,8 +130,8 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
     timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
     guided = sampling.guidance_scale != 1.0
     t0 = time.perf_counter()
-    cond = _Stream(model, cond_ids + [vocab.start_of_image_id])
-    uncond = _Stream(model, uncond_ids + [vocab.start_of_image_id]) if guided else None
+    cond = _Stream(model, _extend(model, cond_ids, [vocab.start_of_image_id]))
+    uncond = _Stream(model, _extend(model, uncond_ids, [vocab.start_of_image_id])) if guided else None
     timings["prefill"] = time.perf_counter() - t0
     state = _ImageState(vocab, grid)
     generated = [vocab.start_of_image_id]
@@ -165,3 +175,69 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
         np.asarray(pixel, dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols),
         generated, timings,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Understanding and editing: image features computed the official way, then the loops above / below.
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_image_block(models, image: np.ndarray) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1] -> the image block of embeddings, as ILLUME's encode_images builds it: the ViT view
+    through torch's antialiased bicubic (ScalingLayerForQwen2ViT), the pixel encoder on the image as is."""
+    from illume_rt.runtime.images import CLIP_MEAN, CLIP_STD, semantic_size
+    from illume_rt.runtime.layout import PIXEL_PATCH, SEMANTIC_PATCH
+
+    x = torch.from_numpy(image)
+    height, width = semantic_size(*image.shape[2:])
+    unit = F.interpolate((x + 1) / 2, size=(height, width), mode="bicubic", align_corners=False,
+                         antialias=True).clamp(0, 1)
+    vit_in = (unit - torch.from_numpy(CLIP_MEAN)[None, :, None, None]) / torch.from_numpy(CLIP_STD)[None, :, None, None]
+    semantic = models.projectors.projector_1(models.vision_tower(vit_in))
+    features = models.pixel_encoder(x)
+    pixel = models.projectors.projector_2(features.flatten(2).transpose(1, 2)[0])
+    vocab = models.preset.vocab
+    embed = models.llm.get_input_embeddings()
+
+    def tok(i):
+        return embed(torch.tensor([i]))
+
+    parts = [tok(vocab.start_of_image_id)]
+    grids = ((semantic, height // SEMANTIC_PATCH, width // SEMANTIC_PATCH, vocab.start_of_level0_id,
+              vocab.end_of_level0_id),
+             (pixel, image.shape[2] // PIXEL_PATCH, image.shape[3] // PIXEL_PATCH, vocab.start_of_level1_id,
+              vocab.end_of_level1_id))
+    for feats, rows, cols, start, end in grids:
+        parts.append(tok(start))
+        for r in range(rows):
+            parts += [feats[r * cols:(r + 1) * cols], tok(vocab.end_of_line_id)]
+        parts.append(tok(end))
+    parts.append(tok(vocab.end_of_image_id))
+    return torch.cat(parts)
+
+
+def reference_splice(models, ids: list[int], block: torch.Tensor) -> torch.Tensor:
+    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER
+
+    at = ids.index(IMAGE_PLACEHOLDER)
+    embed = models.llm.get_input_embeddings()
+    with torch.no_grad():
+        return torch.cat([embed(torch.tensor(ids[:at], dtype=torch.long)), block,
+                          embed(torch.tensor(ids[at + 1:], dtype=torch.long))])
+
+
+@torch.no_grad()
+def reference_answer(models, prompt: torch.Tensor, max_new_tokens: int, banned: tuple[int, ...]) -> list[int]:
+    """Greedy text answer, one token per forward with the transformers cache."""
+    vocab = models.preset.vocab
+    stream = _Stream(models.llm, prompt)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        logits = stream.logits[0].double()
+        logits[list(banned)] = -float("inf")
+        logits[vocab.semantic_code_offset:] = -float("inf")  # image codes never appear in text
+        token = int(torch.argmax(logits))
+        out.append(token)
+        if token == vocab.im_end_id:
+            break
+        stream.feed(token)
+    return out

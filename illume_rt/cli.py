@@ -90,30 +90,43 @@ def cmd_export(args) -> None:
     print(f"bundle written to {out}")
 
 
-def _sampling(args):
-    from illume_rt.runtime.layout import SamplingConfig
+def _sampling(args, defaults):
+    """Sampling from the command line; options left unset keep the task's defaults."""
+    from dataclasses import replace
 
-    return SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, pixel_top_k=args.pixel_top_k, greedy=args.greedy)
+    given = {"guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "pixel_top_k": args.pixel_top_k}
+    sampling = replace(defaults, greedy=args.greedy, **{k: v for k, v in given.items() if v is not None})
+    sampling.validate()
+    return sampling
 
 
-def cmd_generate(args) -> None:
-    from tqdm import tqdm
+def _refine(args):
+    from illume_rt.runtime.refine import RefineConfig
 
-    from illume_rt.runtime.layout import image_grid, parse_resolution
+    if not args.refine:
+        return None
+    config = RefineConfig(steps=args.steps, guidance_scale=args.refine_guidance)
+    config.validate()
+    return config
+
+
+def _open_pipeline(args):
     from illume_rt.runtime.pipeline import Pipeline
 
-    resolution = parse_resolution(args.resolution)
-    sampling = _sampling(args)
-    sampling.validate()
     bundle = Path(args.bundle) if args.bundle else ensure_default_bundle()
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
     if pipe.random_weights:
         print(f"note: bundle {bundle.name} has RANDOM weights ({pipe.bundle.manifest['model']['preset']} preset): "
-              "the image will be noise-like; pass --bundle with a real model for real pictures", file=sys.stderr)
-    grid = image_grid(*resolution)
-    total = grid.num_codes
-    with tqdm(total=total, unit="tok", desc="semantic", disable=args.quiet, file=sys.stderr) as bar:
+              "output is noise-like; pass --bundle with a real model for real results", file=sys.stderr)
+    return pipe
+
+
+def _draw(args, grid, run):
+    """Run an image task under a progress bar over the sampled codes, save the PNG, print the stage table."""
+    from tqdm import tqdm
+
+    with tqdm(total=grid.num_codes, unit="tok", desc="semantic", disable=args.quiet, file=sys.stderr) as bar:
         levels_seen = {0}
 
         def on_token(level: int) -> None:
@@ -122,12 +135,49 @@ def cmd_generate(args) -> None:
                 bar.set_description("pixel")
             bar.update(1)
 
-        result = pipe.generate(args.prompt, resolution, seed=args.seed, sampling=sampling, on_token=on_token)
+        result = run(on_token)
     out = result.save(args.output)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"wrote {out} ({result.image.shape[0]}x{result.image.shape[1]}); {stages} "
+          f"({result.tokens.steps} decode steps)")
+
+
+def cmd_generate(args) -> None:
+    from illume_rt.runtime.layout import SamplingConfig, image_grid, parse_resolution
+
+    resolution = parse_resolution(args.resolution)
+    sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
+    pipe = _open_pipeline(args)
+    _draw(args, image_grid(*resolution), lambda on_token: pipe.generate(
+        args.prompt, resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token))
+
+
+def cmd_edit(args) -> None:
+    from illume_rt.runtime.images import load_image, nearest_anchor
+    from illume_rt.runtime.layout import image_grid
+    from illume_rt.runtime.pipeline import EDIT_SAMPLING
+
+    sampling, refine = _sampling(args, EDIT_SAMPLING), _refine(args)
+    source = load_image(args.image)
+    pipe = _open_pipeline(args)
+    grid = image_grid(*nearest_anchor(source.height, source.width))
+    _draw(args, grid, lambda on_token: pipe.edit(source, args.instruction, seed=args.seed, sampling=sampling,
+                                                 refine=refine, on_token=on_token))
+
+
+def cmd_understand(args) -> None:
+    from illume_rt.runtime.images import load_image
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    image = load_image(args.image)
+    pipe = _open_pipeline(args)
+    result = pipe.understand(image, args.question, max_new_tokens=args.max_new_tokens,
+                             on_text=lambda text: print(text, end="", flush=True))
+    print()
     t = result.timings
-    print(f"wrote {out} ({resolution[0]}x{resolution[1]}); prefill {t['prefill']:.2f}s, semantic "
-          f"{t['semantic']:.2f}s, pixel {t['pixel']:.2f}s, image decode {t['image_decode']:.2f}s, "
-          f"total {t['total']:.2f}s ({result.tokens.steps} decode steps)")
+    print(f"({len(result.token_ids)} tokens; image encode {t['image_encode']:.2f}s, decode {t['decode']:.2f}s)",
+          file=sys.stderr)
 
 
 def cmd_build_engines(args) -> None:
@@ -167,6 +217,29 @@ def cmd_bench(args) -> None:
     run_from_args(args)
 
 
+def _runtime_options(parser) -> None:
+    parser.add_argument("--bundle", help="bundle folder (default: the built-in tiny model, exported once)")
+    parser.add_argument("--backend", default="ort-cpu", help="ort-cpu, ort-cuda or tensorrt")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
+
+def _image_task_options(parser, defaults: str) -> None:
+    _runtime_options(parser)
+    group = parser.add_argument_group("sampling", f"defaults: {defaults}")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None, help="semantic level; the pixel level uses 3x")
+    group.add_argument("--pixel-top-k", type=int, default=None, help="override the pixel-level top-k")
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
+    ref = parser.add_argument_group("diffusion refinement (2x output)")
+    ref.add_argument("--refine", action="store_true", help="decode with the diffusion decoder instead")
+    ref.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    ref.add_argument("--refine-guidance", type=float, default=2.0, help="diffusion guidance (default 2.0)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="illume-rt", description="ILLUME+ inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,19 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="illume.png", help="PNG to write")
-    gen.add_argument("--bundle", help="bundle folder (default: the built-in tiny model, exported once)")
     gen.add_argument("--resolution", default="256x256", help="HEIGHTxWIDTH, one of the ILLUME+ anchors")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=2048, help="semantic level; pixel level uses 3x")
-    gen.add_argument("--pixel-top-k", type=int, default=None, help="override the pixel-level top-k")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
-    gen.add_argument("--backend", default="ort-cpu", help="ort-cpu, ort-cuda or tensorrt")
-    gen.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _image_task_options(gen, "guidance 2.0, temperature 1.0, top-k 2048 (pixel 6144), top-p 1.0")
     gen.set_defaults(func=cmd_generate)
+
+    edit = sub.add_parser("edit", help="edit an image by instruction")
+    edit.add_argument("image", help="PNG or JPEG (any size; generated at the nearest anchor, resized back)")
+    edit.add_argument("instruction")
+    edit.add_argument("-o", "--output", default="edited.png", help="PNG to write")
+    _image_task_options(edit, "guidance 1.5, temperature 0.7, top-k 512 (pixel 1536), top-p 0.8")
+    edit.set_defaults(func=cmd_edit)
+
+    und = sub.add_parser("understand", help="answer a question about an image (streamed)")
+    und.add_argument("image")
+    und.add_argument("question")
+    und.add_argument("--max-new-tokens", type=int, default=1024)
+    _runtime_options(und)
+    und.set_defaults(func=cmd_understand)
 
     eng = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (into BUNDLE/engines)")
     eng.add_argument("bundle")

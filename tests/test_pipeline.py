@@ -9,30 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from illume_rt.export.bundle import build_reference_models, write_bundle
 from illume_rt.export.configs import get_preset
 from illume_rt.export.reference import reference_image_tokens
 from illume_rt.runtime.bundle import BundleError, load_bundle
 from illume_rt.runtime.layout import LayoutError, SamplingConfig, image_grid
-from illume_rt.runtime.pipeline import Pipeline
 from illume_rt.runtime.prompts import text_to_image_ids
 
 PROMPTS = ["a cat with a hat", "a red circle at the top left on a blue background", "two green squares"]
 
 
 @pytest.fixture(scope="module")
-def models():
-    return build_reference_models(get_preset("tiny"))
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(models, tmp_path_factory):
-    return write_bundle(models, tmp_path_factory.mktemp("bundles") / "tiny", log=lambda m: None)
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def pipe(bundle_dir):
-    return Pipeline.from_bundle(bundle_dir)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def reference(models, pipe, prompt, resolution, sampling, seed):
