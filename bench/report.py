@@ -233,6 +233,8 @@ def markdown(r: dict) -> str:
                 "|---|---|"]
         out += [f"| {k} | {v:.2f} |" if k.startswith("runtime peak /") else f"| {k} | {_gb(v)} |"
                 for k, v in d["memory"].items()]
+    for label, error in (r.get("errors") or {}).items():
+        out += ["", f"**{label} failed**: `{error.strip().splitlines()[-1] if error.strip() else error}`"]
     out += ["", f"INT8: {r['int8']}.  Peer: {r['peer']}.  Whole run: {r.get('wall_s', 0):.0f} s.", ""]
     return "\n".join(out)
 

@@ -120,12 +120,20 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
     bandwidth = [read_bandwidth()]
     raw: dict[str, list] = {c["label"]: [] for c in contenders}
     ablation_runs: list = []
+    errors: dict[str, str] = {}
     for rnd in range(rounds):
         log(f"round {rnd + 1}/{rounds}")
         for c in contenders:
-            raw[c["label"]].append(run_worker({**base, **c}, log))
+            try:
+                raw[c["label"]].append(run_worker({**base, **c}, log))
+            except (RuntimeError, subprocess.SubprocessError) as exc:  # recorded; the other contenders go on
+                log(f"  {c['label']} FAILED: {str(exc)[-400:]}")
+                errors[c["label"]] = str(exc)[-2000:]
         if ablations:
-            ablation_runs.append(run_worker({**base, "label": "loop variants", "kind": "ablations"}, log))
+            try:
+                ablation_runs.append(run_worker({**base, "label": "loop variants", "kind": "ablations"}, log))
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                errors["loop variants"] = str(exc)[-2000:]
         bandwidth.append(read_bandwidth())
     best_bw = max(bandwidth, key=lambda b: b["bytes_per_s"])
     results = {
@@ -134,7 +142,8 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
         "settings": {k: base[k] for k in ("resolutions", "repeats", "warmup", "probe_codes", "threads",
                                           "prompt", "seed", "text_tokens")} | {"rounds": rounds, "full": full},
         "bandwidth": {"best": best_bw, "runs": bandwidth},
-        "contenders": {label: merge_rounds(runs) for label, runs in raw.items()},
+        "contenders": {label: merge_rounds(runs) for label, runs in raw.items() if runs},
+        "errors": errors,
         "ablations": merge_rounds(ablation_runs) if ablation_runs else None,
         "int8": "measured" if int8_bundle else "not run: no quantized bundle given (--int8-bundle; issue 5)",
         "peer": "measured" if peer_dir else "not run",

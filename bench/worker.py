@@ -198,14 +198,10 @@ def run_reference(spec: dict) -> dict:
                 ref = reference_image_tokens(model, vocab, grid, cond, uncond, sampling, np.random.default_rng(0))
                 return {**ref.timings, "total": sum(ref.timings.values())}
 
-            reset_peak_rss()
             fulls = _timed(one_full, spec.get("full_repeats", 1), 0)
             entry["measured"] = {name: stats([f[name] for f in fulls]) for name in fulls[0]}
-            peaks["whole_image"] = peak_rss_bytes()
         out["resolutions"][f"{res[0]}x{res[1]}"] = entry
     out["memory"] = _memory(load_peak, after_load)
-    out["memory"]["peak_rss_generate_bytes"] = max(p for e in out["resolutions"].values()
-                                                  for p in e["peak_rss_bytes"].values())
     out["weights"] = {"torch_parameters": {"llm": sum(p.numel() * p.element_size() for p in model.parameters()),
                                            "dualvitok": sum(p.numel() * p.element_size()
                                                             for p in tokenizer_model.parameters())}}

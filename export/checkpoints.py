@@ -67,6 +67,8 @@ PIXEL_ENCODER_PREFIX = "model.vision_tower.pixel_encoder."  # + MoVQEncoder keys
 # serves the training loss), plus loss/discriminator names a training checkpoint might carry (unverified).
 DUALVITOK_TRAINING_ONLY_PREFIXES = ("semantic_encoder.", "semantic_decoder.", "discriminator.", "loss.")
 DUALVITOK_WRAPPERS = ("ema", "model", "state_dict")
+# config.json entry of a model with its own compact vocabulary (not in released configs): a VocabLayout dict.
+COMPACT_VOCAB_KEY = "illume_rt_vocab"
 
 # Diffusers keys of attention blocks saved by old diffusers versions -> current names.
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -429,13 +431,17 @@ def preset_from_mllm_config(config: dict, base: Preset | str | None = None, labe
     )
 
     rows = int(config["vocab_size"])
-    need = official_vocab_layout(10 ** 9)
-    need_rows = need.pixel_code_offset + need.pixel_codebook_size
-    if rows < need_rows:
-        raise CheckpointError(f"{label}: vocab_size {rows} is smaller than the official ILLUME+ vocabulary "
-                              f"({need_rows} ids: Qwen2.5 text, structure tokens, 32768 semantic and 98304 pixel "
-                              "codes); other vocabularies are not supported")
-    vocab = official_vocab_layout(rows)
+    compact = config.get(COMPACT_VOCAB_KEY)
+    if compact is not None:
+        vocab = _compact_vocab(compact, rows, label)
+    else:
+        need = official_vocab_layout(10 ** 9)
+        need_rows = need.pixel_code_offset + need.pixel_codebook_size
+        if rows < need_rows:
+            raise CheckpointError(f"{label}: vocab_size {rows} is smaller than the official ILLUME+ vocabulary "
+                                  f"({need_rows} ids: Qwen2.5 text, structure tokens, 32768 semantic and 98304 "
+                                  f"pixel codes); a smaller vocabulary must be described by {COMPACT_VOCAB_KEY}")
+        vocab = official_vocab_layout(rows)
     codebook = replace(base.codebook, semantic_size=vocab.semantic_codebook_size,
                        pixel_size=vocab.pixel_codebook_size)
 
@@ -443,12 +449,36 @@ def preset_from_mllm_config(config: dict, base: Preset | str | None = None, labe
     if not (isinstance(mm, (list, tuple)) and len(mm) == 2 and all(isinstance(v, int) for v in mm)):
         raise CheckpointError(f"{label}: mm_hidden_size {mm!r} is not [semantic_dim, pixel_dim]")
     vision_tower = replace(base.vision_tower, out_dim=mm[0])
-    preset = replace(base, name=_official_name(llm) or "checkpoint", vocab=vocab, llm=llm,
+    name = _official_name(llm) or (base.name if compact is not None else "checkpoint")
+    preset = replace(base, name=name, vocab=vocab, llm=llm,
                      vision_tower=vision_tower, codebook=codebook)
     if tuple(preset.projector_in_dims) != tuple(mm):
         raise CheckpointError(f"{label}: mm_hidden_size {list(mm)} but the pixel encoder of the base preset "
                               f"{base.name!r} emits {preset.projector_in_dims[1]} channels")
     return preset
+
+
+def _compact_vocab(data, rows: int, label: str) -> VocabLayout:
+    """The ``illume_rt_vocab`` entry of a small model's config.json (illume-nano): a ``VocabLayout`` as a dict,
+    e.g. byte-level text ids then the ILLUME+ structure tokens and codes (``compact_vocab_layout``)."""
+    try:
+        vocab = VocabLayout.from_dict(dict(data))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{label}: {COMPACT_VOCAB_KEY} is not a vocabulary layout ({exc})") from None
+    if vocab.vocab_rows != rows:
+        raise CheckpointError(f"{label}: {COMPACT_VOCAB_KEY} has {vocab.vocab_rows} rows but vocab_size is {rows}")
+    return vocab
+
+
+def check_byte_tokenizer(tokenizer_file: Path, vocab: VocabLayout) -> None:
+    """A 256-id text vocabulary is byte-level (the runtime's ByteTokenizer): tokenizer.json must agree."""
+    from tokenizers import Tokenizer
+
+    sample = "a red circle at the top left, größer {x}\n"
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(sample, add_special_tokens=False).ids
+    if ids != list(sample.encode("utf-8")):
+        raise CheckpointError(f"tokenizer {tokenizer_file}: a {vocab.text_vocab_size}-id text vocabulary must map "
+                              "UTF-8 bytes to ids 0..255 (the bundle uses the byte tokenizer)")
 
 
 def _official_name(llm: LLMConfig) -> str | None:
@@ -560,6 +590,8 @@ def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheck
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{label}: tokenizer.json is missing (the bundle needs the fast tokenizer file)")
     check_tokenizer_vocab(tokenizer_file, preset.vocab)
+    if preset.vocab.text_vocab_size == 256:
+        check_byte_tokenizer(tokenizer_file, preset.vocab)
 
     weights = open_weights(folder, "model", label)
     vision_keys = [k for k in weights.shapes if k.startswith(VISION_ROOT)]

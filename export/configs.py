@@ -209,6 +209,25 @@ def _tiny() -> Preset:
     )
 
 
+def _nano() -> Preset:
+    """illume-nano: the networks of the trained miniature (nano/, weights in nano/weights/). The preset gives the
+    shapes the checkpoint loaders check against; the weights come from the checkpoint."""
+    codebook = CodebookConfig(dim=8, semantic_size=128, pixel_size=384)
+    return Preset(
+        name="nano",
+        vocab=compact_vocab_layout(256, codebook.semantic_size, codebook.pixel_size),
+        llm=LLMConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096),
+        vision_tower=VisionTowerConfig(embed_dim=48, depth=2, num_heads=2, out_dim=64),
+        pixel_encoder=MoVQConfig(ch=8, num_res_blocks=1, z_channels=codebook.dim, embed_dim=codebook.dim,
+                                 norm_groups=4),
+        pixel_decoder=MoVQConfig(ch=8, num_res_blocks=1, z_channels=2 * codebook.dim, embed_dim=2 * codebook.dim,
+                                 norm_groups=4),
+        codebook=codebook,
+        diffusion=DiffusionConfig(),  # no diffusion decoder was trained (see nano/README.md)
+    )
+
+
 def _official(name: str, llm: LLMConfig, vocab_rows: int) -> Preset:
     codebook = CodebookConfig()
     return Preset(
@@ -244,6 +263,7 @@ def _bench() -> Preset:
 PRESETS = {
     "tiny": _tiny,
     "bench": _bench,
+    "nano": _nano,
     "3b": lambda: _official("3b", LLMConfig(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
                                             num_key_value_heads=2, intermediate_size=11008), 283047),
     "7b": lambda: _official("7b", LLMConfig(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,

@@ -43,7 +43,32 @@ def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
     for root in roots:
         for file in sorted(root.rglob("*.py")):
             digest.update(file.read_bytes())
+    if preset == "nano":  # the trained weights are part of the key
+        from illume_rt.nano.checkpoint import WEIGHTS
+
+        for file in sorted(WEIGHTS.rglob("*")):
+            if file.is_file():
+                digest.update(file.name.encode() + file.read_bytes())
     return cache_dir() / "bundles" / f"{preset}-{digest.hexdigest()[:12]}"
+
+
+def builtin_models(preset: str):
+    """The reference models of a built-in preset: 'nano' loads the committed illume-nano checkpoint through the
+    official-checkpoint loaders; the others are random weights from the preset's seed."""
+    if preset == "nano":
+        from illume_rt.nano.checkpoint import available, load_models
+
+        if not available():
+            raise UsageError("the illume-nano weights (nano/weights/) are missing; run "
+                             "python -m illume_rt.nano.train, or pass --preset tiny")
+        return load_models()
+    from illume_rt.export.bundle import build_reference_models
+    from illume_rt.export.configs import get_preset
+
+    try:
+        return build_reference_models(get_preset(preset))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
@@ -51,19 +76,17 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
     if (path / "manifest.json").is_file():
         return path
     try:
-        from illume_rt.export.bundle import build_reference_models, write_bundle
-        from illume_rt.export.configs import get_preset
+        from illume_rt.export.bundle import write_bundle
     except ImportError as exc:
         raise UsageError(f"no --bundle given and the built-in model cannot be exported here ({exc}); "
                          "install the export extra (pip install 'illume-rt[export]') or pass --bundle") from None
     log(f"exporting the built-in '{preset}' model once to {path} ...")
-    write_bundle(build_reference_models(get_preset(preset)), path, log=lambda m: log("  " + m))
+    write_bundle(builtin_models(preset), path, log=lambda m: log("  " + m))
     return path
 
 
 def cmd_export(args) -> None:
-    from illume_rt.export.bundle import build_reference_models, write_bundle
-    from illume_rt.export.configs import get_preset
+    from illume_rt.export.bundle import write_bundle
 
     if args.checkpoint:
         from illume_rt.export.checkpoints import load_reference_models
@@ -81,11 +104,7 @@ def cmd_export(args) -> None:
                             ("--tokenizer-ema", args.tokenizer_ema)):
             if value:
                 raise UsageError(f"{flag} needs --checkpoint MLLM_DIR")
-        try:
-            preset = get_preset(args.preset or DEFAULT_PRESET)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        models = build_reference_models(preset)
+        models = builtin_models(args.preset or DEFAULT_PRESET)
     out = write_bundle(models, args.output)
     print(f"bundle written to {out}")
 
@@ -211,6 +230,22 @@ def cmd_build_engines(args) -> None:
     print(f"{len(entries)} engines in {bundle.path / 'engines'}")
 
 
+def cmd_quantize(args) -> None:
+    """FP32 bundle -> new INT8/FP8 bundle with calibration record, accuracy figures and gates (issue 5)."""
+    try:
+        from illume_rt.calibration.quantize import quantize_bundle, summary_lines
+    except ImportError as exc:
+        raise UsageError(f"quantize needs the export and quant extras ({exc}); "
+                         "pip install -e '.[export,quant]'") from None
+    manifest = quantize_bundle(args.bundle, args.output, args.precision, args.target, keep_failed=args.keep_failed,
+                               threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+    print("\n".join(summary_lines(manifest)))
+    status = manifest["quantization"]["status"]
+    print(f"bundle written to {args.output}" + (" (marked FAILED: --keep-failed)" if status != "passed" else ""))
+    if status != "passed":
+        raise UsageError("accuracy gates missed (bundle kept for inspection, marked failed in its manifest)")
+
+
 def cmd_bench(args) -> None:
     from illume_rt.bench.cli import run_from_args
 
@@ -292,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the operator, Q/DQ and profile checks only (works without TensorRT)")
     eng.add_argument("--tensorrt-ops", default=None, help="operator table version (default: newest shipped)")
     eng.set_defaults(func=cmd_build_engines)
+
+    quant = sub.add_parser("quantize", help="calibrate and quantize a bundle (INT8/FP8) into a new bundle, gated")
+    quant.add_argument("bundle", help="FP32 bundle folder")
+    quant.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    quant.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
+                       help="tensorrt: symmetric signed Q/DQ (modelopt); ort-cpu: U8S8 INT8 for onnxruntime CPU")
+    quant.add_argument("-o", "--output", required=True, help="new bundle folder to write")
+    quant.add_argument("--keep-failed", action="store_true",
+                       help="write the bundle even when a gate is missed (marked failed in the manifest; exit 2)")
+    quant.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    quant.set_defaults(func=cmd_quantize)
 
     from illume_rt.bench.cli import add_arguments as add_bench_arguments
 

@@ -27,12 +27,11 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    """The built-in tiny bundle (exported once into the illume-rt cache, reused across runs)."""
-    from illume_rt.cli import ensure_default_bundle
+def bundle(tiny_bundle):
+    """The tiny bundle with every graph (exported once per test session, tests/conftest.py)."""
     from illume_rt.runtime.bundle import load_bundle
 
-    return load_bundle(ensure_default_bundle(log=lambda m: None))
+    return load_bundle(tiny_bundle)
 
 
 # -- operator table --------------------------------------------------------------------------------------------

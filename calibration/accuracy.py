@@ -1,0 +1,195 @@
+"""Accuracy of a quantized graph against the FP32 graph of the same bundle, on held-out runs of the runtime.
+
+- ``record_eval``: runs the FP32 pipeline over the evaluation plan with every engine recorded (feeds and outputs,
+  and one ordered event log per run so each head call is tied to the body call before it).
+- ``graph_figures``: every output of a graph, quantized vs FP32 on the same feeds: worst cosine, max |err|.
+- ``llm_teacher_forced``: the quantized body replays the FP32 run's exact inputs (the FP32 token sequence) with its
+  **own** KV cache; at every sampled position the FP32 head slice turns both hidden states into logits. Figures per
+  level (semantic, pixel; the guided scores of the two rows, what the sampler draws from) and for answers (greedy
+  text logits): top-1 agreement and mean KL(FP32 || quantized) in nats.
+- ``psnr``: decoded images, quantized vs FP32 (both clipped to [-1, 1], peak 2).
+- ``PROMPT_SCORERS``: hook for end-to-end prompt accuracy (a trained small model and a scorer); empty here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from illume_rt.calibration.datasets import CalibrationPlan, Recorder, images
+
+# name -> callable(pipeline) -> float in [0, 1] (fraction of prompts judged right). Another module (e.g. an
+# illume-nano scorer) registers here; quantize_bundle then reports FP32 vs quantized and gates the drop.
+PROMPT_SCORERS: dict[str, Callable] = {}
+MAX_PROMPT_ACCURACY_DROP = 0.02
+
+
+def register_prompt_scorer(name: str, scorer: Callable) -> None:
+    PROMPT_SCORERS[name] = scorer
+
+
+def psnr(got: np.ndarray, want: np.ndarray, peak: float = 2.0) -> float:
+    a, b = np.clip(got, -1, 1).astype(np.float64), np.clip(want, -1, 1).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / d) if d > 0 else (1.0 if np.array_equal(a, b) else 0.0)
+
+
+def record_eval(pipe, plan: CalibrationPlan) -> dict:
+    """FP32 runs with everything recorded: {'generate': [...], 'understand': [...], 'calls': {component: [..]}}."""
+    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.refine import RefineConfig
+
+    comps = pipe.bundle.manifest["components"]
+    out: dict = {"generate": [], "understand": [], "calls": {}}
+
+    def swap(name, events, keep=lambda i: True):
+        if name == "llm":
+            rec = pipe.lm.body = Recorder(pipe.lm.body, keep, True, events)
+        elif name == "pixel_decoder":
+            rec = pipe.pixel_decoder = Recorder(pipe.pixel_decoder, keep, True, events)
+        elif name.startswith("lm_head_"):
+            which = name[len("lm_head_"):]
+            rec = pipe.lm.heads[which] = Recorder(pipe.lm.heads[which], keep, True, events)
+        else:
+            rec = pipe._lazy[name] = Recorder(pipe._engine(name), keep, True, events)
+        return rec
+
+    def restore(name, rec):
+        if name == "llm":
+            pipe.lm.body = rec.inner
+        elif name == "pixel_decoder":
+            pipe.pixel_decoder = rec.inner
+        elif name.startswith("lm_head_"):
+            pipe.lm.heads[name[len("lm_head_"):]] = rec.inner
+        else:
+            pipe._lazy[name] = rec.inner
+
+    def collect(names, events, run):
+        recs = {n: swap(n, events) for n in names}
+        try:
+            result = run()
+        finally:
+            for n, r in recs.items():
+                restore(n, r)
+        for n, r in recs.items():
+            out["calls"].setdefault(n, []).extend(r.calls)
+        return result
+
+    sampling = SamplingConfig()
+    for index, (prompt, resolution, seed) in enumerate(plan.generate):
+        events: list = []
+        names = ["llm", "lm_head_semantic", "lm_head_pixel", "pixel_decoder"]
+        refine = None
+        if index in plan.refine and all(n in comps for n in ("diffusion_unet", "vae_decoder", "token_map")):
+            refine = RefineConfig(steps=plan.refine_steps)
+            names += ["diffusion_unet", "vae_decoder"]
+        result = collect(names, events, lambda: pipe.generate(prompt, tuple(resolution), seed=seed,
+                                                               sampling=sampling, refine=refine))
+        out["generate"].append({"prompt": prompt, "resolution": list(resolution), "seed": seed, "events": events,
+                                "guidance": sampling.guidance_scale, "refine": refine, "image": result.image})
+    if plan.understand and "semantic_encoder" in comps:
+        pool = images(plan.seed)
+        names = list(pool)[:plan.max_images]
+        for which, question in plan.understand:
+            events = []
+            name = names[which % len(names)]
+            result = collect(["llm", "lm_head_text", "semantic_encoder", "pixel_embedder"], events,
+                             lambda: pipe.understand(pool[name], question, max_new_tokens=plan.max_new_tokens))
+            out["understand"].append({"image": name, "question": question, "events": events,
+                                      "answer_tokens": len(result.token_ids)})
+    return out
+
+
+def graph_figures(engine, calls: list[dict], output_names: list[str], every: int = 1) -> dict:
+    """Quantized ``engine`` vs the recorded FP32 outputs of ``calls`` (every ``every``-th)."""
+    worst_cos, worst_err = 1.0, 0.0
+    per_output = {n: {"worst_cosine": 1.0, "max_abs_err": 0.0} for n in output_names}
+    used = 0
+    for call in calls[::every]:
+        got = engine.run(call["feeds"])
+        used += 1
+        for name, g, w in zip(output_names, got, call["outputs"]):
+            c, e = _cos(g, w), float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
+            fig = per_output[name]
+            fig["worst_cosine"] = min(fig["worst_cosine"], c)
+            fig["max_abs_err"] = max(fig["max_abs_err"], e)
+            fig["ref_max_abs"] = max(fig.get("ref_max_abs", 0.0), float(np.max(np.abs(w))) if w.size else 0.0)
+            worst_cos, worst_err = min(worst_cos, c), max(worst_err, e)
+    return {"worst_cosine": worst_cos, "worst_max_abs_err": worst_err, "outputs": per_output, "cases": used}
+
+
+def image_psnr(engine, calls: list[dict]) -> float:
+    """Worst PSNR over recorded decoder calls (output 0 is the image)."""
+    worst = math.inf
+    for call in calls:
+        worst = min(worst, psnr(engine.run(call["feeds"])[0], call["outputs"][0]))
+    return worst
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    p = p_logits.astype(np.float64) - p_logits.max()
+    q = q_logits.astype(np.float64) - q_logits.max()
+    lp = p - np.log(np.exp(p).sum())
+    lq = q - np.log(np.exp(q).sum())
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def _replay(lm, events: list, head_engines: dict, guide_scale: float | None) -> list[tuple[str, float, bool]]:
+    """Feed the recorded body calls through ``lm`` (quantized body, own cache); per head call: (level, KL, agree)."""
+    from illume_rt.runtime.sampler import guide
+
+    body_calls = [c for n, c in events if n == "llm"]
+    if not body_calls:
+        return []
+    batch = body_calls[0]["feeds"]["inputs_embeds"].shape[0]
+    last = body_calls[-1]["feeds"]
+    capacity = last["attention_mask"].shape[1]
+    cache = lm.new_cache(batch, capacity)
+    figures = []
+    hidden_q = None
+    for name, call in events:
+        if name == "llm":
+            f = call["feeds"]
+            seq = f["inputs_embeds"].shape[1]
+            hidden_q = lm._run(cache, f["inputs_embeds"], f["attention_mask"][:, -seq:], f["position_ids"]).copy()
+        elif name.startswith("lm_head_"):
+            which = name[len("lm_head_"):]
+            want = call["outputs"][0]
+            (got,) = head_engines[which].run({"hidden": hidden_q})
+            if guide_scale is not None and want.shape[0] == 2:
+                want, got = guide(want[0], want[1], guide_scale), guide(got[0], got[1], guide_scale)
+            else:
+                want, got = want[0], got[0]
+            figures.append((which, _kl(want, got), int(np.argmax(want)) == int(np.argmax(got))))
+    return figures
+
+
+def llm_teacher_forced(quant_body, pipe, evals: dict) -> dict:
+    """Top-1 agreement and mean KL per level (images) and for answers."""
+    from illume_rt.runtime.generate import LanguageModel
+
+    bundle = pipe.bundle
+    heads = {w: pipe.lm.heads[w] for w in ("text", "semantic", "pixel")}
+    lm = LanguageModel(quant_body, heads, bundle.table("embed_tokens"), bundle.llm, bundle.vocab)
+    per: dict[str, list] = {"semantic": [], "pixel": [], "answer": []}
+    for run in evals["generate"]:
+        for which, kl, agree in _replay(lm, run["events"], heads, run["guidance"]):
+            per[which].append((kl, agree))
+    for run in evals["understand"]:
+        for _, kl, agree in _replay(lm, run["events"], heads, None):
+            per["answer"].append((kl, agree))
+    figures = {}
+    for key, vals in per.items():
+        if vals:
+            figures[key] = {"top1_agreement": float(np.mean([a for _, a in vals])),
+                            "kl_mean": float(np.mean([k for k, _ in vals])),
+                            "kl_max": float(np.max([k for k, _ in vals])), "positions": len(vals)}
+    return figures

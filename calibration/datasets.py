@@ -1,0 +1,262 @@
+"""Calibration and evaluation sets that look like real use, and the inputs every graph sees while the runtime works.
+
+Three kinds of data:
+
+- **prompts**: the example text-to-image prompts (``shared/data/illume-examples/t2i``) plus a generated set that
+  crosses subjects, styles and resolutions (seeded, so a manifest can name it exactly);
+- **images**: the example understanding and editing images plus synthetic ones of varied sizes and content
+  (gradients, shapes, noise: seeded);
+- **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` with guidance, so both rows and
+  both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
+  that keeps a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service:
+  prefills, decode steps of the semantic and pixel levels, forced runs, image-feature prefills of understanding.
+
+``capture`` returns the feeds per component plus a ``record`` (what was run, with sizes and seeds) for the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "illume-examples"
+
+SUBJECTS = ("a red fox in the snow", "a bowl of ramen", "an old lighthouse on a cliff", "a robot reading a book",
+            "two cats on a sofa", "a mountain lake at dawn", "a vintage bicycle", "a city skyline at night",
+            "a bouquet of sunflowers", "a portrait of an elderly man", "a sailing boat in a storm",
+            "a cup of coffee on a wooden table")
+STYLES = ("photorealistic", "watercolor painting", "oil painting", "pixel art", "pencil sketch", "3d render",
+          "anime style", "studio lighting, 35mm photo")
+QUESTIONS = ("What is in this image?", "Describe the image in detail.", "What colors dominate the picture?",
+             "How many objects are there?")
+
+
+@dataclass
+class CalibrationPlan:
+    """What to run to collect feeds. ``generate`` entries are (prompt, (height, width), seed)."""
+
+    generate: list = field(default_factory=list)
+    understand: list = field(default_factory=list)  # (image name, question)
+    refine: list = field(default_factory=list)  # indices into ``generate`` that also run the diffusion decoder
+    refine_steps: int = 2
+    max_new_tokens: int = 16
+    llm_samples_per_run: int = 12  # decode-step feeds kept per run (prefill always kept)
+    decoder_samples: int = 4  # random code grids per resolution for the pixel decoder
+    seed: int = 0
+    max_images: int | None = None  # cap on images (examples first, then synthetic) for understanding/encoders
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def example_prompts() -> list[str]:
+    path = EXAMPLES / "t2i" / "t2i_test_examples.jsonl"
+    if not path.is_file():
+        return []
+    prompts = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            turns = json.loads(line)["conversations"]
+            prompts.append(next(t["value"] for t in turns if t["from"] == "human"))
+    return prompts
+
+
+def generated_prompts(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"{SUBJECTS[rng.integers(len(SUBJECTS))]}, {STYLES[rng.integers(len(STYLES))]}" for _ in range(count)]
+
+
+def example_images() -> dict[str, "object"]:
+    """name -> PIL image of every example understanding/editing image present."""
+    from PIL import Image
+
+    found = {}
+    for sub in ("understand", "edit"):
+        folder = EXAMPLES / sub
+        if folder.is_dir():
+            for file in sorted(folder.iterdir()):
+                if file.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                    found[f"{sub}/{file.name}"] = Image.open(file).convert("RGB")
+    return found
+
+
+def synthetic_image(height: int, width: int, seed: int):
+    """Smooth gradient + a few flat shapes + mild noise: structured content at a chosen size."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([(xx / width) * rng.uniform(50, 255), (yy / height) * rng.uniform(50, 255),
+                     np.full_like(xx, rng.uniform(0, 255))], -1)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        box = [int(x0), int(y0), int(x0 + rng.integers(8, width // 2)), int(y0 + rng.integers(8, height // 2))]
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+    return img
+
+
+SYNTHETIC_SIZES = ((224, 320), (320, 240), (256, 256), (160, 480))
+
+
+def images(seed: int, synthetic: int = 2) -> dict[str, "object"]:
+    """Example images plus ``synthetic`` generated ones of varied sizes."""
+    found = example_images()
+    for i in range(synthetic):
+        h, w = SYNTHETIC_SIZES[(seed + i) % len(SYNTHETIC_SIZES)]
+        found[f"synthetic/{h}x{w}-seed{seed + i}"] = synthetic_image(h, w, seed + i)
+    return found
+
+
+def default_plan(role: str = "calibration", seed: int | None = None) -> CalibrationPlan:
+    """Calibration and evaluation plans, disjoint in prompts, seeds and images.
+
+    Calibration: two example prompts + three generated ones over three resolutions (square, landscape, portrait),
+    two understanding questions, one diffusion refinement. Evaluation: the remaining example prompt(s) + two
+    other generated prompts, one understanding question on another image."""
+    examples = example_prompts()
+    if role == "calibration":
+        seed = 0 if seed is None else seed
+        prompts = examples[:2] + generated_prompts(3, seed)
+        sizes = [(256, 256), (384, 512), (256, 256), (512, 384), (256, 256)]
+        gen = [(p, sizes[i % len(sizes)], seed + i) for i, p in enumerate(prompts)]
+        return CalibrationPlan(generate=gen, understand=[(0, QUESTIONS[0]), (1, QUESTIONS[1])], refine=[0],
+                               seed=seed)
+    seed = 1000 if seed is None else seed
+    prompts = examples[2:3] + generated_prompts(2, seed)
+    sizes = [(256, 256), (384, 512), (256, 256)]
+    gen = [(p, sizes[i % len(sizes)], seed + i) for i, p in enumerate(prompts)]
+    return CalibrationPlan(generate=gen, understand=[(-1, QUESTIONS[2])], refine=[0], seed=seed,
+                           llm_samples_per_run=10 ** 9, decoder_samples=2)
+
+
+class Recorder:
+    """Wraps an engine; keeps copies of the feeds of the calls ``keep(call_index)`` selects, and optionally the
+    outputs. Forwards ``out=`` so the runtime keeps writing the KV cache in place."""
+
+    def __init__(self, inner, keep=lambda i: True, outputs: bool = False, events: list | None = None) -> None:
+        self.inner, self.keep, self.with_outputs, self.events = inner, keep, outputs, events
+        self.name, self.input_names, self.output_names = inner.name, inner.input_names, inner.output_names
+        self.accepts_out = getattr(inner, "accepts_out", False)
+        self.calls: list[dict] = []
+        self.count = 0
+
+    def run(self, feeds, out=None):
+        results = self.inner.run(feeds, out=out) if out is not None else self.inner.run(feeds)
+        if self.keep(self.count):
+            call = {"feeds": {k: np.array(v, copy=True) for k, v in feeds.items()}, "index": self.count}
+            if self.with_outputs:
+                call["outputs"] = [np.array(r, copy=True) for r in results]
+            self.calls.append(call)
+            if self.events is not None:  # one ordered log across engines (body call, then its head call)
+                self.events.append((self.name, call))
+        self.count += 1
+        return results
+
+
+def _stride_keep(total_hint: int, samples: int):
+    stride = max(1, total_hint // max(1, samples))
+    return lambda i: i == 0 or i % stride == 0
+
+
+def _wrap(pipe, name: str, recorder: Recorder) -> Recorder:
+    if name == "llm":
+        pipe.lm.body = recorder
+    elif name == "pixel_decoder":
+        pipe.pixel_decoder = recorder
+    else:
+        pipe._lazy[name] = recorder
+    return recorder
+
+
+def _unwrap(pipe, name: str, recorder: Recorder) -> None:
+    if name == "llm":
+        pipe.lm.body = recorder.inner
+    elif name == "pixel_decoder":
+        pipe.pixel_decoder = recorder.inner
+    else:
+        pipe._lazy[name] = recorder.inner
+
+
+def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict]], dict]:
+    """Run ``plan`` on the FP32 pipeline; return feeds per component name and the record for the manifest."""
+    from illume_rt.runtime.images import understanding_image
+    from illume_rt.runtime.layout import SamplingConfig, image_grid
+    from illume_rt.runtime.refine import RefineConfig
+
+    comps = pipe.bundle.manifest["components"]
+    feeds: dict[str, list[dict]] = {}
+    record: dict = {"plan": plan.to_dict(), "generate": [], "understand": [], "images": {}}
+
+    def take(name, recorder):
+        feeds.setdefault(name, []).extend(c["feeds"] for c in recorder.calls)
+
+    has = lambda n: n in comps  # noqa: E731
+    for index, (prompt, resolution, seed) in enumerate(plan.generate):
+        grid = image_grid(*resolution)
+        body = _wrap(pipe, "llm", Recorder(pipe.lm.body, _stride_keep(grid.num_codes, plan.llm_samples_per_run)))
+        dec = _wrap(pipe, "pixel_decoder", Recorder(pipe.pixel_decoder))
+        refine = None
+        wrapped = {}
+        if index in plan.refine and has("diffusion_unet") and has("vae_decoder") and has("token_map"):
+            refine = RefineConfig(steps=plan.refine_steps)
+            for name in ("diffusion_unet", "vae_decoder"):
+                wrapped[name] = _wrap(pipe, name, Recorder(pipe._engine(name)))
+        try:
+            result = pipe.generate(prompt, tuple(resolution), seed=seed, sampling=SamplingConfig(), refine=refine)
+        finally:
+            _unwrap(pipe, "llm", body)
+            _unwrap(pipe, "pixel_decoder", dec)
+            for name, rec in wrapped.items():
+                _unwrap(pipe, name, rec)
+        take("llm", body)
+        take("pixel_decoder", dec)
+        for name, rec in wrapped.items():
+            take(name, rec)
+        record["generate"].append({"prompt": prompt, "resolution": list(resolution), "seed": seed,
+                                   "guidance": SamplingConfig().guidance_scale, "llm_calls": body.count,
+                                   "llm_kept": len(body.calls), "refine_steps": refine.steps if refine else 0})
+        # the runtime draws the pixel decoder at this size; add random code grids too (all codes get used)
+        rng = np.random.default_rng(plan.seed + 7 * index)
+        for _ in range(plan.decoder_samples if index < 2 else 0):
+            sem = rng.integers(0, pipe.semantic_codebook.shape[0], (grid.semantic_rows, grid.semantic_cols))
+            pix = rng.integers(0, pipe.pixel_codebook.shape[0], (grid.pixel_rows, grid.pixel_cols))
+            s, p = pipe.code_embeddings(sem, pix)
+            feeds["pixel_decoder"].append({"semantic_embed": s, "pixel_embed": p})
+        del result
+
+    pool = images(plan.seed) if plan.understand else {}
+    names = list(pool)[:plan.max_images]
+    record["images"] = {n: [pool[n].height, pool[n].width] for n in names}
+    has_encoders = has("semantic_encoder") and has("pixel_embedder")
+    for which, question in plan.understand:
+        if not has_encoders or not names:
+            break
+        name = names[which % len(names)]
+        body = _wrap(pipe, "llm", Recorder(pipe.lm.body, _stride_keep(plan.max_new_tokens, plan.llm_samples_per_run)))
+        encs = {n: _wrap(pipe, n, Recorder(pipe._engine(n))) for n in ("semantic_encoder", "pixel_embedder")}
+        try:
+            answer = pipe.understand(pool[name], question, max_new_tokens=plan.max_new_tokens)
+        finally:
+            _unwrap(pipe, "llm", body)
+            for n, rec in encs.items():
+                _unwrap(pipe, n, rec)
+        take("llm", body)
+        for n, rec in encs.items():
+            take(n, rec)
+        record["understand"].append({"image": name, "size": record["images"][name], "question": question,
+                                     "answer_tokens": len(answer.token_ids), "llm_kept": len(body.calls)})
+    if has_encoders:  # every image through the encoders too (varied sizes), as ImageEncoder.encode feeds them
+        from illume_rt.runtime.multimodal import semantic_view
+
+        for name in names:
+            x = understanding_image(pool[name])
+            feeds.setdefault("semantic_encoder", []).append({"pixel_values": semantic_view(x)})
+            feeds.setdefault("pixel_embedder", []).append({"image": x})
+    record["samples"] = {name: len(v) for name, v in feeds.items()}
+    return feeds, record

@@ -1,0 +1,300 @@
+"""Quantization recipes per component, the SmoothQuant graph transform, the two Q/DQ flavours, and the gates.
+
+Flavours (``target``):
+
+- ``tensorrt``: symmetric signed Q/DQ (INT8 S8S8, zero points 0) or FP8 E4M3 Q/DQ as standard ONNX
+  ``QuantizeLinear``/``DequantizeLinear`` with ``float8e4m3fn`` (opset 19), made by **nvidia-modelopt**
+  (``modelopt.onnx.quantization.quantize``, CPU calibration, FP32 high precision). This is what TensorRT 10 builds
+  strongly typed INT8/FP8 engines from.
+- ``ort-cpu``: the INT8 flavour onnxruntime's CPU kernels are fast with, unsigned asymmetric activations and signed
+  per-channel weights (U8S8), made by **onnxruntime.quantization.quantize_static** (modelopt only writes signed
+  activations). FP8 has no fast CPU kernel: ``--precision fp8 --target ort-cpu`` writes the same modelopt FP8 graph
+  (onnxruntime runs it emulated, ``session.disable_quant_qdq=1``).
+
+Only MatMul/Gemm/Conv nodes with a constant weight are quantized (the linear layers): the attention products
+(activation x activation), norms, softmax and the rest stay FP32. INT8 for the LLM is SmoothQuant-style W8A8: before
+Q/DQ insertion, per-input-channel scales s = max|X|^a / max|W|^(1-a) migrate activation outliers into the weights,
+folded into the preceding RMSNorm weight (q/k/v, gate/up) or into up_proj's output columns (down_proj); weights are
+per-channel, activations per-tensor static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Graphs quantized, and those kept in FP32 with the reason (stored in the manifest).
+QUANTIZED = ("llm", "pixel_decoder", "semantic_encoder", "pixel_embedder", "diffusion_unet", "vae_decoder")
+KEEP_FP32 = {
+    "lm_head_text": "LM head slice: decides every token (argmax/top-k); small next to the body; kept FP32",
+    "lm_head_semantic": "LM head slice: decides every token; kept FP32",
+    "lm_head_pixel": "LM head slice: decides every token; kept FP32",
+    "token_map": "no weights (codebook upsample + concat): nothing to quantize",
+}
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    component: str
+    precision: str  # int8 | fp8
+    target: str  # tensorrt | ort-cpu
+    tool: str  # nvidia-modelopt | onnxruntime.quantization
+    calibration_method: str
+    smoothquant_alpha: float | None = None
+    activations: str = ""
+    weights: str = ""
+    exclude: tuple[str, ...] = field(default_factory=tuple)  # node names kept in high precision
+
+    @property
+    def name(self) -> str:
+        sq = f"-smoothquant{self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
+        return f"{self.precision}{sq}-{self.calibration_method}-{self.target}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["name"] = self.name
+        d["exclude"] = list(self.exclude)
+        return d
+
+
+def recipe_for(component: str, precision: str, target: str) -> Recipe:
+    if precision not in ("int8", "fp8"):
+        raise ValueError(f"unknown precision {precision!r}; use int8 or fp8")
+    if target not in ("tensorrt", "ort-cpu"):
+        raise ValueError(f"unknown target {target!r}; use tensorrt or ort-cpu")
+    alpha = 0.5 if (component == "llm" and precision == "int8") else None
+    if precision == "fp8":
+        return Recipe(component, precision, target, "nvidia-modelopt", "max", None,
+                      "fp8 e4m3fn per-tensor static (max)", "fp8 e4m3fn per-tensor")
+    if target == "tensorrt":
+        # max, not entropy: entropy's histograms took 78 s on the tiny pixel decoder alone (2 cores) for 0.0002 cos
+        return Recipe(component, precision, target, "nvidia-modelopt", "max", alpha, "int8 symmetric per-tensor static", "int8 symmetric per-channel")
+    # MinMax: onnxruntime's histogram calibrators stack every feed and fail on the varied shapes captured here
+    return Recipe(component, precision, target, "onnxruntime.quantization", "MinMax", alpha, "uint8 asymmetric per-tensor static", "int8 symmetric per-channel")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gates. Figures compare the quantized graph with the FP32 graph of the source bundle on held-out inputs.
+# ---------------------------------------------------------------------------------------------------------------
+# Real models (3b/7b, and any checkpoint-backed preset): what a shippable quantization keeps.
+#   llm_top1: teacher-forced agreement of the guided argmax (images) / greedy argmax (answers) with FP32;
+#   llm_kl: mean KL(FP32 || quantized) of the softmax over the active level's rows, nats;
+#   cosine: every output of every quantized graph; psnr_db: decoded images (pixel decoder, VAE) vs FP32.
+THRESHOLDS = {
+    "default": {
+        "int8": {"llm_top1": 0.90, "llm_kl": 0.10, "cosine": 0.99, "psnr_db": 30.0},
+        "fp8": {"llm_top1": 0.93, "llm_kl": 0.05, "cosine": 0.995, "psnr_db": 33.0},
+    },
+    # Random weights (tiny, bench): near-flat logits over few rows flip argmax on tiny perturbations, and
+    # activations have no learned outlier structure, so these only catch a broken graph (wrong scale, wrong
+    # axis, a missing fold), not a quality regression. Measured figures are in docs/quantization.md.
+    "tiny": {
+        "int8": {"llm_top1": 0.60, "llm_kl": 0.10, "cosine": 0.97, "psnr_db": 22.0},
+        "fp8": {"llm_top1": 0.60, "llm_kl": 0.10, "cosine": 0.97, "psnr_db": 22.0},
+    },
+}
+THRESHOLDS["bench"] = THRESHOLDS["tiny"]
+
+
+def thresholds_for(preset: str, precision: str, random_weights: bool) -> dict:
+    table = THRESHOLDS.get(preset) or (THRESHOLDS["tiny"] if random_weights else THRESHOLDS["default"])
+    return dict(table[precision])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Graph helpers
+# ---------------------------------------------------------------------------------------------------------------
+def weighted_nodes(model) -> tuple[list[str], list[str]]:
+    """(names of weighted MatMul/Gemm/Conv nodes, names of MatMuls whose operands are both activations)."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    weighted, activation_only = [], []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        if any(i in consts for i in node.input[:2]):
+            weighted.append(node.name)
+        else:
+            activation_only.append(node.name)
+    return weighted, activation_only
+
+
+def _ensure_names(model) -> None:
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def channel_max(model_path: Path, tensors: list[str], feeds: list[dict], threads: int | None) -> dict[str, np.ndarray]:
+    """Per-last-axis max |x| of ``tensors`` over ``feeds`` (graph outputs added, run on onnxruntime CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.ValueInfoProto(name=t))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        values = session.run(tensors, feed)
+        for name, v in zip(tensors, values):
+            m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0) if v.size else None
+            if m is not None:
+                out[name] = m if name not in out else np.maximum(out[name], m)
+    return out
+
+
+def smoothquant(model_path: Path, out_path: Path, feeds: list[dict], alpha: float, threads: int | None) -> dict:
+    """SmoothQuant on an ONNX graph: fold per-channel scales into the producer of each weighted MatMul group.
+
+    Groups are MatMuls sharing one input tensor. Foldable producers: ``Mul(x, const)`` (the RMSNorm weight: the
+    constant is divided by s) and ``Mul(a, b)`` with ``a`` the sole use of a weighted MatMul's output (its weight
+    columns are divided by s: the SwiGLU up-projection feeding down_proj). Weights rows are multiplied by s.
+    Returns a report (groups smoothed, skipped)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    groups: dict[str, list] = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            groups.setdefault(n.input[0], []).append(n)
+    stats = channel_max(model_path, list(groups), feeds, threads)
+    report = {"alpha": alpha, "smoothed": [], "skipped": []}
+    new_arrays: dict[str, np.ndarray] = {}
+
+    def arr(name):
+        return new_arrays[name] if name in new_arrays else numpy_helper.to_array(inits[name]).copy()
+
+    for tensor, nodes in groups.items():
+        p = producer.get(tensor)
+        fold = None
+        if p is not None and p.op_type == "Mul":
+            const = [i for i in p.input if i in inits and len(inits[i].dims) == 1]
+            if const:
+                name = const[0]
+                if uses.get(name, 0) > 1:  # the exporter shares identical constants (e.g. all-ones norms): unshare
+                    name = f"{const[0]}.smooth.{p.name}"
+                    inits[name] = numpy_helper.from_array(arr(const[0]), name)
+                    model.graph.initializer.append(inits[name])
+                    inits[name] = model.graph.initializer[-1]  # protobuf appends a copy
+                    p.input[list(p.input).index(const[0])] = name
+                    uses[const[0]] -= 1
+                    uses[name] = 1
+                fold = ("norm", name)
+            else:
+                for i in p.input:
+                    q = producer.get(i)
+                    if (q is not None and q.op_type == "MatMul" and q.input[1] in inits and uses.get(i, 0) == 1
+                            and uses.get(q.input[1], 0) == 1 and q.input[1] not in [n.input[1] for n in nodes]):
+                        fold = ("columns", q.input[1])
+                        break
+        weights = [n.input[1] for n in nodes]
+        if fold is None or tensor not in stats or any(uses.get(w, 0) != 1 for w in weights):
+            report["skipped"].append([n.name for n in nodes])
+            continue
+        x_max = np.maximum(stats[tensor].astype(np.float64), 1e-5)
+        w_max = np.maximum(np.max([np.abs(arr(w)).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
+        s = np.clip(x_max ** alpha / w_max ** (1 - alpha), 1e-2, 1e2)
+        for w in weights:
+            new_arrays[w] = (arr(w) * s[:, None]).astype(np.float32)
+        if fold[0] == "norm":
+            new_arrays[fold[1]] = (arr(fold[1]) / s).astype(np.float32)
+        else:
+            new_arrays[fold[1]] = (arr(fold[1]) / s[None, :]).astype(np.float32)
+        report["smoothed"].append({"matmuls": [n.name for n in nodes], "fold": fold[0],
+                                   "scale_range": [float(s.min()), float(s.max())]})
+    for name, value in new_arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    onnx.save(model, str(out_path))
+    return report
+
+
+class FeedReader:
+    """An onnxruntime CalibrationDataReader over a list of feeds, with the extra methods modelopt uses."""
+
+    def __init__(self, feeds: list[dict], input_names: list[str]) -> None:
+        self.feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def get_first(self):
+        return self.feeds[0]
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], threads: int | None = None,
+                   work: Path | None = None) -> dict:
+    """Quantize one graph file ``src`` into ``dst`` following ``recipe``; returns what was done."""
+    import logging
+    import tempfile
+
+    import onnx
+
+    work = Path(work or tempfile.mkdtemp(prefix="illume-quant-"))
+    model = onnx.load(str(src))
+    _ensure_names(model)
+    named = work / f"{recipe.component}.named.onnx"
+    onnx.save(model, str(named))
+    input_names = [i.name for i in model.graph.input]
+    weighted, activation_only = weighted_nodes(model)
+    info: dict = {"quantized_nodes": len(weighted) - len([w for w in weighted if w in recipe.exclude]),
+                  "kept_fp32_nodes": sorted(set(activation_only) | set(recipe.exclude)),
+                  "calibration_samples": len(feeds)}
+    graph = named
+    if recipe.smoothquant_alpha is not None:
+        graph = work / f"{recipe.component}.smooth.onnx"
+        info["smoothquant"] = smoothquant(named, graph, feeds, recipe.smoothquant_alpha, threads)
+    exclude = sorted(set(activation_only) | set(recipe.exclude))
+    if recipe.tool == "nvidia-modelopt":
+        from modelopt.onnx.quantization import quantize as mo_quantize
+
+        for name in ("modelopt", "root"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        mo_quantize(str(graph), quantize_mode=recipe.precision, calibration_data_reader=FeedReader(feeds, input_names),
+                    calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
+                    op_types_to_quantize=[o for o in WEIGHTED_OPS if recipe.precision != "fp8" or o != "ConvTranspose"],
+                    nodes_to_exclude=exclude or None,
+                    disable_mha_qdq=True, high_precision_dtype="fp32", output_path=str(dst), log_level="ERROR")
+    else:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        quantize_static(str(graph), str(dst), FeedReader(feeds, input_names), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(WEIGHTED_OPS), nodes_to_exclude=exclude, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, recipe.calibration_method),
+                        extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                       "CalibMovingAverage": False})
+    q = onnx.load(str(dst))
+    counts: dict[str, int] = {}
+    for node in q.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    bad = sorted({n.domain for n in q.graph.node if n.domain not in ("", "ai.onnx")})
+    info.update({"qdq_nodes": counts, "opset": max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")),
+                 "custom_domains": bad})
+    return info

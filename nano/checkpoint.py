@@ -1,0 +1,131 @@
+"""illume-nano weights in the official checkpoint layout, and where they live in this package.
+
+``weights/mllm/``: the MLLM as ``IllumeQwen2ForCausalLM.save_pretrained`` lays it out: ``config.json`` (``model_type``
+illume_qwen2, Qwen2 fields, ``mm_hidden_size``, plus ``illume_rt_vocab``: the compact vocabulary layout, since the
+nano text vocabulary is 256 bytes, not Qwen2.5's BPE), ``model.safetensors`` (stock Qwen2 keys +
+``model.vision_tower.semantic_encoder.*`` + ``model.vision_tower.pixel_encoder.*`` + ``model.mm_projector.*``) and
+``tokenizer.json`` (a byte-level BPE with no merges: id = byte, then the ILLUME+ special tokens at the layout's ids).
+
+``weights/dualvitok/pytorch_model.bin``: the DualViTok state dict with official top-level names (the inference part
+plus the training-only ``semantic_encoder.*`` / ``semantic_decoder.*``, which the loader ignores).
+
+Both load through ``illume_rt.export.checkpoints.load_reference_models`` like the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = HERE / "weights"
+MLLM_DIR = WEIGHTS / "mllm"
+DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
+
+
+def available() -> bool:
+    return (MLLM_DIR / "config.json").is_file() and DUALVITOK_FILE.is_file()
+
+
+def load_models():
+    """The committed illume-nano as ``ReferenceModels``, through the official-checkpoint loaders."""
+    from illume_rt.export.checkpoints import load_reference_models
+
+    models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, base="nano")
+    return models
+
+
+def special_tokens(vocab) -> list[str]:
+    """Token strings in id order from ``vocab.pad_id`` to the last pixel code (the official names)."""
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<start_of_image>", "<end_of_image>", "<end_of_line>",
+             "<start_of_level0>", "<end_of_level0>", "<start_of_level1>", "<end_of_level1>"]
+    step = vocab.size_tag_step
+    names += [f"<height_{step * (i + 1)}>" for i in range(vocab.num_size_tags)]
+    names += [f"<width_{step * (i + 1)}>" for i in range(vocab.num_size_tags)]
+    names += [f"<|image_level0_{k}|>" for k in range(vocab.semantic_codebook_size)]
+    names += [f"<|image_level1_{k}|>" for k in range(vocab.pixel_codebook_size)]
+    return names
+
+
+def write_byte_tokenizer(path: Path, vocab) -> None:
+    """A ``tokenizer.json`` whose text ids are the UTF-8 bytes (as ``runtime.tokenizer.ByteTokenizer``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte-level BPE
+    byte_to_char = _bytes_to_unicode()
+    assert sorted(byte_to_char.values()) == sorted(alphabet)
+    tok = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    names = special_tokens(vocab)
+    tok.add_special_tokens(names)
+    for i, name in enumerate(names):
+        if tok.token_to_id(name) != vocab.pad_id + i:
+            raise RuntimeError(f"tokenizer: {name} got id {tok.token_to_id(name)}, layout says {vocab.pad_id + i}")
+    tok.save(str(path))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the one ByteLevel pre-tokenization uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def mllm_config(preset, llm) -> dict:
+    cfg = llm.config.to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "attention_dropout", "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id")
+    out = {k: cfg[k] for k in keep if k in cfg}
+    out.update({
+        "architectures": ["IllumeQwen2ForCausalLM"],
+        "model_type": "illume_qwen2",
+        "rope_theta": preset.llm.rope_theta,
+        "torch_dtype": "float32",
+        "mm_hidden_size": list(preset.projector_in_dims),
+        "mm_vision_tower": {"type": "DualVisionTower"},
+        "mm_projector": {"type": "MixedProjector", "projector_cfg1": {"type": "MLPProjector", "mlp_depth": 2},
+                         "projector_cfg2": {"type": "MLPProjector", "mlp_depth": 2}},
+        "mm_patch_merge_type": "flat",
+        # Not in the released config: this checkpoint's compact vocabulary (byte text ids, then the ILLUME+
+        # structure tokens and codes); see illume_rt.export.checkpoints.preset_from_mllm_config.
+        "illume_rt_vocab": preset.vocab.to_dict(),
+    })
+    return out
+
+
+def write_checkpoint(out: Path, preset, llm, projectors, semantic_encoder, semantic_decoder, pixel,
+                     training: dict | None = None) -> None:
+    """Write ``out/mllm/`` and ``out/dualvitok/pytorch_model.bin`` (see the module docstring)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from illume_rt.export.networks.vision import PROJECTOR_PREFIX, VISION_TOWER_PREFIX
+    from illume_rt.export.checkpoints import PIXEL_ENCODER_PREFIX
+
+    out = Path(out)
+    (out / "mllm").mkdir(parents=True, exist_ok=True)
+    (out / "dualvitok").mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in llm.state_dict().items()}
+    state.update({VISION_TOWER_PREFIX + k: v for k, v in semantic_encoder.model.state_dict().items()})
+    state.update({PIXEL_ENCODER_PREFIX + k: v for k, v in pixel.pixel_encoder.state_dict().items()})
+    state.update({PROJECTOR_PREFIX + k: v for k, v in projectors.state_dict().items()})
+    state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+    save_file(state, str(out / "mllm" / "model.safetensors"), metadata={"format": "pt"})
+    (out / "mllm" / "config.json").write_text(json.dumps(mllm_config(preset, llm), indent=2) + "\n")
+    write_byte_tokenizer(out / "mllm" / "tokenizer.json", preset.vocab)
+
+    tok_state = {k: v.detach().float().contiguous().clone() for k, v in pixel.state_dict().items()}
+    tok_state.update({"semantic_encoder." + k: v.detach().clone() for k, v in semantic_encoder.state_dict().items()})
+    tok_state.update({"semantic_decoder." + k: v.detach().clone() for k, v in semantic_decoder.state_dict().items()})
+    torch.save(tok_state, out / "dualvitok" / "pytorch_model.bin")
+    if training is not None:
+        (out / "training.json").write_text(json.dumps(training, indent=1) + "\n")

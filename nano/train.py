@@ -1,0 +1,513 @@
+"""Train illume-nano on CPU: ``python -m illume_rt.nano.train [stage ...]`` (default: every stage, in order).
+
+Stages (each resumable: state is saved under the work folder, ``--work`` or ``$ILLUME_NANO_WORK``, default
+``nano/work/``; a finished stage is skipped unless ``--redo STAGE``):
+
+1. ``semantic``  DualViTok semantic branch: the Qwen2-VL ViT (the future MLLM vision tower) + a linear to the codebook
+                 dim + SimVQ semantic quantizer, trained to reconstruct each 28-px cell at 4x4 (a training-only
+                 per-cell semantic decoder). Official DualViTok reconstructs frozen ViT features instead; with no
+                 pretrained ViT here, a coarse picture is the cheapest target that makes codes mean layout and colour.
+2. ``pixel``     DualViTok pixel branch with the semantic branch frozen: MoVQ encoder -> quant conv -> SimVQ pixel
+                 quantizer -> post-quant conv -> MoVQ decoder conditioned on merge_quants(semantic, pixel), L1 + L2
+                 reconstruction + commitment. Mostly on 96x96 crops of the code map (the networks are convolutional;
+                 a full 256x256 pass costs ~2 s here), then a short full-size phase so GroupNorm sees whole pictures.
+3. ``tokens``    Tokenize the training pictures once (semantic 9x9 + pixel 16x16 codes) and cache the understanding
+                 features of the same canonical pictures (ViT merger output and pixel-encoder output; both
+                 encoders stay frozen in the MLLM: the released model fine-tunes part of them).
+4. ``mllm``      Qwen2-style LLM + the two projectors, teacher forcing with cross-entropy on
+                 (a) caption -> image tokens (semantic then pixel, the official layout; 10% of captions replaced by the
+                 unconditional prompt as cfg_text_dropout does) and (b) image -> answers (the five questions as one
+                 multi-turn chat in a random order, so each question is also seen first).
+5. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
+
+Everything is seeded; ``torch.set_num_threads(2)``. CPU seconds per stage go to ``WORK/log.json`` and into the
+weights' ``training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from illume_rt.nano import data
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WORK = HERE / "work"
+STAGES = ("semantic", "pixel", "tokens", "mllm", "export")
+SEED = 1234
+
+# Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
+SEMANTIC_STEPS, SEMANTIC_BATCH = 80, 8
+PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 150, 16, 8, 6
+MLLM_STEPS, T2I_BATCH, UND_BATCH = 200, 4, 2
+UNCOND_P = 0.1  # official cfg_text_dropout
+SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
+
+
+def nano_preset():
+    from illume_rt.export.configs import get_preset
+
+    return get_preset("nano")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DualViTok training modules (the inference part is DualViTokPixel; the rest is training-only, official names)
+# ----------------------------------------------------------------------------------------------------------------
+class SemanticEncoder(nn.Module):
+    """``semantic_encoder``: ``model`` is the Qwen2-VL ViT + merger (official ``semantic_encoder.model``, which the
+    MLLM takes as its vision tower); ``proj`` maps merger features to the codebook dim."""
+
+    def __init__(self, preset):
+        super().__init__()
+        from illume_rt.export.networks.vision import build_vision_tower
+
+        self.model = build_vision_tower(preset)
+        self.proj = nn.Linear(preset.vision_tower.out_dim, preset.codebook.dim)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 256, 256] in [-1, 1] -> merger features [B, 81, out_dim] (the MLLM's semantic input)."""
+        return torch.stack([self.model(v[None]) for v in vit_view(images)])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """-> pre-quantization semantic map [B, dim, 9, 9]."""
+        z = self.proj(self.features(images))
+        side = int(math.isqrt(z.shape[1]))
+        return z.transpose(1, 2).reshape(z.shape[0], -1, side, side)
+
+
+def vit_view(images: torch.Tensor) -> torch.Tensor:
+    """The ViT's input, as reference_image_block builds it: antialiased bicubic to 252, CLIP normalisation."""
+    from illume_rt.runtime.images import CLIP_MEAN, CLIP_STD
+
+    unit = F.interpolate((images + 1) / 2, size=(252, 252), mode="bicubic", align_corners=False,
+                         antialias=True).clamp(0, 1)
+    return (unit - torch.from_numpy(CLIP_MEAN)[None, :, None, None]) / torch.from_numpy(CLIP_STD)[None, :, None, None]
+
+
+def cell_target(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 256, 256] -> each 28-px cell of the 252 view at 4x4: [B, 81, 48] in [-1, 1]."""
+    small = F.interpolate(images, size=(36, 36), mode="area")
+    b = small.shape[0]
+    return small.reshape(b, 3, 9, 4, 9, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 81, 48)
+
+
+def quantize(quantizer, z: torch.Tensor, beta: float = 0.25):
+    """SimVQ training step: nearest code of the transformed frozen codebook, straight-through estimator, codebook
+    loss (updates the code transform) + beta x commitment. Returns (quantized, indices, loss)."""
+    table = quantizer.lookup_table()
+    flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+    idx = torch.cdist(flat.detach(), table.detach()).argmin(dim=1)
+    q = table[idx].reshape(*z.movedim(1, -1).shape).movedim(-1, 1)
+    loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+    return z + (q - z).detach(), idx.reshape(z.shape[0], *z.shape[2:]), loss
+
+
+def semantic_decoder(dim: int) -> nn.Module:
+    """``semantic_decoder`` (training only): one code -> its cell at 4x4 RGB."""
+    return nn.Sequential(nn.Linear(dim, 96), nn.GELU(), nn.Linear(96, 48))
+
+
+def build_tokenizer_modules(preset):
+    from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
+
+    torch.manual_seed(SEED)
+    pixel = build_dualvitok_pixel(preset)  # random init from the preset seed (SimVQ frozen codebooks included)
+    return SemanticEncoder(preset), semantic_decoder(preset.codebook.dim), pixel
+
+
+def random_batch(rng: np.random.Generator, scenes: list, n: int) -> torch.Tensor:
+    imgs = [data.render(scenes[i], rng) for i in rng.integers(0, len(scenes), n)]
+    return torch.from_numpy(np.concatenate([data.to_model_input(im) for im in imgs]))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpointing (resumable stages)
+# ----------------------------------------------------------------------------------------------------------------
+class Stage:
+    def __init__(self, work: Path, name: str):
+        self.work, self.name = work, name
+        self.path = work / f"{name}.pt"
+        self.partial = work / f"{name}.partial.pt"
+        self.cpu0, self.wall0 = time.process_time(), time.time()
+        self.cpu_before = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.path.is_file()
+
+    def resume(self) -> dict | None:
+        if self.partial.is_file():
+            state = torch.load(self.partial, weights_only=False)
+            self.cpu_before = state.get("cpu_s", 0.0)
+            print(f"[{self.name}] resuming at step {state['step']}")
+            return state
+        return None
+
+    def cpu_s(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu0
+
+    def save_partial(self, state: dict) -> None:
+        state["cpu_s"] = self.cpu_s()
+        tmp = self.partial.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.partial)
+
+    def finish(self, state: dict, extra: dict | None = None) -> None:
+        state["cpu_s"] = self.cpu_s()
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.partial.unlink(missing_ok=True)
+        log_path = self.work / "log.json"
+        log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+        log[self.name] = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
+                          **(extra or {})}
+        log_path.write_text(json.dumps(log, indent=1))
+        print(f"[{self.name}] done: {log[self.name]}")
+
+
+def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int, peak_lr: float, step_fn,
+                every: int = 20) -> dict:
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start, rng_state = 0, None
+    state = stage.resume()
+    if state:
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        opt.load_state_dict(state["opt"])
+        start, rng_state = state["step"], state["rng"]
+    rng = np.random.default_rng(SEED)
+    if rng_state is not None:
+        rng.bit_generator.state = rng_state
+    torch.manual_seed(SEED + start)
+    hist = []
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, peak_lr)
+        loss, info = step_fn(step, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hist.append(float(loss))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            print(f"[{stage.name}] step {step + 1}/{steps} loss {np.mean(hist[-every:]):.4f} {info} "
+                  f"cpu {stage.cpu_s():.0f}s", flush=True)
+            stage.save_partial({"step": step + 1, "rng": rng.bit_generator.state, "opt": opt.state_dict(),
+                                "modules": {k: m.state_dict() for k, m in modules.items()}})
+    return {"final_loss": float(np.mean(hist[-every:])) if hist else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+def stage_semantic(work: Path) -> None:
+    stage = Stage(work, "semantic")
+    if stage.done:
+        return
+    preset = nano_preset()
+    enc, dec, pixel = build_tokenizer_modules(preset)
+    quant = pixel.semantic_quantizer
+    train, _ = data.split()
+    modules = {"semantic_encoder": enc, "semantic_decoder": dec, "semantic_quantizer": quant}
+    params = [p for m in modules.values() for p in m.parameters()]
+
+    def step_fn(step, rng):
+        x = random_batch(rng, train, SEMANTIC_BATCH)
+        q, idx, commit = quantize(quant, enc(x))
+        pred = dec(q.flatten(2).transpose(1, 2))
+        rec = F.mse_loss(pred, cell_target(x))
+        return rec + commit, f"rec {rec.item():.4f} codes {len(torch.unique(idx))}"
+
+    extra = _train_loop(stage, modules, params, SEMANTIC_STEPS, 3e-3, step_fn)
+    stage.finish({"modules": {k: m.state_dict() for k, m in modules.items()}}, extra)
+
+
+def load_tokenizer_state(work: Path):
+    """(semantic encoder, semantic decoder, DualViTokPixel) with every finished stage's weights."""
+    preset = nano_preset()
+    enc, dec, pixel = build_tokenizer_modules(preset)
+    sem = torch.load(work / "semantic.pt", weights_only=False)["modules"]
+    enc.load_state_dict(sem["semantic_encoder"])
+    dec.load_state_dict(sem["semantic_decoder"])
+    pixel.semantic_quantizer.load_state_dict(sem["semantic_quantizer"])
+    if (work / "pixel.pt").is_file():
+        pix = torch.load(work / "pixel.pt", weights_only=False)["modules"]["pixel"]
+        pixel.load_state_dict(pix)
+    return enc.eval(), dec.eval(), pixel.eval()
+
+
+@torch.no_grad()
+def semantic_codes(enc: SemanticEncoder, quantizer, images: torch.Tensor) -> torch.Tensor:
+    return quantizer.nearest_indices(enc(images))
+
+
+def stage_pixel(work: Path) -> None:
+    stage = Stage(work, "pixel")
+    if stage.done:
+        return
+    from illume_rt.export.networks.dualvitok import merge_quants
+
+    enc, _, pixel = load_tokenizer_state(work)
+    for p in list(enc.parameters()) + list(pixel.semantic_quantizer.parameters()):
+        p.requires_grad_(False)
+    pixel.train()
+    train, _ = data.split()
+    trainable = [pixel.pixel_encoder, pixel.pixel_quant_conv, pixel.pixel_quantizer, pixel.pixel_post_quant_conv,
+                 pixel.pixel_decoder]
+    params = [p for m in trainable for p in m.parameters()]
+    total = PIXEL_CROP_STEPS + PIXEL_FULL_STEPS
+
+    def step_fn(step, rng):
+        full = step >= PIXEL_CROP_STEPS
+        n = 2 if full else PIXEL_BATCH
+        x = random_batch(rng, train, n)
+        with torch.no_grad():
+            q_sem = pixel.semantic_quantizer.indices_to_codes(semantic_codes(enc, pixel.semantic_quantizer, x))
+            sem_up = F.interpolate(q_sem, size=(16, 16), mode="bicubic", align_corners=False)  # as merge_quants
+        if full:
+            crops, sem_crop = x, sem_up
+        else:
+            g = CROP_CELLS
+            rows, cols = rng.integers(0, 16 - g + 1, n), rng.integers(0, 16 - g + 1, n)
+            crops = torch.stack([x[i, :, 16 * r:16 * (r + g), 16 * c:16 * (c + g)] for i, (r, c) in
+                                 enumerate(zip(rows, cols))])
+            sem_crop = torch.stack([sem_up[i, :, r:r + g, c:c + g] for i, (r, c) in enumerate(zip(rows, cols))])
+        z = pixel.encode_pixel(crops)
+        q, idx, commit = quantize(pixel.pixel_quantizer, z)
+        quant = torch.cat([sem_crop, q], dim=1)  # merge_quants with the semantic map already resized and cropped
+        rec = pixel.pixel_decoder(pixel.pixel_post_quant_conv(quant), quant)
+        l1 = F.l1_loss(rec, crops)
+        loss = l1 + F.mse_loss(rec, crops) + commit
+        return loss, f"l1 {float(l1):.4f} codes {len(torch.unique(idx))}{' full' if full else ''}"
+
+    del merge_quants
+    extra = _train_loop(stage, {"pixel": pixel}, params, total, 2e-3, step_fn, every=10)
+    stage.finish({"modules": {"pixel": pixel.state_dict()}}, extra)
+
+
+@torch.no_grad()
+def stage_tokens(work: Path) -> None:
+    stage = Stage(work, "tokens")
+    if stage.done:
+        return
+    from illume_rt.nano import score
+
+    enc, _, pixel = load_tokenizer_state(work)
+    train, held = data.split()
+    if SMOKE:
+        train, held = train[:8], held[:8]
+    out = {}
+    for name, scenes in (("train", train), ("held", held)):
+        sem, pix, vit, penc = [], [], [], []
+        for k0 in range(0, len(scenes), 16):
+            chunk = scenes[k0:k0 + 16]
+            x = torch.from_numpy(np.concatenate([data.to_model_input(data.render(s)) for s in chunk]))
+            feats = enc.features(x)  # the MLLM's semantic input, and (through proj) the semantic codes
+            z = enc.proj(feats).transpose(1, 2).reshape(len(chunk), -1, 9, 9)
+            sem.append(pixel.semantic_quantizer.nearest_indices(z))
+            h = pixel.pixel_encoder(x)  # the MLLM's pixel input, and (through quant conv) the pixel codes
+            pix.append(pixel.pixel_quantizer.nearest_indices(pixel.pixel_quant_conv(h)))
+            vit.append(feats)
+            penc.append(h.flatten(2).transpose(1, 2))
+            print(f"[tokens] {name} {k0 + len(chunk)}/{len(scenes)} cpu {stage.cpu_s():.0f}s", flush=True)
+        out[name] = {"scenes": [s.__dict__ for s in scenes], "semantic": torch.cat(sem), "pixel": torch.cat(pix),
+                     "vit": torch.cat(vit), "pixel_features": torch.cat(penc),
+                     "und_scene": torch.arange(len(scenes))}
+    # Tokenizer round trip on the held-out canonical pictures: the ceiling for generated pictures.
+    rec = pixel.decode_code(out["held"]["semantic"], out["held"]["pixel"])
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    marks = [score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES}) for im, s in zip(imgs, held)]
+    recon = score.summarize(marks)
+    usage = {"semantic_codes_used": int(len(torch.unique(out["train"]["semantic"]))),
+             "pixel_codes_used": int(len(torch.unique(out["train"]["pixel"])))}
+    print(f"[tokens] tokenizer round trip on held-out pictures: {recon} {usage}")
+    stage.finish(out, {"roundtrip_accuracy_held_out": recon, **usage})
+
+
+# -- MLLM ----------------------------------------------------------------------------------------------------------
+def nano_tokenizer(preset):
+    from illume_rt.runtime.tokenizer import ByteTokenizer
+
+    return ByteTokenizer(preset.vocab)
+
+
+def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None):
+    """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>."""
+    from illume_rt.runtime.layout import image_grid
+    from illume_rt.runtime.prompts import text_to_image_ids
+
+    v = preset.vocab
+    cond, uncond = text_to_image_ids(tok, v, prompt or "x", 256, 256)
+    prefix = cond if prompt is not None else uncond
+    image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
+    return prefix + image, [-100] * len(prefix) + image
+
+
+SEM_SLOT, PIX_SLOT = -1, -2
+
+
+def und_example(preset, tok, scene: data.Scene, rng: np.random.Generator):
+    """(ids with feature slots, labels): the image, then the five questions in a random order as turns."""
+    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER, understanding_ids
+
+    v = preset.vocab
+    qa = scene.qa()
+    order = rng.permutation(len(qa))
+    block = [v.start_of_image_id, v.start_of_level0_id]
+    for _ in range(9):
+        block += [SEM_SLOT] * 9 + [v.end_of_line_id]
+    block += [v.end_of_level0_id, v.start_of_level1_id]
+    for _ in range(16):
+        block += [PIX_SLOT] * 16 + [v.end_of_line_id]
+    block += [v.end_of_level1_id, v.end_of_image_id]
+    first = understanding_ids(tok, v, qa[order[0]][0])
+    at = first.index(IMAGE_PLACEHOLDER)
+    ids = first[:at] + block + first[at + 1:]
+    labels = [-100] * len(ids)
+    for n, k in enumerate(order):
+        q, a = qa[k]
+        if n:
+            turn = [v.im_start_id] + tok.encode(f"user\n{q}") + [v.im_end_id] + tok.encode("\n") + [v.im_start_id] + \
+                tok.encode("assistant\n")
+            ids += turn
+            labels += [-100] * len(turn)
+        ans = tok.encode(a) + [v.im_end_id]
+        ids += ans
+        labels += ans
+        ids += tok.encode("\n")
+        labels += [-100]
+    return ids, labels
+
+
+def pad_batch(seqs, pad_id: int):
+    n = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (a, b) in enumerate(seqs):
+        ids[i, :len(a)] = torch.tensor(a)
+        labels[i, :len(b)] = torch.tensor(b)
+        mask[i, :len(a)] = 1
+    return ids, labels, mask
+
+
+def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def build_mllm(preset):
+    from illume_rt.export.llm import build_llm
+    from illume_rt.export.networks.vision import build_projectors
+
+    llm = build_llm(preset)
+    with torch.no_grad():  # a trainable init (build_llm's wide random init is for parity tests)
+        torch.manual_seed(SEED)
+        llm.model.embed_tokens.weight.normal_(0.0, 0.02)
+        llm.lm_head.weight.normal_(0.0, 0.02)
+    return llm, build_projectors(preset)
+
+
+def stage_mllm(work: Path) -> None:
+    stage = Stage(work, "mllm")
+    if stage.done:
+        return
+    preset = nano_preset()
+    tok = nano_tokenizer(preset)
+    toks = torch.load(work / "tokens.pt", weights_only=False)["train"]
+    scenes = [data.Scene(**s) for s in toks["scenes"]]
+    llm, proj = build_mllm(preset)
+    llm.config._attn_implementation = "sdpa"  # training only (same function as the eager path, faster)
+    llm.train()
+    proj.train()
+    embed = llm.get_input_embeddings()
+    pad = preset.vocab.pad_id
+
+    def step_fn(step, rng):
+        seqs = []
+        for i in rng.integers(0, len(scenes), T2I_BATCH):
+            s = scenes[i]
+            r = rng.random()
+            prompt = None if r < UNCOND_P else (s.caption if r < (1 + UNCOND_P) / 2 else s.short_caption)
+            seqs.append(t2i_example(preset, tok, s, toks["semantic"][i], toks["pixel"][i], prompt))
+        ids, labels, mask = pad_batch(seqs, pad)
+        loss_t2i = lm_loss(llm, embed(ids), labels, mask)
+        und = []
+        feats = rng.integers(0, len(toks["und_scene"]), UND_BATCH)
+        for f in feats:
+            und.append(und_example(preset, tok, scenes[int(toks["und_scene"][f])], rng))
+        ids, labels, mask = pad_batch(und, pad)
+        emb = embed(ids.clamp(min=0))
+        sem_feat = proj.projector_1(toks["vit"][feats])  # [B, 81, H]
+        pix_feat = proj.projector_2(toks["pixel_features"][feats])  # [B, 256, H]
+        emb = emb.clone()
+        emb[ids == SEM_SLOT] = sem_feat.reshape(-1, sem_feat.shape[-1])
+        emb[ids == PIX_SLOT] = pix_feat.reshape(-1, pix_feat.shape[-1])
+        loss_und = lm_loss(llm, emb, labels, mask)
+        return loss_t2i + loss_und, f"t2i {float(loss_t2i):.3f} und {float(loss_und):.3f}"
+
+    params = list(llm.parameters()) + list(proj.parameters())
+    extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, MLLM_STEPS, 2e-3, step_fn, every=10)
+    stage.finish({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()}}, extra)
+
+
+def stage_export(work: Path, out: Path) -> None:
+    from illume_rt.nano.checkpoint import write_checkpoint
+
+    enc, dec, pixel = load_tokenizer_state(work)
+    preset = nano_preset()
+    llm, proj = build_mllm(preset)
+    state = torch.load(work / "mllm.pt", weights_only=False)["modules"]
+    llm.load_state_dict(state["llm"])
+    proj.load_state_dict(state["projectors"])
+    log = json.loads((work / "log.json").read_text())
+    write_checkpoint(out, preset, llm.eval(), proj.eval(), enc, dec, pixel, training=log)
+    print(f"[export] wrote {out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stages", nargs="*", help=f"any of {', '.join(STAGES)} (default: all, in order)")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("ILLUME_NANO_WORK", DEFAULT_WORK)))
+    ap.add_argument("--out", type=Path, default=HERE / "weights")
+    ap.add_argument("--redo", action="append", default=[], choices=STAGES)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    bad = [s for s in args.stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    if SMOKE:
+        g = globals()
+        for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS"):
+            g[name] = 2
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for name in args.redo:
+        (args.work / f"{name}.pt").unlink(missing_ok=True)
+        (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
+    for name in args.stages or STAGES:
+        if name == "export":
+            stage_export(args.work, args.out)
+        else:
+            globals()[f"stage_{name}"](args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

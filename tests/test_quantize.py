@@ -1,0 +1,169 @@
+"""Calibration and INT8/FP8 quantization of the tiny bundle: recipes, gates, manifest, and the runtime on the result.
+
+Small calibration/evaluation plans keep this file near a minute on 2 cores; the default plans (what the CLI uses)
+are exercised by `illume-rt quantize` (docs/quantization.md has their figures)."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("modelopt.onnx.quantization")
+
+from conftest import TEST_THREADS  # noqa: E402
+
+from illume_rt.calibration import datasets, recipes  # noqa: E402
+from illume_rt.calibration.quantize import QuantizationError, quantize_bundle, summary_lines  # noqa: E402
+from illume_rt.runtime.layout import SamplingConfig  # noqa: E402
+
+
+def small_plans():
+    cal = datasets.CalibrationPlan(generate=[("a cat with a hat", (256, 256), 0), ("a red fox, watercolor", (256, 256), 1)],
+                                   understand=[(0, "What is in this image?")], refine=[0], refine_steps=1,
+                                   llm_samples_per_run=8, decoder_samples=1, max_images=2, max_new_tokens=6)
+    ev = datasets.CalibrationPlan(generate=[("a busy street", (256, 256), 100)], understand=[(-1, "Describe it.")],
+                                  refine=[0], refine_steps=1, llm_samples_per_run=10 ** 9, decoder_samples=0,
+                                  max_images=3, max_new_tokens=6, seed=100)
+    return cal, ev
+
+
+def _quantize(src, dst, precision, target, **kw):
+    cal, ev = small_plans()
+    return quantize_bundle(src, dst, precision, target, threads=TEST_THREADS, calibration=cal, evaluation=ev,
+                           log=lambda m: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def int8_cpu(tiny_bundle, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("quant") / "tiny-int8-cpu"
+    return dst, _quantize(tiny_bundle, dst, "int8", "ort-cpu")
+
+
+@pytest.fixture(scope="module")
+def fp8_trt(tiny_bundle, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("quant") / "tiny-fp8-trt"
+    return dst, _quantize(tiny_bundle, dst, "fp8", "tensorrt", components=["llm", "pixel_decoder", "vae_decoder"])
+
+
+def _qdq(path):
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_point_types = set()
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            zero_point_types.add(inits[node.input[2]].data_type)
+    return model, zero_point_types
+
+
+def test_int8_cpu_bundle_manifest(int8_cpu, tiny_bundle):
+    import onnx
+
+    dst, manifest = int8_cpu
+    on_disk = json.loads((dst / "manifest.json").read_text())
+    assert on_disk["quantization"]["status"] == "passed" == manifest["quantization"]["status"]
+    comps = on_disk["components"]
+    for name in recipes.QUANTIZED:
+        entry = comps[name]
+        assert entry["precision"] == "int8", name
+        q = entry["quantization"]
+        assert q["target"] == "ort-cpu" and q["tool"] == "onnxruntime.quantization" and q["passed"]
+        assert q["calibration_samples"] > 0 and q["graph"]["qdq_nodes"].get("QuantizeLinear", 0) > 0
+        assert q["accuracy"]["worst_cosine"] >= on_disk["quantization"]["thresholds"]["cosine"]
+        _, zps = _qdq(dst / entry["file"])
+        assert zps == {onnx.TensorProto.UINT8, onnx.TensorProto.INT8} or onnx.TensorProto.UINT8 in zps, (name, zps)
+    for name in ("lm_head_text", "lm_head_semantic", "lm_head_pixel", "token_map"):
+        assert comps[name]["precision"] == "fp32" and comps[name]["kept_fp32"]
+    llm = comps["llm"]["quantization"]
+    assert llm["recipe"].startswith("int8-smoothquant0.5")
+    assert len(llm["graph"]["smoothquant"]["smoothed"]) == 3 * 2  # qkv, gate/up, down per layer (2 layers)
+    tf = llm["accuracy"]["teacher_forced"]
+    assert set(tf) == {"semantic", "pixel", "answer"} and all(v["positions"] > 0 for v in tf.values())
+    assert "psnr_db" in comps["pixel_decoder"]["accuracy"] and "psnr_db" in comps["vae_decoder"]["accuracy"]
+    cal = on_disk["quantization"]["calibration"]
+    assert cal["generate"][0]["seed"] == 0 and cal["samples"]["llm"] > 2 and cal["images"]
+    # the source bundle is untouched and the LM heads are byte-identical
+    src = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert src["components"]["llm"]["precision"] == "fp32"
+    assert comps["lm_head_pixel"]["sha256"] == src["components"]["lm_head_pixel"]["sha256"]
+    assert comps["llm"]["sha256"] != src["components"]["llm"]["sha256"]
+    assert any("llm" in line for line in summary_lines(manifest))
+
+
+def test_runtime_generates_with_int8_cpu_bundle(int8_cpu, tiny_pipe):
+    from illume_rt.runtime.pipeline import Pipeline
+
+    dst, _ = int8_cpu
+    pipe = Pipeline.from_bundle(dst, threads=TEST_THREADS)
+    got = pipe.generate("a cat with a hat", (256, 256), seed=3, sampling=SamplingConfig(greedy=True))
+    want = tiny_pipe.generate("a cat with a hat", (256, 256), seed=3, sampling=SamplingConfig(greedy=True))
+    assert got.image.shape == want.image.shape == (256, 256, 3)
+    # quantized, so not identical, but the same picture: most greedy codes agree on this model
+    assert np.mean(got.tokens.pixel == want.tokens.pixel) > 0.5
+
+
+def test_fp8_tensorrt_bundle_is_standard_qdq_and_runs(fp8_trt):
+    import onnx
+
+    from illume_rt.runtime.pipeline import Pipeline
+
+    dst, manifest = fp8_trt
+    assert manifest["quantization"]["status"] == "passed"
+    entry = manifest["components"]["llm"]
+    assert entry["precision"] == "fp8" and entry["quantization"]["tool"] == "nvidia-modelopt"
+    model, zps = _qdq(dst / entry["file"])
+    assert zps == {onnx.TensorProto.FLOAT8E4M3FN}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no custom (trt / com.microsoft) domains
+    assert manifest["components"]["semantic_encoder"]["precision"] == "fp32"  # not in `components`
+    pipe = Pipeline.from_bundle(dst, threads=TEST_THREADS)  # precision fp8 -> session.disable_quant_qdq=1
+    result = pipe.generate("two green squares", (256, 256), seed=1)
+    assert result.image.shape == (256, 256, 3) and result.image.std() > 0
+
+
+def test_missed_gate_fails_unless_keep_failed(tiny_bundle, tmp_path):
+    strict = {"llm_top1": 1.01, "llm_kl": 0.0, "cosine": 1.01, "psnr_db": 1e9}
+    dst = tmp_path / "strict"
+    with pytest.raises(QuantizationError, match="gate"):
+        _quantize(tiny_bundle, dst, "int8", "tensorrt", components=["llm"], thresholds=strict)
+    assert not dst.exists() and not list(tmp_path.glob(".strict*"))  # nothing half-written left behind
+    manifest = _quantize(tiny_bundle, dst, "int8", "tensorrt", components=["llm"], thresholds=strict,
+                         keep_failed=True)
+    on_disk = json.loads((dst / "manifest.json").read_text())
+    assert manifest["quantization"]["status"] == on_disk["quantization"]["status"] == "failed"
+    assert on_disk["components"]["llm"]["quantization"]["passed"] is False
+    assert on_disk["quantization"]["failures"]
+    _, zps = _qdq(dst / on_disk["components"]["llm"]["file"])
+    import onnx
+
+    assert zps == {onnx.TensorProto.INT8}  # tensorrt flavour: signed symmetric
+
+
+def test_smoothquant_keeps_the_function(tiny_bundle, tmp_path):
+    """The migration of scales must not change the FP32 graph's outputs (it only moves range around)."""
+    import onnxruntime as ort
+
+    from illume_rt.calibration.recipes import smoothquant
+    from illume_rt.export.configs import get_preset
+    from illume_rt.export.llm import llm_component
+
+    comp = llm_component(get_preset("tiny"), None)
+    feeds = [comp.make_inputs(comp.sample_dims(i), np.random.default_rng(i)) for i in (0, 1)]
+    out = tmp_path / "smooth.onnx"
+    report = smoothquant(tiny_bundle / "llm.onnx", out, feeds, 0.5, TEST_THREADS)
+    assert len(report["smoothed"]) == 6 and any(abs(r["scale_range"][1] - 1) > 0.05 for r in report["smoothed"])
+    a = ort.InferenceSession(str(tiny_bundle / "llm.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for x, y in zip(a.run(None, feed), b.run(None, feed)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_cli_arguments():
+    from illume_rt.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "B", "--precision", "fp8", "--target", "ort-cpu", "-o", "O",
+                                      "--keep-failed"])
+    assert (args.precision, args.target, args.output, args.keep_failed) == ("fp8", "ort-cpu", "O", True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "B", "--precision", "int4", "-o", "O"])
