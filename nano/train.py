@@ -46,9 +46,9 @@ STAGES = ("semantic", "pixel", "tokens", "mllm", "export")
 SEED = 1234
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
-SEMANTIC_STEPS, SEMANTIC_BATCH = 80, 8
-PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 150, 16, 8, 6
-MLLM_STEPS, T2I_BATCH, UND_BATCH = 200, 4, 2
+SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
+PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 600, 80, 8, 6
+MLLM_STEPS, T2I_BATCH, UND_BATCH = 1000, 8, 4
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -275,7 +275,7 @@ def stage_pixel(work: Path) -> None:
 
     def step_fn(step, rng):
         full = step >= PIXEL_CROP_STEPS
-        n = 2 if full else PIXEL_BATCH
+        n = 4 if full else PIXEL_BATCH
         x = random_batch(rng, train, n)
         with torch.no_grad():
             q_sem = pixel.semantic_quantizer.indices_to_codes(semantic_codes(enc, pixel.semantic_quantizer, x))
@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("ILLUME_NANO_WORK", DEFAULT_WORK)))
     ap.add_argument("--out", type=Path, default=HERE / "weights")
     ap.add_argument("--redo", action="append", default=[], choices=STAGES)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)  # 2 threads spin against each other on a busy 2-core box
     args = ap.parse_args(argv)
     bad = [s for s in args.stages if s not in STAGES]
     if bad:
