@@ -66,7 +66,7 @@ def components_for(models: ReferenceModels) -> list[Component]:
     when their networks are present."""
     from illume_rt.export.llm import HEAD_RANGES, head_component, llm_component
     from illume_rt.export.multimodal import pixel_embedder_component, token_map_component
-    from illume_rt.export.networks.dualvitok import effective_codebooks, pixel_decoder_component
+    from illume_rt.export.networks.dualvitok import pixel_decoder_component
 
     preset = models.preset
     if models.dualvitok is None:
@@ -83,7 +83,7 @@ def components_for(models: ReferenceModels) -> list[Component]:
     if models.unet is not None and models.vae is not None:
         from illume_rt.export.networks.diffusion import unet_component, vae_decoder_component
 
-        comps.append(token_map_component(preset, effective_codebooks(models.dualvitok)))
+        comps.append(token_map_component(preset, models.dualvitok))
         comps += [unet_component(preset, models.unet), vae_decoder_component(preset, models.vae)]
     comps += [make(models) for make in models.extra_components]
     return comps
@@ -95,6 +95,18 @@ def tables_for(models: ReferenceModels) -> dict[str, np.ndarray]:
     tables = effective_codebooks(models.dualvitok)
     embed = models.llm.get_input_embeddings().weight.detach().float().numpy()
     return {"embed_tokens": embed, "semantic_codebook": tables["semantic"], "pixel_codebook": tables["pixel"]}
+
+
+def publish_dir(work: Path, out_dir: Path) -> Path:
+    """Move a fully written folder into place, replacing what is there, so readers never see a partial one."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        work.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out_dir)
+    return out_dir
 
 
 def _file_entry(path: Path, root: Path) -> dict:
@@ -159,14 +171,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             shutil.copyfile(tokenizer_file, work / "tokenizer.json")
             manifest["files"]["tokenizer"] = _file_entry(work / "tokenizer.json", work)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            work.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(out_dir)
-        return out_dir
+        return publish_dir(work, out_dir)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -150,7 +151,8 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp = work / path.name
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
             program = torch.onnx.export(
                 module, _torch_inputs(component, sample), input_names=component.input_names(),
                 output_names=component.output_names(), dynamic_shapes=dyn, dynamo=True,

@@ -13,7 +13,7 @@ from torch import nn
 
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset
-from illume_rt.export.networks.dualvitok import ENCODER_SIDE_PROFILE, merge_quants
+from illume_rt.export.networks.dualvitok import ENCODER_SIDE_PROFILE, merge_quants, pixel_decoder_component
 from illume_rt.runtime.layout import PIXEL_PATCH
 
 
@@ -53,28 +53,17 @@ class TokenMap(nn.Module):
         return (merge_quants(semantic_embed, pixel_embed),)
 
 
-def token_map_component(preset: Preset, tables: dict[str, np.ndarray]) -> Component:
+def token_map_component(preset: Preset, model) -> Component:
+    """Same inputs, dims and sample data as the pixel decoder (one description of the code embeddings)."""
+    decoder = pixel_decoder_component(preset, model)
     dim = preset.codebook.dim
-
-    def make_inputs(dims, rng):
-        def embed(table, rows, cols):
-            idx = rng.integers(0, table.shape[0], size=(dims["batch"], rows, cols))
-            return np.ascontiguousarray(table[idx].transpose(0, 3, 1, 2), dtype=np.float32)
-
-        return {"semantic_embed": embed(tables["semantic"], dims["sem_rows"], dims["sem_cols"]),
-                "pixel_embed": embed(tables["pixel"], dims["pix_rows"], dims["pix_cols"])}
-
     return Component(
         name="token_map",
-        inputs=(TensorSpec("semantic_embed", "float32", ("batch", dim, "sem_rows", "sem_cols")),
-                TensorSpec("pixel_embed", "float32", ("batch", dim, "pix_rows", "pix_cols"))),
+        inputs=decoder.inputs,
         outputs=(TensorSpec("token_map", "float32", ("batch", 2 * dim, "pix_rows", "pix_cols")),),
-        dims={"batch": (2, 1, (1, 1, 4)), "sem_rows": (3, 5, (9, 18, 36)), "sem_cols": (4, 6, (9, 18, 36)),
-              "pix_rows": (5, 9, (16, 32, 64)), "pix_cols": (7, 11, (16, 32, 64))},
+        dims=decoder.dims,
         build_module=lambda: TokenMap().eval(),
-        make_inputs=make_inputs,
+        make_inputs=decoder.make_inputs,
         tolerance=Tolerance(),
         description=f"[bicubic(semantic_embed -> pixel grid), pixel_embed]: the {2 * dim}-channel diffusion condition",
     )
-
-
