@@ -10,7 +10,10 @@ from pathlib import Path
 def add_arguments(p) -> None:
     p.add_argument("--preset", default="bench", help="preset exported once for the benchmark (default: bench)")
     p.add_argument("--bundle", help="benchmark this bundle instead (its preset's reference is rebuilt from the seed)")
-    p.add_argument("--int8-bundle", help="a quantized bundle of the same model: adds the INT8 runtime contender")
+    p.add_argument("--int8-bundle", help="a quantized bundle of the same model: adds the INT8 runtime contender and "
+                   "the FP32-vs-INT8 decode comparison in one process (make one with python -m illume_rt.bench.int8 "
+                   "--quantize)")
+    p.add_argument("--int8-repeats", type=int, default=7, help="interleaved repeats of the FP32-vs-INT8 comparison")
     p.add_argument("--resolutions", default="256x256,512x512", help="comma-separated HEIGHTxWIDTH list")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per contender and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -39,4 +42,5 @@ def run_from_args(args) -> Path:
                      int8_bundle=Path(args.int8_bundle) if args.int8_bundle else None, peer=not args.no_peer,
                      reference=not args.no_reference, ablations=not args.no_ablations,
                      text_tokens=args.text_tokens, out_dir=Path(args.output) if args.output else None,
+                     int8_repeats=args.int8_repeats,
                      command="illume-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

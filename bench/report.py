@@ -126,11 +126,16 @@ def analyse(r: dict) -> dict:
             m["reference peak while generating"] = ref["memory"]["peak_rss_generate_bytes"]
             m["reference peak incl. loading"] = ref["memory"]["peak_rss_load_bytes"]
         d["memory"] = m
-    d["targets"] = _targets(d)
+    i8 = r.get("int8_vs_fp32")
+    if i8:
+        from illume_rt.bench.int8 import ratio_rows
+
+        d["ratios"].update(ratio_rows(i8))
+    d["targets"] = _targets(d, i8)
     return d
 
 
-def _targets(d: dict) -> list[dict]:
+def _targets(d: dict, int8: dict | None = None) -> list[dict]:
     rows = []
 
     def add(name, target, value, ok, note=""):
@@ -161,6 +166,10 @@ def _targets(d: dict) -> list[dict]:
             ok = m["runtime peak while generating"] < m["reference peak while generating"]
             add("runtime peak < reference peak", "runtime lower",
                 m["runtime peak while generating"] / m["reference peak while generating"], ok)
+    if int8:
+        from illume_rt.bench.int8 import target_row
+
+        rows.append(target_row(int8))
     return rows
 
 
@@ -209,6 +218,10 @@ def markdown(r: dict) -> str:
     out += [f"| {k} | {_gb(v)} | {d['floor_s_per_step'][k] * 1e3:.0f} ms |" for k, v in d["weight_bytes_per_step"].items()]
     out += ["", "| measured step | fraction of the floor |", "|---|---|"]
     out += [f"| {k} | {100 * v:.0f}% |" for k, v in d["bandwidth_fraction"].items()]
+    if r.get("int8_vs_fp32"):
+        from illume_rt.bench.int8 import markdown_section
+
+        out += [""] + markdown_section(r["int8_vs_fp32"])
     ab = r.get("ablations")
     if ab:
         out += ["", f"## Loop variants ({ab['resolution']} probe, {ab['probe_codes_per_level']} codes per level, "

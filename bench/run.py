@@ -1,6 +1,10 @@
 """``illume-rt bench``: every contender in its own process on the same weights, then the derived figures (per-image
 latency, bandwidth against the floor, ratios against the targets, memory) written as JSON, markdown and a chart.
 
+With ``--int8-bundle`` the INT8 bundle is a contender of its own (per-image latency) and, for the ratio, both bundles
+are also opened in ONE worker that times their decode steps and prefill at the same contexts with interleaved
+repeats (bench/int8.py): the ``int8_vs_fp32`` section, rows in the ratio and target tables.
+
 Decoding a whole 512x512 image takes minutes per contender on a small CPU machine, so each contender decodes a
 *probe*: the real prompt of the resolution, then ``--probe-codes`` codes of each level. Per-image latency is
 prefill + codes x step time (+ image decode), with the pixel-level step averaged between the start of the image
@@ -97,7 +101,7 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
               probe_codes: int = 12, rounds: int = 1, threads: int | None = None, full: bool = False,
               int8_bundle: Path | None = None, peer: bool = True, reference: bool = True,
               ablations: bool = True, text_tokens: int = 48, out_dir: Path | None = None,
-              command: str = "", log: Callable[[str], None] = print) -> Path:
+              command: str = "", int8_repeats: int = 7, log: Callable[[str], None] = print) -> Path:
     from illume_rt.bench.report import analyse, write_reports
 
     t_start = time.perf_counter()
@@ -120,6 +124,7 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
     bandwidth = [read_bandwidth()]
     raw: dict[str, list] = {c["label"]: [] for c in contenders}
     ablation_runs: list = []
+    int8_runs: list = []  # FP32 vs INT8 in one process, interleaved (bench/int8.py)
     errors: dict[str, str] = {}
     for rnd in range(rounds):
         log(f"round {rnd + 1}/{rounds}")
@@ -129,6 +134,13 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
             except (RuntimeError, subprocess.SubprocessError) as exc:  # recorded; the other contenders go on
                 log(f"  {c['label']} FAILED: {str(exc)[-400:]}")
                 errors[c["label"]] = str(exc)[-2000:]
+        if int8_bundle:
+            try:
+                int8_runs.append(run_worker({**base, "label": "int8 vs fp32 (one process)", "kind": "int8",
+                                             "int8_bundle": str(int8_bundle), "repeats": int8_repeats}, log))
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                log(f"  int8 vs fp32 FAILED: {str(exc)[-400:]}")
+                errors["int8 vs fp32 (one process)"] = str(exc)[-2000:]
         if ablations:
             try:
                 ablation_runs.append(run_worker({**base, "label": "loop variants", "kind": "ablations"}, log))
@@ -145,7 +157,9 @@ def run_bench(bundle: Path, preset: str, resolutions: list[tuple[int, int]], rep
         "contenders": {label: merge_rounds(runs) for label, runs in raw.items() if runs},
         "errors": errors,
         "ablations": merge_rounds(ablation_runs) if ablation_runs else None,
-        "int8": "measured" if int8_bundle else "not run: no quantized bundle given (--int8-bundle; issue 5)",
+        "int8_vs_fp32": merge_rounds(int8_runs) if int8_runs else None,
+        "int8": ("measured (runtime int8 contender; int8_vs_fp32: one process, interleaved)" if int8_bundle
+                 else "not run: no quantized bundle given (--int8-bundle; issue 5)"),
         "peer": "measured" if peer_dir else "not run",
     }
     with open(bundle / "manifest.json") as fh:

@@ -3,7 +3,8 @@
 
 Kinds: ``runtime`` (the bundle through onnxruntime, the runtime's own loop), ``reference`` (transformers, the
 official way: see export/reference.py), ``ablations`` (loop variants on the runtime), ``runtime-text`` and
-``peer-text`` (text decoding: this runtime vs onnxruntime-genai on the same body).
+``peer-text`` (text decoding: this runtime vs onnxruntime-genai on the same body), ``int8`` (FP32 vs INT8 bundle
+decode steps and prefill in one process, interleaved: bench/int8.py).
 """
 
 from __future__ import annotations
@@ -333,8 +334,14 @@ def run_peer_text(spec: dict) -> dict:
     return _text_result(firsts, wholes, n, tokens, load_s, load_peak, after_load, "full vocabulary (283,047)")
 
 
+def run_int8(spec: dict) -> dict:
+    from illume_rt.bench.int8 import run_worker_spec
+
+    return run_worker_spec(spec)
+
+
 KINDS = {"runtime": run_runtime, "reference": run_reference, "ablations": run_ablations,
-         "runtime-text": run_runtime_text, "peer-text": run_peer_text}
+         "runtime-text": run_runtime_text, "peer-text": run_peer_text, "int8": run_int8}
 
 
 def main(argv: list[str]) -> int:

@@ -74,8 +74,11 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                     components: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (replaced if present); return its manifest.
 
-    ``precision`` int8|fp8, ``target`` tensorrt|ort-cpu (see recipes). ``components`` limits which graphs are
-    quantized (default: every graph in recipes.QUANTIZED that the bundle has)."""
+    ``precision`` int8|fp8, ``target`` tensorrt|ort-cpu (see recipes). ``calibration`` and ``evaluation`` replace
+    the default plans (``datasets.default_plan``; e.g. one short 256x256 run each where calibrating on a small
+    machine: bench/int8.py ``quick_plans``); both plans are recorded in the manifest with the figures.
+    ``components`` limits which graphs are quantized (default: every graph in recipes.QUANTIZED that the bundle
+    has); the others stay FP32, marked ``kept_fp32`` in the manifest. Gates apply to every quantized graph."""
     from illume_rt.engines.ort import OrtEngine
     from illume_rt.runtime.pipeline import Pipeline
 
@@ -100,10 +103,12 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     t0 = time.perf_counter()
     pipe = Pipeline(bundle, "ort-cpu", threads)
     feeds, cal_record = datasets.capture(pipe, calibration, log)
-    log(f"calibration: {cal_record['samples']} feeds captured in {time.perf_counter() - t0:.1f}s")
+    timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
+    log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s")
     t1 = time.perf_counter()
     evals = accuracy.record_eval(pipe, evaluation)
-    log(f"evaluation runs recorded in {time.perf_counter() - t1:.1f}s")
+    timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
+    log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.q-", dir=dst.parent))
@@ -142,6 +147,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 + ("".join(f"  {k} top-1 {v['top1_agreement']:.3f} KL {v['kl_mean']:.4f}"
                            for k, v in figures.get("teacher_forced", {}).items()))
                 + f"  {'ok' if not fails else 'FAIL'}  {time.perf_counter() - t2:.1f}s")
+            timings[f"quantize_and_measure_{name}"] = round(time.perf_counter() - t2, 1)
             del engine
 
         prompt_accuracy = {}
@@ -172,8 +178,13 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             if name in manifest["components"]:
                 manifest["components"][name]["quantization"] = None
                 manifest["components"][name]["kept_fp32"] = why
+        for name in recipes.QUANTIZED:
+            if name in manifest["components"] and name not in results:
+                manifest["components"][name]["quantization"] = None
+                manifest["components"][name]["kept_fp32"] = "not requested (quantize_bundle components=)"
         manifest["quantization"] = {
             "precision": precision, "target": target, "status": status, "failures": failures,
+            "components": names,
             "thresholds_key": thresholds_key, "thresholds": limits,
             "source_bundle": {"path": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},
             "calibration": cal_record,
@@ -184,7 +195,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                                           for r in evals["understand"]]},
             "prompt_accuracy": prompt_accuracy or "no scorer registered (accuracy.register_prompt_scorer)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "timings": timings,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         if prompt_accuracy:  # end-to-end hook: score the quantized bundle too, gate the drop

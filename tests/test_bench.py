@@ -120,9 +120,7 @@ def test_measuring_helpers():
     assert merged["peak_rss_bytes"] == 9 and merged["load_s"] == 3.0 and merged["tag"] == "x"
 
 
-def test_report_from_synthetic_results(tmp_path):
-    from illume_rt.bench.report import analyse, write_reports
-
+def _synthetic_results() -> dict:
     def st(v):
         return stats([v, v * 1.1])
 
@@ -147,6 +145,13 @@ def test_report_from_synthetic_results(tmp_path):
         },
         "ablations": None,
     }
+    return results
+
+
+def test_report_from_synthetic_results(tmp_path):
+    from illume_rt.bench.report import analyse, write_reports
+
+    results = _synthetic_results()
     d = analyse(results)
     assert d["ratios"]["runtime vs reference per image 256x256"] == pytest.approx(
         (2.0 + 361 * 1.0 + 1.0) / (1.0 + 81 * 0.2 + 256 * 0.26 + 0.5))
@@ -160,6 +165,48 @@ def test_report_from_synthetic_results(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "bench"
     assert "| runtime vs reference per image 256x256 | >= 3.0x |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_int8_vs_fp32_measurement(tiny_bundle, tmp_path):
+    """One process, interleaved: a tiny INT8 bundle (quick plan, LLM body only) against its FP32 source; finite
+    positive times and ratios, the figures of the quick quantization in its manifest, and the report rows."""
+    from illume_rt.bench.int8 import measure_int8, quantize_quick, ratio_rows, write_results
+    from illume_rt.bench.report import analyse, markdown
+
+    int8 = tmp_path / "tiny-int8"
+    q = quantize_quick(tiny_bundle, int8, threads=1, log=lambda m: None)
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["quantization"]["status"] == "passed" and manifest["quantization"]["components"] == ["llm"]
+    assert manifest["components"]["llm"]["precision"] == "int8"
+    assert manifest["components"]["llm"]["quantization"]["accuracy"]["teacher_forced"]["pixel"]["positions"] > 0
+    assert manifest["components"]["pixel_decoder"]["precision"] == "fp32"
+    assert manifest["components"]["pixel_decoder"]["kept_fp32"]
+    assert q["seconds"] > 0 and manifest["quantization"]["timings"]["calibration_capture"] >= 0
+
+    section = measure_int8(tiny_bundle, int8, repeats=2, warmup=1, steps=2, threads=1, log=lambda m: None)
+    for label in ("fp32", "int8"):
+        for key in ("prefill", "semantic step", "pixel step", "pixel body", "pixel head"):
+            fig = section["times_s"][label][key]
+            assert fig["n"] == 2 and np.isfinite(fig["median"]) and fig["min"] > 0, (label, key)
+    for key, value in section["ratios"].items():
+        assert np.isfinite(value) and value > 0, key
+    assert section["paired_ratios"]["pixel step"]["n"] == 2
+    assert section["weight_bytes_ratio"]["body"] > 1  # INT8 weights are smaller
+    assert section["int8_quantization"]["components"]["llm"]["teacher_forced"]["semantic"]["top1_agreement"] >= 0.6
+    assert 0 < section["contexts"]["semantic"] < section["contexts"]["pixel"]
+    assert len(section["loadavg"]["per_repeat_1min"]) == 3
+
+    out = write_results({"command": "test", "created_at": "now", "machine": {"cpu_count": 2}, "versions": {},
+                         "int8_vs_fp32": section, "wall_s": 1.0}, tmp_path / "res")
+    assert json.loads((out / "results.json").read_text())["int8_vs_fp32"]["ratios"]["pixel step"] > 0
+    assert "| **" in (out / "results.md").read_text()
+    results = {**_synthetic_results(), "int8_vs_fp32": section}
+    d = analyse(results)
+    for row in ratio_rows(section):
+        assert d["ratios"][row] == ratio_rows(section)[row]
+    assert any(t["target"].startswith("INT8 decode speed-up") for t in d["targets"])
+    results["derived"] = d
+    assert "INT8 vs FP32 decode (one process" in markdown(results)
 
 
 def test_external_data_export_is_listed_and_verified(tmp_path):
