@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from illume_rt.export.bundle import publish_dir
 from illume_rt.export.components import ExportError
 from illume_rt.runtime.bundle import MANIFEST, load_bundle, sha256_file
 
@@ -210,13 +211,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 raise QuantizationError("end-to-end prompt accuracy misses its gate:\n  " + "\n  ".join(failures))
             manifest["quantization"].update(status="passed" if not failures else "failed", failures=failures)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            work.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(dst)
+        publish_dir(work, dst)
         return manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

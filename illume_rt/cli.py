@@ -44,9 +44,9 @@ def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
         for file in sorted(root.rglob("*.py")):
             digest.update(file.read_bytes())
     if preset == "nano":  # the trained weights are part of the key
-        from illume_rt.nano.checkpoint import WEIGHTS
+        from illume_rt.nano.checkpoint import DUALVITOK_FILE, MLLM_DIR
 
-        for file in sorted(WEIGHTS.rglob("*")):
+        for file in [*sorted(MLLM_DIR.iterdir()), DUALVITOK_FILE]:
             if file.is_file():
                 digest.update(file.name.encode() + file.read_bytes())
     return cache_dir() / "bundles" / f"{preset}-{digest.hexdigest()[:12]}"

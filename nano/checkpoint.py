@@ -120,6 +120,7 @@ def write_checkpoint(out: Path, preset, llm, projectors, semantic_encoder, seman
     state.update({PROJECTOR_PREFIX + k: v for k, v in projectors.state_dict().items()})
     state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
     save_file(state, str(out / "mllm" / "model.safetensors"), metadata={"format": "pt"})
+    (out / "mllm" / "model.safetensors").chmod(0o644)  # save_file creates it owner-only
     (out / "mllm" / "config.json").write_text(json.dumps(mllm_config(preset, llm), indent=2) + "\n")
     write_byte_tokenizer(out / "mllm" / "tokenizer.json", preset.vocab)
 

@@ -20,17 +20,23 @@ from illume_rt.nano import data, score
 GUIDANCE = 2.0
 
 
-def eval_prompts(limit: int | None = None) -> list[tuple[str, dict]]:
-    """Held-out prompts: each held-out scene's full caption, then its short (size-free) one."""
-    _, held = data.split()
-    out = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in held]
-    out += [(s.short_caption, {a: getattr(s, a) for a in data.ATTRIBUTES if a != "size"}) for s in held]
+def eval_scenes(which: str = "held") -> list[data.Scene]:
+    """'held': the 45 held-out combinations; 'train': every 9th training combination (45), to show how much of
+    the held-out figure is generalisation and how much is fitting."""
+    train, held = data.split()
+    return held if which == "held" else train[::9]
+
+
+def eval_prompts(limit: int | None = None, which: str = "held") -> list[tuple[str, dict]]:
+    """Prompts of ``eval_scenes``: each scene's full caption, then its short (size-free) one."""
+    scenes = eval_scenes(which)
+    out = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
+    out += [(s.short_caption, {a: getattr(s, a) for a in data.ATTRIBUTES if a != "size"}) for s in scenes]
     return out[:limit] if limit else out
 
 
-def eval_questions(limit: int | None = None) -> list[tuple[data.Scene, str, str]]:
-    _, held = data.split()
-    items = [(s, q, a) for s in held for q, a in s.qa()]
+def eval_questions(limit: int | None = None, which: str = "held") -> list[tuple[data.Scene, str, str]]:
+    items = [(s, q, a) for s in eval_scenes(which) for q, a in s.qa()]
     return items[:limit] if limit else items
 
 
@@ -85,13 +91,13 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
 
 
 def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_limit: int | None = None,
-             log=print) -> dict:
+             log=print, which: str = "held") -> dict:
     """{'generation': {engine: summary}, 'understanding': {engine: accuracy}, 'token_identical': ...}."""
     engines = {k: v for k, v in (("reference", models), ("runtime", pipe)) if v is not None}
     gen = {name: [] for name in engines}
     same_tokens = []
     t0 = time.time()
-    for prompt, wanted in eval_prompts(prompt_limit):
+    for prompt, wanted in eval_prompts(prompt_limit, which):
         codes = {}
         for name, obj in engines.items():
             fn = reference_generate if name == "reference" else runtime_generate
@@ -104,7 +110,7 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
     und = {name: [] for name in engines}
     same_answers = []
     t0 = time.time()
-    for scene, q, a in eval_questions(question_limit):
+    for scene, q, a in eval_questions(question_limit, which):
         answers = {}
         for name, obj in engines.items():
             fn = reference_answer_text if name == "reference" else runtime_answer
@@ -117,8 +123,8 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
            "understanding": {k: float(np.mean(v)) for k, v in und.items()},
            "chance": {"generation": score.CHANCE, "understanding": float(np.mean(
                [1 / len(data.CHOICES[a]) for a in data.ATTRIBUTES]))},
-           "guidance": GUIDANCE, "decoding": "greedy", "prompts": len(eval_prompts(prompt_limit)),
-           "questions": len(eval_questions(question_limit))}
+           "guidance": GUIDANCE, "decoding": "greedy", "split": which,
+           "prompts": len(eval_prompts(prompt_limit, which)), "questions": len(eval_questions(question_limit, which))}
     if same_tokens:
         out["runtime_token_identical"] = float(np.mean(same_tokens))
     if same_answers:
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-runtime", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts and questions")
+    ap.add_argument("--split", nargs="+", default=["held", "train"], choices=["held", "train"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
 
         bundle = args.bundle or ensure_default_bundle("nano")
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
-    result = evaluate(pipe, models, args.limit, args.limit)
+    result = {which: evaluate(pipe, models, args.limit, args.limit, which=which) for which in args.split}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -2,10 +2,11 @@
 accuracy (generation) and answer accuracy (understanding).
 
 The reading is deliberately simple and independent of any network: background = the palette colour nearest to the
-median of the border pixels; object = pixels far from the background colour (largest blob's bounding box is not
-needed: one shape per picture); colour = palette colour nearest to the object's median; position = the canonical
-place nearest to the object's centroid; shape = fill ratio of the object in its bounding box (square ~1.0, circle
-~0.785, triangle ~0.5); size = the bounding box's side against the two canonical extents.
+median of the border pixels; object = pixels far from the background colour, opened by a 5x5 square (specks and
+seams of decoded pictures go); colour = palette colour nearest to the object's median; position = the canonical
+place nearest to the object's centroid; shape = the share of the object in the top half of its bounding box
+(a triangle, apex up, has ~1/4 there; decoded pictures blunt its apex, so the fill ratio alone misleads), else the
+fill ratio of the box (square ~1.0, circle ~0.785); size = the bounding box's side against the two canonical extents.
 """
 
 from __future__ import annotations
@@ -16,6 +17,21 @@ from illume_rt.nano import data
 
 MIN_OBJECT_FRACTION = 0.004  # an object must cover this much of the picture (about 260 px at 256x256)
 OBJECT_DISTANCE = 60.0  # RGB distance from the background colour that makes a pixel part of the object
+OPENING = 5  # side of the square that opens the object mask
+
+
+def _box_count(mask: np.ndarray, k: int) -> np.ndarray:
+    """Number of set pixels in the k x k window centred on each pixel (zero padding)."""
+    pad = np.pad(mask.astype(np.int32), k // 2 + 1)
+    c = pad.cumsum(0).cumsum(1)
+    h, w = mask.shape
+    return c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]
+
+
+def _open(mask: np.ndarray, k: int) -> np.ndarray:
+    """Morphological opening with a k x k square (erode, then dilate)."""
+    eroded = _box_count(mask, k) == k * k
+    return _box_count(eroded, k) > 0
 
 
 def _nearest(rgb: np.ndarray, names: dict[str, tuple[int, int, int]]) -> str:
@@ -38,6 +54,7 @@ def read_scene(img: np.ndarray) -> dict[str, str | None]:
     out: dict[str, str | None] = {a: None for a in data.ATTRIBUTES}
     out["background"] = background
     mask = np.sqrt(((pix - np.array(data.BACKGROUNDS[background], np.float32)) ** 2).sum(-1)) > OBJECT_DISTANCE
+    mask = _open(mask, OPENING)  # specks and thin seams of a decoded picture are not the object
     if mask.mean() < MIN_OBJECT_FRACTION:
         return out
     ys, xs = np.nonzero(mask)
@@ -47,8 +64,10 @@ def read_scene(img: np.ndarray) -> dict[str, str | None]:
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     by, bx = (y0 + y1) / 2 / h, (x0 + x1) / 2 / w
     out["position"] = min(data.POSITIONS, key=lambda p: (data.POSITIONS[p][0] - by) ** 2 + (data.POSITIONS[p][1] - bx) ** 2)
-    fill = mask[y0:y1, x0:x1].mean()
-    out["shape"] = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    box = mask[y0:y1, x0:x1]
+    fill = box.mean()
+    top = box[:(y1 - y0) // 2].sum() / max(1, box.sum())  # triangle (apex up): ~1/4 of it is in the top half
+    out["shape"] = "triangle" if top < 0.4 else "square" if fill > 0.82 else "circle"
     extent = ((y1 - y0) / h + (x1 - x0) / w) / 4  # half-extent, fraction of the side
     out["size"] = min(data.SIZES, key=lambda s: abs(data.SIZES[s] - extent))
     del cy, cx

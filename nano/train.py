@@ -10,7 +10,7 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 2. ``pixel``     DualViTok pixel branch with the semantic branch frozen: MoVQ encoder -> quant conv -> SimVQ pixel
                  quantizer -> post-quant conv -> MoVQ decoder conditioned on merge_quants(semantic, pixel), L1 + L2
                  reconstruction + commitment. Mostly on 96x96 crops of the code map (the networks are convolutional;
-                 a full 256x256 pass costs ~2 s here), then a short full-size phase so GroupNorm sees whole pictures.
+                 a full picture costs ~4x a crop), then a short full-size phase so GroupNorm sees whole pictures.
 3. ``tokens``    Tokenize the training pictures once (semantic 9x9 + pixel 16x16 codes) and cache the understanding
                  features of the same canonical pictures (ViT merger output and pixel-encoder output; both
                  encoders stay frozen in the MLLM: the released model fine-tunes part of them).
@@ -20,7 +20,8 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
                  multi-turn chat in a random order, so each question is also seen first).
 5. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
 
-Everything is seeded; ``torch.set_num_threads(2)``. CPU seconds per stage go to ``WORK/log.json`` and into the
+Everything is seeded. One thread by default (``--threads``): on a busy 2-core machine, two OpenMP threads spin
+against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the
 weights' ``training.json``.
 """
 
@@ -48,7 +49,7 @@ SEED = 1234
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
 SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
 PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 600, 80, 8, 6
-MLLM_STEPS, T2I_BATCH, UND_BATCH = 1000, 8, 4
+MLLM_STEPS, T2I_BATCH, UND_BATCH = 1100, 8, 4
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -204,7 +205,7 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append(float(loss))
+        hist.append(loss.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             print(f"[{stage.name}] step {step + 1}/{steps} loss {np.mean(hist[-every:]):.4f} {info} "
                   f"cpu {stage.cpu_s():.0f}s", flush=True)
@@ -294,7 +295,7 @@ def stage_pixel(work: Path) -> None:
         rec = pixel.pixel_decoder(pixel.pixel_post_quant_conv(quant), quant)
         l1 = F.l1_loss(rec, crops)
         loss = l1 + F.mse_loss(rec, crops) + commit
-        return loss, f"l1 {float(l1):.4f} codes {len(torch.unique(idx))}{' full' if full else ''}"
+        return loss, f"l1 {l1.item():.4f} codes {len(torch.unique(idx))}{' full' if full else ''}"
 
     del merge_quants
     extra = _train_loop(stage, {"pixel": pixel}, params, total, 2e-3, step_fn, every=10)
@@ -460,7 +461,7 @@ def stage_mllm(work: Path) -> None:
         emb[ids == SEM_SLOT] = sem_feat.reshape(-1, sem_feat.shape[-1])
         emb[ids == PIX_SLOT] = pix_feat.reshape(-1, pix_feat.shape[-1])
         loss_und = lm_loss(llm, emb, labels, mask)
-        return loss_t2i + loss_und, f"t2i {float(loss_t2i):.3f} und {float(loss_und):.3f}"
+        return loss_t2i + loss_und, f"t2i {loss_t2i.item():.3f} und {loss_und.item():.3f}"
 
     params = list(llm.parameters()) + list(proj.parameters())
     extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, MLLM_STEPS, 2e-3, step_fn, every=10)
