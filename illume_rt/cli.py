@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "nano"  # illume-nano, the trained miniature (nano/weights/); "tiny" is random weights
 
 
 class UsageError(Exception):

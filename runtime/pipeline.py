@@ -139,9 +139,10 @@ class Pipeline:
     def refine_image(self, semantic: np.ndarray, pixel: np.ndarray, grid, config: RefineConfig,
                      rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         """Code grids -> float image [3, 2H, 2W] through the token map and the diffusion decoder."""
+        refiner = self.refiner  # first: a bundle without a diffusion decoder gets the message that says so
         semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
         (token_map,) = self._engine("token_map").run({"semantic_embed": semantic_embed, "pixel_embed": pixel_embed})
-        return self.refiner.refine(token_map, grid, config, rng)
+        return refiner.refine(token_map, grid, config, rng)
 
     def _finish(self, tokens: ImageTokens, grid, refine: RefineConfig | None, rng, start: float, seed
                 ) -> GenerationResult:
