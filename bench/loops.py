@@ -44,7 +44,6 @@ def variant_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int]
     caches = [lm.new_cache(len(rows), capacity)] if guidance == "batched" else [lm.new_cache(1, capacity)
                                                                                for _ in rows]
     offsets = {SEMANTIC: vocab.semantic_code_offset, PIXEL: vocab.pixel_code_offset}
-    ranges = {"text": vocab.text_range, "semantic": vocab.semantic_range, "pixel": vocab.pixel_range}
     codes: dict[int, list[int]] = {SEMANTIC: [], PIXEL: []}
     timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
 
@@ -61,7 +60,7 @@ def variant_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int]
                 out.append(np.array(lm.logits(hidden, which)))
                 continue
             full = np.concatenate([lm.logits(hidden, name) for name in ("text", "semantic", "pixel")], axis=1)
-            start, stop = ranges[which]
+            start, stop = vocab.head_range(which)
             out.append(full[:, start:stop])
         return np.concatenate(out, axis=0)
 

@@ -139,8 +139,7 @@ HEAD_RANGES = ("text", "semantic", "pixel")
 
 
 def head_range(preset: Preset, which: str) -> tuple[int, int]:
-    vocab = preset.vocab
-    return {"text": vocab.text_range, "semantic": vocab.semantic_range, "pixel": vocab.pixel_range}[which]
+    return preset.vocab.head_range(which)
 
 
 def llm_component(preset: Preset, hf_model) -> Component:

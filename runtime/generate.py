@@ -127,8 +127,7 @@ class LanguageModel:
         return head.run({"hidden": hidden}, out={"logits": buffer})[0]
 
     def head_rows(self, which: str) -> int:
-        v = self.vocab
-        start, stop = {"text": v.text_range, "semantic": v.semantic_range, "pixel": v.pixel_range}[which]
+        start, stop = self.vocab.head_range(which)
         return stop - start
 
 

@@ -153,6 +153,14 @@ class VocabLayout:
         """Rows the head needs outside an image: everything below the first image code."""
         return 0, self.semantic_code_offset
 
+    def head_range(self, which: str) -> tuple[int, int]:
+        """Rows of the LM head slice ``which`` ("text", "semantic" or "pixel")."""
+        ranges = {"text": self.text_range, "semantic": self.semantic_range, "pixel": self.pixel_range}
+        try:
+            return ranges[which]
+        except KeyError:
+            raise ValueError(f"unknown head slice {which!r}; one of {', '.join(ranges)}") from None
+
     def height_tag(self, height: int) -> int:
         return self._size_tag(self.first_height_tag_id, height, "height")
 
