@@ -35,19 +35,10 @@ def byte_tokenizer_json(path: Path) -> Path:
     Qwen2.5's tokenizer in random-weight presets that use the official vocabulary layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = {}
-    # ByteLevel's fixed byte -> printable char mapping (GPT-2's bytes_to_unicode)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_to_char = {b: chr(c) for b, c in zip(bs, cs)}
-    assert set(byte_to_char.values()) == set(alphabet)
+    from illume_rt.nano.checkpoint import bytes_to_unicode
+
+    byte_to_char = bytes_to_unicode()
+    assert set(byte_to_char.values()) == set(pre_tokenizers.ByteLevel.alphabet())
     vocab = {byte_to_char[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

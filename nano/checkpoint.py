@@ -53,7 +53,7 @@ def write_byte_tokenizer(path: Path, vocab) -> None:
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte-level BPE
-    byte_to_char = _bytes_to_unicode()
+    byte_to_char = bytes_to_unicode()
     assert sorted(byte_to_char.values()) == sorted(alphabet)
     tok = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -66,7 +66,7 @@ def write_byte_tokenizer(path: Path, vocab) -> None:
     tok.save(str(path))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the one ByteLevel pre-tokenization uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
