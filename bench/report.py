@@ -13,6 +13,7 @@ SEQ = "sequential guidance (second forward)"
 LOOP = "runtime loop (batched guidance, active head, io binding)"
 FULL_HEAD = "full head, forced tokens one by one"
 NO_IO = "io binding off (session.run, outputs copied)"
+SPIN = "intra-op spinning on (onnxruntime's default)"
 
 
 def _m(s: dict) -> float:
@@ -95,6 +96,8 @@ def analyse(r: dict) -> dict:
         d["ratios"]["batched vs sequential guidance (per code)"] = _m(per[SEQ]) / _m(per[LOOP])
         d["ratios"]["active head + no head on forced vs full head (per code)"] = _m(per[FULL_HEAD]) / _m(per[LOOP])
         d["ratios"]["io binding + in-place cache writes vs session.run (per code)"] = _m(per[NO_IO]) / _m(per[LOOP])
+        if SPIN in per:
+            d["ratios"]["spinning off vs on (per code)"] = _m(per[SPIN]) / _m(per[LOOP])
         sweep = ab["step_vs_context_s"]
         ctx = sorted(sweep, key=int)
         d["ratios"][f"step time at context {ctx[-1]} vs {ctx[0]}"] = _m(sweep[ctx[-1]]) / _m(sweep[ctx[0]])

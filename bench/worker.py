@@ -209,7 +209,8 @@ def run_reference(spec: dict) -> dict:
     return out
 
 
-def _open_lm(bundle_path: str, threads, heads=("semantic", "pixel"), io_binding: bool = True):
+def _open_lm(bundle_path: str, threads, heads=("semantic", "pixel"), io_binding: bool = True,
+             spin: bool | None = None):
     from illume_rt.engines.ort import OrtEngine
     from illume_rt.runtime.bundle import load_bundle
     from illume_rt.runtime.generate import LanguageModel
@@ -217,7 +218,7 @@ def _open_lm(bundle_path: str, threads, heads=("semantic", "pixel"), io_binding:
     bundle = load_bundle(bundle_path, verify=False)
 
     def engine(name):
-        return OrtEngine(name, bundle.component_path(name), "ort-cpu", threads, io_binding=io_binding)
+        return OrtEngine(name, bundle.component_path(name), "ort-cpu", threads, io_binding=io_binding, spin=spin)
 
     return bundle, LanguageModel(engine("llm"), {h: engine(f"lm_head_{h}") for h in heads},
                                  bundle.table("embed_tokens"), bundle.llm, bundle.vocab)
@@ -232,6 +233,7 @@ def run_ablations(spec: dict) -> dict:
     threads = spec.get("threads")
     bundle, lm = _open_lm(spec["bundle"], threads, heads=("text", "semantic", "pixel"))
     _, lm_plain = _open_lm(spec["bundle"], threads, heads=("semantic", "pixel"), io_binding=False)
+    _, lm_spin = _open_lm(spec["bundle"], threads, heads=("semantic", "pixel"), spin=True)
     sampling, k = _sampling(spec), spec["probe_codes"]
     res = spec["resolutions"][0]
     probe = probe_grid(image_grid(*res), k)
@@ -241,6 +243,8 @@ def run_ablations(spec: dict) -> dict:
             lambda rng: generate_image_tokens(lm, probe, cond, uncond, sampling, rng),
         "io binding off (session.run, outputs copied)":
             lambda rng: generate_image_tokens(lm_plain, probe, cond, uncond, sampling, rng),
+        "intra-op spinning on (onnxruntime's default)":
+            lambda rng: generate_image_tokens(lm_spin, probe, cond, uncond, sampling, rng),
         "sequential guidance (second forward)":
             lambda rng: variant_image_tokens(lm, probe, cond, uncond, sampling, rng, guidance="sequential"),
         "full head, forced tokens one by one":

@@ -29,7 +29,7 @@ def session_options(threads: int | None = None, emulate_fp8: bool = False, spin:
     # after two runs (0.75 GB live at its peak); without it the memory goes back after each run, and decode
     # steps measured no slower (bench/results).
     opts.enable_cpu_mem_arena = memory_arena
-    if spin is not None:  # intra-op workers spin between ops by default: faster per op, but burns shared cores
+    if spin is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if emulate_fp8:  # FP8 Q/DQ graphs only run on onnxruntime with its Q/DQ fusion off (emulated in float)
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
@@ -56,8 +56,15 @@ class OrtEngine:
             raise BackendError(f"{backend} needs {providers[0]}, which this onnxruntime lacks (has {available}); "
                                "install onnxruntime-gpu instead of onnxruntime, or use --backend ort-cpu")
         self.name = name
+        on_cpu = providers[0] == "CPUExecutionProvider"
         if memory_arena is None:  # CPU: no arena (see session_options); CUDA keeps its default
-            memory_arena = providers[0] != "CPUExecutionProvider"
+            memory_arena = not on_cpu
+        if spin is None and on_cpu:
+            # Each session has its own intra-op workers, and by default they spin-wait after a run. The decoding
+            # loop alternates sessions every step (body, then a head), so the idle session's spinning workers
+            # took the cores the running one needed: with spinning on, a bench-preset pixel step took 1.6x as
+            # long (bench/results, "intra-op spinning on").
+            spin = False
         self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8, spin, memory_arena),
                                             providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
