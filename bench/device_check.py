@@ -230,7 +230,7 @@ def tensorrt_section(bundle, log) -> dict:
             else:
                 feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
         if name == "llm":  # positions continue the past
-            past = feeds["past_kv"].shape[0]
+            past = feeds["past_key_0"].shape[2]
             feeds["position_ids"] = feeds["position_ids"] + past
         via = "illume-rt runners"
         try:

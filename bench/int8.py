@@ -93,10 +93,7 @@ def _open_lm(path: str | Path, threads: int | None, spin: bool | None):
 
 def _filled_cache(lm, batch: int, context: int, capacity: int):
     cache = lm.new_cache(batch, capacity)
-    cache.kv[:context] = 0.01  # real pages, as a run would have written them
-    cache.mask[:, :context] = 1
-    cache.length = context
-    cache.next_position[:] = context
+    cache.fill(context)  # real pages, as a run would have written them
     return cache
 
 

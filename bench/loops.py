@@ -106,10 +106,7 @@ def step_time_at_context(lm: LanguageModel, context: int, steps: int = 6, batch:
     The cache prefix is filled with small values (real pages, not the shared zero page) instead of a prefill."""
     capacity = max(capacity or 0, context + steps + warmup)
     cache = lm.new_cache(batch, capacity)
-    cache.kv[:context] = 0.01
-    cache.mask[:, :context] = 1
-    cache.length = context
-    cache.next_position[:] = context
+    cache.fill(context)
     token = lm.vocab.pixel_code_offset if which == "pixel" else lm.vocab.semantic_code_offset
     times = []
     for i in range(steps + warmup):

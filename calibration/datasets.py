@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from illume_rt.runtime.generate import CACHE_INPUT_PREFIX
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "illume-examples"
 
 SUBJECTS = ("a red fox in the snow", "a bowl of ramen", "an old lighthouse on a cliff", "a robot reading a book",
@@ -137,7 +139,12 @@ def default_plan(role: str = "calibration", seed: int | None = None) -> Calibrat
 
 class Recorder:
     """Wraps an engine; keeps copies of the feeds of the calls ``keep(call_index)`` selects, and optionally the
-    outputs. Forwards ``out=`` so the runtime keeps writing the KV cache in place."""
+    outputs. Forwards ``out=`` so the runtime keeps writing into its buffers.
+
+    The llm's cache inputs are kept by reference, not copied: they are views of the request's KV cache, whose
+    columns never change once written, and the columns written later are masked in the call's (copied)
+    ``attention_mask``, so the referenced arrays replay exactly. Copying them would hold the whole cache once per
+    recorded step."""
 
     def __init__(self, inner, keep=lambda i: True, outputs: bool = False, events: list | None = None) -> None:
         self.inner, self.keep, self.with_outputs, self.events = inner, keep, outputs, events
@@ -149,7 +156,8 @@ class Recorder:
     def run(self, feeds, out=None):
         results = self.inner.run(feeds, out=out) if out is not None else self.inner.run(feeds)
         if self.keep(self.count):
-            call = {"feeds": {k: np.array(v, copy=True) for k, v in feeds.items()}, "index": self.count}
+            call = {"feeds": {k: v if k.startswith(CACHE_INPUT_PREFIX) else np.array(v, copy=True)
+                              for k, v in feeds.items()}, "index": self.count}
             if self.with_outputs:
                 call["outputs"] = [np.array(r, copy=True) for r in results]
             self.calls.append(call)

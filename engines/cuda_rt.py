@@ -22,7 +22,7 @@ def load_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            raise BackendError("the TensorRT backend needs cuda-python (pip install cuda-python)") from None
+            raise BackendError("the GPU backends need cuda-python (pip install cuda-python, or 'illume-rt[gpu]')") from None
     return cudart
 
 
@@ -79,6 +79,13 @@ class Cuda:
         if nbytes:
             self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                                stream))
+
+    def d2d_2d_async(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+                     stream) -> None:
+        """``height`` rows of ``width`` bytes, rows ``src_pitch`` / ``dst_pitch`` bytes apart (cudaMemcpy2DAsync)."""
+        if width and height:
+            self.check(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
+                                                 self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
 
     # -- streams and graphs -----------------------------------------------------------------------------------
     def stream(self):

@@ -1,19 +1,19 @@
 """The fixed-shape decode step that a CUDA graph can replay.
 
-A CUDA graph replays kernels with the shapes and addresses they were captured with, but the LLM's ``past`` dim
-grows by one or more every step. The graph contract (docs/bundle-format.md) lets every step have the same shape:
+A CUDA graph replays kernels with the shapes and addresses they were captured with. Every decode step already
+passes the cache's whole capacity (docs/bundle-format.md), so only the number of new positions varies; this plan
+fixes that too:
 
-- ``past_kv`` is always the cache's whole (bucketed) capacity ``P`` -- the same device address and shape each step.
-  Rows not yet written are zeros (the cache is zeroed once when allocated) and their ``attention_mask`` columns
-  are 0, so they get exactly zero attention weight; since keys are stored after rotary embedding and
-  ``position_ids`` are explicit, attending over [filled prefix + masked rows] equals attending over the prefix.
+- the cache inputs (``past_key_<i>``/``past_value_<i>``) are the cache's whole (bucketed) capacity ``P`` -- the same
+  device addresses and shapes each step. Columns not yet written are zeros (the cache is zeroed once when
+  allocated) and their ``attention_mask`` columns are 0, so they get exactly zero attention weight.
 - the step always has ``S`` new positions (GRAPH_STEP_SEQ): the real ones are right-aligned, the leading padding
   positions have mask 0 (no real query attends to them) and their outputs are dropped. ``hidden`` is the last
   position, i.e. the last real one.
-- ``new_kv`` goes to a fixed staging buffer; after the replay one device-to-device copy moves its last ``seq``
-  rows to ``cache[start:start + seq]`` (contiguous: the time axis is outermost).
+- ``new_kv`` goes to a fixed staging buffer; after the replay one strided device-to-device copy moves its last
+  ``seq`` columns to the cache's columns ``start:start + seq``.
 
-Cost: attention reads ``P`` cache rows instead of the filled length, and the GEMMs see ``S`` rows instead of 1-4.
+Cost: the GEMMs see ``S`` rows instead of 1-4.
 Decode is bound by reading the weights, so both are small (3B, 512x512 with guidance: P ~ 1.4k rows x 36 KiB x 2
 rows ~ 0.1 GB per step against ~6 GB of bf16 weights). A request with a different bucket recaptures once.
 
@@ -50,7 +50,7 @@ def bucket_capacity(capacity: int, max_context: int, step: int = GRAPH_STEP_SEQ)
 
 def static_step_feeds(cache_mask: np.ndarray, start: int, embeds: np.ndarray, positions: np.ndarray,
                       step: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Host inputs of one fixed-shape step (all but ``past_kv``). ``cache_mask`` is [batch, P] with the filled
+    """Host inputs of one fixed-shape step (all but the cache). ``cache_mask`` is [batch, P] with the filled
     columns set; ``embeds`` [batch, seq, hidden] and ``positions`` [batch, seq] are the real new positions.
     ``out`` holds preallocated (pinned) arrays to fill in place."""
     batch, seq, hidden = embeds.shape
@@ -86,9 +86,9 @@ class StaticStepLanguageModel(LanguageModel):
         if start == 0 or seq > self.step_seq or cache.capacity + self.step_seq > self.max_context:
             return super()._run(cache, ids, mask, positions)
         feeds = static_step_feeds(cache.mask, start, new_embeddings(self, ids), positions, self.step_seq)
-        feeds["past_kv"] = cache.kv  # the whole capacity, every step
+        feeds.update(cache.inputs())  # the whole capacity, every step
         hidden, new_kv = self.body.run(feeds)
-        cache.kv[start:start + seq] = new_kv[self.step_seq - seq:]
+        cache.kv[..., start:start + seq, :] = new_kv[..., self.step_seq - seq:, :]
         cache.mask[:, start:start + seq] = mask
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1

@@ -4,10 +4,11 @@ BackendError that says so.
 
 - ``OrtCudaEngine.run``: inputs are copied once into device OrtValues that are kept and reused while the shape
   stays the same (``update_inplace``), outputs are bound to the device and copied back to the host once.
-- ``OrtCudaLanguageModel``: the KV cache is one device OrtValue [capacity, layers, 2, batch, kv_heads, head_dim];
-  ``past_kv`` is bound to its filled prefix and ``new_kv`` to the rows right after it by raw pointer
-  (``bind_input``/``bind_output`` with ``buffer_ptr``), so the cache is written in place on the device and never
-  crosses to the host; only ``hidden`` comes back for the LM head and the sampler.
+- ``OrtCudaLanguageModel``: the KV cache is one device OrtValue [layers, 2, batch, kv_heads, capacity, head_dim];
+  each layer's cache inputs are bound to their block of it by raw pointer (``bind_input`` with ``buffer_ptr``;
+  the whole capacity, masked), ``new_kv`` to a device staging buffer, and one strided device copy
+  (cudaMemcpy2D through cuda-python) puts the new columns in place: the cache never crosses to the host; only
+  ``hidden`` comes back for the LM head and the sampler.
 """
 
 from __future__ import annotations
@@ -91,35 +92,49 @@ class OrtCudaLanguageModel(LanguageModel):
         from illume_rt.engines.tensorrt import DeviceKVCache
 
         super().new_cache(batch, capacity)  # context check
-        shape = (capacity, self.layers, 2, batch, self.kv_heads, self.head_dim)
-        value = self.body.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda",
-                                                                     self.body.device_id)
-        row_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
-        return DeviceKVCache(_DeviceKV(value, shape), batch, capacity, row_bytes)
+        shape = (self.layers, 2, batch, self.kv_heads, capacity, self.head_dim)
+        value = self.body.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), "cuda",
+                                                           self.body.device_id)  # unwritten columns: finite
+        return DeviceKVCache(_DeviceKV(value, shape), self.kv_dtype.itemsize)
 
     def _run(self, cache, ids, mask, positions) -> np.ndarray:
+        from illume_rt.engines.cuda_rt import Cuda
         from illume_rt.runtime.layout import LayoutError
 
         start, seq = cache.length, ids.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        cache.mask[:, start:start + seq] = mask
         body: OrtCudaEngine = self.body
         batch, dev = ids.shape[0], body.device_id
-        kv_tail = cache.kv.shape[1:]
         io = body.session.io_binding()
         from illume_rt.engines.decode_graph import new_embeddings
 
+        past_shape = cache.input_shape()
         host = {"inputs_embeds": new_embeddings(self, ids),
-                "attention_mask": np.ascontiguousarray(cache.mask[:, :start + seq]),
+                "attention_mask": np.concatenate([cache.mask[:, :past_shape[2]], np.asarray(mask, np.int64)], 1),
                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
         for name, array in host.items():
             io.bind_ortvalue_input(name, body._device_value(name, array))
-        io.bind_input("past_kv", "cuda", dev, self.kv_dtype, (start, *kv_tail), cache.row(0))
-        io.bind_output("new_kv", "cuda", dev, self.kv_dtype, (seq, *kv_tail), cache.row(start))
+        for name, ptr in cache.addresses().items():
+            io.bind_input(name, "cuda", dev, self.kv_dtype, past_shape, ptr)
+        staging = (self.layers, 2, batch, self.kv_heads, seq, self.head_dim)
+        new_kv = self._staging(staging)
+        io.bind_output("new_kv", "cuda", dev, self.kv_dtype, staging, new_kv.data_ptr())
         io.bind_output("hidden", "cpu")
-        body.session.run_with_iobinding(io)
+        body.session.run_with_iobinding(io)  # returns after the CUDA provider synchronized its stream
         hidden = io.copy_outputs_to_cpu()[0]
+        cuda = self._cuda = getattr(self, "_cuda", None) or Cuda()
+        cache.write(cuda, new_kv.data_ptr(), seq, 0, start, seq, 0)
+        cuda.synchronize(0)
+        cache.mask[:, start:start + seq] = mask
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1
         return hidden
+
+    def _staging(self, shape):
+        """A device OrtValue for new_kv of this shape, reused while the shape repeats (decode steps)."""
+        value = getattr(self, "_new_kv", None)
+        if value is None or tuple(value.shape()) != tuple(shape):
+            value = self._new_kv = self.body.ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, self.kv_dtype, "cuda", self.body.device_id)
+        return value

@@ -8,7 +8,8 @@ profile cannot be good for both phases: TensorRT picks kernels for the ``opt`` s
 - ``prefill``: ``seq`` from 1 to the context, ``past`` from 0 up (prefill is ``past = 0``; long forced runs and
   spliced image features later in a conversation also land here), opt at a typical prompt.
 - ``decode``: ``seq`` 1..DECODE_MAX_SEQ (one sampled token plus the forced structural tokens that follow it: at
-  most 4 in text to image), ``past`` up to the context, opt at the manifest's ``past`` opt.
+  most 4 in text to image), ``past`` (the cache's whole capacity: decode steps pass all of it, masked) up to the
+  context, opt at the manifest's ``past`` opt.
 
 Batch ranges come from the manifest (1..2: the guidance rows ride in one batch).
 """
@@ -89,8 +90,8 @@ def engine_profiles(name: str, entry: dict) -> list[Profile]:
     prefill_opt = min(PREFILL_OPT_SEQ, ctx)
     prefill = {"batch": batch, "seq": (1, prefill_opt, ctx), "past": (0, 0, ctx - 1), "total": (1, prefill_opt, ctx)}
     decode_max = min(DECODE_MAX_SEQ, ctx)
-    decode = {"batch": batch, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx - 1),
-              "total": (1, past_opt + 1, ctx)}
+    decode = {"batch": batch, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx),
+              "total": (1, past_opt + 1, ctx + decode_max)}
     for ranges in (prefill, decode):
         _check_ranges(name, ranges)
     return [_profile("prefill", entry, prefill), _profile("decode", entry, decode)]
@@ -162,8 +163,8 @@ def io_buffer_bytes(entry: dict, profiles: list[Profile],
 
 
 def kv_cache_bytes(capacity: int, llm: dict, batch: int) -> int:
-    """Device bytes of one KV cache [capacity, layers, 2, batch, kv_heads, head_dim]."""
-    shape = (capacity, llm["num_hidden_layers"], 2, batch, llm["num_key_value_heads"], llm["head_dim"])
+    """Device bytes of one KV cache [layers, 2, batch, kv_heads, capacity, head_dim]."""
+    shape = (llm["num_hidden_layers"], 2, batch, llm["num_key_value_heads"], capacity, llm["head_dim"])
     return nbytes(shape, llm.get("kv_dtype", "float32"))
 
 
@@ -177,7 +178,8 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
     """Every (component, input shapes) the text-to-image loop of ``illume_rt.runtime`` asks for, over all supported
     resolutions and the given prompt lengths (the longer of the cond/uncond rows). Mirrors
     ``runtime.generate.generate_image_tokens``: one prefill of prompt + forced prefix, then one decode call per
-    sampled code with the forced tokens that preceded it, then the pixel decoder once."""
+    sampled code with the forced tokens that preceded it (over the cache's whole capacity), then the pixel
+    decoder once."""
     from illume_rt.runtime.generate import image_schedule
     from illume_rt.runtime.layout import image_grid
 
@@ -190,16 +192,15 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
         for prompt in prompt_lengths:
             for guided in guidance:
                 batch = 2 if guided else 1
-                length = prompt + first
-                yield "llm", "prefill", llm_shapes(comps["llm"], batch, length, 0)
+                capacity = prompt + len(schedule)
+                yield "llm", "prefill", llm_shapes(comps["llm"], batch, prompt + first, 0)
                 pending = 0
                 for slot in schedule[first:]:
                     if slot.level is None:
                         pending += 1
                         continue
                     if pending:
-                        yield "llm", "decode", llm_shapes(comps["llm"], batch, pending, length)
-                        length += pending
+                        yield "llm", "decode", llm_shapes(comps["llm"], batch, pending, capacity)
                     for head in ("lm_head_semantic", "lm_head_pixel"):
                         if head in comps:
                             yield head, None, {"hidden": (batch, manifest["llm"]["hidden_size"])}

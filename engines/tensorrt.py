@@ -19,10 +19,11 @@ Running:
 - one CUDA stream per runner; tensors bound by name (``set_input_shape``, ``set_tensor_address``); device buffers
   allocated once per tensor at the largest size the profiles allow (capped for the LLM by the request's needs) and
   grown if a larger output comes; one execution context per optimization profile;
-- ``TrtLanguageModel`` keeps the KV cache in device memory: prefill writes ``new_kv`` straight into the cache
-  (the output address is the cache row after the filled prefix); decode steps replay a CUDA graph of the
-  fixed-shape step (engines/decode_graph.py), then one device-to-device copy puts the new rows in place; only
-  ``hidden`` (batch x hidden floats, what the LM head and the sampler need) comes back to the host.
+- ``TrtLanguageModel`` keeps the KV cache in device memory [layers, 2, batch, kv_heads, capacity, head_dim]; each
+  layer's cache inputs are bound to their block of it (the whole capacity, masked); decode steps replay a CUDA
+  graph of the fixed-shape step (engines/decode_graph.py); after each call one strided device-to-device copy puts
+  ``new_kv`` into the cache's next columns; only ``hidden`` (batch x hidden floats, what the LM head and the
+  sampler need) comes back to the host.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from illume_rt.engines.engine_cache import (
     rebuild_command, write_atomic,
 )
 from illume_rt.engines.profiles import (
-    GRAPH_STEP_SEQ, Profile, engine_profiles, io_buffer_bytes, kv_cache_bytes, llm_shapes, nbytes, select_profile,
+    DECODE_MAX_SEQ, GRAPH_STEP_SEQ, Profile, engine_profiles, io_buffer_bytes, kv_cache_bytes, llm_shapes, select_profile,
 )
 
 DEFAULT_OPT_LEVEL = 3
@@ -278,21 +279,45 @@ class DeviceKV:
 
 
 class DeviceKVCache:
-    """The KV cache in device memory, same fields as ``runtime.generate.KVCache``."""
+    """The KV cache in device memory, same fields and layout as ``runtime.generate.KVCache``: [layers, 2, batch,
+    kv_heads, capacity, head_dim], so each layer's keys (values) are one block the graph reads in place."""
 
-    def __init__(self, kv: DeviceKV, batch: int, capacity: int, row_bytes: int) -> None:
+    def __init__(self, kv: DeviceKV, itemsize: int) -> None:
+        from illume_rt.runtime.generate import cache_input_names
+
+        layers, _, batch, kv_heads, capacity, head_dim = kv.shape
         self.kv = kv
         self.mask = np.zeros((batch, capacity), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.length = 0
-        self.row_bytes = row_bytes  # bytes of one time step: layers x 2 x batch x kv_heads x head_dim
+        self.names = cache_input_names(layers)
+        self.column_bytes = head_dim * itemsize
+        self.block_bytes = batch * kv_heads * capacity * self.column_bytes  # one layer's keys (or values)
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[0]
+        return self.kv.shape[4]
 
-    def row(self, index: int) -> int:
-        return self.kv.ptr + index * self.row_bytes
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[2]
+
+    def addresses(self) -> dict[str, int]:
+        """Device address of each cache input (past_key_0, past_value_0, ...): the layer's block."""
+        return {name: self.kv.ptr + i * self.block_bytes for i, name in enumerate(self.names)}
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of each cache input this call: the whole capacity, or zero columns while the cache is empty."""
+        _, _, batch, kv_heads, capacity, head_dim = self.kv.shape
+        return batch, kv_heads, capacity if self.length else 0, head_dim
+
+    def write(self, cuda, new_kv: int, columns: int, first: int, start: int, seq: int, stream) -> None:
+        """Copy columns ``first:first + seq`` of the device array ``new_kv`` [layers, 2, batch, kv_heads,
+        ``columns``, head_dim] into the cache's columns ``start:start + seq`` (one strided copy)."""
+        layers, _, batch, kv_heads, capacity, _ = self.kv.shape
+        cb = self.column_bytes
+        cuda.d2d_2d_async(self.kv.ptr + start * cb, capacity * cb, new_kv + first * cb, columns * cb, seq * cb,
+                          layers * 2 * batch * kv_heads, stream)
 
 
 def _language_model_base():
@@ -320,15 +345,17 @@ class TrtLanguageModel(_language_model_base()):
 
         super().new_cache(batch, capacity)  # context check only (host arrays are lazily mapped, never touched)
         bucketed = bucket_capacity(capacity, self.max_context, self.step_seq) or capacity
-        shape = (bucketed, self.layers, 2, batch, self.kv_heads, self.head_dim)
-        row_bytes = nbytes(shape[1:], str(self.kv_dtype))
+        shape = (self.layers, 2, batch, self.kv_heads, bucketed, self.head_dim)
         size = kv_cache_bytes(bucketed, {"num_hidden_layers": self.layers, "num_key_value_heads": self.kv_heads,
                                          "head_dim": self.head_dim, "kv_dtype": str(self.kv_dtype)}, batch)
         if self._kv_buffer is None:
             self._kv_buffer = DeviceBuffer(self.cuda)
         ptr = self._kv_buffer.ensure(size)
-        self.cuda.memset_async(ptr, 0, size, self.stream)  # unwritten rows must be finite (they are masked)
-        return DeviceKVCache(DeviceKV(shape, ptr), batch, bucketed, row_bytes)
+        self.cuda.memset_async(ptr, 0, size, self.stream)  # unwritten columns must be finite (they are masked)
+        return DeviceKVCache(DeviceKV(shape, ptr), self.kv_dtype.itemsize)
+
+    def _new_kv_bytes(self, cache, seq: int) -> int:
+        return 2 * self.layers * cache.batch * self.kv_heads * seq * cache.column_bytes
 
     def _run(self, cache, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         from illume_rt.runtime.layout import LayoutError
@@ -339,32 +366,38 @@ class TrtLanguageModel(_language_model_base()):
         from illume_rt.engines.decode_graph import new_embeddings
 
         embeds = new_embeddings(self, ids)
-        cache.mask[:, start:start + seq] = mask
         if (self.use_cuda_graph and start > 0 and seq <= self.step_seq
                 and cache.capacity + self.step_seq <= self.max_context):
+            cache.mask[:, start:start + seq] = mask
             hidden = self._graph_step(cache, start, embeds, positions, seq)
         else:
-            hidden = self._dynamic_step(cache, start, embeds, positions, seq)
+            hidden = self._dynamic_step(cache, start, embeds, mask, positions, seq)
+            cache.mask[:, start:start + seq] = mask
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1
         return hidden
 
-    def _dynamic_step(self, cache, start, embeds, positions, seq) -> np.ndarray:
-        """Any shape: past_kv is the filled prefix, new_kv is written straight after it (in place, no copy)."""
+    def _dynamic_step(self, cache, start, embeds, mask, positions, seq) -> np.ndarray:
+        """Any shape: the cache inputs are the whole capacity (none while empty); new_kv goes to a staging
+        buffer and from there into the cache's next columns."""
         body: TrtEngine = self.body
         batch = embeds.shape[0]
-        shapes = llm_shapes(body.entry, batch, seq, start)
+        past = cache.input_shape()[2]
+        shapes = llm_shapes(body.entry, batch, seq, past)
         index = body.profile_for(shapes, prefer="decode" if seq <= 8 and start > 0 else "prefill")
         bufs = body.buffers
-        host = {"inputs_embeds": embeds, "attention_mask": np.ascontiguousarray(cache.mask[:, :start + seq]),
+        attention = np.concatenate([cache.mask[:, :past], np.asarray(mask, dtype=np.int64)], axis=1)
+        host = {"inputs_embeds": embeds, "attention_mask": attention,
                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
-        addresses = {"past_kv": cache.row(0), "new_kv": cache.row(start)}
+        addresses = cache.addresses()
+        addresses["new_kv"] = bufs["new_kv"].ensure(self._new_kv_bytes(cache, seq))
         for tensor, array in host.items():
             addresses[tensor] = bufs[tensor].ensure(array.nbytes)
             self.cuda.h2d_async(addresses[tensor], array, self.stream)
         hidden = np.empty((batch, embeds.shape[2]), np.float32)
         addresses["hidden"] = bufs["hidden"].ensure(hidden.nbytes)
         body.enqueue(body.contexts[index], shapes, addresses)
+        cache.write(self.cuda, addresses["new_kv"], seq, 0, start, seq, self.stream)
         self.cuda.d2h_async(hidden, addresses["hidden"], self.stream)
         self.cuda.synchronize(self.stream)
         return hidden
@@ -373,7 +406,6 @@ class TrtLanguageModel(_language_model_base()):
         """Fixed shape (batch, step_seq, capacity): replay the captured graph (see engines/decode_graph.py)."""
         from illume_rt.engines.decode_graph import static_step_feeds
 
-        body: TrtEngine = self.body
         batch, step = embeds.shape[0], self.step_seq
         key = (batch, step, cache.capacity, cache.kv.ptr)
         if self._graph is None or self._graph["key"] != key:
@@ -383,8 +415,7 @@ class TrtLanguageModel(_language_model_base()):
         for tensor, pinned in g["host"].items():
             self.cuda.h2d_async(g["dev"][tensor], pinned, self.stream)
         self.cuda.launch(g["exec"], self.stream)
-        rows = seq * cache.row_bytes
-        self.cuda.d2d_async(cache.row(start), g["dev"]["new_kv"] + (step - seq) * cache.row_bytes, rows, self.stream)
+        cache.write(self.cuda, g["dev"]["new_kv"], step, step - seq, start, seq, self.stream)
         self.cuda.d2h_async(g["hidden"].array, g["dev"]["hidden"], self.stream)
         self.cuda.synchronize(self.stream)
         return g["hidden"].array.copy()
@@ -403,9 +434,9 @@ class TrtLanguageModel(_language_model_base()):
                   "attention_mask": PinnedArray(self.cuda, (batch, capacity + step), np.int64),
                   "position_ids": PinnedArray(self.cuda, (batch, step), np.int64)}
         dev = {t: body.buffers[t].ensure(p.array.nbytes) for t, p in pinned.items()}
-        dev["new_kv"] = body.buffers["new_kv"].ensure(step * cache.row_bytes)
+        dev["new_kv"] = body.buffers["new_kv"].ensure(self._new_kv_bytes(cache, step))
         dev["hidden"] = body.buffers["hidden"].ensure(batch * hidden_size * 4)
-        addresses = dict(dev, past_kv=cache.row(0))
+        addresses = dict(dev, **cache.addresses())
         for p in pinned.values():
             p.array[...] = 0
         pinned["attention_mask"].array[:, capacity:] = 1
@@ -448,7 +479,7 @@ def open_engine(bundle, name: str, precision: str | None = None) -> TrtEngine:
     caps = None
     if name == "llm":  # the LLM's max shapes span the whole context; size IO for one decode/prefill at a time
         ctx = bundle.llm["max_context"]
-        caps = {"seq": min(ctx, 2048), "past": 0, "total": ctx}
+        caps = {"seq": min(ctx, 2048), "past": 0, "total": ctx + DECODE_MAX_SEQ}  # cache inputs: the device cache
     return TrtEngine(name, entry, plan, profiles, caps)
 
 

@@ -142,10 +142,7 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     rng = np.random.default_rng(seed)
     sample = component.make_inputs(component.sample_dims(0), rng)
-    dyn = {}
-    for spec in component.inputs:
-        axes = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(spec.shape) if isinstance(d, str)}
-        dyn[spec.name] = axes or None
+    dyn = _dynamic_shapes(component, module)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -183,6 +180,22 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _dynamic_shapes(component: Component, module):
+    """torch.export's dynamic_shapes in the structure of ``module.forward``'s arguments: one entry per named
+    parameter, and one tuple for a trailing ``*args`` (the llm's per-layer cache inputs)."""
+    import inspect
+
+    import torch
+
+    axes = [{i: torch.export.Dim.DYNAMIC for i, d in enumerate(spec.shape) if isinstance(d, str)} or None
+            for spec in component.inputs]
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+        named = len(params) - 1
+        return (*axes[:named], tuple(axes[named:]))
+    return tuple(axes)
 
 
 def _name_dims(model, component: Component) -> None:

@@ -2,14 +2,17 @@
 
 Export form (what the ONNX graph computes), built on the very parameters of the transformers module:
 
-- ``LLMStep``: ``inputs_embeds`` [batch, seq, hidden], ``attention_mask`` [batch, past+seq] (1 real, 0 padding),
-  ``position_ids`` [batch, seq], ``past_kv`` [past, layers, 2, batch, kv_heads, head_dim]  ->
-  ``hidden`` [batch, hidden] (final-normed state of the last position) and ``new_kv`` [seq, layers, 2, batch,
-  kv_heads, head_dim] (only the keys/values of the new positions).
-  The cache's time axis is outermost, so the runtime keeps one preallocated buffer and passes its filled prefix
-  (a contiguous view) as ``past_kv``; it writes ``new_kv`` after it. Nothing grows by concatenation and the graph
-  never returns the whole cache. The same graph serves prefill (past = 0) and decode (seq = 1 or a run of
-  forced tokens).
+- ``LLMStep``: ``inputs_embeds`` [batch, seq, hidden], ``attention_mask`` [batch, past+seq] (1 real, 0 padding or
+  not yet written), ``position_ids`` [batch, seq], and per layer ``past_key_<i>`` / ``past_value_<i>`` [batch,
+  kv_heads, past, head_dim]  ->  ``hidden`` [batch, hidden] (final-normed state of the last position) and
+  ``new_kv`` [layers, 2, batch, kv_heads, seq, head_dim] (only the keys/values of the new positions).
+  The runtime keeps one preallocated cache [layers, 2, batch, kv_heads, capacity, head_dim] and passes each
+  layer's keys and values as they lie in it (contiguous views: no copy), over the whole capacity; columns not
+  yet written have mask 0 and get exactly zero attention weight (keys are stored after rotary embedding and
+  positions are explicit). Attention takes the cache and the new positions as two operands (scores concatenated,
+  values summed), so no op in the graph copies or concatenates the cache: step time does not grow with the
+  context through copies. The runtime writes ``new_kv`` into the next columns. The same graph serves prefill
+  (past = 0) and decode (seq = 1 or a run of forced tokens).
 - ``LMHeadSlice``: the LM head restricted to one contiguous row range (text, semantic codes, pixel codes), so a
   decode step only reads the rows its level can emit.
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset
+from illume_rt.runtime.generate import cache_input_names
 
 
 def build_llm(preset: Preset):
@@ -70,17 +74,18 @@ class LLMStep(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_kv):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         batch, seq, _ = inputs_embeds.shape
-        past = past_kv.shape[0]
+        cached = past[0].shape[2]
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [B, S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]
         cos, sin = emb.cos(), emb.sin()
 
-        # Additive mask [B, 1, S, P+S]: causal over absolute cache columns, and padding columns hidden.
-        total = past + seq
+        # Additive mask [B, 1, S, P+S]: cache columns by attention_mask alone (they all precede the new positions),
+        # new columns causal and by attention_mask (left padding in a prefill).
+        total = cached + seq
         cols = torch.arange(total, device=inputs_embeds.device)
-        rows = torch.arange(seq, device=inputs_embeds.device) + past
+        rows = torch.arange(seq, device=inputs_embeds.device) + cached
         allowed = (cols[None, :] <= rows[:, None])[None] & (attention_mask[:, None, :] > 0)
         neg = torch.finfo(torch.float32).min
         mask = torch.where(allowed, 0.0, neg)[:, None]
@@ -88,8 +93,10 @@ class LLMStep(nn.Module):
         hidden = inputs_embeds
         new_kv = []
         group = self.num_heads // self.num_kv_heads
+        scale = self.head_dim ** -0.5
         for index, layer in enumerate(self.body.layers):
             attn = layer.self_attn
+            past_k, past_v = past[2 * index], past[2 * index + 1]  # [B, KVH, P, D]
             residual = hidden
             x = layer.input_layernorm(hidden)
             q = attn.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -97,22 +104,18 @@ class LLMStep(nn.Module):
             v = attn.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            new_kv.append(torch.stack((k, v)).permute(3, 0, 1, 2, 4))  # [S, 2, B, KVH, D]
-            past_k = past_kv[:, index, 0].permute(1, 2, 0, 3)  # [B, KVH, P, D]
-            past_v = past_kv[:, index, 1].permute(1, 2, 0, 3)
-            keys = torch.cat((past_k, k), dim=2)
-            values = torch.cat((past_v, v), dim=2)
+            new_kv.append(torch.stack((k, v)))  # [2, B, KVH, S, D]
             # Grouped-query attention without materialising repeated kv heads: fold the group into queries.
             qg = q.reshape(batch, self.num_kv_heads, group * seq, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(2, 3)) * (self.head_dim ** -0.5)
-            scores = scores.view(batch, self.num_kv_heads, group, seq, total) + mask[:, :, None]
+            scores = torch.cat((torch.matmul(qg, past_k.transpose(2, 3)), torch.matmul(qg, k.transpose(2, 3))), -1)
+            scores = (scores * scale).view(batch, self.num_kv_heads, group, seq, total) + mask[:, :, None]
             probs = torch.softmax(scores, dim=-1).view(batch, self.num_kv_heads, group * seq, total)
-            out = torch.matmul(probs, values).view(batch, self.num_heads, seq, self.head_dim)
-            out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-            hidden = residual + attn.o_proj(out)
+            out = torch.matmul(probs[..., :cached], past_v) + torch.matmul(probs[..., cached:], v)
+            out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2)
+            hidden = residual + attn.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = self.body.norm(hidden[:, -1])
-        return hidden, torch.stack(new_kv, dim=1)  # [S, L, 2, B, KVH, D]
+        return hidden, torch.stack(new_kv)  # [L, 2, B, KVH, S, D]
 
 
 def _rope_theta(cfg) -> float:
@@ -151,28 +154,34 @@ def llm_component(preset: Preset, hf_model) -> Component:
         b, s, p = dims["batch"], dims["seq"], dims["past"]
         mask = np.ones((b, p + s), dtype=np.int64)
         mask[0, : min(2, p)] = 0  # exercise left padding in row 0
+        if p > 3:
+            mask[:, p - 1] = 0  # and a cache column not yet written
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:]
-        return {
+        feeds = {
             "inputs_embeds": rng.standard_normal((b, s, hidden), dtype=np.float32),
             "attention_mask": mask,
             "position_ids": pos.astype(np.int64),
-            "past_kv": rng.standard_normal((p, layers, 2, b, kvh, hd), dtype=np.float32),
         }
+        for name in cache_input_names(layers):
+            feeds[name] = rng.standard_normal((b, kvh, p, hd), dtype=np.float32)
+        return feeds
 
     return Component(
         name="llm",
-        description="Qwen2 body: one step over new positions with an explicit, externally owned KV cache",
+        description="Qwen2 body: one step over new positions with an explicit, externally owned KV cache "
+                    "(per-layer cache inputs over the whole capacity, masked; only new keys/values out)",
         inputs=(
             TensorSpec("inputs_embeds", "float32", ("batch", "seq", hidden)),
             TensorSpec("attention_mask", "int64", ("batch", "total")),
             TensorSpec("position_ids", "int64", ("batch", "seq")),
-            TensorSpec("past_kv", "float32", ("past", layers, 2, "batch", kvh, hd)),
+            *(TensorSpec(name, "float32", ("batch", kvh, "past", hd)) for name in cache_input_names(layers)),
         ),
         outputs=(
             TensorSpec("hidden", "float32", ("batch", hidden)),
-            TensorSpec("new_kv", "float32", ("seq", layers, 2, "batch", kvh, hd)),
+            TensorSpec("new_kv", "float32", (layers, 2, "batch", kvh, "seq", hd)),
         ),
-        # total = past + seq; profiles: decode seq 1..8 (forced runs), prefill up to the context
+        # total = past + seq; past is the cache's capacity on decode (0 on a prefill); profiles: decode seq 1..8
+        # (forced runs), prefill up to the context
         dims={
             "batch": (2, 3, (1, 2, 2)),
             "seq": (3, 5, (1, 1, max_ctx)),

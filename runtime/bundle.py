@@ -12,7 +12,7 @@ import numpy as np
 from illume_rt.runtime.layout import VocabLayout
 
 FORMAT_NAME = "illume-rt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer cache inputs of the llm graph (docs/bundle-format.md)
 MANIFEST = "manifest.json"
 
 

@@ -1,6 +1,6 @@
 """The decoding loop: KV cache, prefill, decode steps, and the coarse-to-fine image-token schedule.
 
-Read top to bottom: ``KVCache`` (one preallocated buffer, written in place), ``LanguageModel`` (embedding lookup,
+Read top to bottom: ``KVCache`` (one preallocated buffer, passed without copies, written in place), ``LanguageModel`` (embedding lookup,
 one call of the body graph per step, the head over one row range), ``image_schedule`` (which positions of an image
 are forced and which are sampled) and ``generate_image_tokens`` (the loop).
 """
@@ -21,26 +21,55 @@ SEMANTIC, PIXEL = 0, 1
 LEVEL_HEADS = {SEMANTIC: "semantic", PIXEL: "pixel"}
 
 
+CACHE_INPUT_PREFIX = "past_"
+
+
+def cache_input_names(layers: int) -> list[str]:
+    """The llm graph's cache inputs, in order (docs/bundle-format.md): past_key_0, past_value_0, past_key_1, ..."""
+    return [f"{CACHE_INPUT_PREFIX}{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
 class KVCache:
-    """Keys/values of every layer for ``batch`` rows, time axis outermost: [capacity, layers, 2, batch, kv_heads,
-    head_dim]. The filled prefix ``kv[:length]`` is contiguous, so it is handed to the graph without a copy, and
-    each step writes only its new positions after it."""
+    """Keys/values of every layer for ``batch`` rows: [layers, 2, batch, kv_heads, capacity, head_dim].
+
+    Each layer's keys (and values) are one contiguous block, handed to the graph as they lie -- over the whole
+    capacity, with the columns not yet written masked -- so nothing copies the cache; each step writes only its
+    new columns."""
 
     def __init__(self, capacity: int, layers: int, batch: int, kv_heads: int, head_dim: int,
                  dtype=np.float32) -> None:
         # np.zeros maps untouched pages lazily: memory grows with the filled length, not the capacity.
-        self.kv = np.zeros((capacity, layers, 2, batch, kv_heads, head_dim), dtype=dtype)
+        self.kv = np.zeros((layers, 2, batch, kv_heads, capacity, head_dim), dtype=dtype)
         self.mask = np.zeros((batch, capacity), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.length = 0
+        self.names = cache_input_names(layers)
+        self._views = [self.kv[layer, kind] for layer in range(layers) for kind in range(2)]
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[0]
+        return self.kv.shape[4]
+
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[2]
 
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes + self.mask.nbytes
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The graph's cache inputs: every layer over the whole capacity; none (zero columns) while empty."""
+        if self.length == 0:
+            return {name: view[:, :, :0] for name, view in zip(self.names, self._views)}
+        return dict(zip(self.names, self._views))
+
+    def fill(self, length: int, value: float = 0.01) -> None:
+        """Mark the first ``length`` columns written, with ``value`` (benchmarks: real pages, no prefill)."""
+        self.kv[..., :length, :] = value
+        self.mask[:, :length] = 1
+        self.length = length
+        self.next_position[:] = length
 
 
 class LanguageModel:
@@ -53,8 +82,6 @@ class LanguageModel:
         self.head_dim, self.max_context = llm_info["head_dim"], llm_info["max_context"]
         self.vocab = vocab
         self.kv_dtype = np.dtype(llm_info.get("kv_dtype", "float32"))
-        # Engines that accept out= (onnxruntime with IO binding) write new keys/values straight into the cache.
-        self._write_in_place = bool(getattr(body, "accepts_out", False))
         self._logits: dict[tuple[str, int], np.ndarray] = {}
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -88,7 +115,7 @@ class LanguageModel:
 
     def step(self, cache: KVCache, token_ids: list[int]) -> np.ndarray:
         """Feed the same tokens to every row (the guidance rows share the generated image)."""
-        batch, seq = cache.kv.shape[3], len(token_ids)
+        batch, seq = cache.batch, len(token_ids)
         embeds = np.broadcast_to(self.embed(token_ids), (batch, seq, self.embed_tokens.shape[1]))
         positions = cache.next_position[:, None] + np.arange(seq, dtype=np.int64)[None]
         return self._run(cache, embeds, np.ones((batch, seq), dtype=np.int64), positions)
@@ -97,19 +124,18 @@ class LanguageModel:
         start, seq = cache.length, embeds.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        cache.mask[:, start:start + seq] = mask
+        past = cache.inputs()
+        # cache columns first (the new ones are still unwritten, so still 0 here), then the new positions
+        cache_mask = cache.mask if start else cache.mask[:, :0]
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-            "attention_mask": cache.mask[:, :start + seq],
+            "attention_mask": np.concatenate([cache_mask, mask.astype(np.int64, copy=False)], axis=1),
             "position_ids": np.ascontiguousarray(positions),
-            "past_kv": cache.kv[:start],
+            **past,
         }
-        slots = cache.kv[start:start + seq]  # contiguous: the time axis is outermost
-        if self._write_in_place and slots.dtype == np.float32:
-            hidden, _ = self.body.run(feeds, out={"new_kv": slots})
-        else:
-            hidden, new_kv = self.body.run(feeds)
-            slots[...] = new_kv
+        hidden, new_kv = self.body.run(feeds)
+        cache.kv[..., start:start + seq, :] = new_kv
+        cache.mask[:, start:start + seq] = mask
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1
         return hidden

@@ -156,7 +156,8 @@ def test_llm_gets_prefill_and_decode_profiles(bundle):
     assert (prefill.name, decode.name) == ("prefill", "decode")
     assert decode.shapes["inputs_embeds"][2][1] == DECODE_MAX_SEQ
     assert prefill.shapes["inputs_embeds"][2][1] == ctx
-    assert decode.shapes["past_kv"][2][0] == ctx - 1 and prefill.shapes["past_kv"][0][0] == 0
+    assert decode.shapes["past_key_0"][2][2] == ctx and prefill.shapes["past_key_0"][0][2] == 0
+    assert decode.shapes["attention_mask"][2][1] == ctx + DECODE_MAX_SEQ  # the whole capacity + new positions
     assert prefill.shapes["attention_mask"][2] == (2, ctx)  # batch 2: the guidance rows
     heads = engine_profiles("lm_head_pixel", bundle.component("lm_head_pixel"))
     assert [p.name for p in heads] == ["default"] and heads[0].shapes["hidden"][2][0] == 2

@@ -27,9 +27,10 @@ def exported(tiny, tmp_path_factory):
     return out, reports
 
 
-def empty_past(preset, batch):
+def empty_past(preset, batch, columns=0):
+    """Per-layer cache inputs (keys, values) of ``columns`` columns."""
     c = preset.llm
-    return torch.zeros(0, c.num_hidden_layers, 2, batch, c.num_key_value_heads, c.head_dim)
+    return [torch.zeros(batch, c.num_key_value_heads, columns, c.head_dim) for _ in range(2 * c.num_hidden_layers)]
 
 
 def test_step_matches_transformers_full_forward(tiny):
@@ -39,10 +40,29 @@ def test_step_matches_transformers_full_forward(tiny):
     with torch.no_grad():
         want = model(ids, output_hidden_states=True).hidden_states[-1][:, -1]
         got, kv = step(model.model.embed_tokens(ids), torch.ones(2, 10, dtype=torch.long),
-                       torch.arange(10).repeat(2, 1), empty_past(preset, 2))
+                       torch.arange(10).repeat(2, 1), *empty_past(preset, 2))
     assert torch.allclose(got, want, atol=1e-5)
     c = preset.llm
-    assert kv.shape == (10, c.num_hidden_layers, 2, 2, c.num_key_value_heads, c.head_dim)
+    assert kv.shape == (c.num_hidden_layers, 2, 2, c.num_key_value_heads, 10, c.head_dim)
+
+
+def test_unwritten_cache_columns_get_no_attention(tiny):
+    """Decode over the whole capacity: columns with mask 0 (not yet written, any content) change nothing."""
+    preset, model = tiny
+    step = LLMStep(model).eval()
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    emb = model.model.embed_tokens
+    with torch.no_grad():
+        _, kv = step(emb(ids[:, :6]), torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None],
+                     *empty_past(preset, 1))
+        exact = [kv[layer, kind] for layer in range(kv.shape[0]) for kind in range(2)]  # 6 columns
+        want, _ = step(emb(ids[:, 6:]), torch.ones(1, 7, dtype=torch.long), torch.tensor([[6]]), *exact)
+        capacity = [torch.cat([p, torch.randn(1, p.shape[1], 5, p.shape[3])], dim=2) for p in exact]
+        mask = torch.tensor([[1] * 6 + [0] * 5 + [1]])
+        got, _ = step(emb(ids[:, 6:]), mask, torch.tensor([[6]]), *capacity)
+        assert torch.allclose(got, want, atol=1e-5)
+        mask[0, 8] = 1  # an unwritten column let through does change the result: the mask is what hides them
+        assert not torch.allclose(step(emb(ids[:, 6:]), mask, torch.tensor([[6]]), *capacity)[0], want, atol=1e-3)
 
 
 def test_left_padding_does_not_change_a_row(tiny):
@@ -51,14 +71,14 @@ def test_left_padding_does_not_change_a_row(tiny):
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     emb = model.model.embed_tokens
     with torch.no_grad():
-        alone, _ = step(emb(ids), torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], empty_past(preset, 1))
+        alone, _ = step(emb(ids), torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], *empty_past(preset, 1))
         padded_ids = torch.cat([torch.full((1, 3), preset.vocab.pad_id), ids], dim=1)
         mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
         pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
-        padded, _ = step(emb(padded_ids), mask, pos, empty_past(preset, 1))
+        padded, _ = step(emb(padded_ids), mask, pos, *empty_past(preset, 1))
     assert torch.allclose(alone, padded, atol=1e-5)
     assert not torch.allclose(alone, step(emb(padded_ids), torch.ones(1, 9, dtype=torch.long), pos,
-                                          empty_past(preset, 1))[0], atol=1e-3)
+                                          *empty_past(preset, 1))[0], atol=1e-3)
 
 
 def test_export_reports_are_within_tolerance(exported):
