@@ -120,3 +120,39 @@ def test_cached_decode_matches_full_recompute_through_onnx(tiny, exported):
         for i, row in enumerate(rows):
             want = model(torch.tensor([row + extra]), output_hidden_states=True).hidden_states[-1][0, -1]
             assert np.allclose(hidden[i], want.numpy(), atol=1e-4)
+
+
+def test_no_op_copies_the_cache(exported, tmp_path):
+    """In the graph onnxruntime runs (after its optimizations), every cache input feeds matmuls directly: no
+    Split/Slice/Transpose/Concat copies the cache, so step time cannot grow with the context through copies."""
+    import onnx
+    import onnxruntime as ort
+
+    out, _ = exported
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(out / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    cache_inputs = [i.name for i in graph.input if i.name.startswith("past_")]
+    assert len(cache_inputs) == 2 * get_preset("tiny").llm.num_hidden_layers
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in cache_inputs:
+                consumers.setdefault(name, set()).add(node.op_type)
+    assert set(consumers) == set(cache_inputs)
+    assert set().union(*consumers.values()) <= {"MatMul", "FusedMatMul", "Shape"}, consumers  # Shape: metadata
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch):
+    import sys
+
+    from illume_rt.engines import ort as ort_engine
+
+    monkeypatch.setattr(ort_engine, "_malloc_tuned", False)
+    monkeypatch.setenv("ILLUME_RT_MALLOC_TUNING", "0")
+    assert ort_engine.release_large_blocks_promptly() is False
+    monkeypatch.delenv("ILLUME_RT_MALLOC_TUNING")
+    assert ort_engine.release_large_blocks_promptly() is sys.platform.startswith("linux")
