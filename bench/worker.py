@@ -73,7 +73,21 @@ def run_runtime(spec: dict) -> dict:
     reset_peak_rss()
     sampling, k = _sampling(spec), spec["probe_codes"]
     out: dict = {"load_s": load_s, "resolutions": {}, "kv_cache_bytes": {}}
+    whole = {}
+    if spec.get("full"):
+        # Whole images first, on the fresh pipeline: their peak is what a process generating that image holds,
+        # without what the probes below leave behind.
+        res = spec["resolutions"][0]
+
+        def one_full():
+            return pipe.generate(spec["prompt"], tuple(res), seed=spec.get("seed", 0), sampling=sampling).timings
+
+        reset_peak_rss()
+        fulls = _timed(one_full, spec.get("full_repeats", 1), 0)
+        whole[f"{res[0]}x{res[1]}"] = ({name: stats([f[name] for f in fulls]) for name in fulls[0]},
+                                       peak_rss_bytes())
     for res in spec["resolutions"]:
+        res_key = f"{res[0]}x{res[1]}"
         grid = image_grid(*res)
         probe = probe_grid(grid, k)
         cond, uncond = _prompts(spec["bundle"], spec["prompt"], res)
@@ -115,16 +129,9 @@ def run_runtime(spec: dict) -> dict:
             "pixel_step_late_s": stats(late),
             "image_decode_s": stats(decode),
         }
-        if spec.get("full") and list(res) == list(spec["resolutions"][0]):  # whole images: first resolution
-            def one_full():
-                r = pipe.generate(spec["prompt"], tuple(res), seed=spec.get("seed", 0), sampling=sampling)
-                return r.timings
-
-            reset_peak_rss()
-            fulls = _timed(one_full, spec.get("full_repeats", 1), 0)
-            entry["measured"] = {name: stats([f[name] for f in fulls]) for name in fulls[0]}
-            peaks["whole_image"] = peak_rss_bytes()
-        out["resolutions"][f"{res[0]}x{res[1]}"] = entry
+        if res_key in whole:
+            entry["measured"], peaks["whole_image"] = whole[res_key]
+        out["resolutions"][res_key] = entry
     out["memory"] = _memory(load_peak, after_load)
     out["memory"]["peak_rss_generate_bytes"] = max(p for e in out["resolutions"].values()
                                                   for p in e["peak_rss_bytes"].values())
@@ -201,7 +208,7 @@ def run_reference(spec: dict) -> dict:
 
             fulls = _timed(one_full, spec.get("full_repeats", 1), 0)
             entry["measured"] = {name: stats([f[name] for f in fulls]) for name in fulls[0]}
-        out["resolutions"][f"{res[0]}x{res[1]}"] = entry
+        out["resolutions"][res_key] = entry
     out["memory"] = _memory(load_peak, after_load)
     out["weights"] = {"torch_parameters": {"llm": sum(p.numel() * p.element_size() for p in model.parameters()),
                                            "dualvitok": sum(p.numel() * p.element_size()
