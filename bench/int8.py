@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="decode steps per measurement (median taken)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
-    p.add_argument("--no-spin", action="store_true", help="intra-op workers do not spin-wait (shared machines)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="intra-op workers do not spin-wait (the default for CPU sessions now; kept for old command lines)")
     p.add_argument("-o", "--output", help="results folder (default bench/results/<time>-int8)")
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

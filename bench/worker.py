@@ -172,18 +172,24 @@ def run_reference(spec: dict) -> dict:
     vocab = bundle.vocab
     out: dict = {"load_s": load_s, "resolutions": {}, "same_weights_as_bundle": same}
     for res in spec["resolutions"]:
+        res_key = f"{res[0]}x{res[1]}"
         grid = image_grid(*res)
         probe = probe_grid(grid, k)
         cond, uncond = _prompts(spec["bundle"], spec["prompt"], res)
         rng = np.random.default_rng(spec.get("seed", 0))
 
-        def one_probe():
+        def one_probe(cond=cond, uncond=uncond):
             ref = reference_image_tokens(model, vocab, probe, cond, uncond, sampling, rng)
             tokens = len(ref.token_ids) - 1  # positions fed after the prompt (forced ones included)
             return {"prefill": ref.timings["prefill"],
                     "token_step": (ref.timings["semantic"] + ref.timings["pixel"]) / tokens}
 
         runs = _timed(one_probe, spec["repeats"], spec["warmup"])
+        # The same probe at the end of an image: both prompts lengthened by the image's other positions, so the
+        # probe's steps run with the cache an image of this size ends with (transformers' cache grows by
+        # concatenation, so its late steps cost more than the early ones).
+        filler = [cond[i % len(cond)] for i in range(grid.num_tokens - probe.num_tokens)]
+        late = _timed(lambda: one_probe(cond + filler, uncond + filler), spec["repeats"], 0)
         sem = torch.from_numpy(np.random.default_rng(1).integers(0, vocab.semantic_codebook_size,
                                                                  (1, grid.semantic_rows, grid.semantic_cols)))
         pix = torch.from_numpy(np.random.default_rng(2).integers(0, vocab.pixel_codebook_size,
@@ -200,6 +206,7 @@ def run_reference(spec: dict) -> dict:
                  "num_codes": grid.num_codes, "num_tokens": grid.num_tokens, "probe_codes_per_level": k,
                  "prefill_s": stats([r["prefill"] for r in runs]),
                  "token_step_s": stats([r["token_step"] for r in runs]),
+                 "token_step_late_s": stats([r["token_step"] for r in late]),
                  "image_decode_s": stats(decode)}
         if spec.get("full"):
             def one_full():
