@@ -285,6 +285,20 @@ def test_graph_on_table_lookups_equals_official_decode_code(model, tiny):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("zq_grid,x_grid", [((5, 7), (40, 56)), ((5, 7), (5, 7)), ((4, 6), (12, 18)), ((5, 7), (9, 13))],
+                         ids=["power-of-two", "same-grid", "factor-3", "not-a-multiple"])
+def test_spatial_norm_equals_the_official_form(zq_grid, x_grid):
+    """Low-resolution conv_y/conv_b broadcast over the nearest blocks == official resize-then-convs."""
+    torch.manual_seed(0)
+    norm = dvt.SpatialNorm(8, 6, groups=4).eval()
+    x, zq = torch.randn(2, 8, *x_grid), torch.randn(2, 6, *zq_grid)
+    with torch.no_grad():
+        got = norm(x, zq)
+        up = dvt.resize_nearest(zq, x)
+        want = norm.norm_layer(x) * norm.conv_y(up) + norm.conv_b(up)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_quants_is_bicubic_then_concat():
     sem, pix = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 7)
     merged = dvt.merge_quants(sem, pix)
@@ -395,6 +409,10 @@ def test_export_pixel_decoder_onnx(model, tiny, tmp_path):
     report = export_onnx(comp, comp.build_module(), path)
     assert report["ok"] and len(report["cases"]) == 2
     dims, ops = _onnx_dim_params(path)
+    import onnx
+
+    # only the bicubic semantic-to-pixel-grid resize: no full-resolution copy of zq hangs off the graph input
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Resize") == 1
     assert dims["semantic_embed"] == ["batch", tiny.codebook.dim, "sem_rows", "sem_cols"]
     assert dims["pixel_embed"] == ["batch", tiny.codebook.dim, "pix_rows", "pix_cols"]
     assert dims["image"] == ["batch", 3, "height", "width"]

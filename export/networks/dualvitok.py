@@ -33,8 +33,9 @@ Deviations: the same functions, checked against the official modules loaded with
   the official xformers and SDPA branches, one head); fewer ops than SDPA for the exporter to trace.
 - DCDownBlock2d's shortcut (pixel_unshuffle, groups of 4 channels, mean) is a 2x2 average pool when in == out channels,
   as in every official use: the same numbers, and much cheaper to export with dynamic height/width.
-- The decoder nearest-resizes zq once per level and hands it to that level's SpatialNorms (each official SpatialNorm
-  resizes it again to the same size); SpatialNorm still resizes whatever zq it gets to its input's grid.
+- SpatialNorm with a power-of-two upscaling of zq (every decoder level) applies its 1x1 conv_y / conv_b to zq and
+  broadcasts their outputs over the nearest-resize blocks instead of resizing zq first: the same numbers, without
+  full-resolution tensors (SpatialNorm.forward); other sizes resize as the official code does.
 - Dropout modules (p=0.0, no state) and the unused ``conv_shortcut`` / SpatialNorm ``add_conv`` options are left out.
 - ``merge_quants`` has no training-time pixel dropout/noise (``apply_noise`` is training only).
 - Random weights (``build_dualvitok_pixel``) are drawn from a generator seeded by ``preset.seed``; SpatialNorm's
@@ -212,8 +213,22 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1, 1, 0)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        zq = resize_nearest(zq, x)
-        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+        batch, channels, height, width = x.shape
+        rows, cols = zq.shape[-2:]
+        up_rows, up_cols = height // rows, width // cols
+        if (height % rows or width % cols or up_rows & (up_rows - 1) or up_cols & (up_cols - 1)
+                or (up_rows, up_cols) == (1, 1)):
+            zq = resize_nearest(zq, x)  # the official form
+            return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+        # Power-of-two upscaling (every level of the decoder): nearest resizing copies each zq pixel into an
+        # up_rows x up_cols block, and conv_y / conv_b are 1x1 (per pixel), so they run on zq itself and their
+        # outputs are broadcast over the blocks. Same numbers; no full-resolution copy of zq or of the two conv
+        # outputs exists. (onnxruntime schedules branches that depend only on the graph's inputs early: as
+        # full-resolution tensors, every SpatialNorm's conv outputs were held at once, 0.6 GB at 512x512.)
+        scale = self.conv_y(zq)[:, :, :, None, :, None]
+        shift = self.conv_b(zq)[:, :, :, None, :, None]
+        blocks = self.norm_layer(x).reshape(batch, channels, rows, up_rows, cols, up_cols)
+        return (blocks * scale + shift).reshape(batch, channels, height, width)
 
 
 class ResnetBlock(nn.Module):
@@ -360,18 +375,15 @@ class MoVQDecoder(nn.Module):
         else:
             h = self.conv_in(z)
         h = self.mid(h, zq)
-        zq_level = zq
         for i_level in reversed(range(len(self.up))):
             level = self.up[i_level]
-            # Every SpatialNorm of a level resizes zq to the same grid: resize once per level (same numbers).
-            zq_level = resize_nearest(zq, h)
             for i_block, block in enumerate(level.block):
-                h = block(h, zq_level)
+                h = block(h, zq)  # each SpatialNorm brings zq to h's grid (see SpatialNorm.forward)
                 if len(level.attn) > 0:
-                    h = level.attn[i_block](h, zq_level)
+                    h = level.attn[i_block](h, zq)
             if i_level != 0:
                 h = level.upsample(h)
-        h = silu(self.norm_out(h, zq_level))
+        h = silu(self.norm_out(h, zq))
         return self.conv_out(h)
 
 
