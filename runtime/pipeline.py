@@ -95,8 +95,8 @@ class Pipeline:
         lm_class = getattr(body, "language_model_class", None) or LanguageModel
         self.lm = lm_class(body, heads, bundle.table("embed_tokens"), bundle.llm, self.vocab)
         self.pixel_decoder = open_engine(bundle, "pixel_decoder", backend, threads)
-        self.semantic_codebook = bundle.table("semantic_codebook", mmap=False)
-        self.pixel_codebook = bundle.table("pixel_codebook", mmap=False)
+        self.semantic_codebook = bundle.table("semantic_codebook", on_demand=False)
+        self.pixel_codebook = bundle.table("pixel_codebook", on_demand=False)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "ort-cpu", threads: int | None = None,

@@ -113,6 +113,21 @@ def test_altered_or_missing_bundle_files_are_refused(bundle_dir, tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
+def test_embedding_rows_are_read_on_demand(bundle_dir):
+    """The embedding table is read row by row (not mapped): same values as the .npy file, clear errors."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    table = bundle.table("embed_tokens")
+    full = np.load(bundle.path / bundle.manifest["tables"]["embed_tokens"]["file"])
+    assert table.shape == full.shape and table.dtype == full.dtype
+    ids = np.array([[0, 5, len(full) - 1], [7, 7, 2]])
+    np.testing.assert_array_equal(table[ids], full[ids])
+    np.testing.assert_array_equal(table[-3:], full[-3:])
+    with pytest.raises(IndexError):
+        table[[len(full)]]
+    if sys.platform == "linux":  # nothing of the table is mapped into the process
+        assert not any("embed_tokens" in line for line in open("/proc/self/maps"))
+
+
 def test_manifest_records_accuracy_and_layout(bundle_dir):
     manifest = load_bundle(bundle_dir).manifest
     assert manifest["model"]["random_weights"] is True
