@@ -125,7 +125,7 @@ def analyse(r: dict) -> dict:
         base = graphs + codebooks + kv
         m = {"runtime peak while generating": peak, "runtime peak incl. loading": rt["memory"]["peak_rss_load_bytes"],
              "weights: graphs": graphs, "weights: codebooks": codebooks,
-             "weights: embedding table (memory-mapped, rows read on demand)": w["tables"]["embed_tokens"],
+             "weights: embedding table (not loaded: rows read from the file on demand)": w["tables"]["embed_tokens"],
              "kv cache preallocated (largest resolution)": kv,
              "budget 1.25 x (graphs + codebooks + kv)": 1.25 * base}
         for res, entry in rt["resolutions"].items():
