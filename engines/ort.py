@@ -69,10 +69,10 @@ def session_options(threads: int | None = None, emulate_fp8: bool = False, spin:
 
 class OrtEngine:
     """One onnxruntime session. ``run`` binds inputs and outputs through IO binding (``io_binding=True``): inputs
-    are used in place, and outputs the caller preallocates (``out={name: array}``, e.g. the KV cache's next slots)
+    are used in place, and outputs the caller preallocates (``out={name: array}``, e.g. a head's reused logits buffer)
     are written directly; other outputs come back as new arrays."""
 
-    accepts_out = True  # run() takes out=: LanguageModel checks this to let the graph write into its cache
+    accepts_out = True  # run() takes out=: LanguageModel checks this to reuse its logits buffers
 
     def __init__(self, name: str, path: Path, backend: str = "ort-cpu", threads: int | None = None,
                  emulate_fp8: bool = False, io_binding: bool = True, spin: bool | None = None,
