@@ -69,8 +69,8 @@ def session_options(threads: int | None = None, emulate_fp8: bool = False, spin:
 
 class OrtEngine:
     """One onnxruntime session. ``run`` binds inputs and outputs through IO binding (``io_binding=True``): inputs
-    are used in place, and outputs the caller preallocates (``out={name: array}``, e.g. a head's reused logits buffer)
-    are written directly; other outputs come back as new arrays."""
+    are used in place, and outputs the caller preallocates (``out={name: array}``, e.g. a head's reused logits
+    buffer) are written directly; other outputs come back as new arrays."""
 
     accepts_out = True  # run() takes out=: LanguageModel checks this to reuse its logits buffers
 
