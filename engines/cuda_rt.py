@@ -22,7 +22,8 @@ def load_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            raise BackendError("the GPU backends need cuda-python (pip install cuda-python, or 'illume-rt[gpu]')") from None
+            raise BackendError("the GPU backends need cuda-python (pip install cuda-python, "
+                               "or 'illume-rt[gpu]')") from None
     return cudart
 
 

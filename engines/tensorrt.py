@@ -42,7 +42,8 @@ from illume_rt.engines.engine_cache import (
     rebuild_command, write_atomic,
 )
 from illume_rt.engines.profiles import (
-    DECODE_MAX_SEQ, GRAPH_STEP_SEQ, Profile, engine_profiles, io_buffer_bytes, kv_cache_bytes, llm_shapes, select_profile,
+    DECODE_MAX_SEQ, GRAPH_STEP_SEQ, Profile, engine_profiles, io_buffer_bytes, kv_cache_bytes, llm_shapes,
+    select_profile,
 )
 
 DEFAULT_OPT_LEVEL = 3

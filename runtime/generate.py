@@ -1,8 +1,9 @@
 """The decoding loop: KV cache, prefill, decode steps, and the coarse-to-fine image-token schedule.
 
-Read top to bottom: ``KVCache`` (one preallocated buffer, passed without copies, written in place), ``LanguageModel`` (embedding lookup,
-one call of the body graph per step, the head over one row range), ``image_schedule`` (which positions of an image
-are forced and which are sampled) and ``generate_image_tokens`` (the loop).
+Read top to bottom: ``KVCache`` (one preallocated buffer, passed without copies, written in place),
+``LanguageModel`` (embedding lookup, one call of the body graph per step, the head over one row range),
+``image_schedule`` (which positions of an image are forced and which are sampled) and ``generate_image_tokens``
+(the loop).
 """
 
 from __future__ import annotations

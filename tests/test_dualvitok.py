@@ -285,8 +285,8 @@ def test_graph_on_table_lookups_equals_official_decode_code(model, tiny):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("zq_grid,x_grid", [((5, 7), (40, 56)), ((5, 7), (5, 7)), ((4, 6), (12, 18)), ((5, 7), (9, 13))],
-                         ids=["power-of-two", "same-grid", "factor-3", "not-a-multiple"])
+@pytest.mark.parametrize("zq_grid,x_grid",
+                         [((5, 7), (40, 56)), ((5, 7), (5, 7)), ((4, 6), (12, 18)), ((5, 7), (9, 13))], ids=["power-of-two", "same-grid", "factor-3", "not-a-multiple"])
 def test_spatial_norm_equals_the_official_form(zq_grid, x_grid):
     """Low-resolution conv_y/conv_b broadcast over the nearest blocks == official resize-then-convs."""
     torch.manual_seed(0)
