@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from illume_rt.engines.base import BackendError
-from illume_rt.runtime.generate import LanguageModel
+from illume_rt.runtime.generate import LanguageModel, step_attention_mask
 
 PROVIDER = "CUDAExecutionProvider"
 
@@ -111,7 +111,7 @@ class OrtCudaLanguageModel(LanguageModel):
 
         past_shape = cache.input_shape()
         host = {"inputs_embeds": new_embeddings(self, ids),
-                "attention_mask": np.concatenate([cache.mask[:, :past_shape[2]], np.asarray(mask, np.int64)], 1),
+                "attention_mask": step_attention_mask(cache, mask),
                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
         for name, array in host.items():
             io.bind_ortvalue_input(name, body._device_value(name, array))

@@ -387,8 +387,9 @@ class TrtLanguageModel(_language_model_base()):
         shapes = llm_shapes(body.entry, batch, seq, past)
         index = body.profile_for(shapes, prefer="decode" if seq <= 8 and start > 0 else "prefill")
         bufs = body.buffers
-        attention = np.concatenate([cache.mask[:, :past], np.asarray(mask, dtype=np.int64)], axis=1)
-        host = {"inputs_embeds": embeds, "attention_mask": attention,
+        from illume_rt.runtime.generate import step_attention_mask
+
+        host = {"inputs_embeds": embeds, "attention_mask": step_attention_mask(cache, mask),
                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
         addresses = cache.addresses()
         addresses["new_kv"] = bufs["new_kv"].ensure(self._new_kv_bytes(cache, seq))

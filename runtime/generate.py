@@ -30,6 +30,14 @@ def cache_input_names(layers: int) -> list[str]:
     return [f"{CACHE_INPUT_PREFIX}{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
 
+def step_attention_mask(cache, mask) -> np.ndarray:
+    """The graph's ``attention_mask`` for a call adding positions with ``mask`` [batch, seq]: the cache's columns
+    (its whole capacity once it holds anything, none while empty; unwritten ones are 0) and then the new ones.
+    Call it before the cache's mask takes the new columns. Serves every backend's cache (same fields)."""
+    cached = cache.mask if cache.length else cache.mask[:, :0]
+    return np.concatenate([cached, np.asarray(mask, dtype=np.int64)], axis=1)
+
+
 class KVCache:
     """Keys/values of every layer for ``batch`` rows: [layers, 2, batch, kv_heads, capacity, head_dim].
 
@@ -125,14 +133,11 @@ class LanguageModel:
         start, seq = cache.length, embeds.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        past = cache.inputs()
-        # cache columns first (the new ones are still unwritten, so still 0 here), then the new positions
-        cache_mask = cache.mask if start else cache.mask[:, :0]
         feeds = {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-            "attention_mask": np.concatenate([cache_mask, mask.astype(np.int64, copy=False)], axis=1),
+            "attention_mask": step_attention_mask(cache, mask),
             "position_ids": np.ascontiguousarray(positions),
-            **past,
+            **cache.inputs(),
         }
         hidden, new_kv = self.body.run(feeds)
         cache.kv[..., start:start + seq, :] = new_kv
