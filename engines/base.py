@@ -10,6 +10,8 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from illume_rt.errors import IllumeError
+
 
 class Engine(Protocol):
     name: str
@@ -21,5 +23,5 @@ class Engine(Protocol):
         ...
 
 
-class BackendError(RuntimeError):
+class BackendError(IllumeError, RuntimeError):
     """A backend that cannot be used here (missing package, provider or device), with the fix in the message."""

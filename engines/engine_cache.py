@@ -23,13 +23,15 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from illume_rt.errors import IllumeError
+
 ENGINE_DIR = "engines"
 INDEX = "index.json"
 TIMING_CACHE = "timing.cache"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
-class EngineCacheError(RuntimeError):
+class EngineCacheError(IllumeError, RuntimeError):
     """No usable engine; the message names the command that builds one."""
 
 

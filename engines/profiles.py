@@ -21,6 +21,8 @@ from math import prod
 
 import numpy as np
 
+from illume_rt.errors import IllumeError
+
 DECODE_MAX_SEQ = 8
 GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
 PREFILL_OPT_SEQ = 128
@@ -29,7 +31,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4
                "bool": 1, "float8_e4m3fn": 1}
 
 
-class ProfileError(ValueError):
+class ProfileError(IllumeError, ValueError):
     """A shape no profile of an engine covers; the message names the fix."""
 
 

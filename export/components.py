@@ -20,12 +20,14 @@ from typing import Callable
 
 import numpy as np
 
+from illume_rt.errors import IllumeError
+
 
 ONNX_IR_VERSION = 10  # onnxruntime-gpu rejects IR 14; TensorRT 10 parsers accept 10
 ONNX_OPSET = 18
 
 
-class ExportError(RuntimeError):
+class ExportError(IllumeError, RuntimeError):
     """An exported graph that does not match its reference, or an export that could not be written."""
 
 

@@ -6,10 +6,14 @@ exporter writes it there from the preset, so an id or a grid lives in exactly on
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
+from illume_rt.errors import IllumeError
 
-class LayoutError(ValueError):
+
+class LayoutError(IllumeError, ValueError):
     """A request that does not fit the model's token layout (resolution, prompt length)."""
 
 
@@ -255,6 +259,15 @@ class SamplingConfig:
                 self.top_p if self.pixel_top_p is None else self.pixel_top_p)
 
     def validate(self) -> None:
+        for name in ("guidance_scale", "temperature", "top_p", "pixel_temperature", "pixel_top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise LayoutError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "pixel_top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise LayoutError(f"{name} must be a whole number, got {value!r}")
         if self.guidance_scale < 1.0:
             raise LayoutError(f"guidance {self.guidance_scale} < 1: use 1.0 (off) or more, e.g. 2.0")
         for name in ("temperature", "pixel_temperature"):

@@ -25,8 +25,10 @@ import math
 
 import numpy as np
 
+from illume_rt.errors import IllumeError
 
-class SchedulerError(ValueError):
+
+class SchedulerError(IllumeError, ValueError):
     """A scheduler config this runtime cannot reproduce, or a call out of order."""
 
 
