@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from illume_rt.export.bundle import publish_dir
 from illume_rt.export.components import ExportError
 from illume_rt.runtime.bundle import MANIFEST, load_bundle, sha256_file
+from illume_rt.runtime.files import check_output_dir, publish_dir, scratch_dir
 
 from illume_rt.calibration import accuracy, datasets, recipes
 
@@ -72,8 +72,10 @@ def summary_lines(manifest: dict) -> list[str]:
 def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: str, keep_failed: bool = False,
                     threads: int | None = None, calibration: datasets.CalibrationPlan | None = None,
                     evaluation: datasets.CalibrationPlan | None = None, thresholds: dict | None = None,
-                    components: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (replaced if present); return its manifest.
+                    components: list[str] | None = None, log: Callable[[str], None] = print,
+                    overwrite: bool = False) -> dict:
+    """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (a new or empty folder, or with ``overwrite`` a
+    bundle, replaced atomically: runtime/files.py); return its manifest.
 
     ``precision`` int8|fp8, ``target`` tensorrt|ort-cpu (see recipes). ``calibration`` and ``evaluation`` replace
     the default plans (``datasets.default_plan``; e.g. one short 256x256 run each where calibrating on a small
@@ -84,10 +86,9 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     from illume_rt.runtime.pipeline import Pipeline
 
     recipes.recipe_for("llm", precision, target)  # validates both names
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if src == dst:
-        raise QuantizationError("the quantized bundle must go to a new folder (-o), not over its source")
+    src = Path(src).resolve()
     bundle = load_bundle(src)
+    dst = check_output_dir(dst, overwrite, sources=(src,))  # before the long calibration
     manifest = json.loads((src / MANIFEST).read_text())
     for name, entry in manifest["components"].items():
         if entry.get("precision", "fp32") != "fp32":
@@ -111,9 +112,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
     log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.q-", dir=dst.parent))
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    scratch, work = scratch_dir(dst), scratch_dir(dst)
     try:
         results: dict[str, dict] = {}
         failures: list[str] = []
@@ -211,7 +210,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 raise QuantizationError("end-to-end prompt accuracy misses its gate:\n  " + "\n  ".join(failures))
             manifest["quantization"].update(status="passed" if not failures else "failed", failures=failures)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        publish_dir(work, dst)
+        publish_dir(work, dst, overwrite, sources=(src,))
         return manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

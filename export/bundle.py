@@ -7,9 +7,7 @@ half-written bundle that a later run would trust.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from illume_rt import __version__
 from illume_rt.export.components import Component, ExportError, export_onnx
 from illume_rt.export.configs import Preset
 from illume_rt.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+from illume_rt.runtime.files import check_output_dir, publish_dir, scratch_dir
 from illume_rt.runtime.layout import supported_resolutions
 
 
@@ -34,6 +33,8 @@ class ReferenceModels:
     extra_components: list[Callable[["ReferenceModels"], Component]] = field(default_factory=list)
     random_weights: bool = True
     source: dict = field(default_factory=dict)  # checkpoint paths and hashes
+    # (height, width) pairs the weights were trained at, when known (illume-nano): other sizes get a notice
+    trained_resolutions: list | None = None
     # Filled by the checkpoint loaders (export/checkpoints.py); None for the random-weight presets.
     vision_tower: object = None  # Qwen2VisionTransformer (the MLLM's fine-tuned semantic ViT + merger)
     projectors: object = None  # Projectors (projector_1 semantic, projector_2 pixel)
@@ -97,27 +98,16 @@ def tables_for(models: ReferenceModels) -> dict[str, np.ndarray]:
     return {"embed_tokens": embed, "semantic_codebook": tables["semantic"], "pixel_codebook": tables["pixel"]}
 
 
-def publish_dir(work: Path, out_dir: Path) -> Path:
-    """Move a fully written folder into place, replacing what is there, so readers never see a partial one."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        work.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(out_dir)
-    return out_dir
-
-
 def _file_entry(path: Path, root: Path) -> dict:
     return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Export every component of ``models`` into a new bundle at ``out_dir`` (replacing one that is there)."""
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print,
+                 overwrite: bool = False) -> Path:
+    """Export every component of ``models`` into a new bundle at ``out_dir``: a missing or empty folder, or (with
+    ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (runtime/files.py)."""
+    out_dir = check_output_dir(out_dir, overwrite)
+    work = scratch_dir(out_dir)
     try:
         preset = models.preset
         manifest: dict = {
@@ -126,7 +116,9 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             "created_by": f"illume-rt {__version__}",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {"preset": preset.name, "random_weights": models.random_weights, "seed": preset.seed,
-                      "source": models.source, "config": preset.to_dict()},
+                      "source": models.source, "config": preset.to_dict(),
+                      "trained_resolutions": ([list(r) for r in models.trained_resolutions]
+                                              if models.trained_resolutions else None)},
             "vocab": preset.vocab.to_dict(),
             "resolutions": [list(r) for r in supported_resolutions()],
             "llm": {
@@ -171,7 +163,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             shutil.copyfile(tokenizer_file, work / "tokenizer.json")
             manifest["files"]["tokenizer"] = _file_entry(work / "tokenizer.json", work)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        return publish_dir(work, out_dir)
+        return publish_dir(work, out_dir, overwrite)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
