@@ -55,7 +55,9 @@ def load_tokenizer(spec: dict, bundle_dir: Path, layout: VocabLayout) -> Tokeniz
         return ByteTokenizer(layout)
     if kind == "hf":
         return HFTokenizer(bundle_dir / spec["file"], layout)
-    raise ValueError(f"unknown tokenizer kind {kind!r} in the bundle manifest; re-export the bundle")
+    from illume_rt.runtime.bundle import BundleError
+
+    raise BundleError(f"unknown tokenizer kind {kind!r} in the bundle manifest; re-export the bundle")
 
 
 SYSTEM_PROMPT = "You are a helpful assistant."
