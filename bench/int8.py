@@ -107,7 +107,7 @@ def step_split(lm, context: int, which: str, steps: int = 4, warmup: int = 1, ba
         t0 = time.perf_counter()
         hidden = lm.step(cache, [token])
         t1 = time.perf_counter()
-        lm.logits(hidden, which)
+        lm.logits(hidden, which, cache.logits_buffers)
         t2 = time.perf_counter()
         if i >= warmup:
             body.append(t1 - t0)

@@ -57,9 +57,10 @@ def variant_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int]
         out = []
         for hidden in hiddens:
             if head == "active":
-                out.append(np.array(lm.logits(hidden, which)))
+                out.append(np.array(lm.logits(hidden, which, caches[0].logits_buffers)))
                 continue
-            full = np.concatenate([lm.logits(hidden, name) for name in ("text", "semantic", "pixel")], axis=1)
+            full = np.concatenate([lm.logits(hidden, name, caches[0].logits_buffers)
+                                   for name in ("text", "semantic", "pixel")], axis=1)
             start, stop = vocab.head_range(which)
             out.append(full[:, start:stop])
         return np.concatenate(out, axis=0)
@@ -112,7 +113,7 @@ def step_time_at_context(lm: LanguageModel, context: int, steps: int = 6, batch:
     for i in range(steps + warmup):
         t0 = time.perf_counter()
         hidden = lm.step(cache, [token])
-        lm.logits(hidden, which)
+        lm.logits(hidden, which, cache.logits_buffers)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return float(np.median(times))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -98,13 +99,20 @@ class OrtEngine:
             spin = False
         if on_cpu:
             release_large_blocks_promptly()
-        self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8, spin, memory_arena),
-                                            providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8, spin, memory_arena),
+                                                providers=providers)
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes (Fail, InvalidGraph, ...)
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"onnxruntime cannot load graph {name} ({Path(path).name}): {first_line}; "
+                               f"re-export the bundle, or upgrade onnxruntime (this is {ort.__version__})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # IO binding needs host memory on both sides; CUDA sessions keep the plain path
         self.io_binding = io_binding and providers[0] == "CPUExecutionProvider"
-        self._binding = self.session.io_binding() if self.io_binding else None
+        # An IO binding holds the addresses of one run: one per thread, so a Pipeline shared by threads never
+        # runs with another thread's inputs (the session itself is thread-safe)
+        self._bindings = threading.local()
         self._dtypes = {o.name: _NP_DTYPES.get(o.type) for o in self.session.get_outputs()}
 
     def run(self, feeds: Mapping[str, np.ndarray],
@@ -119,7 +127,9 @@ class OrtEngine:
                     out[name][...] = results[i]
                     results[i] = out[name]
             return results
-        binding = self._binding
+        binding = getattr(self._bindings, "binding", None)
+        if binding is None:
+            binding = self._bindings.binding = self.session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         keep = []  # inputs must stay alive until the run ends

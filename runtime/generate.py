@@ -53,6 +53,8 @@ class KVCache:
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.length = 0
         self.names = cache_input_names(layers)
+        # the heads' output buffers, reused step after step; per cache, i.e. per call, so threads never share one
+        self.logits_buffers: dict[tuple[str, int], np.ndarray] = {}
         self._views = [self.kv[layer, kind] for layer in range(layers) for kind in range(2)]
 
     @property
@@ -91,7 +93,6 @@ class LanguageModel:
         self.head_dim, self.max_context = llm_info["head_dim"], llm_info["max_context"]
         self.vocab = vocab
         self.kv_dtype = np.dtype(llm_info.get("kv_dtype", "float32"))
-        self._logits: dict[tuple[str, int], np.ndarray] = {}
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         if capacity > self.max_context:
@@ -146,16 +147,17 @@ class LanguageModel:
         cache.next_position = positions[:, -1] + 1
         return hidden
 
-    def logits(self, hidden: np.ndarray, which: str) -> np.ndarray:
-        """Logits of one head slice. With an engine that accepts out=, they land in a buffer reused by the next
-        call of the same head and batch size (the loop consumes them at once; copy to keep them)."""
+    def logits(self, hidden: np.ndarray, which: str, buffers: dict | None = None) -> np.ndarray:
+        """Logits of one head slice. With ``buffers`` (the call's ``cache.logits_buffers``) and an engine that
+        accepts out=, they land in a buffer reused by the next call of the same head and batch size (the loop
+        consumes them at once; copy to keep them)."""
         head = self.heads[which]
-        if not getattr(head, "accepts_out", False):
+        if buffers is None or not getattr(head, "accepts_out", False):
             return head.run({"hidden": hidden})[0]
         key = (which, hidden.shape[0])
-        buffer = self._logits.get(key)
+        buffer = buffers.get(key)
         if buffer is None:
-            buffer = self._logits[key] = np.empty((hidden.shape[0], self.head_rows(which)), dtype=np.float32)
+            buffer = buffers[key] = np.empty((hidden.shape[0], self.head_rows(which)), dtype=np.float32)
         return head.run({"hidden": hidden}, out={"logits": buffer})[0]
 
     def head_rows(self, which: str) -> int:
@@ -223,7 +225,7 @@ def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int
         if pending:
             hidden = lm.step(cache, pending)
             steps += 1
-        logits = lm.logits(hidden, LEVEL_HEADS[slot.level])
+        logits = lm.logits(hidden, LEVEL_HEADS[slot.level], getattr(cache, "logits_buffers", None))
         scores = guide(logits[0], logits[1] if guided else None, sampling.guidance_scale)
         temperature, top_k, top_p = sampling.level(slot.level)
         index = choose(scores, temperature, top_k, top_p, sampling.greedy, rng)
@@ -255,7 +257,7 @@ def generate_text(lm: LanguageModel, prompt, max_new_tokens: int, greedy: bool =
     banned = np.asarray(banned_ids, dtype=np.int64)
     out: list[int] = []
     while True:
-        logits = lm.logits(hidden, "text")[0]
+        logits = lm.logits(hidden, "text", getattr(cache, "logits_buffers", None))[0]
         if banned.size:
             logits = logits.copy()
             logits[banned] = -np.inf
