@@ -4,30 +4,74 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
 
+from illume_rt.errors import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, USER_ERROR_EXIT, IllumeError, UsageError
+
 DEFAULT_PRESET = "nano"  # illume-nano, the trained miniature (nano/weights/); "tiny" is random weights
+MAX_SEED = 2**63 - 1
+MAX_REFINE_STEPS = 1000  # a diffusers scheduler's num_train_timesteps; the bundle's own limit is checked too
+MAX_NEW_TOKENS = 1 << 20
 
 
-class UsageError(Exception):
-    """A bad command line or input, reported as one line."""
+# -- values checked while parsing, so a bad one stops the command before any work -------------------------------
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from illume_rt.engines.base import BackendError
-    from illume_rt.runtime.bundle import BundleError
-    from illume_rt.runtime.layout import LayoutError
-
-    errors: list[type[BaseException]] = [UsageError, BackendError, BundleError, LayoutError]
+def _number(text: str, kind=float):
     try:
-        from illume_rt.export.components import ExportError
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'number' if kind is float else 'whole number'}") \
+            from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
-        errors.append(ExportError)
-    except ImportError:  # runtime-only install
-        pass
-    return tuple(errors)
+
+def ranged(kind, low=None, high=None, low_open: bool = False, hint: str = ""):
+    """An argparse type: a finite float or an int within [low, high] (``low_open``: above low)."""
+    def parse(text: str):
+        value = _number(text, kind)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            bounds = (f"above {low}" if low_open else f"at least {low}") if low is not None else ""
+            bounds += (" and " if bounds and high is not None else "") + (f"at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}{hint}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def thread_count(text: str) -> int:
+    return ranged(int, 1, os.cpu_count() or 1, hint=" (this machine's cores)")(text)
+
+
+def utf8_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the text is not valid UTF-8; pass it in UTF-8") from None
+    return text
+
+
+def resolution(text: str) -> tuple[int, int]:
+    from illume_rt.runtime.layout import LayoutError, image_grid, parse_resolution
+
+    try:
+        value = parse_resolution(text)
+        image_grid(*value)
+    except LayoutError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported on one line (the usage text is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cache_dir() -> Path:
@@ -72,21 +116,34 @@ def builtin_models(preset: str):
 
 
 def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
+    """The built-in model's bundle, exported on first use. Concurrent first runs take a lock, so it is exported
+    once: the others wait and then find it."""
+    from illume_rt.runtime.files import MANIFEST, exclusive_lock
+
     path = default_bundle_path(preset)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return path
     try:
         from illume_rt.export.bundle import write_bundle
     except ImportError as exc:
         raise UsageError(f"no --bundle given and the built-in model cannot be exported here ({exc}); "
                          "install the export extra (pip install 'illume-rt[export]') or pass --bundle") from None
-    log(f"exporting the built-in '{preset}' model once to {path} ...")
-    write_bundle(builtin_models(preset), path, log=lambda m: log("  " + m))
+    with exclusive_lock(path.parent / f".{path.name}.lock"):
+        if (path / MANIFEST).is_file():  # another run exported it while this one waited
+            return path
+        log(f"exporting the built-in '{preset}' model once to {path} ...")
+        write_bundle(builtin_models(preset), path, log=lambda m: log("  " + m))
     return path
 
 
 def cmd_export(args) -> None:
-    from illume_rt.export.bundle import write_bundle
+    from illume_rt.runtime.files import check_output_dir
+
+    check_output_dir(args.output, args.overwrite)  # before any model is loaded
+    try:
+        from illume_rt.export.bundle import write_bundle
+    except ImportError as exc:
+        raise UsageError(f"export needs the export extra ({exc}); pip install 'illume-rt[export]'") from None
 
     if args.checkpoint:
         from illume_rt.export.checkpoints import load_reference_models
@@ -105,7 +162,7 @@ def cmd_export(args) -> None:
             if value:
                 raise UsageError(f"{flag} needs --checkpoint MLLM_DIR")
         models = builtin_models(args.preset or DEFAULT_PRESET)
-    out = write_bundle(models, args.output)
+    out = write_bundle(models, args.output, overwrite=args.overwrite)
     print(f"bundle written to {out}")
 
 
@@ -130,11 +187,13 @@ def _refine(args):
     return config
 
 
-def _open_pipeline(args):
+def _open_pipeline(args, refine=None):
+    """The pipeline of --bundle (or the built-in model), with what the request needs of it checked up front."""
     from illume_rt.runtime.pipeline import Pipeline
 
     bundle = Path(args.bundle) if args.bundle else ensure_default_bundle()
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
+    pipe.check_refine(refine)  # no decoder, or too many steps: said now, not after the image is decoded
     if pipe.random_weights:
         print(f"note: bundle {bundle.name} has RANDOM weights ({pipe.bundle.manifest['model']['preset']} preset): "
               "output is noise-like; pass --bundle with a real model for real results", file=sys.stderr)
@@ -156,19 +215,29 @@ def _draw(args, grid, run):
 
         result = run(on_token)
     out = result.save(args.output)
+    for line in result.notices[1:]:  # the first (resolution) was printed before drawing
+        print(f"note: {line}", file=sys.stderr)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {out} ({result.image.shape[0]}x{result.image.shape[1]}); {stages} "
           f"({result.tokens.steps} decode steps)")
 
 
-def cmd_generate(args) -> None:
-    from illume_rt.runtime.layout import SamplingConfig, image_grid, parse_resolution
+def _notice(pipe, size) -> None:
+    line = pipe.resolution_notice(size)
+    if line:
+        print(f"note: {line}", file=sys.stderr)
 
-    resolution = parse_resolution(args.resolution)
+
+def cmd_generate(args) -> None:
+    from illume_rt.runtime.files import image_target
+    from illume_rt.runtime.layout import SamplingConfig, image_grid
+
+    image_target(args.output)  # an unwritable target is refused before the model is loaded
     sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
-    pipe = _open_pipeline(args)
-    _draw(args, image_grid(*resolution), lambda on_token: pipe.generate(
-        args.prompt, resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token))
+    pipe = _open_pipeline(args, refine)
+    _notice(pipe, args.resolution)
+    _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
+        args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token))
 
 
 def cmd_edit(args) -> None:
@@ -176,10 +245,15 @@ def cmd_edit(args) -> None:
     from illume_rt.runtime.layout import image_grid
     from illume_rt.runtime.pipeline import EDIT_SAMPLING
 
+    from illume_rt.runtime.files import image_target
+
+    image_target(args.output)
     sampling, refine = _sampling(args, EDIT_SAMPLING), _refine(args)
     source = load_image(args.image)
-    pipe = _open_pipeline(args)
-    grid = image_grid(*nearest_anchor(source.height, source.width))
+    pipe = _open_pipeline(args, refine)
+    anchor = nearest_anchor(source.height, source.width)
+    _notice(pipe, anchor)
+    grid = image_grid(*anchor)
     _draw(args, grid, lambda on_token: pipe.edit(source, args.instruction, seed=args.seed, sampling=sampling,
                                                  refine=refine, on_token=on_token))
 
@@ -187,13 +261,13 @@ def cmd_edit(args) -> None:
 def cmd_understand(args) -> None:
     from illume_rt.runtime.images import load_image
 
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
     image = load_image(args.image)
     pipe = _open_pipeline(args)
     result = pipe.understand(image, args.question, max_new_tokens=args.max_new_tokens,
                              on_text=lambda text: print(text, end="", flush=True))
     print()
+    for line in result.notices:
+        print(f"note: {line}", file=sys.stderr)
     t = result.timings
     print(f"({len(result.token_ids)} tokens; image encode {t['image_encode']:.2f}s, decode {t['decode']:.2f}s)",
           file=sys.stderr)
@@ -238,7 +312,8 @@ def cmd_quantize(args) -> None:
         raise UsageError(f"quantize needs the export and quant extras ({exc}); "
                          "pip install -e '.[export,quant]'") from None
     manifest = quantize_bundle(args.bundle, args.output, args.precision, args.target, keep_failed=args.keep_failed,
-                               threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+                               threads=args.threads, log=lambda m: print(m, file=sys.stderr),
+                               overwrite=args.overwrite)
     print("\n".join(summary_lines(manifest)))
     status = manifest["quantization"]["status"]
     print(f"bundle written to {args.output}" + (" (marked FAILED: --keep-failed)" if status != "passed" else ""))
@@ -254,33 +329,40 @@ def cmd_bench(args) -> None:
 
 def _runtime_options(parser) -> None:
     parser.add_argument("--bundle", help="bundle folder (default: the built-in tiny model, exported once)")
-    parser.add_argument("--backend", default="ort-cpu", help="ort-cpu, ort-cuda or tensorrt")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
+    parser.add_argument("--threads", type=thread_count, default=None,
+                        help="intra-op threads, 1 to the number of cores (default: all cores)")
 
 
 def _image_task_options(parser, defaults: str) -> None:
     _runtime_options(parser)
     group = parser.add_argument_group("sampling", f"defaults: {defaults}")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    group.add_argument("--temperature", type=float, default=None)
-    group.add_argument("--top-k", type=int, default=None, help="semantic level; the pixel level uses 3x")
-    group.add_argument("--pixel-top-k", type=int, default=None, help="override the pixel-level top-k")
-    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--seed", type=ranged(int, 0, MAX_SEED), default=0)
+    group.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=None,
+                       help="classifier-free guidance scale (1 = off)")
+    group.add_argument("--temperature", type=ranged(float, 0.0, 1e4, low_open=True), default=None)
+    group.add_argument("--top-k", type=ranged(int, 0), default=None,
+                       help="semantic level (0 = off); the pixel level uses 3x")
+    group.add_argument("--pixel-top-k", type=ranged(int, 0), default=None, help="override the pixel-level top-k")
+    group.add_argument("--top-p", type=ranged(float, 0.0, 1.0, low_open=True), default=None)
     group.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     ref = parser.add_argument_group("diffusion refinement (2x output)")
     ref.add_argument("--refine", action="store_true", help="decode with the diffusion decoder instead")
-    ref.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    ref.add_argument("--refine-guidance", type=float, default=2.0, help="diffusion guidance (default 2.0)")
+    ref.add_argument("--steps", type=ranged(int, 1, MAX_REFINE_STEPS), default=20,
+                     help="denoising steps (default 20)")
+    ref.add_argument("--refine-guidance", type=ranged(float, 1.0, 1e4), default=2.0,
+                     help="diffusion guidance (default 2.0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="illume-rt", description="ILLUME+ inference runtime")
+    parser = OneLineParser(prog="illume-rt", description="ILLUME+ inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
     exp = sub.add_parser("export", help="export a model to a bundle (ONNX graphs + tables + manifest)")
-    exp.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    exp.add_argument("-o", "--output", required=True,
+                     help="bundle folder to write: a new or empty folder (an existing bundle needs --overwrite)")
+    exp.add_argument("--overwrite", action="store_true", help="replace the bundle at -o (atomically)")
     exp.add_argument("--preset", default=None,
                      help="without --checkpoint: the random-weight preset, tiny (default), 3b or 7b; with "
                           "--checkpoint: the preset whose vision tower, MoVQ and codebook-dim shapes the checkpoints "
@@ -294,23 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="illume.png", help="PNG to write")
-    gen.add_argument("--resolution", default="256x256", help="HEIGHTxWIDTH, one of the ILLUME+ anchors")
+    gen.add_argument("prompt", type=utf8_text)
+    gen.add_argument("-o", "--output", default="illume.png", help="image to write (.png, .jpg or .webp)")
+    gen.add_argument("--resolution", type=resolution, default=(256, 256),
+                     help="HEIGHTxWIDTH, one of the ILLUME+ anchors")
     _image_task_options(gen, "guidance 2.0, temperature 1.0, top-k 2048 (pixel 6144), top-p 1.0")
     gen.set_defaults(func=cmd_generate)
 
     edit = sub.add_parser("edit", help="edit an image by instruction")
     edit.add_argument("image", help="PNG or JPEG (any size; generated at the nearest anchor, resized back)")
-    edit.add_argument("instruction")
-    edit.add_argument("-o", "--output", default="edited.png", help="PNG to write")
+    edit.add_argument("instruction", type=utf8_text)
+    edit.add_argument("-o", "--output", default="edited.png", help="image to write (.png, .jpg or .webp)")
     _image_task_options(edit, "guidance 1.5, temperature 0.7, top-k 512 (pixel 1536), top-p 0.8")
     edit.set_defaults(func=cmd_edit)
 
     und = sub.add_parser("understand", help="answer a question about an image (streamed)")
     und.add_argument("image")
-    und.add_argument("question")
-    und.add_argument("--max-new-tokens", type=int, default=1024)
+    und.add_argument("question", type=utf8_text)
+    und.add_argument("--max-new-tokens", type=ranged(int, 1, MAX_NEW_TOKENS), default=1024,
+                     help="answer length limit (capped to the context's room, with a note)")
     _runtime_options(und)
     und.set_defaults(func=cmd_understand)
 
@@ -333,10 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--precision", required=True, choices=["int8", "fp8"])
     quant.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
                        help="tensorrt: symmetric signed Q/DQ (modelopt); ort-cpu: U8S8 INT8 for onnxruntime CPU")
-    quant.add_argument("-o", "--output", required=True, help="new bundle folder to write")
+    quant.add_argument("-o", "--output", required=True,
+                       help="bundle folder to write: a new or empty folder (an existing bundle needs --overwrite)")
+    quant.add_argument("--overwrite", action="store_true", help="replace the bundle at -o (atomically)")
     quant.add_argument("--keep-failed", action="store_true",
                        help="write the bundle even when a gate is missed (marked failed in the manifest; exit 2)")
-    quant.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    quant.add_argument("--threads", type=thread_count, default=None, help="onnxruntime intra-op threads")
     quant.set_defaults(func=cmd_quantize)
 
     from illume_rt.bench.cli import add_arguments as add_bench_arguments
@@ -348,12 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit 0 on success; 2 with one line for anything the user can fix (IllumeError, OSError, bad arguments);
+    130 on Ctrl-C; 70 for an illume-rt bug (ILLUME_RT_DEBUG=1 shows its traceback)."""
+    for stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8 must not crash a print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except _user_errors() as exc:
+    except SystemExit as exc:  # argparse: --help (0) or a bad argument (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else USER_ERROR_EXIT
+    except IllumeError as exc:
         print(f"illume-rt: error: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print("illume-rt: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as exc:  # the disk filled, a file vanished, permissions: the system said why
+        from illume_rt.runtime.files import describe_oserror
+
+        print(f"illume-rt: error: {describe_oserror(exc)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except Exception as exc:  # noqa: BLE001 -- a bug: one line, and the traceback on request
+        if os.environ.get("ILLUME_RT_DEBUG"):
+            raise
+        print(f"illume-rt: internal error: {type(exc).__name__}: {str(exc)[:300]} (this is a bug in illume-rt; "
+              "rerun with ILLUME_RT_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
     return 0
 
 

@@ -21,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
 MLLM_DIR = WEIGHTS / "mllm"
 DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
+# The output sizes (height, width) the committed weights were trained to draw; the runtime prints a notice for
+# any other (recorded in the bundle manifest as model.trained_resolutions).
+TRAINED_RESOLUTIONS = ((256, 256),)
 
 
 def available() -> bool:
@@ -32,6 +35,7 @@ def load_models():
     from illume_rt.export.checkpoints import load_reference_models
 
     models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, base="nano")
+    models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
     return models
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from illume_rt.engines.base import Engine
-from illume_rt.runtime.images import semantic_view
+from illume_rt.runtime.images import semantic_size, semantic_view
 from illume_rt.runtime.layout import PIXEL_PATCH, SEMANTIC_PATCH, LayoutError
 from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER
 
@@ -38,6 +38,15 @@ class ImageEncoder:
         sem_grid = (vit_input.shape[2] // SEMANTIC_PATCH, vit_input.shape[3] // SEMANTIC_PATCH)
         pix_grid = (image.shape[2] // PIXEL_PATCH, image.shape[3] // PIXEL_PATCH)
         return EncodedImage(semantic, sem_grid, pixel, pix_grid)
+
+
+def image_block_length(height: int, width: int) -> int:
+    """Positions the image block of an understanding image of height x width pixels takes (see image_block): the
+    semantic and pixel grids, an <end_of_line> per row, and six markers."""
+    sem_h, sem_w = semantic_size(height, width)
+    sem_rows, sem_cols = sem_h // SEMANTIC_PATCH, sem_w // SEMANTIC_PATCH
+    pix_rows, pix_cols = height // PIXEL_PATCH, width // PIXEL_PATCH
+    return sem_rows * (sem_cols + 1) + pix_rows * (pix_cols + 1) + 6
 
 
 def image_block(lm, encoded: EncodedImage) -> np.ndarray:

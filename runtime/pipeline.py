@@ -1,7 +1,16 @@
-"""The Python API: ``Pipeline.from_bundle(path).generate(prompt)``. numpy + onnxruntime only."""
+"""The Python API: ``Pipeline.from_bundle(path).generate(prompt)``. numpy + onnxruntime only.
+
+Concurrency (docs/runtime.md): one Pipeline may be shared by threads. Everything a call changes (KV cache, logits
+buffers, random generator, timings) belongs to the call; the engines are shared and only read. On ort-cpu calls run
+in parallel (onnxruntime sessions are thread-safe; each thread binds its own IO); the GPU backends keep device
+buffers per engine, so there calls on one Pipeline take turns.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +21,11 @@ import numpy as np
 from illume_rt.engines.base import BackendError, Engine
 from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
 from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens, generate_text
-from illume_rt.runtime.images import load_image, pad_to_anchor, understanding_image, unpad_and_resize_back
-from illume_rt.runtime.layout import SamplingConfig, image_grid
-from illume_rt.runtime.multimodal import ImageEncoder, image_block, splice
+from illume_rt.runtime.files import save_image
+from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
+                                      smart_resize, understanding_image, unpad_and_resize_back)
+from illume_rt.runtime.layout import LayoutError, SamplingConfig, image_grid
+from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
 from illume_rt.runtime.tokenizer import load_tokenizer
@@ -22,8 +33,29 @@ from illume_rt.runtime.tokenizer import load_tokenizer
 # Editing defaults (facts section 5 / ILLUME/app.py): temperature 0.7, top-k 512 (pixel 3x), top-p 0.8, CFG 1.5.
 EDIT_SAMPLING = SamplingConfig(guidance_scale=1.5, temperature=0.7, top_k=512, top_p=0.8)
 UNDERSTAND_MAX_NEW_TOKENS = 1024
+# understand() shrinks the image until this many answer tokens fit the context after the prompt
+UNDERSTAND_MIN_ANSWER_TOKENS = 32
+MAX_SEED = 2**63 - 1
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+
+
+def check_threads(threads) -> int | None:
+    """None (onnxruntime's default: every core) or 1..cores; more only oversubscribes (100000 hung the machine)."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise LayoutError(f"threads must be a whole number from 1 to {cores} (this machine's cores), got {threads!r}")
+    return threads
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise LayoutError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
 
 
 def open_engine(bundle: Bundle, name: str, backend: str, threads: int | None) -> Engine:
@@ -52,10 +84,13 @@ class LazyEngines(dict):
     def __init__(self, opener: Callable[[str], Engine]) -> None:
         super().__init__()
         self._opener = opener
+        self._lock = threading.Lock()  # two threads asking for one head open it once
 
     def __missing__(self, key: str) -> Engine:
-        self[key] = engine = self._opener(key)
-        return engine
+        with self._lock:
+            if key not in self:
+                self[key] = self._opener(key)
+            return dict.__getitem__(self, key)
 
 
 @dataclass
@@ -65,17 +100,11 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)  # seconds per stage
     seed: int | None = None
     refined: bool = False  # True when the image came from the diffusion decoder (2x size)
+    notices: list[str] = field(default_factory=list)  # things the caller should know (e.g. an untrained size)
 
     def save(self, path: str | Path) -> Path:
-        """Write a PNG atomically (temporary name, then rename)."""
-        from PIL import Image
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(self.image).save(tmp, format="PNG")
-        tmp.replace(path)
-        return path
+        """Write the image atomically in the format of the extension (.png, .jpg, .webp); runtime/files.py."""
+        return save_image(self.image, path)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -85,8 +114,13 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None) -> None:
-        self.bundle, self.backend, self.threads = bundle, backend, threads
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        self.bundle, self.backend, self.threads = bundle, backend, check_threads(threads)
         self._lazy: dict[str, Engine] = {}
+        self._open_lock = threading.Lock()
+        # GPU backends keep device buffers per engine (staging, execution contexts): their calls take turns
+        self._call_lock = contextlib.nullcontext() if backend == "ort-cpu" else threading.Lock()
         self.vocab = bundle.vocab
         self.tokenizer = load_tokenizer(bundle.manifest["tokenizer"], bundle.path, self.vocab)
         heads = LazyEngines(lambda which: open_engine(bundle, f"lm_head_{which}", backend, threads))
@@ -109,9 +143,10 @@ class Pipeline:
 
     def _engine(self, name: str) -> Engine:
         """Graphs that only some tasks use (encoders, diffusion) open on first use, so start-up stays fast."""
-        if name not in self._lazy:
-            self._lazy[name] = open_engine(self.bundle, name, self.backend, self.threads)
-        return self._lazy[name]
+        with self._open_lock:
+            if name not in self._lazy:
+                self._lazy[name] = open_engine(self.bundle, name, self.backend, self.threads)
+            return self._lazy[name]
 
     @property
     def image_encoder(self) -> ImageEncoder:
@@ -158,81 +193,144 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
         return GenerationResult(to_uint8(image), tokens, timings, seed, refined=refine is not None)
 
+    def check_refine(self, refine: RefineConfig | None) -> None:
+        """Refuse, before any decoding, a refinement this bundle cannot run (no decoder, too many steps)."""
+        if refine is None:
+            return
+        refine.validate()
+        from illume_rt.runtime.scheduler import make_scheduler
+
+        info = self.bundle.manifest.get("diffusion")
+        if not info:
+            raise BundleError(f"bundle {self.bundle.path} has no diffusion decoder; export one with --diffusion "
+                              "(or drop --refine)")
+        make_scheduler(info["scheduler"]).set_timesteps(refine.steps)  # SchedulerError names the limit
+
+    def resolution_notice(self, resolution: tuple[int, int]) -> str | None:
+        """A line for a size the weights were not trained at (illume-nano records its sizes), else None."""
+        trained = self.bundle.manifest["model"].get("trained_resolutions")
+        if not trained or list(resolution) in trained:
+            return None
+        sizes = ", ".join(f"{h}x{w}" for h, w in trained)
+        return (f"this model was trained at {sizes} only; at {resolution[0]}x{resolution[1]} expect scattered "
+                "shapes (pass --resolution " + f"{trained[0][0]}x{trained[0][1]})")
+
     def generate(self, prompt: str, resolution: tuple[int, int] = (256, 256), seed: int | None = 0,
                  sampling: SamplingConfig | None = None, refine: RefineConfig | None = None,
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Text to image. ``resolution`` is (height, width); ``on_token(level)`` is called per sampled code;
-        ``refine`` runs the diffusion decoder (2x output) instead of the pixel decoder."""
+        ``refine`` runs the diffusion decoder (2x output) instead of the pixel decoder. Thread-safe."""
         sampling = sampling or SamplingConfig()
         sampling.validate()
-        if refine is not None:
-            refine.validate()
+        seed = check_seed(seed)
+        self.check_refine(refine)
         grid = image_grid(*resolution)
         cond, uncond = text_to_image_ids(self.tokenizer, self.vocab, prompt, *resolution)
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
-        return self._finish(tokens, grid, refine, rng, start, seed)
+        notice = self.resolution_notice(resolution)
+        with self._call_lock:
+            rng = np.random.default_rng(seed)
+            start = time.perf_counter()
+            tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
+            result = self._finish(tokens, grid, refine, rng, start, seed)
+        result.notices += [notice] if notice else []
+        return result
 
     def edit(self, image, instruction: str, seed: int | None = 0, sampling: SamplingConfig | None = None,
              refine: RefineConfig | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Image editing: pad to the nearest anchor, generate there with the editing prompt (guided by the
-        reconstruct prompt with the same image), then unpad and resize back to the input size."""
+        reconstruct prompt with the same image), then unpad and resize back to the input size. Thread-safe."""
         from PIL import Image
 
         sampling = sampling or EDIT_SAMPLING
         sampling.validate()
-        if refine is not None:
-            refine.validate()
+        seed = check_seed(seed)
+        self.check_refine(refine)
         source = load_image(image)
         padded, padding = pad_to_anchor(source)
         grid = image_grid(*padding.anchor)
-        start = time.perf_counter()
-        block = image_block(self.lm, self.image_encoder.encode(understanding_image(padded)))
         cond_ids, uncond_ids = editing_ids(self.tokenizer, self.vocab, instruction, *padding.anchor)
-        cond, uncond = splice(self.lm, cond_ids, block), splice(self.lm, uncond_ids, block)
-        encode_time = time.perf_counter() - start
-        rng = np.random.default_rng(seed)
-        tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
-        tokens.timings["image_encode"] = encode_time
-        result = self._finish(tokens, grid, refine, rng, start, seed)
+        notice = self.resolution_notice(padding.anchor)
+        with self._call_lock:
+            start = time.perf_counter()
+            block = image_block(self.lm, self.image_encoder.encode(understanding_image(padded)))
+            cond, uncond = splice(self.lm, cond_ids, block), splice(self.lm, uncond_ids, block)
+            encode_time = time.perf_counter() - start
+            rng = np.random.default_rng(seed)
+            tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
+            tokens.timings["image_encode"] = encode_time
+            result = self._finish(tokens, grid, refine, rng, start, seed)
         out = Image.fromarray(result.image)
         if result.refined:  # the padding scales with the 2x output
             out = out.resize((padding.anchor[1], padding.anchor[0]), Image.LANCZOS)
         result.image = np.asarray(unpad_and_resize_back(out, padding))
+        result.notices += [notice] if notice else []
         return result
+
+    def fit_understanding(self, image, prompt_positions: int, max_new_tokens: int
+                          ) -> tuple[tuple[int, int], int, list[str]]:
+        """(vision input size, answer tokens, notices) so that the prompt, the image and the answer fit the
+        model's context: the image is scaled down (as smart_resize would with a smaller pixel budget) until at
+        least UNDERSTAND_MIN_ANSWER_TOKENS answer tokens fit, then the answer is capped to what is left."""
+        room = self.lm.max_context - prompt_positions
+        want = min(max_new_tokens, UNDERSTAND_MIN_ANSWER_TOKENS)
+        size = smart_resize(image.height, image.width)
+        first, budget = size, UNDERSTANDING_MAX_PIXELS
+        while image_block_length(*size) + want > room:
+            budget = min(int(size[0] * size[1] * 0.8), size[0] * size[1] - 1)
+            smaller = smart_resize(image.height, image.width, max_pixels=max(budget, 1))
+            if smaller == size or budget < UNDERSTANDING_MIN_PIXELS // 4:
+                raise LayoutError(f"the question leaves no room for the image in the model's context of "
+                                  f"{self.lm.max_context} positions; ask a shorter question")
+            size = smaller
+        notices = []
+        if size != first:
+            notices.append(f"the image was scaled to {size[1]}x{size[0]} (from {first[1]}x{first[0]}) to fit the "
+                           f"model's context of {self.lm.max_context} positions")
+        answer = min(max_new_tokens, room - image_block_length(*size))
+        if answer < max_new_tokens:
+            notices.append(f"the answer is capped at {answer} tokens (the context's room after the prompt and "
+                           "the image)")
+        return size, answer, notices
 
     def understand(self, image, question: str, max_new_tokens: int = UNDERSTAND_MAX_NEW_TOKENS,
                    on_text: Callable[[str], None] | None = None) -> "UnderstandingResult":
-        """Greedy answer about an image; ``on_text`` receives the answer as it grows (streaming)."""
-        start = time.perf_counter()
-        encoded = self.image_encoder.encode(understanding_image(load_image(image)))
-        prompt = splice(self.lm, understanding_ids(self.tokenizer, self.vocab, question), image_block(self.lm, encoded))
-        t_encode = time.perf_counter() - start
-        v = self.vocab
-        # a text answer: no image structure tokens (the official text-mode mask), and no new image
-        banned = (v.start_of_image_id, v.end_of_image_id, v.end_of_line_id, v.start_of_level0_id,
-                  v.end_of_level0_id, v.start_of_level1_id, v.end_of_level1_id)
-        ids: list[int] = []
-        printed = ""
+        """Greedy answer about an image; ``on_text`` receives the answer as it grows (streaming). Any photo fits:
+        the image is scaled down and the answer capped to the context (``result.notices`` says so). Thread-safe."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise LayoutError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        source = load_image(image)
+        ids = understanding_ids(self.tokenizer, self.vocab, question)
+        size, max_new_tokens, notices = self.fit_understanding(source, len(ids) - 1, max_new_tokens)
+        with self._call_lock:
+            start = time.perf_counter()
+            pixels = understanding_image(source, size)
+            encoded = self.image_encoder.encode(pixels)
+            prompt = splice(self.lm, ids, image_block(self.lm, encoded))
+            t_encode = time.perf_counter() - start
+            v = self.vocab
+            # a text answer: no image structure tokens (the official text-mode mask), and no new image
+            banned = (v.start_of_image_id, v.end_of_image_id, v.end_of_line_id, v.start_of_level0_id,
+                      v.end_of_level0_id, v.start_of_level1_id, v.end_of_level1_id)
+            ids_out: list[int] = []
+            printed = ""
 
-        def on_token(token: int) -> None:
-            nonlocal printed
-            ids.append(token)
-            if on_text is not None:
-                text = self.tokenizer.decode([i for i in ids if i != v.im_end_id])
-                if len(text) > len(printed) and not text.endswith("\ufffd"):  # whole characters only
-                    on_text(text[len(printed):])
-                    printed = text
+            def on_token(token: int) -> None:
+                nonlocal printed
+                ids_out.append(token)
+                if on_text is not None:
+                    text = self.tokenizer.decode([i for i in ids_out if i != v.im_end_id])
+                    if len(text) > len(printed) and not text.endswith("\ufffd"):  # whole characters only
+                        on_text(text[len(printed):])
+                        printed = text
 
-        generate_text(self.lm, prompt, max_new_tokens, stop_ids=(v.im_end_id,), banned_ids=banned,
-                      on_token=on_token)
-        answer = self.tokenizer.decode([i for i in ids if i != v.im_end_id])
+            generate_text(self.lm, prompt, max_new_tokens, stop_ids=(v.im_end_id,), banned_ids=banned,
+                          on_token=on_token)
+        answer = self.tokenizer.decode([i for i in ids_out if i != v.im_end_id])
         if on_text is not None and len(answer) > len(printed):
             on_text(answer[len(printed):])
         timings = {"image_encode": t_encode, "total": time.perf_counter() - start}
         timings["decode"] = timings["total"] - t_encode
-        return UnderstandingResult(answer, ids, timings)
+        return UnderstandingResult(answer, ids_out, timings, notices)
 
 
 @dataclass
@@ -240,3 +338,4 @@ class UnderstandingResult:
     text: str
     token_ids: list[int]
     timings: dict = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # e.g. the image was scaled down to fit the context

@@ -42,10 +42,27 @@ def _fill(template: str, tags: list[int], **fields: str) -> list[Segment]:
     return [before, *tags, after]
 
 
+MAX_TEXT_CHARS = 1 << 20  # far past any context; stops a runaway argument before tokenizing it
+
+
+def check_text(text, what: str) -> None:
+    """A prompt, question or instruction must be a str that encodes as UTF-8 (command-line bytes that are not
+    UTF-8 arrive as lone surrogates)."""
+    if not isinstance(text, str):
+        raise LayoutError(f"the {what} must be text (str), not {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise LayoutError(f"the {what} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LayoutError(f"the {what} is not valid UTF-8 text; pass it in UTF-8") from None
+
+
 def text_to_image_ids(tokenizer: Tokenizer, layout: VocabLayout, prompt: str, height: int, width: int
                       ) -> tuple[list[int], list[int]]:
     """(conditional, unconditional) prompt ids for text to image."""
-    if not prompt or not prompt.strip():
+    check_text(prompt, "prompt")
+    if not prompt.strip():
         raise LayoutError("the prompt is empty: describe the image, e.g. \"a red circle on a blue background\"")
     tags = [layout.height_tag(height), layout.width_tag(width)]
     cond = chat_ids(tokenizer, layout, _fill(T2I_TEMPLATE, tags, content=prompt), tags)
@@ -61,7 +78,8 @@ EDIT_UNCOND_TEMPLATE = "\nReconstruct the image according to the given image\n"
 
 
 def understanding_ids(tokenizer: Tokenizer, layout: VocabLayout, question: str) -> list[int]:
-    if not question or not question.strip():
+    check_text(question, "question")
+    if not question.strip():
         raise LayoutError("the question is empty: ask something about the image, e.g. \"What is in the image?\"")
     return chat_ids(tokenizer, layout, [IMAGE_PLACEHOLDER, UNDERSTAND_TEMPLATE.replace("{content}", question)], [])
 
@@ -69,7 +87,8 @@ def understanding_ids(tokenizer: Tokenizer, layout: VocabLayout, question: str) 
 def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str, height: int, width: int
                 ) -> tuple[list[int], list[int]]:
     """(conditional, unconditional) ids for editing; both hold the same image at IMAGE_PLACEHOLDER."""
-    if not instruction or not instruction.strip():
+    check_text(instruction, "instruction")
+    if not instruction.strip():
         raise LayoutError("the instruction is empty: say how to change the image, e.g. \"make the sky red\"")
     tags = [layout.height_tag(height), layout.width_tag(width)]
     cond = chat_ids(tokenizer, layout, [*tags, IMAGE_PLACEHOLDER, EDIT_TEMPLATE.replace("{content}", instruction)],

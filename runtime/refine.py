@@ -8,6 +8,7 @@ scaling factor itself).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ class RefineConfig:
     guidance_scale: float = 2.0  # ILLUME/app.py: 20 steps, 2.0
 
     def validate(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise LayoutError(f"refine steps must be a whole number, got {self.steps!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise LayoutError(f"refine guidance must be a finite number, got {self.guidance_scale!r}")
         if self.steps < 1:
             raise LayoutError("--steps must be at least 1 (20 is the official default)")
         if self.guidance_scale < 1.0:
