@@ -29,9 +29,13 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_models, tmp_path_factory):
-    """The full tiny bundle (every component), exported once per test session."""
+    """The full tiny bundle (every component), exported once per test session. ILLUME_RT_TEST_TINY_BUNDLE names
+    one exported earlier, to skip the export while developing (CI never sets it)."""
     from illume_rt.export.bundle import write_bundle
 
+    reuse = os.environ.get("ILLUME_RT_TEST_TINY_BUNDLE")
+    if reuse:
+        return Path(reuse)
     return write_bundle(tiny_models, tmp_path_factory.mktemp("bundles") / "tiny", log=lambda m: None)
 
 
