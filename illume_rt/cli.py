@@ -88,9 +88,11 @@ def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
         for file in sorted(root.rglob("*.py")):
             digest.update(file.read_bytes())
     if preset == "nano":  # the trained weights are part of the key
+        from illume_rt.nano import checkpoint
         from illume_rt.nano.checkpoint import DUALVITOK_FILE, MLLM_DIR
 
-        for file in [*sorted(MLLM_DIR.iterdir()), DUALVITOK_FILE]:
+        # the weights, and the loader that records facts about them (e.g. the trained resolutions)
+        for file in [*sorted(MLLM_DIR.iterdir()), DUALVITOK_FILE, Path(checkpoint.__file__)]:
             if file.is_file():
                 digest.update(file.name.encode() + file.read_bytes())
     return cache_dir() / "bundles" / f"{preset}-{digest.hexdigest()[:12]}"

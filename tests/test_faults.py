@@ -107,3 +107,33 @@ def test_full_disk_while_exporting_keeps_the_previous_bundle(tiny_bundle, tmp_pa
     one_line(run.stderr)
     load_bundle(out)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+FIRST_RUN = """
+import json, sys, time
+from pathlib import Path
+import illume_rt.export.bundle as bundle_module
+from illume_rt import cli
+
+def slow_export(models, path, log=print, overwrite=False):
+    with open(sys.argv[1], "a") as counter:
+        counter.write("export\\n")
+    time.sleep(1.0)  # long enough for the other first runs to arrive while this one exports
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"format": "illume-rt-bundle"}))
+    return path
+
+bundle_module.write_bundle = slow_export
+cli.builtin_models = lambda preset: None
+print(cli.ensure_default_bundle("tiny", log=lambda m: None))
+"""
+
+
+def test_concurrent_first_runs_export_the_builtin_model_once(tmp_path):
+    counter = tmp_path / "exports.log"
+    env = {**ENV, "ILLUME_RT_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, str(counter)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert counter.read_text().count("export") == 1 and len(paths) == 1
