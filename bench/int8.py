@@ -60,7 +60,7 @@ def quick_plans(resolution: tuple[int, int] = (256, 256), seed: int = 0, samples
 
 def quantize_quick(fp32: str | Path, dst: str | Path, threads: int | None = None, components=("llm",),
                    resolution: tuple[int, int] = (256, 256), keep_failed: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, overwrite: bool = True) -> dict:
     """INT8 ort-cpu bundle of ``fp32`` with ``quick_plans`` and only ``components`` quantized (the heads stay FP32
     by recipe; others not listed stay FP32 too). Gates apply as usual; figures land in the new manifest. Returns
     {'seconds', 'manifest'}."""
@@ -69,7 +69,8 @@ def quantize_quick(fp32: str | Path, dst: str | Path, threads: int | None = None
     cal, ev = quick_plans(resolution)
     t0 = time.perf_counter()
     manifest = quantize_bundle(fp32, dst, "int8", "ort-cpu", keep_failed=keep_failed, threads=threads,
-                               calibration=cal, evaluation=ev, components=list(components), log=log)
+                               calibration=cal, evaluation=ev, components=list(components), log=log,
+                               overwrite=overwrite)  # a re-run replaces its own bundle (never another folder)
     return {"seconds": time.perf_counter() - t0, "manifest": manifest}
 
 

@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     und.add_argument("image")
     und.add_argument("question", type=utf8_text)
     und.add_argument("--max-new-tokens", type=ranged(int, 1, MAX_NEW_TOKENS), default=1024,
-                     help="answer length limit (capped to the context's room, with a note)")
+                     help="answer length limit (capped to the room the context leaves; a note says when an answer reaches it)")
     _runtime_options(und)
     und.set_defaults(func=cmd_understand)
 

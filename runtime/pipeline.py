@@ -270,7 +270,8 @@ class Pipeline:
                           ) -> tuple[tuple[int, int], int, list[str]]:
         """(vision input size, answer tokens, notices) so that the prompt, the image and the answer fit the
         model's context: the image is scaled down (as smart_resize would with a smaller pixel budget) until at
-        least UNDERSTAND_MIN_ANSWER_TOKENS answer tokens fit, then the answer is capped to what is left."""
+        least UNDERSTAND_MIN_ANSWER_TOKENS answer tokens fit, then the answer is capped to what is left (the
+        caller says so if the answer runs into that cap)."""
         room = self.lm.max_context - prompt_positions
         want = min(max_new_tokens, UNDERSTAND_MIN_ANSWER_TOKENS)
         size = smart_resize(image.height, image.width)
@@ -286,11 +287,7 @@ class Pipeline:
         if size != first:
             notices.append(f"the image was scaled to {size[1]}x{size[0]} (from {first[1]}x{first[0]}) to fit the "
                            f"model's context of {self.lm.max_context} positions")
-        answer = min(max_new_tokens, room - image_block_length(*size))
-        if answer < max_new_tokens:
-            notices.append(f"the answer is capped at {answer} tokens (the context's room after the prompt and "
-                           "the image)")
-        return size, answer, notices
+        return size, min(max_new_tokens, room - image_block_length(*size)), notices
 
     def understand(self, image, question: str, max_new_tokens: int = UNDERSTAND_MAX_NEW_TOKENS,
                    on_text: Callable[[str], None] | None = None) -> "UnderstandingResult":
@@ -300,7 +297,7 @@ class Pipeline:
             raise LayoutError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         source = load_image(image)
         ids = understanding_ids(self.tokenizer, self.vocab, question)
-        size, max_new_tokens, notices = self.fit_understanding(source, len(ids) - 1, max_new_tokens)
+        size, limit, notices = self.fit_understanding(source, len(ids) - 1, max_new_tokens)
         with self._call_lock:
             start = time.perf_counter()
             pixels = understanding_image(source, size)
@@ -323,8 +320,10 @@ class Pipeline:
                         on_text(text[len(printed):])
                         printed = text
 
-            generate_text(self.lm, prompt, max_new_tokens, stop_ids=(v.im_end_id,), banned_ids=banned,
-                          on_token=on_token)
+            generate_text(self.lm, prompt, limit, stop_ids=(v.im_end_id,), banned_ids=banned, on_token=on_token)
+        if limit < max_new_tokens and len(ids_out) == limit and ids_out[-1] != v.im_end_id:
+            notices.append(f"the answer was cut at {limit} tokens: that is all the room the model's context of "
+                           f"{self.lm.max_context} positions leaves after the prompt and the image")
         answer = self.tokenizer.decode([i for i in ids_out if i != v.im_end_id])
         if on_text is not None and len(answer) > len(printed):
             on_text(answer[len(printed):])
