@@ -20,7 +20,8 @@ def test_guidance_on_a_range_equals_the_log_prob_mix():
     ours = guide(full_c[lo:hi], full_u[lo:hi], w)
     diff = official[lo:hi] - ours
     assert np.allclose(diff, diff[0])  # equal up to one constant
-    assert not np.allclose(guide(full_c, full_u, 1.0), full_u)
+    np.testing.assert_array_equal(guide(full_c, full_u, 1.0), full_c)  # w = 1: the conditional row alone
+    np.testing.assert_allclose(guide(full_c, full_u, 3.0), 3.0 * full_c - 2.0 * full_u)
     assert guide(full_c, None, 2.0) is full_c
 
 
@@ -28,6 +29,13 @@ def test_top_k_keeps_ties_and_removes_the_rest():
     scores = np.array([1.0, 5.0, 3.0, 3.0, 0.5])
     out = warp(scores, 1.0, 2, 1.0)
     assert np.isfinite(out).tolist() == [False, True, True, True, False]
+
+
+def test_top_k_without_ties_keeps_exactly_k():
+    scores = np.array([1.0, 5.0, 3.0, 2.0, 0.5, 4.0])
+    for k, kept in ((1, [1]), (2, [1, 5]), (3, [1, 2, 5]), (5, [0, 1, 2, 3, 5]), (6, [0, 1, 2, 3, 4, 5])):
+        assert np.flatnonzero(np.isfinite(warp(scores, 1.0, k, 1.0))).tolist() == kept, k
+    assert np.isfinite(warp(scores, 1.0, 0, 1.0)).all()  # 0 disables top-k
 
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
@@ -69,3 +77,22 @@ def test_sampling_config_levels_and_validation():
     for bad in (SamplingConfig(temperature=0), SamplingConfig(top_p=1.5), SamplingConfig(guidance_scale=0.5)):
         with pytest.raises(LayoutError):
             bad.validate()
+
+
+def test_text_decoding_honours_its_temperature(tiny_pipe):
+    """generate_text samples from softmax(logits / temperature): each draw matches the sampler fed the scaled
+    logits, and a different temperature changes the draws."""
+    from illume_rt.runtime.generate import generate_text
+
+    lm = tiny_pipe.lm
+    prompt = list(range(1, 9))
+    runs = {t: generate_text(lm, prompt, 12, greedy=False, rng=np.random.default_rng(5), temperature=t)
+            for t in (0.3, 1.0, 3.0)}
+    assert len({tuple(r) for r in runs.values()}) == 3
+    # the first token, by hand: the text head's logits for the prompt, scaled, inverse CDF of the same draw
+    cache = lm.new_cache(1, 32)
+    logits = lm.logits(lm.prefill(cache, [prompt]), "text")[0].astype(np.float64)
+    for t, tokens in runs.items():
+        assert tokens[0] == sample(warp(logits, t, 0, 1.0), np.random.default_rng(5).random())
+    greedy = generate_text(lm, prompt, 12, greedy=True)
+    assert generate_text(lm, prompt, 12, greedy=False, rng=np.random.default_rng(5), temperature=1e-4) == greedy
