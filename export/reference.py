@@ -226,8 +226,10 @@ def reference_splice(models, ids: list[int], block: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def reference_answer(models, prompt: torch.Tensor, max_new_tokens: int, banned: tuple[int, ...]) -> list[int]:
-    """Greedy text answer, one token per forward with the transformers cache."""
+def reference_answer(models, prompt: torch.Tensor, max_new_tokens: int, banned: tuple[int, ...],
+                     temperature: float = 1.0, rng: np.random.Generator | None = None) -> list[int]:
+    """Text answer, one token per forward with the transformers cache: greedy, or with ``rng`` a draw from
+    softmax(logits / temperature) by inverse CDF, one uniform per token (the runtime's sampled text)."""
     vocab = models.preset.vocab
     stream = _Stream(models.llm, prompt)
     out: list[int] = []
@@ -235,7 +237,12 @@ def reference_answer(models, prompt: torch.Tensor, max_new_tokens: int, banned: 
         logits = stream.logits[0].double()
         logits[list(banned)] = -float("inf")
         logits[vocab.semantic_code_offset:] = -float("inf")  # image codes never appear in text
-        token = int(torch.argmax(logits))
+        if rng is None:
+            token = int(torch.argmax(logits))
+        else:
+            cdf = torch.cumsum(torch.softmax(logits / temperature, dim=-1), dim=0)
+            target = torch.tensor([float(rng.random()) * float(cdf[-1])], dtype=cdf.dtype)
+            token = min(int(torch.searchsorted(cdf, target, right=True)), logits.numel() - 1)
         out.append(token)
         if token == vocab.im_end_id:
             break
