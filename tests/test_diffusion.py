@@ -14,8 +14,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch", reason="the diffusion reference needs the export extra (torch)")
+diffusers = pytest.importorskip("diffusers", reason="the diffusion reference needs the export extra (diffusers)")
 
 from illume_rt.export.components import export_onnx  # noqa: E402
 from illume_rt.export.configs import SDXL_EULER_SCHEDULER, get_preset  # noqa: E402

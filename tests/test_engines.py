@@ -22,7 +22,7 @@ from illume_rt.engines.profiles import (
 )
 from illume_rt.engines.trt_ops import load_op_table, parse_operator_doc
 
-onnx = pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx", reason="the engine checks read graphs with onnx (the export extra)")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("modelopt.onnx.quantization")
+pytest.importorskip("modelopt.onnx.quantization", reason="quantization needs the quant extra (nvidia-modelopt)")
 
 from conftest import TEST_THREADS  # noqa: E402
 
