@@ -17,6 +17,15 @@ from illume_rt.calibration.quantize import QuantizationError, quantize_bundle, s
 from illume_rt.runtime.layout import SamplingConfig  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def calibration_images_made_here(examples):
+    """Calibration reads example images from a folder; the tests' own (tests/conftest.py), never one outside the
+    repository, so every machine calibrates on the same pictures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets, "EXAMPLES", examples)
+        yield
+
+
 def small_plans():
     cal = datasets.CalibrationPlan(generate=[("a cat with a hat", (256, 256), 0), ("a red fox, watercolor", (256, 256), 1)],
                                    understand=[(0, "What is in this image?")], refine=[0], refine_steps=1,
