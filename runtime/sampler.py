@@ -45,7 +45,9 @@ def sample(scores: np.ndarray, uniform: float) -> int:
     probs = np.exp(scores - scores.max())
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
-    return min(index, scores.size - 1)
+    # a draw at the very top (uniform * total rounding to the total) lands past the last entry: take the last id
+    # that has probability, never a removed one
+    return min(index, int(np.flatnonzero(probs)[-1]))
 
 
 def choose(scores: np.ndarray, temperature: float, top_k: int, top_p: float, greedy: bool,

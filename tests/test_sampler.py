@@ -96,3 +96,27 @@ def test_text_decoding_honours_its_temperature(tiny_pipe):
         assert tokens[0] == sample(warp(logits, t, 0, 1.0), np.random.default_rng(5).random())
     greedy = generate_text(lm, prompt, 12, greedy=True)
     assert generate_text(lm, prompt, 12, greedy=False, rng=np.random.default_rng(5), temperature=1e-4) == greedy
+
+
+def test_removed_entries_are_minus_infinity_and_kept_ones_unchanged():
+    scores = np.array([0.3, 2.7, -1.1, 1.9, 0.8])
+    out = warp(scores, 0.7, 2, 1.0)
+    assert out.tolist()[1::2] == pytest.approx([2.7 / 0.7, 1.9 / 0.7])  # temperature on fractional scores
+    assert (out[[0, 2, 4]] == -np.inf).all()
+    out = warp(np.log(np.array([0.5, 0.25, 0.25])), 1.0, 0, 0.5)  # exact: 0.5 reaches, does not cross, 0.5
+    assert np.isfinite(out).tolist() == [True, True, False] and out[2] == -np.inf
+    assert np.isfinite(warp(scores, 1.0, 10, 1.0)).all()  # top-k above the size keeps everything
+
+
+def test_top_k_then_top_p_see_the_removed_entries():
+    scores = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05]))
+    out = warp(scores, 1.0, 3, 0.6)  # top-k leaves 0.4, 0.3, 0.2; top-p over those (renormalized) keeps two
+    assert np.isfinite(out).tolist() == [False, True, True, False, False]
+
+
+def test_sampling_is_exact_at_the_edges():
+    huge = np.array([800.0, 799.0, -np.inf])  # exp would overflow without the shift
+    assert sample(huge, 0.5) == 0 and sample(huge, 0.8) == 1
+    trailing = np.array([0.0, 0.0, -np.inf, -np.inf])
+    assert sample(trailing, 1.0) == 1  # never a removed id, even for a draw at the very top
+    assert sample(trailing, 0.0) == 0
