@@ -206,6 +206,10 @@ def cmd_build_engines(args) -> None:
     from illume_rt.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
+    if args.precision is not None:  # strongly typed: the precision is the bundle's; --precision only confirms it
+        from illume_rt.engines.tensorrt import check_requested_precision
+
+        check_requested_precision(bundle, args.precision)
     failed = False
     for report in check_bundle(bundle, args.tensorrt_ops):
         status = "ok" if report.ok else "FAIL"
@@ -222,11 +226,13 @@ def cmd_build_engines(args) -> None:
     if args.check_only:
         print("checks passed (no engines built: --check-only)")
         return
-    from illume_rt.engines.tensorrt import build_bundle_engines
+    from illume_rt.engines.tensorrt import BuildOptions, build_bundle_engines
 
     components = args.components.split(",") if args.components else None
+    options = BuildOptions(weight_streaming=args.weight_streaming, refittable=args.refittable,
+                           editable_timing_cache=args.editable_timing_cache)
     entries = build_bundle_engines(bundle, args.precision, args.opt_level, components,
-                                   workspace=args.workspace_gib << 30, force=args.force)
+                                   workspace=args.workspace_gib << 30, force=args.force, options=options)
     print(f"{len(entries)} engines in {bundle.path / 'engines'}")
 
 
@@ -316,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     eng = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (into BUNDLE/engines)")
     eng.add_argument("bundle")
-    eng.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "int8", "fp8"],
-                     help="int8/fp8 need Q/DQ graphs (built strongly typed)")
+    eng.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32", "int8", "fp8"],
+                     help="confirm the bundle's precision (engines are strongly typed: the precision comes from "
+                          "the bundle; make one with `illume-rt quantize --precision P --target tensorrt`)")
+    eng.add_argument("--weight-streaming", action="store_true",
+                     help="build for weight streaming (run with ILLUME_RT_TRT_WEIGHT_BUDGET=BYTES|auto)")
+    eng.add_argument("--refittable", action="store_true", help="build refittable engines (swap weights later)")
+    eng.add_argument("--editable-timing-cache", action="store_true", help="TensorRT's editable timing cache")
     eng.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="N",
                      help="TensorRT builder optimization level 0..5 (default 3)")
     eng.add_argument("--components", help="comma-separated subset (default: every graph)")

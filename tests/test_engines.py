@@ -210,8 +210,8 @@ def test_buffer_sizes():
 
 # -- engine cache ----------------------------------------------------------------------------------------------------
 
-H100 = ec.DeviceInfo("10.1.0", "NVIDIA H100 80GB HBM3", "9.0")
-L40S = ec.DeviceInfo("10.1.0", "NVIDIA L40S", "8.9")
+H100 = ec.DeviceInfo("11.4", "NVIDIA H100 80GB HBM3", "9.0")
+L40S = ec.DeviceInfo("11.4", "NVIDIA L40S", "8.9")
 
 
 def _key(**kw):
@@ -224,25 +224,29 @@ def _key(**kw):
 def test_cache_key_changes_with_every_field():
     keys = {_key().digest(), _key(graph_sha256="b" * 64).digest(), _key(precision="bf16").digest(),
             _key(recipe="fp8-max").digest(), _key(build={"opt_level": 5}).digest(),
-            _key(device=L40S).digest(), _key(device=replace(H100, tensorrt_version="10.3.0")).digest(),
+            _key(device=L40S).digest(), _key(device=replace(H100, tensorrt_version="11.5")).digest(),
             _key(device=replace(H100, compute_capability="9.0a")).digest()}
     assert len(keys) == 8
     assert _key().digest() == _key().digest()
     assert _key().filename().startswith("llm.fp16.") and _key().filename().endswith(".plan")
+    # the key holds TensorRT's major.minor: a patch release maps to the same engine, a minor release does not
+    assert ec.major_minor("11.4.0.106") == ec.major_minor("11.4.1.2") == "11.4" != ec.major_minor("11.5.0.1")
+    with pytest.raises(ValueError):
+        ec.major_minor("eleven")
 
 
 def test_engine_for_another_gpu_or_version_is_refused(tmp_path):
-    with pytest.raises(ec.EngineCacheError, match="illume-rt build-engines .* --precision fp16"):
+    with pytest.raises(ec.EngineCacheError, match="build them with `illume-rt build-engines "):
         ec.find_engine(tmp_path, "llm", "a" * 64, H100)
     key = _key()
     ec.write_atomic(ec.engine_dir(tmp_path) / key.filename(), b"plan")
     ec.record_engine(tmp_path, key)
     assert ec.find_engine(tmp_path, "llm", "a" * 64, H100)["file"] == key.filename()
-    with pytest.raises(ec.EngineCacheError, match=r"built for TensorRT 10.1.0 on NVIDIA H100.*sm_90.*L40S.*"
+    with pytest.raises(ec.EngineCacheError, match=r"built for TensorRT 11.4 on NVIDIA H100.*sm_90.*L40S.*"
                                                   r"rebuild with `illume-rt build-engines"):
         ec.find_engine(tmp_path, "llm", "a" * 64, L40S)
-    with pytest.raises(ec.EngineCacheError, match="TensorRT 10.3.0"):
-        ec.find_engine(tmp_path, "llm", "a" * 64, replace(H100, tensorrt_version="10.3.0"))
+    with pytest.raises(ec.EngineCacheError, match="TensorRT 11.5"):
+        ec.find_engine(tmp_path, "llm", "a" * 64, replace(H100, tensorrt_version="11.5"))
     with pytest.raises(ec.EngineCacheError, match="another graph"):
         ec.find_engine(tmp_path, "llm", "c" * 64, H100)
     # rebuilding for the same component/precision/device replaces the index entry
@@ -325,7 +329,7 @@ def _has(module: str) -> bool:
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(bundle):
     from illume_rt.runtime.pipeline import Pipeline
 
-    with pytest.raises(BackendError, match="needs TensorRT 10"):
+    with pytest.raises(BackendError, match="needs TensorRT 11"):
         Pipeline(bundle, backend="tensorrt")
 
 
@@ -357,32 +361,60 @@ def test_pipeline_routes_ort_cuda_to_the_io_binding_engine(bundle, monkeypatch):
 
 
 def test_build_plan_without_tensorrt(bundle, tmp_path):
-    """Precision flags, strong typing and the cache key are decided before any TensorRT call."""
-    from illume_rt.engines.tensorrt import plan_build
+    """Strongly typed only: no precision flag ever; the precision and the key come from the bundle's graphs."""
+    from illume_rt.engines.tensorrt import BuildOptions, check_requested_precision, plan_build
 
-    key, settings = plan_build(bundle, "llm", "fp16", 4, device=H100)
-    assert settings["flags"] == ["FP16"] and not settings["strongly_typed"]
+    key, settings = plan_build(bundle, "llm", 4, device=H100)
+    assert key.precision == "fp32" and key.build["strongly_typed"] and key.build["flags"] == []
     assert [p.name for p in settings["profiles"]] == ["prefill", "decode"]
     assert key.graph_sha256 == bundle.component("llm")["sha256"] and key.build["opt_level"] == 4
-    assert plan_build(bundle, "llm", "bf16", device=H100)[1]["flags"] == ["BF16"]
-    with pytest.raises(BackendError, match="needs a Q/DQ graph"):
-        plan_build(bundle, "llm", "int8", device=H100)
+    streaming, _ = plan_build(bundle, "llm", 4, device=H100,
+                              options=BuildOptions(weight_streaming=True, refittable=True))
+    assert streaming.build["flags"] == ["WEIGHT_STREAMING", "REFIT"] and streaming.digest() != key.digest()
+    check_requested_precision(bundle, "fp32")
+    with pytest.raises(BackendError, match=r"this bundle is fp32.*`illume-rt quantize .* --precision fp16 "
+                                           r"--target tensorrt -o .*-fp16`"):
+        check_requested_precision(bundle, "fp16")
 
-    class QBundle:  # a quantized component: built strongly typed, no precision flags
+    class QBundle:  # a component labelled int8
         path = tmp_path
         manifest = {"components": {"q": {}}}
+        graph = "q.onnx"
 
         def component(self, name):
-            return {"file": "q.onnx", "sha256": "d" * 64, "precision": "int8",
+            return {"file": self.graph, "sha256": "d" * 64, "precision": "int8",
                     "quantization": {"recipe": "int8-smoothquant"},
                     "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}], "outputs": [], "profiles": {}}
 
         def component_path(self, name):
-            return tmp_path / "q.onnx"
+            return tmp_path / self.graph
 
     onnx.save(_qdq_model(), str(tmp_path / "q.onnx"))
-    key, settings = plan_build(QBundle(), "q", "int8", device=H100)
-    assert settings["strongly_typed"] and settings["flags"] == [] and key.recipe == "int8-smoothquant"
+    key, settings = plan_build(QBundle(), "q", device=H100)
+    assert settings["quantized"] and key.build["flags"] == [] and key.recipe == "int8-smoothquant"
+    assert key.precision == "int8"
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")]), str(tmp_path / "f.onnx"))
+    fake = QBundle()
+    fake.graph = "f.onnx"
+    with pytest.raises(BackendError, match="holds no Q/DQ"):
+        plan_build(fake, "q", device=H100)
+
+
+def test_no_precision_builder_flag_anywhere_in_engines():
+    """TensorRT 11 removed them; a weakly typed build path must not come back (the API test checks names in
+    use, this checks strings such as getattr(trt.BuilderFlag, "FP16") too)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "engines"
+    weak = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for flag in weak:
+            assert not re.search(rf"BuilderFlag\.{flag}\b", text), (path.name, flag)
+        assert "int8_calibrator" not in text and "IInt8" not in text, path.name
+    builder = (root / "tensorrt.py").read_text()
+    for flag in weak:  # no flag name as a string either (getattr(trt.BuilderFlag, name))
+        assert f'"{flag}"' not in builder and f"'{flag}'" not in builder, flag
 
 
 def test_cli_build_engines_check_only(bundle, capsys):
@@ -390,12 +422,17 @@ def test_cli_build_engines_check_only(bundle, capsys):
 
     assert main(["build-engines", str(bundle.path), "--check-only"]) == 0
     assert "checks passed" in capsys.readouterr().out
+    assert main(["build-engines", str(bundle.path), "--check-only", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["build-engines", str(bundle.path), "--check-only", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "illume-rt quantize" in err and "--precision fp16 --target tensorrt" in err
     if not _has("tensorrt"):
         assert main(["build-engines", str(bundle.path)]) == 2
-        assert "needs TensorRT 10" in capsys.readouterr().err
+        assert "needs TensorRT 11" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT 10 and an NVIDIA GPU (not installable here)")
+@pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT 11 and an NVIDIA GPU (not installable here)")
 def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cover - GPU machines only
     import shutil
 
@@ -406,7 +443,7 @@ def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cov
 
     local = tmp_path / "b"
     shutil.copytree(bundle.path, local)
-    build_bundle_engines(load_bundle(local), "fp32", 3, log=lambda m: None)
+    build_bundle_engines(load_bundle(local), None, 3, log=lambda m: None)
     a = Pipeline.from_bundle(local, backend="tensorrt").generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     b = Pipeline.from_bundle(local).generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     assert np.array_equal(a.tokens.semantic, b.tokens.semantic)
