@@ -244,7 +244,8 @@ def cmd_quantize(args) -> None:
         raise UsageError(f"quantize needs the export and quant extras ({exc}); "
                          "pip install -e '.[export,quant]'") from None
     manifest = quantize_bundle(args.bundle, args.output, args.precision, args.target, keep_failed=args.keep_failed,
-                               threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+                               threads=args.threads, log=lambda m: print(m, file=sys.stderr),
+                               high_precision=args.high_precision)
     print("\n".join(summary_lines(manifest)))
     status = manifest["quantization"]["status"]
     print(f"bundle written to {args.output}" + (" (marked FAILED: --keep-failed)" if status != "passed" else ""))
@@ -339,11 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--tensorrt-ops", default=None, help="operator table version (default: newest shipped)")
     eng.set_defaults(func=cmd_build_engines)
 
-    quant = sub.add_parser("quantize", help="calibrate and quantize a bundle (INT8/FP8) into a new bundle, gated")
+    quant = sub.add_parser("quantize", help="quantize (INT8/FP8) or convert (FP16/BF16) a bundle into a new one, gated")
     quant.add_argument("bundle", help="FP32 bundle folder")
-    quant.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    quant.add_argument("--precision", required=True, choices=["int8", "fp8", "fp16", "bf16"],
+                       help="int8/fp8: calibrated Q/DQ; fp16/bf16: ModelOpt AutoCast (TensorRT target only)")
     quant.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
                        help="tensorrt: symmetric signed Q/DQ (modelopt); ort-cpu: U8S8 INT8 for onnxruntime CPU")
+    quant.add_argument("--high-precision", default=None, choices=["fp16", "bf16", "fp32"],
+                       help="int8/fp8: type of the unquantized layers (default fp16 for tensorrt, fp32 for ort-cpu)")
     quant.add_argument("-o", "--output", required=True, help="new bundle folder to write")
     quant.add_argument("--keep-failed", action="store_true",
                        help="write the bundle even when a gate is missed (marked failed in the manifest; exit 2)")

@@ -37,7 +37,13 @@ def bundle(tiny_bundle):
 # -- operator table --------------------------------------------------------------------------------------------
 
 def test_op_table_records_its_source_and_version():
-    table = load_op_table()
+    default = load_op_table()
+    assert default.tensorrt_version == "10.15" and (default.opset_min, default.opset_max) == (9, 24)
+    assert default.source["path"] == "docs/operators.md" and "10.15" in default.source["release"]
+    assert "BF16" in default.get("MatMul").types and "BF16" in default.get("InstanceNormalization").types
+    assert default.get("RMSNormalization").supported and not default.get("Unique").supported
+    assert {"FP8", "FP4", "INT4"} <= set(default.network_types)
+    table = load_op_table("10.1")
     assert table.tensorrt_version == "10.1"
     assert table.source["repository"].endswith("onnx/onnx-tensorrt") and len(table.source["commit"]) == 40
     assert (table.opset_min, table.opset_max) == (9, 20)
@@ -130,6 +136,41 @@ def test_qdq_well_placed_graph_passes():
 def test_qdq_placement_errors(kwargs, message):
     report = check_qdq(_qdq_model(**kwargs), "int8" if "fp8" not in kwargs else "fp8")
     assert any(message in e for e in report.errors), report.errors
+
+
+def _weight_q_model(w_axis=1, act_channels=False, via_transpose=False):
+    """ModelOpt's layout: float weights -> QuantizeLinear (per channel) -> DequantizeLinear -> MatMul."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.full((4,), 0.02, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros((4,), np.int8), "w_zp"),
+             numpy_helper.from_array(np.full((4,) if act_channels else (), 0.1, np.float32), "x_scale"),
+             numpy_helper.from_array(np.zeros((4,) if act_channels else (), np.int8), "x_zp")]
+    nodes = [helper.make_node("Relu", ["x"], ["xr"]),  # an activation computed in the graph, not a graph input
+             helper.make_node("QuantizeLinear", ["xr", "x_scale", "x_zp"], ["x_q"], axis=1),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], axis=1)]
+    w_in = "w"
+    if via_transpose:  # a weight is still a weight after constant-foldable ops
+        nodes.append(helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]))
+        w_in = "w_t"
+    nodes += [helper.make_node("QuantizeLinear", [w_in, "w_scale", "w_zp"], ["w_q"], axis=w_axis),
+              helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=w_axis),
+              helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
+    return _model(nodes, [_vi("x")], [_vi("y")], inits, opset=19)
+
+
+def test_qdq_weight_quantizers_may_be_per_channel_activation_quantizers_may_not():
+    """The bug of issue 12: ModelOpt's per-channel weight Q (float weight -> Q -> DQ) was taken for an activation."""
+    for via_transpose in (False, True):
+        report = check_qdq(_weight_q_model(via_transpose=via_transpose), "int8")
+        assert report.ok, report.errors
+    wrong_axis = check_qdq(_weight_q_model(w_axis=0), "int8")
+    assert any("output axis 1" in e for e in wrong_axis.errors), wrong_axis.errors
+    per_channel_act = check_qdq(_weight_q_model(act_channels=True), "int8")
+    assert per_channel_act.errors and all("activations must be quantized per tensor" in e
+                                          for e in per_channel_act.errors), per_channel_act.errors
+    assert len(per_channel_act.errors) == 2  # the activation's Q and DQ; the weight's pair passes
 
 
 def test_qdq_precision_label_and_half_quantized_ops():
