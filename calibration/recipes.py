@@ -43,6 +43,12 @@ KEEP_FP32 = {
     "token_map": "no weights (codebook upsample + concat): nothing to quantize",
 }
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# ort-cpu INT8: weights use 7 bits (onnxruntime's reduce_range). U8S8 kernels on x86 CPUs without VNNI (AVX2 only,
+# e.g. the AMD EPYC these tests run on) multiply-add pairs of u8 x s8 into 16 bits, which saturates with full-range
+# weights: measured here (tiny, small plans), pixel_embedder worst cosine 0.708 and pixel_decoder 0.954 with 8-bit
+# weights, 0.982 and 0.996 with reduce_range. A bundle may run on other machines than the one that made it, so
+# always.
+REDUCE_RANGE = True
 QDQ_PRECISIONS = ("int8", "fp8")
 FLOAT_PRECISIONS = ("fp16", "bf16")  # AutoCast, TensorRT target only
 PRECISIONS = QDQ_PRECISIONS + FLOAT_PRECISIONS
@@ -112,7 +118,9 @@ def recipe_for(component: str, precision: str, target: str, high_precision: str 
         return Recipe(component, precision, target, "nvidia-modelopt", "max", alpha, "int8 symmetric per-tensor static",
                       "int8 symmetric per-channel", high_precision=hp)
     # MinMax: onnxruntime's histogram calibrators stack every feed and fail on the varied shapes captured here
-    return Recipe(component, precision, target, "onnxruntime.quantization", "MinMax", alpha, "uint8 asymmetric per-tensor static", "int8 symmetric per-channel")
+    return Recipe(component, precision, target, "onnxruntime.quantization", "MinMax", alpha,
+                  "uint8 asymmetric per-tensor static",
+                  "int8 symmetric per-channel" + (", 7-bit range (reduce_range)" if REDUCE_RANGE else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,6 +438,7 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
 
         quantize_static(str(graph), str(dst), FeedReader(feeds, input_names), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(WEIGHTED_OPS), nodes_to_exclude=exclude, per_channel=True,
+                        reduce_range=REDUCE_RANGE,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, recipe.calibration_method),
                         extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},

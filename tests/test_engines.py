@@ -488,3 +488,32 @@ def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cov
     a = Pipeline.from_bundle(local, backend="tensorrt").generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     b = Pipeline.from_bundle(local).generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     assert np.array_equal(a.tokens.semantic, b.tokens.semantic)
+
+
+def test_weight_streaming_budget(monkeypatch):
+    """The budget logic around TensorRT's weight-streaming properties (on a stand-in engine: no TensorRT here)."""
+    from illume_rt.engines.tensorrt import WEIGHT_BUDGET_ENV, apply_weight_budget, weight_budget_from_env
+
+    class Engine:
+        streamable_weights_size = 1000
+        weight_streaming_budget_v2 = -1
+
+        def get_weight_streaming_automatic_budget(self):
+            return 640
+
+    monkeypatch.delenv(WEIGHT_BUDGET_ENV, raising=False)
+    assert weight_budget_from_env() is None
+    for raw, want in (("8e2", 800), ("auto", "auto"), ("5000", 5000)):
+        monkeypatch.setenv(WEIGHT_BUDGET_ENV, raw)
+        assert weight_budget_from_env() == want
+    monkeypatch.setenv(WEIGHT_BUDGET_ENV, "lots")
+    with pytest.raises(BackendError, match="give a number of bytes"):
+        weight_budget_from_env()
+    engine = Engine()
+    assert apply_weight_budget(engine, "llm", None) is None and engine.weight_streaming_budget_v2 == -1
+    assert apply_weight_budget(engine, "llm", 800) == 800 == engine.weight_streaming_budget_v2
+    assert apply_weight_budget(engine, "llm", 5000) == 1000  # capped at what can stream
+    assert apply_weight_budget(engine, "llm", "auto") == 640
+    engine.streamable_weights_size = 0
+    with pytest.raises(BackendError, match="--weight-streaming"):
+        apply_weight_budget(engine, "llm", 800)
