@@ -201,7 +201,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 "recipe": res["recipe"].name, "details": res["recipe"].to_dict(), "target": target,
                 "tool": res["recipe"].tool, "graph": res["info"], "accuracy": res["figures"],
                 "calibration_samples": len(feeds.get(name, [])), "passed": res["passed"],
-                "high_precision": res["recipe"].high_precision,
+                "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }
         for name, why in recipes.KEEP_FP32.items():
             if name in manifest["components"]:
@@ -213,7 +213,8 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 manifest["components"][name]["kept_fp32"] = "not requested (quantize_bundle components=)"
         manifest["quantization"] = {
             "precision": precision, "target": target, "status": status, "failures": failures,
-            "high_precision": recipes.recipe_for("llm", precision, target, high_precision).high_precision,
+            "high_precision": (None if precision in recipes.FLOAT_PRECISIONS  # converted graphs: FP32 kept where needed
+                               else recipes.recipe_for("llm", precision, target, high_precision).high_precision),
             "components": names,
             "thresholds_key": thresholds_key, "thresholds": limits,
             "source_bundle": {"path": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},

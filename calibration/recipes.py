@@ -110,13 +110,15 @@ def recipe_for(component: str, precision: str, target: str, high_precision: str 
     if target != "tensorrt" and hp != "fp32":
         raise ValueError("--high-precision fp16/bf16 is for --target tensorrt (onnxruntime CPU runs FP32)")
     alpha = 0.5 if (component == "llm" and precision == "int8") else None
+    keep = AUTOCAST_KEEP_FP32_OPS if hp != "fp32" else ()  # norms and softmax stay FP32 in the FP16/BF16 remainder
     if precision == "fp8":
         return Recipe(component, precision, target, "nvidia-modelopt", "max", None,
-                      "fp8 e4m3fn per-tensor static (max)", "fp8 e4m3fn per-tensor", high_precision=hp)
+                      "fp8 e4m3fn per-tensor static (max)", "fp8 e4m3fn per-tensor", high_precision=hp,
+                      keep_fp32_ops=keep)
     if target == "tensorrt":
         # max, not entropy: entropy's histograms took 78 s on the tiny pixel decoder alone (2 cores) for 0.0002 cos
         return Recipe(component, precision, target, "nvidia-modelopt", "max", alpha, "int8 symmetric per-tensor static",
-                      "int8 symmetric per-channel", high_precision=hp)
+                      "int8 symmetric per-channel", high_precision=hp, keep_fp32_ops=keep)
     # MinMax: onnxruntime's histogram calibrators stack every feed and fail on the varied shapes captured here
     return Recipe(component, precision, target, "onnxruntime.quantization", "MinMax", alpha,
                   "uint8 asymmetric per-tensor static",
@@ -430,7 +432,8 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
                     calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
                     op_types_to_quantize=[o for o in WEIGHTED_OPS if recipe.precision != "fp8" or o != "ConvTranspose"],
                     nodes_to_exclude=exclude or None, disable_mha_qdq=True,
-                    high_precision_dtype=recipe.high_precision, output_path=str(dst), log_level="ERROR")
+                    high_precision_dtype=recipe.high_precision, output_path=str(dst), log_level="ERROR",
+                    op_types_to_exclude_fp16=list(recipe.keep_fp32_ops) or None)
         if recipe.high_precision != "fp32":
             _drop_value_info(dst)
     else:
