@@ -203,7 +203,7 @@ def torch_cuda_vs_ort(preset: str, bundle, repeats: int = 5) -> list[dict]:
 
 
 def tensorrt_section(bundle, log) -> dict:
-    """Build fp16 engines, compare each with onnxruntime, time one generation on both backends."""
+    """Build engines at the bundle's precision (strongly typed), compare each with onnxruntime, time one generation on both backends."""
     import numpy as np
 
     from illume_rt.engines.ort import OrtEngine
@@ -215,7 +215,7 @@ def tensorrt_section(bundle, log) -> dict:
 
     section: dict = {}
     t0 = time.perf_counter()
-    section["engines"] = build_bundle_engines(bundle, "fp16", 3, log=lambda m: log("    " + m))
+    section["engines"] = build_bundle_engines(bundle, None, 3, log=lambda m: log("    " + m))  # bundle precision
     section["build_s"] = round(time.perf_counter() - t0, 1)
     compare = []
     rng = np.random.default_rng(0)

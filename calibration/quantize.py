@@ -1,4 +1,12 @@
-"""``quantize_bundle``: FP32 bundle in, a NEW quantized bundle out, with calibration record, figures and gates.
+"""``quantize_bundle``: FP32 bundle in, a NEW quantized (int8/fp8) or converted (fp16/bf16) bundle out, with
+calibration record, figures and gates.
+
+fp16/bf16 (TensorRT target only: TensorRT 11 builds strongly typed, so the bundle carries the precision): the graphs
+are converted by ModelOpt AutoCast (recipes.convert_float), whose reference run takes the captured calibration feeds
+(it keeps in FP32 the nodes whose values leave the low-precision range), and measured like the others.
+The converted graphs run on onnxruntime CPU for the figures: FP16 on its own FP16 kernels; BF16, which it has no
+kernels for, as an FP32 graph that rounds every BF16 tensor to BF16 (recipes.emulate_bf16). The manifest says
+which (``accuracy.evaluated_on``).
 
 Steps: open the source bundle on onnxruntime CPU; capture calibration feeds from the runtime's own runs
 (datasets.capture) and record held-out evaluation runs (accuracy.record_eval); quantize every graph of
@@ -15,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,11 +80,13 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                     threads: int | None = None, calibration: datasets.CalibrationPlan | None = None,
                     evaluation: datasets.CalibrationPlan | None = None, thresholds: dict | None = None,
                     components: list[str] | None = None, log: Callable[[str], None] = print,
-                    overwrite: bool = False) -> dict:
+                    high_precision: str | None = None, overwrite: bool = False) -> dict:
     """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (a new or empty folder, or with ``overwrite`` a
     bundle, replaced atomically: runtime/files.py); return its manifest.
 
-    ``precision`` int8|fp8, ``target`` tensorrt|ort-cpu (see recipes). ``calibration`` and ``evaluation`` replace
+    ``precision`` int8|fp8|fp16|bf16, ``target`` tensorrt|ort-cpu (see recipes; fp16/bf16 are tensorrt only).
+    ``high_precision`` (int8/fp8): the type of the layers left unquantized, default fp16 for tensorrt, fp32 for
+    ort-cpu. ``calibration`` and ``evaluation`` replace
     the default plans (``datasets.default_plan``; e.g. one short 256x256 run each where calibrating on a small
     machine: bench/int8.py ``quick_plans``); both plans are recorded in the manifest with the figures.
     ``components`` limits which graphs are quantized (default: every graph in recipes.QUANTIZED that the bundle
@@ -85,7 +94,10 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     from illume_rt.engines.ort import OrtEngine
     from illume_rt.runtime.pipeline import Pipeline
 
-    recipes.recipe_for("llm", precision, target)  # validates both names
+    try:
+        recipes.recipe_for("llm", precision, target, high_precision)  # validates the names and their combination
+    except ValueError as exc:
+        raise QuantizationError(str(exc)) from None
     src = Path(src).resolve()
     bundle = load_bundle(src)
     dst = check_output_dir(dst, overwrite, sources=(src,))  # before the long calibration
@@ -104,6 +116,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
 
     t0 = time.perf_counter()
     pipe = Pipeline(bundle, "ort-cpu", threads)
+    # int8/fp8: calibration; fp16/bf16: AutoCast's reference run (which nodes see values out of FP16/BF16 range)
     feeds, cal_record = datasets.capture(pipe, calibration, log)
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
     log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s")
@@ -124,14 +137,25 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                                         "quantize_bundle yet")
             if not feeds.get(name):
                 raise QuantizationError(f"{name}: no calibration inputs were captured (is the component used?)")
-            recipe = recipes.recipe_for(name, precision, target)
+            recipe = recipes.recipe_for(name, precision, target, high_precision)
             out = scratch / entry["file"]
-            info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds[name], threads, scratch)
+            info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads, scratch)
             if info["custom_domains"]:
                 raise QuantizationError(f"{name}: quantized graph uses custom op domains {info['custom_domains']}")
-            engine = OrtEngine(name, out, "ort-cpu", threads, emulate_fp8=precision == "fp8")
+            measured, evaluated_on = out, "onnxruntime CPU"
+            if precision == "bf16" or recipe.high_precision == "bf16":
+                measured = recipes.emulate_bf16(out, scratch / f"{name}.bf16-emulated.onnx")
+                evaluated_on = ("onnxruntime CPU on a BF16-emulating FP32 copy (every BF16 tensor rounded to BF16, "
+                                "FP32 compute; recipes.emulate_bf16): onnxruntime has no BF16 kernels")
+            elif precision == "fp16" or recipe.high_precision == "fp16":
+                evaluated_on = "onnxruntime CPU, the graph as converted (its FP16 kernels)"
+            engine = OrtEngine(name, measured, "ort-cpu", threads, emulate_fp8=precision == "fp8")
             outputs = [o["name"] for o in entry["outputs"]]
             calls = evals["calls"].get(name, [])
+            if not calls:  # a gate over no inputs would pass anything
+                raise QuantizationError(f"{name}: the evaluation plan never runs it (no held-out inputs to measure "
+                                        "it on); add an evaluation run that uses it (e.g. a generate entry without "
+                                        "refine for pixel_decoder)")
             every = max(1, len(calls) // 48) if name == "llm" else 1
             figures = accuracy.graph_figures(engine, calls, outputs, every)
             if name in ("pixel_decoder", "vae_decoder"):
@@ -139,6 +163,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             if name == "llm":
                 figures["teacher_forced"] = accuracy.llm_teacher_forced(engine, pipe, evals)
             figures["reference"] = "fp32 graph of the source bundle, held-out evaluation runs"
+            figures["evaluated_on"] = evaluated_on
             fails = _gate(name, figures, limits)
             failures += fails
             results[name] = {"recipe": recipe, "info": info, "figures": figures, "passed": not fails}
@@ -172,7 +197,8 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             entry["quantization"] = {
                 "recipe": res["recipe"].name, "details": res["recipe"].to_dict(), "target": target,
                 "tool": res["recipe"].tool, "graph": res["info"], "accuracy": res["figures"],
-                "calibration_samples": len(feeds[name]), "passed": res["passed"],
+                "calibration_samples": len(feeds.get(name, [])), "passed": res["passed"],
+                "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }
         for name, why in recipes.KEEP_FP32.items():
             if name in manifest["components"]:
@@ -184,6 +210,8 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 manifest["components"][name]["kept_fp32"] = "not requested (quantize_bundle components=)"
         manifest["quantization"] = {
             "precision": precision, "target": target, "status": status, "failures": failures,
+            "high_precision": (None if precision in recipes.FLOAT_PRECISIONS  # converted graphs: FP32 kept where needed
+                               else recipes.recipe_for("llm", precision, target, high_precision).high_precision),
             "components": names,
             "thresholds_key": thresholds_key, "thresholds": limits,
             "source_bundle": {"path": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},

@@ -13,9 +13,12 @@ networks:
 1. Quantized types (INT8, FP8, INT4) exist only between a QuantizeLinear and a DequantizeLinear: a Q output feeds
    only DQ nodes; a DQ input is a Q output or a quantized constant (weights).
 2. Zero points are zero (symmetric quantization); scales are positive constants.
-3. Activations are quantized per tensor (scalar scale); weights (constant DQ inputs) per tensor or per channel along
-   the output-channel axis (axis 0 for Conv weights, the last axis for MatMul/Gemm weights [K, N]); INT4 is
-   weights only.
+3. Activations are quantized per tensor (scalar scale); weights per tensor or per channel along the output-channel
+   axis (axis 0 for Conv weights, the last axis for MatMul/Gemm weights [K, N]); INT4 is weights only. A quantizer
+   is a *weight* quantizer when its input is constant-foldable: an initializer or Constant, or computed only from
+   constants (Cast/Transpose/Reshape of a weight, a QuantizeLinear of a weight: ModelOpt writes weights as
+   ``W (float) -> Q -> DQ``, TensorRT folds the Q at build time); anything that depends on a graph input is an
+   *activation* quantizer.
 4. FP8 means E4M3FN (TensorRT has no E5M2 Q/DQ); an ``int8`` graph holds no FP8 tensors and an ``fp8`` graph no
    INT8 activations; a graph labelled int8/fp8 that holds no Q/DQ at all would silently build in float: an error.
 5. A Conv/ConvTranspose/MatMul/Gemm runs quantized only when both its data and weight inputs come from DQ nodes;
@@ -35,6 +38,7 @@ QUANTIZED = {"INT8", "FP8", "INT4"}
 FP8_E4M3FN = 17  # TensorProto.FLOAT8E4M3FN
 FLOAT_TYPES = {"FP32", "FP16", "BF16"}
 HEAVY_OPS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 # Which tensor carries the type the document's "Supported Types" column constrains (default: input 0).
 TYPE_FROM_OUTPUT = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "EyeLike"}
@@ -82,6 +86,11 @@ class _Graph:
         for init in self.graph.initializer:
             self.types[init.name] = init.data_type
             self.constants[init.name] = init
+        self.shapes: dict[str, int] = {}  # tensor -> rank, where shape inference knows it
+        for value in (*self.graph.input, *self.graph.output, *self.graph.value_info):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                self.shapes[value.name] = len(value.type.tensor_type.shape.dim)
+        self._foldable: dict[str, bool] = {}
         self.producer: dict[str, object] = {}
         self.consumers: dict[str, list] = {}
         for node in self.graph.node:
@@ -102,6 +111,32 @@ class _Graph:
 
     def is_constant(self, tensor: str) -> bool:
         return tensor in self.constants
+
+    def is_weight(self, tensor: str) -> bool:
+        """Constant-foldable: a constant, or computed only from constants (no graph input upstream)."""
+        if tensor in self._foldable:
+            return self._foldable[tensor]
+        self._foldable[tensor] = False  # cycles (none in a valid graph) end here
+        if tensor in self.constants:
+            result = True
+        else:
+            node = self.producer.get(tensor)
+            result = node is not None and node.op_type not in RANDOM_OPS and \
+                all(self.is_weight(i) for i in node.input if i)
+        self._foldable[tensor] = result
+        return result
+
+    def rank(self, tensor: str) -> int | None:
+        """Rank of a tensor: from its constant value, shape inference, or (through Q/Cast/Identity) its source."""
+        value = self.constant(tensor)
+        if value is not None:
+            return value.ndim
+        if tensor in self.shapes:
+            return self.shapes[tensor]
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity"):
+            return self.rank(node.input[0])
+        return None
 
     def constant(self, tensor: str) -> np.ndarray | None:
         from onnx import numpy_helper
@@ -244,12 +279,12 @@ def check_qdq(model_or_path, precision: str) -> CheckReport:
                                      "tensor may only feed DequantizeLinear")
         if q.output[0] in {o.name for o in model.graph.output}:
             report.errors.append(f"{where}: a quantized tensor is a graph output")
-        _check_scale(q, where, g, report, weights=False)
+        _check_scale(q, where, g, report, weights=g.is_weight(q.input[0]))
         _check_quant_type(q, q.output[0], where, g, precision, report)
     for dq in dqs:
         where = f"DequantizeLinear {dq.name or dq.output[0]!r}"
         source = dq.input[0]
-        weights = g.is_constant(source)
+        weights = g.is_weight(source)  # a quantized constant, or the output of a weight quantizer
         producer = g.producer.get(source)
         if not weights and (producer is None or producer.op_type != "QuantizeLinear"):
             what = producer.op_type if producer is not None else "a graph input"
@@ -288,14 +323,14 @@ def _check_scale(node, where: str, g: _Graph, report: CheckReport, weights: bool
     if scale is None or scale.size <= 1:
         return
     if not weights:
-        report.errors.append(f"{where}: activations must be quantized per tensor (scale has {scale.size} values)")
+        report.errors.append(f"{where}: activations must be quantized per tensor (scale has {scale.size} values; "
+                             "only weights, i.e. constant inputs, may be quantized per channel)")
         return
     if _attr(node, "block_size", 0):
         return  # block quantization of weights (INT4 weight-only)
     axis = _attr(node, "axis", 1)
     source = node.input[0] if node.op_type == "DequantizeLinear" else node.output[0]
-    weight = g.constant(node.input[0]) if node.op_type == "DequantizeLinear" else None
-    rank = weight.ndim if weight is not None else None
+    rank = g.rank(node.input[0])
     for consumer in g.consumers.get(node.output[0], []):
         if consumer.op_type in ("Conv", "ConvTranspose") and len(consumer.input) > 1 and \
                 consumer.input[1] == node.output[0]:

@@ -92,6 +92,12 @@ class Cuda:
     def stream(self):
         return self.check(self.rt.cudaStreamCreate())
 
+    @staticmethod
+    def handle(stream) -> int:
+        """The integer value of a cudaStream_t (what TensorRT's ``execute_async_v3`` and
+        ``set_optimization_profile_async`` take)."""
+        return int(stream)
+
     def synchronize(self, stream) -> None:
         self.check(self.rt.cudaStreamSynchronize(stream))
 

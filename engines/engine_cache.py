@@ -9,8 +9,9 @@ Layout (inside the bundle; the manifest is not touched, so the bundle's hashes s
       timing.cache                            TensorRT timing cache shared by the builds of this bundle
 
 A key is the sha256 of: the graph's sha256 (from the manifest), precision, quantization recipe, the build
-recipe (optimization level, profiles, strongly typed or not, workspace), TensorRT version, GPU name and compute
-capability. Any change to one of them is a different engine file, so a stale engine is never picked up.
+recipe (optimization level, profiles, workspace, builder flags: weight streaming, refit, editable timing cache),
+TensorRT major.minor version (``11.4``; the full build version is recorded in the index entry as
+``tensorrt_build``), GPU name and compute capability. Any change to one of them is a different engine file, so a stale engine is never picked up.
 Every file is written to a temporary sibling and renamed into place.
 """
 
@@ -35,9 +36,17 @@ class EngineCacheError(IllumeError, RuntimeError):
     """No usable engine; the message names the command that builds one."""
 
 
+def major_minor(version: str) -> str:
+    """``11.4.0.106`` -> ``11.4``: what the engine cache key holds."""
+    parts = str(version).split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return ".".join(parts[:2])
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
-    tensorrt_version: str
+    tensorrt_version: str  # major.minor (see major_minor)
     gpu_name: str
     compute_capability: str  # "9.0"
 
@@ -69,8 +78,10 @@ class EngineKey:
                 "key": self.digest(), "file": self.filename()}
 
 
-def rebuild_command(bundle_path: Path | str, precision: str, opt_level: int | None = None) -> str:
-    cmd = f"illume-rt build-engines {bundle_path} --precision {precision}"
+def rebuild_command(bundle_path: Path | str, precision: str | None = None, opt_level: int | None = None) -> str:
+    """The command that builds a bundle's engines. Their precision is the bundle's (strongly typed), so
+    ``precision`` is only named when it is not the bundle's own (then the bundle must be re-made first)."""
+    cmd = f"illume-rt build-engines {bundle_path}"
     return cmd + (f" --opt-level {opt_level}" if opt_level is not None else "")
 
 
@@ -120,8 +131,7 @@ def find_engine(bundle_path: Path | str, component: str, graph_sha256: str, devi
     not (none built; built for another GPU / TensorRT version; built from another graph) and names the command."""
     entries = [e for e in read_index(bundle_path)["engines"] if e["component"] == component
                and (precision is None or e["precision"] == precision)]
-    want_precision = precision or (entries[0]["precision"] if entries else "fp16")
-    rebuild = rebuild_command(bundle_path, want_precision)
+    rebuild = rebuild_command(bundle_path)
     if not entries:
         raise EngineCacheError(f"no TensorRT engine for {component}"
                                f"{' at ' + precision if precision else ''} in {engine_dir(bundle_path)}; "
@@ -151,4 +161,4 @@ def check_engine_header(entry: dict, device: DeviceInfo, bundle_path: Path | str
         built = DeviceInfo(**entry["device"])
         raise EngineCacheError(f"engine {entry['file']} was built for {built.describe()}; this machine has "
                                f"{device.describe()}: rebuild with "
-                               f"`{rebuild_command(bundle_path, entry['precision'])}`")
+                               f"`{rebuild_command(bundle_path)}`")

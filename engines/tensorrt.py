@@ -1,66 +1,86 @@
-"""Native TensorRT backend: engine building (``build_bundle_engines``) and the runner (``TrtEngine``,
-``TrtLanguageModel``), written against TensorRT 10's Python API.
+"""Native TensorRT backend: engine building (``build_bundle_engines``, ``refit_engine``) and the runner
+(``TrtEngine``, ``TrtLanguageModel``), written against TensorRT 11's Python API (also valid on 10.16; every name
+and call here is checked against both real APIs by tests/test_trt_api.py).
 
 Imports of ``tensorrt`` and of cuda-python happen inside functions, so this module imports (and its pure parts are
 tested) on machines without them; using the backend there raises a BackendError that says what to install.
 
-Building (one engine per graph of the bundle):
-- network from the ONNX file with TensorRT's ONNX parser; graphs holding Q/DQ nodes (INT8/FP8 recipes) are parsed
-  into a STRONGLY_TYPED network, so TensorRT follows the graph's types instead of choosing its own (no precision
-  flags may be set then); float graphs built at fp16/bf16 get the FP16/BF16 builder flag (weakly typed: IO stays
-  float32, TensorRT may run layers in the reduced type);
+Building (one engine per graph of the bundle), strongly typed only:
+- TensorRT 11 has no precision builder flags (FP16, BF16, INT8, FP8, ...) and no INT8 calibrator: every network is
+  strongly typed, so each layer runs in the type the ONNX graph gives it. The precision therefore comes from the
+  bundle: FP32 graphs build FP32 engines, ``illume-rt quantize --precision fp16|bf16 --target tensorrt`` bundles
+  (ModelOpt AutoCast) build FP16/BF16 engines, INT8/FP8 bundles (Q/DQ, fp16 high precision) build INT8/FP8
+  engines. The network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (required on 10.x, the
+  only mode on 11.x);
 - optimization profiles from ``engines.profiles.engine_profiles`` (prefill + decode for the LLM);
-- ``builder_optimization_level`` (0..5, TensorRT's default 3), a workspace limit, the bundle's timing cache loaded
-  before and saved after each build (atomically);
+- ``builder_optimization_level`` (0..5, TensorRT's default 3), a workspace limit, the bundle's timing cache
+  loaded before and saved after each build (atomically); ``editable_timing_cache`` sets
+  ``BuilderFlag.EDITABLE_TIMING_CACHE`` (TensorRT 11's replacement for the removed algorithm selector: tactics are
+  chosen by editing the cache);
+- ``weight_streaming``: ``BuilderFlag.WEIGHT_STREAMING``; the runner then keeps only a budget of the weights on the
+  GPU (``ILLUME_RT_TRT_WEIGHT_BUDGET`` bytes, or ``auto``), for the 7B on smaller GPUs;
+- ``refittable``: ``BuilderFlag.REFIT``; ``refit_engine`` swaps in the weights of a fine-tuned graph of the same
+  architecture (``Refitter`` + ``OnnxParserRefitter``) without a rebuild;
 - the serialized engine written atomically under ``bundle/engines/`` and recorded in the index with its key
-  (``engines.engine_cache``).
+  (``engines.engine_cache``: graph hash, precision, recipe, build options, TensorRT major.minor, GPU).
 
 Running:
-- one CUDA stream per runner; tensors bound by name (``set_input_shape``, ``set_tensor_address``); device buffers
-  allocated once per tensor at the largest size the profiles allow (capped for the LLM by the request's needs) and
-  grown if a larger output comes; one execution context per optimization profile;
+- one CUDA stream per runner; tensors bound by name (``set_input_shape``, ``set_tensor_address``), launched with
+  ``execute_async_v3``; device buffers allocated once per tensor at the largest size the profiles allow (capped
+  for the LLM by the request's needs) and grown if a larger output comes; one execution context per optimization
+  profile;
 - ``TrtLanguageModel`` keeps the KV cache in device memory [layers, 2, batch, kv_heads, capacity, head_dim]; each
   layer's cache inputs are bound to their block of it (the whole capacity, masked); decode steps replay a CUDA
   graph of the fixed-shape step (engines/decode_graph.py); after each call one strided device-to-device copy puts
   ``new_kv`` into the cache's next columns; only ``hidden`` (batch x hidden floats, what the LM head and the
   sampler need) comes back to the host.
+
+None of the TensorRT calls here has executed (no GPU or TensorRT library where this was written): see
+docs/engines.md, "What has run where".
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 
 from illume_rt.engines.base import BackendError
 from illume_rt.engines.engine_cache import (
-    PRECISIONS, TIMING_CACHE, DeviceInfo, EngineCacheError, EngineKey, engine_dir, find_engine, record_engine,
-    rebuild_command, write_atomic,
+    PRECISIONS, TIMING_CACHE, DeviceInfo, EngineCacheError, EngineKey, engine_dir, find_engine, major_minor,
+    record_engine, rebuild_command, write_atomic,
 )
 from illume_rt.engines.profiles import (
     DECODE_MAX_SEQ, GRAPH_STEP_SEQ, Profile, engine_profiles, io_buffer_bytes, kv_cache_bytes, llm_shapes,
     select_profile,
 )
 
+if TYPE_CHECKING:  # annotations only (tests/trt_api.py reads them to type the objects it checks)
+    import tensorrt as trt
+
 DEFAULT_OPT_LEVEL = 3
 DEFAULT_WORKSPACE = 4 << 30
 ENGINE_PRECISION_ENV = "ILLUME_RT_TRT_PRECISION"
+WEIGHT_BUDGET_ENV = "ILLUME_RT_TRT_WEIGHT_BUDGET"  # bytes of weights kept on the GPU, or "auto"
+MIN_TENSORRT = (10, 16)  # the oldest release this module was checked against (tests/test_trt_api.py)
+QUANTIZED_PRECISIONS = ("int8", "fp8", "int4")
 
 
 def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendError("the tensorrt backend needs TensorRT 10 (pip install 'illume-rt[tensorrt]' on a machine "
-                           "with an NVIDIA GPU); use --backend ort-cpu or ort-cuda here") from None
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        raise BackendError(f"TensorRT {trt.__version__} is too old: this backend uses the TensorRT 10 API "
-                           "(named tensors, execute_async_v3); install tensorrt>=10")
+        raise BackendError("the tensorrt backend needs TensorRT 11 (or 10.16+): pip install 'illume-rt[tensorrt]' "
+                           "on a machine with an NVIDIA GPU; use --backend ort-cpu or ort-cuda here") from None
+    version = tuple(int(x) for x in trt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
+        raise BackendError(f"TensorRT {trt.__version__} is too old: this backend is written for TensorRT 11 and "
+                           f"checked down to {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]}; pip install 'tensorrt>=10.16'")
     return trt
 
 
@@ -79,7 +99,7 @@ def current_device() -> DeviceInfo:
 
     trt = import_tensorrt()
     name, cc = Cuda().device_properties(0)
-    return DeviceInfo(trt.__version__, name, cc)
+    return DeviceInfo(major_minor(trt.__version__), name, cc)
 
 
 def graph_is_quantized(path: Path) -> bool:
@@ -89,50 +109,72 @@ def graph_is_quantized(path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def build_recipe(precision: str, opt_level: int, profiles: list[Profile], strongly_typed: bool,
-                 workspace: int) -> dict:
+@dataclass(frozen=True)
+class BuildOptions:
+    """Builder options beyond the optimization level and workspace (all part of the engine's cache key)."""
+    weight_streaming: bool = False  # BuilderFlag.WEIGHT_STREAMING: run with a GPU weight budget
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be swapped in later (refit_engine)
+    editable_timing_cache: bool = False  # BuilderFlag.EDITABLE_TIMING_CACHE
+
+    def flags(self) -> list[str]:
+        """The BuilderFlag names these options set (never a precision flag: TensorRT 11 has none)."""
+        return [name for name, on in (("WEIGHT_STREAMING", self.weight_streaming), ("REFIT", self.refittable),
+                                      ("EDITABLE_TIMING_CACHE", self.editable_timing_cache)) if on]
+
+
+def build_recipe(opt_level: int, profiles: list[Profile], workspace: int, options: BuildOptions) -> dict:
     """Everything about a build that changes the engine, as part of its cache key."""
-    return {"opt_level": opt_level, "strongly_typed": strongly_typed, "workspace": workspace,
-            "profiles": [p.to_dict() for p in profiles], "precision_flags": precision_flags(precision, strongly_typed)}
+    return {"opt_level": opt_level, "strongly_typed": True, "workspace": workspace,
+            "profiles": [p.to_dict() for p in profiles], "flags": options.flags()}
 
 
-def precision_flags(precision: str, strongly_typed: bool) -> list[str]:
-    """Builder flags for a precision. Strongly typed networks take none (their types come from the graph)."""
+def bundle_precision(bundle) -> str:
+    """The precision a bundle was made at (``quantize`` records it; an exported bundle is fp32)."""
+    return (bundle.manifest.get("quantization") or {}).get("precision", "fp32")
+
+
+def check_requested_precision(bundle, precision: str | None) -> None:
+    """``build-engines --precision P`` only confirms the bundle's precision: TensorRT 11 takes it from the graphs."""
+    if precision is None:
+        return
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if strongly_typed:
-        return []
-    return {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": [], "fp8": []}[precision]
+    have = bundle_precision(bundle)
+    if precision != have:
+        fix = (f"illume-rt quantize {bundle.path} --precision {precision} --target tensorrt -o "
+               f"{bundle.path}-{precision}" if precision != "fp32" else "export an FP32 bundle")
+        raise BackendError(f"this bundle is {have}; TensorRT builds strongly typed engines whose precision comes "
+                           f"from the graphs, so make a {precision} bundle first: `{fix}`")
 
 
-def plan_build(bundle, name: str, precision: str, opt_level: int = DEFAULT_OPT_LEVEL,
-               workspace: int = DEFAULT_WORKSPACE, device: DeviceInfo | None = None) -> tuple[EngineKey, dict]:
+def plan_build(bundle, name: str, opt_level: int = DEFAULT_OPT_LEVEL, workspace: int = DEFAULT_WORKSPACE,
+               device: DeviceInfo | None = None, options: BuildOptions = BuildOptions()) -> tuple[EngineKey, dict]:
     """The key and build settings of one component's engine (pure: no TensorRT calls)."""
     entry = bundle.component(name)
-    graph_precision = entry.get("precision", "fp32")
-    quantized = graph_precision in ("int8", "fp8", "int4") or graph_is_quantized(bundle.component_path(name))
-    if precision in ("int8", "fp8") and not quantized:
-        raise BackendError(f"{name}: precision {precision} needs a Q/DQ graph (TensorRT 10 builds INT8/FP8 from "
-                           "explicit quantization only); quantize the bundle first, or build with --precision fp16")
+    precision = entry.get("precision", "fp32")
+    if precision not in PRECISIONS and precision != "int4":
+        raise BackendError(f"{name}: unknown precision {precision!r} in the manifest; re-export or re-quantize")
+    quantized = graph_is_quantized(bundle.component_path(name))
+    if precision in QUANTIZED_PRECISIONS and not quantized:
+        raise BackendError(f"{name}: labelled {precision} but the graph holds no Q/DQ nodes (it would build in "
+                           f"float); re-run `illume-rt quantize ... --precision {precision} --target tensorrt`")
     profiles = engine_profiles(name, entry)
-    strongly_typed = quantized
-    recipe = entry.get("quantization", {}).get("recipe", "none") if quantized else "none"
-    key = EngineKey(name, entry["sha256"], precision if not quantized else graph_precision, recipe,
-                    build_recipe(precision, opt_level, profiles, strongly_typed, workspace), device)
-    return key, {"profiles": profiles, "strongly_typed": strongly_typed, "opt_level": opt_level,
-                 "workspace": workspace, "flags": precision_flags(precision, strongly_typed)}
+    quant = entry.get("quantization") or {}
+    recipe = quant.get("recipe", "none")
+    key = EngineKey(name, entry["sha256"], precision, recipe, build_recipe(opt_level, profiles, workspace, options),
+                    device)
+    return key, {"profiles": profiles, "opt_level": opt_level, "workspace": workspace, "options": options,
+                 "quantized": quantized}
 
 
-def build_engine(onnx_path: Path, profiles: list[Profile], flags: list[str], strongly_typed: bool, opt_level: int,
-                 workspace: int, timing_cache: Path | None, log: Callable[[str], None] = print) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine (TensorRT 10 API)."""
+def build_engine(onnx_path: Path, profiles: list[Profile], opt_level: int, workspace: int,
+                 timing_cache: Path | None, options: BuildOptions = BuildOptions(),
+                 log: Callable[[str], None] = print) -> bytes:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine."""
     trt = import_tensorrt()
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network_flags = 0
-    if strongly_typed:
-        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(network_flags)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -140,15 +182,22 @@ def build_engine(onnx_path: Path, profiles: list[Profile], flags: list[str], str
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-    for flag in flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if options.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if options.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if options.editable_timing_cache:
+        config.set_flag(trt.BuilderFlag.EDITABLE_TIMING_CACHE)
     for profile in profiles:
         p = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in profile.shapes.items():
             p.set_shape(tensor, lo, opt, hi)
         config.add_optimization_profile(p)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"  timing cache {timing_cache} does not fit this GPU/TensorRT; building without it")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -159,37 +208,109 @@ def build_engine(onnx_path: Path, profiles: list[Profile], flags: list[str], str
     return bytes(memoryview(serialized))
 
 
-def build_bundle_engines(bundle, precision: str = "fp16", opt_level: int = DEFAULT_OPT_LEVEL,
+def build_bundle_engines(bundle, precision: str | None = None, opt_level: int = DEFAULT_OPT_LEVEL,
                          components: list[str] | None = None, workspace: int = DEFAULT_WORKSPACE,
-                         force: bool = False, log: Callable[[str], None] = print) -> list[dict]:
-    """Build (or find in the cache) an engine per component; returns the index entries."""
+                         force: bool = False, log: Callable[[str], None] = print,
+                         options: BuildOptions = BuildOptions()) -> list[dict]:
+    """Build (or find in the cache) an engine per component; returns the index entries.
+
+    ``precision`` only confirms the bundle's (see ``check_requested_precision``)."""
     from illume_rt.engines.checks import check_graph_ops
 
+    check_requested_precision(bundle, precision)
+    trt = import_tensorrt()
     device = current_device()
     out = engine_dir(bundle.path)
     names = components or list(bundle.manifest["components"])
     built = []
     for name in names:
-        key, settings = plan_build(bundle, name, precision, opt_level, workspace, device)
+        key, settings = plan_build(bundle, name, opt_level, workspace, device, options)
         path = out / key.filename()
         if path.is_file() and not force:
             log(f"{name}: cached engine {path.name}")
-            record_engine(bundle.path, key, {"bytes": path.stat().st_size})
+            record_engine(bundle.path, key, {"bytes": path.stat().st_size, "tensorrt_build": trt.__version__})
             built.append(key.to_dict())
             continue
         report = check_graph_ops(bundle.component_path(name))
         if not report.ok:
             raise BackendError(f"{name}: TensorRT {device.tensorrt_version} cannot take this graph: "
                                + "; ".join(report.errors[:5]))
-        log(f"{name}: building {key.precision} (opt level {opt_level}"
-            f"{', strongly typed' if settings['strongly_typed'] else ''}) for {device.describe()}")
-        data = build_engine(bundle.component_path(name), settings["profiles"], settings["flags"],
-                            settings["strongly_typed"], opt_level, workspace, out / TIMING_CACHE, log)
+        flags = ", ".join(options.flags())
+        log(f"{name}: building {key.precision} (strongly typed, opt level {opt_level}{', ' + flags if flags else ''})"
+            f" for {device.describe()}")
+        data = build_engine(bundle.component_path(name), settings["profiles"], opt_level, workspace,
+                            out / TIMING_CACHE, options, log)
         write_atomic(path, data)
-        record_engine(bundle.path, key, {"bytes": len(data),
+        record_engine(bundle.path, key, {"bytes": len(data), "tensorrt_build": trt.__version__,
                                          "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         built.append(key.to_dict())
     return built
+
+
+def refit_engine(bundle, name: str, onnx_path: Path | str, log: Callable[[str], None] = print) -> dict:
+    """Swap the weights of ``onnx_path`` (a fine-tuned graph of the same architecture) into the refittable engine
+    of ``name``; the refitted engine replaces the old one in the cache, keyed by the new graph's hash."""
+    from illume_rt.runtime.bundle import sha256_file
+
+    trt = import_tensorrt()
+    logger = _logger(trt)
+    device = current_device()
+    entry = bundle.component(name)
+    try:
+        found = find_engine(bundle.path, name, entry["sha256"], device)
+    except EngineCacheError as exc:
+        raise BackendError(str(exc)) from None
+    if "REFIT" not in found["build"].get("flags", []):
+        raise BackendError(f"the {name} engine was not built refittable; rebuild it with "
+                           f"`illume-rt build-engines {bundle.path} --components {name} --refittable --force`")
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine((engine_dir(bundle.path) / found["file"]).read_bytes())
+    if engine is None:
+        raise BackendError(f"{name}: TensorRT could not deserialize the engine; rebuild it with "
+                           f"`{rebuild_command(bundle.path)}`")
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+        raise BackendError(f"{name}: the weights of {onnx_path} do not fit the engine: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise BackendError(f"{name}: TensorRT refused the refit (missing weights: {refitter.get_missing_weights()})")
+    data = bytes(memoryview(engine.serialize()))
+    key = EngineKey(name, sha256_file(Path(onnx_path)), found["precision"], found["recipe"], found["build"], device)
+    write_atomic(engine_dir(bundle.path) / key.filename(), data)
+    record_engine(bundle.path, key, {"bytes": len(data), "tensorrt_build": trt.__version__,
+                                     "refitted_from": found["file"]})
+    log(f"{name}: refitted from {Path(onnx_path).name} -> {key.filename()}")
+    return key.to_dict()
+
+
+def weight_budget_from_env() -> int | str | None:
+    """``ILLUME_RT_TRT_WEIGHT_BUDGET``: bytes (``8e9`` or ``8000000000``), ``auto``, or unset (all weights)."""
+    raw = os.environ.get(WEIGHT_BUDGET_ENV, "").strip()
+    if not raw:
+        return None
+    if raw == "auto":
+        return "auto"
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BackendError(f"{WEIGHT_BUDGET_ENV}={raw!r}: give a number of bytes (e.g. 8e9) or 'auto'")
+    return value
+
+
+def apply_weight_budget(engine: trt.ICudaEngine, name: str, budget: int | str | None) -> int | None:
+    """Set the GPU weight budget of a weight-streaming engine before its contexts are created."""
+    if budget is None:
+        return None
+    streamable = engine.streamable_weights_size
+    if streamable <= 0:
+        raise BackendError(f"{name}: {WEIGHT_BUDGET_ENV} is set but the engine was not built for weight streaming; "
+                           "rebuild with `illume-rt build-engines BUNDLE --weight-streaming --force`")
+    value = engine.get_weight_streaming_automatic_budget() if budget == "auto" else min(int(budget), streamable)
+    engine.weight_streaming_budget_v2 = int(value)
+    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,7 +320,11 @@ def build_bundle_engines(bundle, precision: str = "fp16", opt_level: int = DEFAU
 class TrtEngine:
     """One deserialized engine behind the ``Engine`` interface: run(feeds) -> outputs, host arrays in and out."""
 
-    def __init__(self, name: str, entry: dict, plan: bytes, profiles: list[Profile], caps: dict | None = None):
+    engine: trt.ICudaEngine
+    contexts: list[trt.IExecutionContext]
+
+    def __init__(self, name: str, entry: dict, plan: bytes, profiles: list[Profile], caps: dict | None = None,
+                 weight_budget: int | str | None = None):
         from illume_rt.engines.cuda_rt import Cuda, DeviceBuffer
 
         trt = import_tensorrt()
@@ -209,7 +334,8 @@ class TrtEngine:
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BackendError(f"{name}: TensorRT could not deserialize the engine (built by another TensorRT "
-                               "version?); rebuild it with `illume-rt build-engines BUNDLE`")
+                               "version?); rebuild it with `illume-rt build-engines BUNDLE --force`")
+        self.weight_budget = apply_weight_budget(self.engine, name, weight_budget)  # before any context
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -221,11 +347,16 @@ class TrtEngine:
         self.output_names = [t["name"] for t in entry["outputs"]]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.stream = self.cuda.stream()
+        self.stream_handle = self.cuda.handle(self.stream)  # TensorRT takes the cudaStream_t as an integer
         # One context per profile: switching profiles on one context costs a synchronisation each time.
         self.contexts = []
         for index in range(self.engine.num_optimization_profiles):
             context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(index, self.stream)
+            if context is None:
+                raise BackendError(f"{name}: TensorRT could not create an execution context (out of GPU memory?"
+                                   f"{' lower ' + WEIGHT_BUDGET_ENV if self.weight_budget else ''})")
+            if not context.set_optimization_profile_async(index, self.stream_handle):
+                raise BackendError(f"{name}: TensorRT refused optimization profile {index}")
             self.contexts.append(context)
         sizes = io_buffer_bytes(entry, profiles, caps)
         self.buffers = {n: DeviceBuffer(self.cuda, sizes.get(n) or 0) for n in names}
@@ -234,15 +365,16 @@ class TrtEngine:
     def profile_for(self, shapes: dict, prefer: str | None = None) -> int:
         return select_profile(self.profiles, shapes, prefer)
 
-    def enqueue(self, context, shapes: dict, addresses: dict) -> dict[str, tuple]:
+    def enqueue(self, context: trt.IExecutionContext, shapes: dict, addresses: dict) -> dict[str, tuple]:
         """Set input shapes and every tensor address on ``context``, launch on the stream, return output shapes."""
         for tensor, shape in shapes.items():
             if not context.set_input_shape(tensor, tuple(shape)):
                 raise BackendError(f"{self.name}: TensorRT refused shape {tuple(shape)} for {tensor}")
         out_shapes = {n: tuple(context.get_tensor_shape(n)) for n in self.output_names}
         for tensor, ptr in addresses.items():
-            context.set_tensor_address(tensor, ptr)
-        if not context.execute_async_v3(self.stream):
+            if not context.set_tensor_address(tensor, int(ptr)):
+                raise BackendError(f"{self.name}: TensorRT refused the address of {tensor}")
+        if not context.execute_async_v3(self.stream_handle):
             raise BackendError(f"{self.name}: TensorRT execution failed")
         return out_shapes
 
@@ -448,7 +580,7 @@ class TrtLanguageModel(_language_model_base()):
         self.cuda.synchronize(self.stream)
         self.cuda.begin_capture(self.stream)
         try:
-            if not context.execute_async_v3(self.stream):
+            if not context.execute_async_v3(body.stream_handle):
                 raise BackendError("llm: TensorRT execution failed during CUDA graph capture")
         finally:
             graph_exec = self.cuda.end_capture(self.stream)
@@ -463,11 +595,11 @@ class TrtLanguageModel(_language_model_base()):
             self._graph = None
 
 
-def open_engine(bundle, name: str, precision: str | None = None) -> TrtEngine:
+def open_engine(bundle, name: str, precision: str | None = None,
+                weight_budget: int | str | None = None) -> TrtEngine:
     """The engine of component ``name`` built for this GPU and TensorRT version, or a BackendError naming the
-    rebuild command."""
-    import os
-
+    rebuild command. ``weight_budget`` (default: ``ILLUME_RT_TRT_WEIGHT_BUDGET``) applies to weight-streaming
+    engines."""
     import_tensorrt()
     entry = bundle.component(name)
     precision = precision or os.environ.get(ENGINE_PRECISION_ENV) or None
@@ -482,7 +614,10 @@ def open_engine(bundle, name: str, precision: str | None = None) -> TrtEngine:
     if name == "llm":  # the LLM's max shapes span the whole context; size IO for one decode/prefill at a time
         ctx = bundle.llm["max_context"]
         caps = {"seq": min(ctx, 2048), "past": 0, "total": ctx + DECODE_MAX_SEQ}  # cache inputs: the device cache
-    return TrtEngine(name, entry, plan, profiles, caps)
+    budget = weight_budget
+    if budget is None and "WEIGHT_STREAMING" in found["build"].get("flags", []):
+        budget = weight_budget_from_env()  # the variable applies to the engines built for weight streaming
+    return TrtEngine(name, entry, plan, profiles, caps, budget)
 
 
 def describe_index(bundle_path) -> str:
@@ -491,5 +626,5 @@ def describe_index(bundle_path) -> str:
     return json.dumps(read_index(bundle_path), indent=1)
 
 
-__all__ = ["build_bundle_engines", "open_engine", "TrtEngine", "TrtLanguageModel", "plan_build", "current_device",
-           "rebuild_command", "asdict"]
+__all__ = ["build_bundle_engines", "refit_engine", "open_engine", "TrtEngine", "TrtLanguageModel", "plan_build",
+           "BuildOptions", "current_device", "rebuild_command", "asdict"]

@@ -7,7 +7,11 @@ document (``docs/operators.md``; repository, branch and commit recorded in the f
 
     python -m illume_rt.engines.trt_ops path/to/onnx-tensorrt/docs/operators.md 10.x <commit> > engines/data/...
 
-Type names follow the document (FP32, FP16, BF16, INT32, INT64, INT8, FP8, INT4, UINT8, BOOL, DOUBLE).
+Tables shipped: 10.1 (commit recorded) and 10.15 (the default: opset 9..24, BF16 throughout, the document's header
+names its release; its commit was not recorded where it was read). No onnx-tensorrt operator list of a TensorRT
+11 release was reachable when this was written; TensorRT 11 builds are checked against 10.15's table.
+
+Type names follow the document (FP32, FP16, BF16, INT32, INT64, INT8, FP8, FP4, INT4, UINT8, BOOL, DOUBLE).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from functools import lru_cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_VERSION = "10.1"
+DEFAULT_VERSION = "10.15"  # the newest onnx-tensorrt operator list reachable here (no 11.x list was): docs/engines.md
 
 # ONNX TensorProto element type -> the document's type name.
 ONNX_TYPE_NAMES = {
     1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE", 16: "BF16",
     17: "FP8", 18: "FP8", 19: "FP8", 20: "FP8",  # E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ
-    22: "INT4",
+    22: "INT4", 23: "FP4",  # FLOAT4E2M1
 }
 _TYPE_ALIASES = {"INF64": "INT64"}  # a typo in the 10.x document (ConstantOfShape)
 

@@ -282,6 +282,10 @@ def cmd_build_engines(args) -> None:
     from illume_rt.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
+    if args.precision is not None:  # strongly typed: the precision is the bundle's; --precision only confirms it
+        from illume_rt.engines.tensorrt import check_requested_precision
+
+        check_requested_precision(bundle, args.precision)
     failed = False
     for report in check_bundle(bundle, args.tensorrt_ops):
         status = "ok" if report.ok else "FAIL"
@@ -298,11 +302,13 @@ def cmd_build_engines(args) -> None:
     if args.check_only:
         print("checks passed (no engines built: --check-only)")
         return
-    from illume_rt.engines.tensorrt import build_bundle_engines
+    from illume_rt.engines.tensorrt import BuildOptions, build_bundle_engines
 
     components = args.components.split(",") if args.components else None
+    options = BuildOptions(weight_streaming=args.weight_streaming, refittable=args.refittable,
+                           editable_timing_cache=args.editable_timing_cache)
     entries = build_bundle_engines(bundle, args.precision, args.opt_level, components,
-                                   workspace=args.workspace_gib << 30, force=args.force)
+                                   workspace=args.workspace_gib << 30, force=args.force, options=options)
     print(f"{len(entries)} engines in {bundle.path / 'engines'}")
 
 
@@ -315,7 +321,7 @@ def cmd_quantize(args) -> None:
                          "pip install -e '.[export,quant]'") from None
     manifest = quantize_bundle(args.bundle, args.output, args.precision, args.target, keep_failed=args.keep_failed,
                                threads=args.threads, log=lambda m: print(m, file=sys.stderr),
-                               overwrite=args.overwrite)
+                               high_precision=args.high_precision, overwrite=args.overwrite)
     print("\n".join(summary_lines(manifest)))
     status = manifest["quantization"]["status"]
     print(f"bundle written to {args.output}" + (" (marked FAILED: --keep-failed)" if status != "passed" else ""))
@@ -402,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     eng = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (into BUNDLE/engines)")
     eng.add_argument("bundle")
-    eng.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "int8", "fp8"],
-                     help="int8/fp8 need Q/DQ graphs (built strongly typed)")
+    eng.add_argument("--precision", default=None, choices=["fp16", "bf16", "fp32", "int8", "fp8"],
+                     help="confirm the bundle's precision (engines are strongly typed: the precision comes from "
+                          "the bundle; make one with `illume-rt quantize --precision P --target tensorrt`)")
+    eng.add_argument("--weight-streaming", action="store_true",
+                     help="build for weight streaming (run with ILLUME_RT_TRT_WEIGHT_BUDGET=BYTES|auto)")
+    eng.add_argument("--refittable", action="store_true", help="build refittable engines (swap weights later)")
+    eng.add_argument("--editable-timing-cache", action="store_true", help="TensorRT's editable timing cache")
     eng.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="N",
                      help="TensorRT builder optimization level 0..5 (default 3)")
     eng.add_argument("--components", help="comma-separated subset (default: every graph)")
@@ -414,11 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--tensorrt-ops", default=None, help="operator table version (default: newest shipped)")
     eng.set_defaults(func=cmd_build_engines)
 
-    quant = sub.add_parser("quantize", help="calibrate and quantize a bundle (INT8/FP8) into a new bundle, gated")
+    quant = sub.add_parser("quantize", help="quantize (INT8/FP8) or convert (FP16/BF16) a bundle into a new one, gated")
     quant.add_argument("bundle", help="FP32 bundle folder")
-    quant.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    quant.add_argument("--precision", required=True, choices=["int8", "fp8", "fp16", "bf16"],
+                       help="int8/fp8: calibrated Q/DQ; fp16/bf16: ModelOpt AutoCast (TensorRT target only)")
     quant.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
                        help="tensorrt: symmetric signed Q/DQ (modelopt); ort-cpu: U8S8 INT8 for onnxruntime CPU")
+    quant.add_argument("--high-precision", default=None, choices=["fp16", "bf16", "fp32"],
+                       help="int8/fp8: type of the unquantized layers (default fp16 for tensorrt, fp32 for ort-cpu)")
     quant.add_argument("-o", "--output", required=True,
                        help="bundle folder to write: a new or empty folder (an existing bundle needs --overwrite)")
     quant.add_argument("--overwrite", action="store_true", help="replace the bundle at -o (atomically)")

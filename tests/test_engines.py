@@ -37,7 +37,13 @@ def bundle(tiny_bundle):
 # -- operator table --------------------------------------------------------------------------------------------
 
 def test_op_table_records_its_source_and_version():
-    table = load_op_table()
+    default = load_op_table()
+    assert default.tensorrt_version == "10.15" and (default.opset_min, default.opset_max) == (9, 24)
+    assert default.source["path"] == "docs/operators.md" and "10.15" in default.source["release"]
+    assert "BF16" in default.get("MatMul").types and "BF16" in default.get("InstanceNormalization").types
+    assert default.get("RMSNormalization").supported and not default.get("Unique").supported
+    assert {"FP8", "FP4", "INT4"} <= set(default.network_types)
+    table = load_op_table("10.1")
     assert table.tensorrt_version == "10.1"
     assert table.source["repository"].endswith("onnx/onnx-tensorrt") and len(table.source["commit"]) == 40
     assert (table.opset_min, table.opset_max) == (9, 20)
@@ -132,6 +138,41 @@ def test_qdq_placement_errors(kwargs, message):
     assert any(message in e for e in report.errors), report.errors
 
 
+def _weight_q_model(w_axis=1, act_channels=False, via_transpose=False):
+    """ModelOpt's layout: float weights -> QuantizeLinear (per channel) -> DequantizeLinear -> MatMul."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.full((4,), 0.02, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros((4,), np.int8), "w_zp"),
+             numpy_helper.from_array(np.full((4,) if act_channels else (), 0.1, np.float32), "x_scale"),
+             numpy_helper.from_array(np.zeros((4,) if act_channels else (), np.int8), "x_zp")]
+    nodes = [helper.make_node("Relu", ["x"], ["xr"]),  # an activation computed in the graph, not a graph input
+             helper.make_node("QuantizeLinear", ["xr", "x_scale", "x_zp"], ["x_q"], axis=1),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], axis=1)]
+    w_in = "w"
+    if via_transpose:  # a weight is still a weight after constant-foldable ops
+        nodes.append(helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]))
+        w_in = "w_t"
+    nodes += [helper.make_node("QuantizeLinear", [w_in, "w_scale", "w_zp"], ["w_q"], axis=w_axis),
+              helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=w_axis),
+              helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
+    return _model(nodes, [_vi("x")], [_vi("y")], inits, opset=19)
+
+
+def test_qdq_weight_quantizers_may_be_per_channel_activation_quantizers_may_not():
+    """The bug of issue 12: ModelOpt's per-channel weight Q (float weight -> Q -> DQ) was taken for an activation."""
+    for via_transpose in (False, True):
+        report = check_qdq(_weight_q_model(via_transpose=via_transpose), "int8")
+        assert report.ok, report.errors
+    wrong_axis = check_qdq(_weight_q_model(w_axis=0), "int8")
+    assert any("output axis 1" in e for e in wrong_axis.errors), wrong_axis.errors
+    per_channel_act = check_qdq(_weight_q_model(act_channels=True), "int8")
+    assert per_channel_act.errors and all("activations must be quantized per tensor" in e
+                                          for e in per_channel_act.errors), per_channel_act.errors
+    assert len(per_channel_act.errors) == 2  # the activation's Q and DQ; the weight's pair passes
+
+
 def test_qdq_precision_label_and_half_quantized_ops():
     fp8_model = _qdq_model(fp8=TensorProto.FLOAT8E4M3FN)
     assert any("FP8 tensor in a graph labelled int8" in e for e in check_qdq(fp8_model, "int8").errors)
@@ -210,8 +251,8 @@ def test_buffer_sizes():
 
 # -- engine cache ----------------------------------------------------------------------------------------------------
 
-H100 = ec.DeviceInfo("10.1.0", "NVIDIA H100 80GB HBM3", "9.0")
-L40S = ec.DeviceInfo("10.1.0", "NVIDIA L40S", "8.9")
+H100 = ec.DeviceInfo("11.4", "NVIDIA H100 80GB HBM3", "9.0")
+L40S = ec.DeviceInfo("11.4", "NVIDIA L40S", "8.9")
 
 
 def _key(**kw):
@@ -224,25 +265,29 @@ def _key(**kw):
 def test_cache_key_changes_with_every_field():
     keys = {_key().digest(), _key(graph_sha256="b" * 64).digest(), _key(precision="bf16").digest(),
             _key(recipe="fp8-max").digest(), _key(build={"opt_level": 5}).digest(),
-            _key(device=L40S).digest(), _key(device=replace(H100, tensorrt_version="10.3.0")).digest(),
+            _key(device=L40S).digest(), _key(device=replace(H100, tensorrt_version="11.5")).digest(),
             _key(device=replace(H100, compute_capability="9.0a")).digest()}
     assert len(keys) == 8
     assert _key().digest() == _key().digest()
     assert _key().filename().startswith("llm.fp16.") and _key().filename().endswith(".plan")
+    # the key holds TensorRT's major.minor: a patch release maps to the same engine, a minor release does not
+    assert ec.major_minor("11.4.0.106") == ec.major_minor("11.4.1.2") == "11.4" != ec.major_minor("11.5.0.1")
+    with pytest.raises(ValueError):
+        ec.major_minor("eleven")
 
 
 def test_engine_for_another_gpu_or_version_is_refused(tmp_path):
-    with pytest.raises(ec.EngineCacheError, match="illume-rt build-engines .* --precision fp16"):
+    with pytest.raises(ec.EngineCacheError, match="build them with `illume-rt build-engines "):
         ec.find_engine(tmp_path, "llm", "a" * 64, H100)
     key = _key()
     ec.write_atomic(ec.engine_dir(tmp_path) / key.filename(), b"plan")
     ec.record_engine(tmp_path, key)
     assert ec.find_engine(tmp_path, "llm", "a" * 64, H100)["file"] == key.filename()
-    with pytest.raises(ec.EngineCacheError, match=r"built for TensorRT 10.1.0 on NVIDIA H100.*sm_90.*L40S.*"
+    with pytest.raises(ec.EngineCacheError, match=r"built for TensorRT 11.4 on NVIDIA H100.*sm_90.*L40S.*"
                                                   r"rebuild with `illume-rt build-engines"):
         ec.find_engine(tmp_path, "llm", "a" * 64, L40S)
-    with pytest.raises(ec.EngineCacheError, match="TensorRT 10.3.0"):
-        ec.find_engine(tmp_path, "llm", "a" * 64, replace(H100, tensorrt_version="10.3.0"))
+    with pytest.raises(ec.EngineCacheError, match="TensorRT 11.5"):
+        ec.find_engine(tmp_path, "llm", "a" * 64, replace(H100, tensorrt_version="11.5"))
     with pytest.raises(ec.EngineCacheError, match="another graph"):
         ec.find_engine(tmp_path, "llm", "c" * 64, H100)
     # rebuilding for the same component/precision/device replaces the index entry
@@ -325,7 +370,7 @@ def _has(module: str) -> bool:
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(bundle):
     from illume_rt.runtime.pipeline import Pipeline
 
-    with pytest.raises(BackendError, match="needs TensorRT 10"):
+    with pytest.raises(BackendError, match="needs TensorRT 11"):
         Pipeline(bundle, backend="tensorrt")
 
 
@@ -357,32 +402,60 @@ def test_pipeline_routes_ort_cuda_to_the_io_binding_engine(bundle, monkeypatch):
 
 
 def test_build_plan_without_tensorrt(bundle, tmp_path):
-    """Precision flags, strong typing and the cache key are decided before any TensorRT call."""
-    from illume_rt.engines.tensorrt import plan_build
+    """Strongly typed only: no precision flag ever; the precision and the key come from the bundle's graphs."""
+    from illume_rt.engines.tensorrt import BuildOptions, check_requested_precision, plan_build
 
-    key, settings = plan_build(bundle, "llm", "fp16", 4, device=H100)
-    assert settings["flags"] == ["FP16"] and not settings["strongly_typed"]
+    key, settings = plan_build(bundle, "llm", 4, device=H100)
+    assert key.precision == "fp32" and key.build["strongly_typed"] and key.build["flags"] == []
     assert [p.name for p in settings["profiles"]] == ["prefill", "decode"]
     assert key.graph_sha256 == bundle.component("llm")["sha256"] and key.build["opt_level"] == 4
-    assert plan_build(bundle, "llm", "bf16", device=H100)[1]["flags"] == ["BF16"]
-    with pytest.raises(BackendError, match="needs a Q/DQ graph"):
-        plan_build(bundle, "llm", "int8", device=H100)
+    streaming, _ = plan_build(bundle, "llm", 4, device=H100,
+                              options=BuildOptions(weight_streaming=True, refittable=True))
+    assert streaming.build["flags"] == ["WEIGHT_STREAMING", "REFIT"] and streaming.digest() != key.digest()
+    check_requested_precision(bundle, "fp32")
+    with pytest.raises(BackendError, match=r"this bundle is fp32.*`illume-rt quantize .* --precision fp16 "
+                                           r"--target tensorrt -o .*-fp16`"):
+        check_requested_precision(bundle, "fp16")
 
-    class QBundle:  # a quantized component: built strongly typed, no precision flags
+    class QBundle:  # a component labelled int8
         path = tmp_path
         manifest = {"components": {"q": {}}}
+        graph = "q.onnx"
 
         def component(self, name):
-            return {"file": "q.onnx", "sha256": "d" * 64, "precision": "int8",
+            return {"file": self.graph, "sha256": "d" * 64, "precision": "int8",
                     "quantization": {"recipe": "int8-smoothquant"},
                     "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}], "outputs": [], "profiles": {}}
 
         def component_path(self, name):
-            return tmp_path / "q.onnx"
+            return tmp_path / self.graph
 
     onnx.save(_qdq_model(), str(tmp_path / "q.onnx"))
-    key, settings = plan_build(QBundle(), "q", "int8", device=H100)
-    assert settings["strongly_typed"] and settings["flags"] == [] and key.recipe == "int8-smoothquant"
+    key, settings = plan_build(QBundle(), "q", device=H100)
+    assert settings["quantized"] and key.build["flags"] == [] and key.recipe == "int8-smoothquant"
+    assert key.precision == "int8"
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")]), str(tmp_path / "f.onnx"))
+    fake = QBundle()
+    fake.graph = "f.onnx"
+    with pytest.raises(BackendError, match="holds no Q/DQ"):
+        plan_build(fake, "q", device=H100)
+
+
+def test_no_precision_builder_flag_anywhere_in_engines():
+    """TensorRT 11 removed them; a weakly typed build path must not come back (the API test checks names in
+    use, this checks strings such as getattr(trt.BuilderFlag, "FP16") too)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "engines"
+    weak = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for flag in weak:
+            assert not re.search(rf"BuilderFlag\.{flag}\b", text), (path.name, flag)
+        assert "int8_calibrator" not in text and "IInt8" not in text, path.name
+    builder = (root / "tensorrt.py").read_text()
+    for flag in weak:  # no flag name as a string either (getattr(trt.BuilderFlag, name))
+        assert f'"{flag}"' not in builder and f"'{flag}'" not in builder, flag
 
 
 def test_cli_build_engines_check_only(bundle, capsys):
@@ -390,12 +463,17 @@ def test_cli_build_engines_check_only(bundle, capsys):
 
     assert main(["build-engines", str(bundle.path), "--check-only"]) == 0
     assert "checks passed" in capsys.readouterr().out
+    assert main(["build-engines", str(bundle.path), "--check-only", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["build-engines", str(bundle.path), "--check-only", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "illume-rt quantize" in err and "--precision fp16 --target tensorrt" in err
     if not _has("tensorrt"):
         assert main(["build-engines", str(bundle.path)]) == 2
-        assert "needs TensorRT 10" in capsys.readouterr().err
+        assert "needs TensorRT 11" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT 10 and an NVIDIA GPU (not installable here)")
+@pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT 11 and an NVIDIA GPU (not installable here)")
 def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cover - GPU machines only
     import shutil
 
@@ -406,7 +484,36 @@ def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cov
 
     local = tmp_path / "b"
     shutil.copytree(bundle.path, local)
-    build_bundle_engines(load_bundle(local), "fp32", 3, log=lambda m: None)
+    build_bundle_engines(load_bundle(local), None, 3, log=lambda m: None)
     a = Pipeline.from_bundle(local, backend="tensorrt").generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     b = Pipeline.from_bundle(local).generate("x", (256, 256), sampling=SamplingConfig(greedy=True))
     assert np.array_equal(a.tokens.semantic, b.tokens.semantic)
+
+
+def test_weight_streaming_budget(monkeypatch):
+    """The budget logic around TensorRT's weight-streaming properties (on a stand-in engine: no TensorRT here)."""
+    from illume_rt.engines.tensorrt import WEIGHT_BUDGET_ENV, apply_weight_budget, weight_budget_from_env
+
+    class Engine:
+        streamable_weights_size = 1000
+        weight_streaming_budget_v2 = -1
+
+        def get_weight_streaming_automatic_budget(self):
+            return 640
+
+    monkeypatch.delenv(WEIGHT_BUDGET_ENV, raising=False)
+    assert weight_budget_from_env() is None
+    for raw, want in (("8e2", 800), ("auto", "auto"), ("5000", 5000)):
+        monkeypatch.setenv(WEIGHT_BUDGET_ENV, raw)
+        assert weight_budget_from_env() == want
+    monkeypatch.setenv(WEIGHT_BUDGET_ENV, "lots")
+    with pytest.raises(BackendError, match="give a number of bytes"):
+        weight_budget_from_env()
+    engine = Engine()
+    assert apply_weight_budget(engine, "llm", None) is None and engine.weight_streaming_budget_v2 == -1
+    assert apply_weight_budget(engine, "llm", 800) == 800 == engine.weight_streaming_budget_v2
+    assert apply_weight_budget(engine, "llm", 5000) == 1000  # capped at what can stream
+    assert apply_weight_budget(engine, "llm", "auto") == 640
+    engine.streamable_weights_size = 0
+    with pytest.raises(BackendError, match="--weight-streaming"):
+        apply_weight_budget(engine, "llm", 800)

@@ -30,7 +30,9 @@ def small_plans():
     cal = datasets.CalibrationPlan(generate=[("a cat with a hat", (256, 256), 0), ("a red fox, watercolor", (256, 256), 1)],
                                    understand=[(0, "What is in this image?")], refine=[0], refine_steps=1,
                                    llm_samples_per_run=8, decoder_samples=1, max_images=2, max_new_tokens=6)
-    ev = datasets.CalibrationPlan(generate=[("a busy street", (256, 256), 100)], understand=[(-1, "Describe it.")],
+    # two held-out images: the first refined (diffusion UNet + VAE), the second through the pixel decoder
+    ev = datasets.CalibrationPlan(generate=[("a busy street", (256, 256), 100), ("a quiet lake", (256, 256), 101)],
+                                  understand=[(-1, "Describe it.")],
                                   refine=[0], refine_steps=1, llm_samples_per_run=10 ** 9, decoder_samples=0,
                                   max_images=3, max_new_tokens=6, seed=100)
     return cal, ev
@@ -52,6 +54,24 @@ def int8_cpu(tiny_bundle, tmp_path_factory):
 def fp8_trt(tiny_bundle, tmp_path_factory):
     dst = tmp_path_factory.mktemp("quant") / "tiny-fp8-trt"
     return dst, _quantize(tiny_bundle, dst, "fp8", "tensorrt", components=["llm", "pixel_decoder", "vae_decoder"])
+
+
+@pytest.fixture(scope="module")
+def int8_trt(tiny_bundle, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("quant") / "tiny-int8-trt"
+    return dst, _quantize(tiny_bundle, dst, "int8", "tensorrt", components=["llm", "pixel_decoder"])
+
+
+@pytest.fixture(scope="module")
+def fp16_trt(tiny_bundle, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("quant") / "tiny-fp16-trt"
+    return dst, _quantize(tiny_bundle, dst, "fp16", "tensorrt", components=["llm", "pixel_decoder"])
+
+
+@pytest.fixture(scope="module")
+def bf16_trt(tiny_bundle, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("quant") / "tiny-bf16-trt"
+    return dst, _quantize(tiny_bundle, dst, "bf16", "tensorrt", components=["llm", "vae_decoder"])
 
 
 def _qdq(path):
@@ -176,3 +196,81 @@ def test_quantize_cli_arguments():
     assert (args.precision, args.target, args.output, args.keep_failed) == ("fp8", "ort-cpu", "O", True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "B", "--precision", "int4", "-o", "O"])
+    args = build_parser().parse_args(["quantize", "B", "--precision", "bf16", "-o", "O"])
+    assert (args.precision, args.target, args.high_precision) == ("bf16", "tensorrt", None)
+
+
+# -- the chain: export (tiny_bundle) -> quantize --target tensorrt -> build-engines --check-only, every precision ----
+
+def _elem_types(model) -> dict:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "fp8"])
+def test_tensorrt_bundle_of_each_precision_passes_the_engine_check(precision, request, capsys):
+    """Issue 12: every precision's TensorRT bundle must be accepted by `build-engines --check-only` (the INT8/FP8
+    ones were refused: per-channel weight quantizers taken for activations), carry its precision in the graphs
+    (TensorRT 11 is strongly typed), and keep FP32 where accuracy needs it."""
+    import onnx
+
+    from illume_rt.cli import main
+    from illume_rt.engines.checks import check_bundle
+    from illume_rt.engines.tensorrt import plan_build
+    from illume_rt.runtime.bundle import load_bundle
+
+    dst, manifest = request.getfixturevalue(f"{precision}_trt")
+    assert manifest["quantization"]["status"] == "passed" and manifest["quantization"]["precision"] == precision
+    assert main(["build-engines", str(dst), "--check-only", "--precision", precision]) == 0
+    assert "checks passed" in capsys.readouterr().out
+    bundle = load_bundle(dst)
+    assert all(r.ok for r in check_bundle(bundle))
+
+    low = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+    for name in manifest["quantization"]["components"]:
+        entry = manifest["components"][name]
+        q = entry["quantization"]
+        assert entry["precision"] == precision and q["target"] == "tensorrt" and q["passed"]
+        key, _ = plan_build(bundle, name)
+        assert key.precision == precision and key.build["flags"] == [] and key.build["strongly_typed"]
+        model = onnx.load(str(dst / entry["file"]))
+        types = _elem_types(model)
+        for value in (*model.graph.input, *model.graph.output):  # IO stays as exported
+            assert value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64), value.name
+        want_low = low.get(precision) or low[q["high_precision"]]
+        assert any(t == want_low for t in types.values()), f"{name}: no {precision} tensors: not converted"
+        if precision in low:  # AutoCast: softmax and norm reductions stay FP32
+            kept = [n for n in model.graph.node if n.op_type in ("Softmax", "ReduceMean", "InstanceNormalization")]
+            assert kept and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT for n in kept), name
+            assert q["accuracy"]["evaluated_on"].startswith("onnxruntime CPU")
+        else:  # Q/DQ with FP16 high precision; per-channel weight scales (what the engine check used to refuse)
+            assert q["high_precision"] == "fp16" and manifest["quantization"]["high_precision"] == "fp16"
+            inits = {i.name: i for i in model.graph.initializer}
+            per_channel = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                           and n.input[1] in inits and int(np.prod(inits[n.input[1]].dims)) > 1]
+            assert per_channel or precision == "fp8", name  # INT8 weights per channel; FP8 per tensor
+    for head in ("lm_head_text", "lm_head_semantic", "lm_head_pixel"):  # logits stay FP32
+        assert manifest["components"][head]["precision"] == "fp32"
+
+
+def test_float_and_high_precision_options_refuse_bad_combinations(tiny_bundle, tmp_path, capsys):
+    from illume_rt.cli import main
+
+    assert main(["quantize", str(tiny_bundle), "--precision", "bf16", "--target", "ort-cpu",
+                 "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use --target tensorrt" in err
+    assert main(["quantize", str(tiny_bundle), "--precision", "fp16", "--high-precision", "bf16",
+                 "-o", str(tmp_path / "x")]) == 2
+    assert "int8/fp8 only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    r = recipes.recipe_for("llm", "int8", "tensorrt")
+    assert r.high_precision == "fp16" and r.name == "int8-smoothquant0.5-max-fp16-tensorrt"
+    assert recipes.recipe_for("llm", "int8", "ort-cpu").high_precision == "fp32"
+    assert recipes.recipe_for("llm", "fp8", "tensorrt", "bf16").high_precision == "bf16"
+    assert "Softmax" in recipes.recipe_for("llm", "bf16", "tensorrt").keep_fp32_ops
