@@ -50,12 +50,20 @@ SEED = 1234
 SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
 PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 600, 80, 8, 6
 MLLM_STEPS, T2I_BATCH, UND_BATCH = 1100, 8, 4
-# Stage ``focus``: the MLLM goes on from stage ``mllm`` with the image codes of the object (those that differ from
-# the same background's empty picture) weighted OBJECT_WEIGHT, the others 1. Under the plain mean, the ~12
-# semantic and ~80 pixel object codes of 337 (and the one or two that decide the colour and the outline) are a
-# small part of a loss that the background already drives to ~0.02 per token; the model after ``mllm`` had not
-# learned them (nano/README.md, "Diagnosis").
-FOCUS_STEPS, FOCUS_LR, OBJECT_WEIGHT = 600, 1e-3, 8.0
+# Stage ``focus``: the MLLM goes on from stage ``mllm`` with two changes aimed at the object's codes, which
+# after ``mllm`` did not depend on the caption's colour word (nano/README.md, "Diagnosis"):
+# - erased context: in each training picture a share (uniform in [0, ERASE_MAX]) of the image codes *fed as input*
+#   is replaced by the code the background's empty picture has there (the labels stay the true codes). Under plain
+#   teacher forcing only the code where the object starts needs the caption; every later object code can copy
+#   colour and outline from its neighbours, so one code per level and picture taught the model to read the
+#   caption. With neighbours erased, every object code must come from the caption, as the first one does when the
+#   model draws alone.
+# - hard tokens weigh more: each image token's cross-entropy is weighted by 1 + HARD_WEIGHT * (1 - p)^2 (p: the
+#   model's probability of the right token, not differentiated), normalised by the weights' sum, so the few codes
+#   the model gets wrong are not drowned by the background's ~300 codes at p ~ 0.99 (their weight stays >= 1, so
+#   the model stays confident where it is right, which sampling needs).
+# Understanding goes on with a smaller batch (it is learned already; it keeps the shared body from drifting).
+FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 1100, 2e-3, 20.0, 0.6, 2
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -358,36 +366,33 @@ def nano_tokenizer(preset):
     return ByteTokenizer(preset.vocab)
 
 
-def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None,
-                empty: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(ids, labels, weights): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>,
-    built by the runtime's own prompt builder and image layout (so training and inference see the same ids).
-    ``weights`` (per label): OBJECT_WEIGHT where the code differs from ``empty`` (the (semantic, pixel) codes of
-    the scene's background alone), else 1; 0 on the prompt."""
+def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None):
+    """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>, built by
+    the runtime's own prompt builder and image layout (training and inference see the same ids)."""
     from illume_rt.runtime.layout import image_grid
     from illume_rt.runtime.prompts import text_to_image_ids
 
     v = preset.vocab
     cond, uncond = text_to_image_ids(tok, v, prompt or "x", 256, 256)
     prefix = cond if prompt is not None else uncond
-    grid = image_grid(256, 256)
-    image = v.image_token_ids(grid, sem.tolist(), pix.tolist()) + [v.im_end_id]
-    weights = [1.0] * len(image)
-    if empty is not None:
-        plain = v.image_token_ids(grid, empty[0].tolist(), empty[1].tolist()) + [v.im_end_id]
-        weights = [OBJECT_WEIGHT if a != b else 1.0 for a, b in zip(image, plain)]
-    return prefix + image, [-100] * len(prefix) + image, [0.0] * len(prefix) + weights
+    image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
+    return prefix + image, [-100] * len(prefix) + image
 
 
 def empty_codes(toks: dict, scenes: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per background, the codes of the picture without its object: at each position the most common code over
-    the training pictures on that background (an object covers a few per cent of the cells, so the mode is the
-    background's own code)."""
+    """Per background, the (semantic, pixel) codes of its picture without the object: at each position the most
+    common code over the training pictures on that background (an object covers a few per cent of them)."""
     out = {}
     for bg in data.BACKGROUNDS:
         rows = [i for i, s in enumerate(scenes) if s.background == bg]
         out[bg] = (toks["semantic"][rows].mode(0).values, toks["pixel"][rows].mode(0).values)
     return out
+
+
+def erase_codes(codes: torch.Tensor, empty: torch.Tensor, share: float, rng: np.random.Generator) -> torch.Tensor:
+    """``codes`` with a random ``share`` of the positions set to ``empty``'s code there (see FOCUS_STEPS)."""
+    hit = torch.from_numpy(rng.random(tuple(codes.shape)) < share)
+    return torch.where(hit, empty, codes)
 
 
 SEM_SLOT, PIX_SLOT = -1, -2
@@ -427,30 +432,27 @@ def und_example(preset, tok, scene: data.Scene, rng: np.random.Generator):
 
 
 def pad_batch(seqs, pad_id: int):
-    """(ids, labels, mask, weights) from (ids, labels) or (ids, labels, weights) rows, right-padded."""
     n = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), n), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    weights = torch.zeros((len(seqs), n))
-    for i, row in enumerate(seqs):
-        a, b = row[0], row[1]
+    for i, (a, b) in enumerate(seqs):
         ids[i, :len(a)] = torch.tensor(a)
         labels[i, :len(b)] = torch.tensor(b)
         mask[i, :len(a)] = 1
-        weights[i, :len(b)] = torch.tensor(row[2]) if len(row) > 2 else (torch.tensor(b) != -100).float()
-    return ids, labels, mask, weights
+    return ids, labels, mask
 
 
-def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-            weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy; with ``weights`` (per label position) the weighted mean over labelled tokens."""
+def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, hard_weight: float = 0.0
+            ) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens: the plain mean, or with ``hard_weight`` > 0 the mean
+    weighted by 1 + hard_weight * (1 - p)^2 (see FOCUS_STEPS)."""
     logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")
-    if weights is None:
-        return ce.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
-    w = weights[:, 1:].reshape(-1) * (labels[:, 1:].reshape(-1) != -100)
+    w = (labels[:, 1:].reshape(-1) != -100).float()
+    if hard_weight:
+        w = w * (1 + hard_weight * (1 - torch.exp(-ce.detach())) ** 2)
     return (ce * w).sum() / w.sum().clamp(min=1e-6)
 
 
@@ -469,18 +471,20 @@ def build_mllm(preset):
 def stage_mllm(work: Path) -> None:
     stage = Stage(work, "mllm")
     if not stage.done:
-        _train_mllm(work, stage, MLLM_STEPS, 2e-3, init=None, weighted=False)
+        _train_mllm(work, stage, MLLM_STEPS, 2e-3, init=None, hard_weight=0.0, und_batch=UND_BATCH)
 
 
 def stage_focus(work: Path) -> None:
     stage = Stage(work, "focus")
     if not stage.done:
-        _train_mllm(work, stage, FOCUS_STEPS, FOCUS_LR, init=work / "mllm.pt", weighted=True)
+        _train_mllm(work, stage, FOCUS_STEPS, FOCUS_LR, init=work / "mllm.pt", hard_weight=HARD_WEIGHT,
+                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX)
 
 
-def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path | None, weighted: bool) -> None:
-    """Teacher forcing of the LLM + projectors from a fresh init or from ``init`` (a finished MLLM stage); with
-    ``weighted``, the object's image codes weigh OBJECT_WEIGHT in the text-to-image loss."""
+def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path | None, hard_weight: float,
+                und_batch: int, erase_max: float = 0.0) -> None:
+    """Teacher forcing of the LLM + projectors from a fresh init or from ``init`` (a finished MLLM stage);
+    ``hard_weight``: see lm_loss; ``erase_max``: see FOCUS_STEPS."""
     preset = nano_preset()
     tok = nano_tokenizer(preset)
     toks = torch.load(work / "tokens.pt", weights_only=True)["train"]
@@ -498,20 +502,26 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
     pad = preset.vocab.pad_id
 
     def step_fn(step, rng):
-        seqs = []
+        seqs, fed = [], []
         for i in rng.integers(0, len(scenes), T2I_BATCH):
             s = scenes[i]
             r = rng.random()
             prompt = None if r < UNCOND_P else (s.caption if r < (1 + UNCOND_P) / 2 else s.short_caption)
-            seqs.append(t2i_example(preset, tok, s, toks["semantic"][i], toks["pixel"][i], prompt,
-                                    empty[s.background] if weighted else None))
-        ids, labels, mask, weights = pad_batch(seqs, pad)
-        loss_t2i = lm_loss(llm, embed(ids), labels, mask, weights)
+            sem, pix = toks["semantic"][i], toks["pixel"][i]
+            seqs.append(t2i_example(preset, tok, s, sem, pix, prompt))
+            if erase_max:
+                share = rng.uniform(0, erase_max)
+                sem = erase_codes(sem, empty[s.background][0], share, rng)
+                pix = erase_codes(pix, empty[s.background][1], share, rng)
+            fed.append(t2i_example(preset, tok, s, sem, pix, prompt))  # same length and layout: only codes differ
+        ids, labels, mask = pad_batch(seqs, pad)
+        inputs = pad_batch(fed, pad)[0]
+        loss_t2i = lm_loss(llm, embed(inputs), labels, mask, hard_weight)
         und = []
-        feats = rng.integers(0, len(toks["und_scene"]), UND_BATCH)
+        feats = rng.integers(0, len(toks["und_scene"]), und_batch)
         for f in feats:
             und.append(und_example(preset, tok, scenes[int(toks["und_scene"][f])], rng))
-        ids, labels, mask, _ = pad_batch(und, pad)
+        ids, labels, mask = pad_batch(und, pad)
         emb = embed(ids.clamp(min=0))
         sem_feat = proj.projector_1(toks["vit"][feats])  # [B, 81, H]
         pix_feat = proj.projector_2(toks["pixel_features"][feats])  # [B, 256, H]
