@@ -43,13 +43,27 @@ from illume_rt.nano import data
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "work"
-STAGES = ("semantic", "pixel", "tokens", "mllm", "export")
+STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "export")
 SEED = 1234
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
 SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
 PIXEL_CROP_STEPS, PIXEL_FULL_STEPS, PIXEL_BATCH, CROP_CELLS = 600, 80, 8, 6
 MLLM_STEPS, T2I_BATCH, UND_BATCH = 1100, 8, 4
+# Stage ``focus``: the MLLM goes on from stage ``mllm`` with two changes aimed at the object's codes, which
+# after ``mllm`` did not depend on the caption's colour word (nano/README.md, "Diagnosis"):
+# - erased context: in each training picture a share (uniform in [0, ERASE_MAX]) of the image codes *fed as input*
+#   is replaced by the code the background's empty picture has there (the labels stay the true codes). Under plain
+#   teacher forcing only the code where the object starts needs the caption; every later object code can copy
+#   colour and outline from its neighbours, so one code per level and picture taught the model to read the
+#   caption. With neighbours erased, every object code must come from the caption, as the first one does when the
+#   model draws alone.
+# - hard tokens weigh more: each image token's cross-entropy is weighted by 1 + HARD_WEIGHT * (1 - p)^2 (p: the
+#   model's probability of the right token, not differentiated), normalised by the weights' sum, so the few codes
+#   the model gets wrong are not drowned by the background's ~300 codes at p ~ 0.99 (their weight stays >= 1, so
+#   the model stays confident where it is right, which sampling needs).
+# Understanding goes on with a smaller batch (it is learned already; it keeps the shared body from drifting).
+FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 1100, 2e-3, 20.0, 0.6, 2
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -153,7 +167,7 @@ class Stage:
 
     def resume(self) -> dict | None:
         if self.partial.is_file():
-            state = torch.load(self.partial, weights_only=False)
+            state = torch.load(self.partial, weights_only=True)
             self.cpu_before = state.get("cpu_s", 0.0)
             print(f"[{self.name}] resuming at step {state['step']}")
             return state
@@ -185,17 +199,20 @@ class Stage:
 def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int, peak_lr: float, step_fn,
                 every: int = 20) -> dict:
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    start, rng_state = 0, None
+    rng = np.random.default_rng(SEED)
+    torch.manual_seed(SEED)
+    start = 0
     state = stage.resume()
     if state:
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
         opt.load_state_dict(state["opt"])
-        start, rng_state = state["step"], state["rng"]
-    rng = np.random.default_rng(SEED)
-    if rng_state is not None:
-        rng.bit_generator.state = rng_state
-    torch.manual_seed(SEED + start)
+        start = state["step"]
+        # Partial states hold only tensors, dicts, lists and plain numbers/strings (they load with
+        # weights_only=True): numpy's generator state is a dict of ints, torch's a uint8 tensor.
+        rng.bit_generator.state = state["rng"]
+        if "torch_rng" in state:  # absent from partial states written before it was saved
+            torch.set_rng_state(state["torch_rng"])
     hist = []
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -209,7 +226,8 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
         if (step + 1) % every == 0 or step + 1 == steps:
             print(f"[{stage.name}] step {step + 1}/{steps} loss {np.mean(hist[-every:]):.4f} {info} "
                   f"cpu {stage.cpu_s():.0f}s", flush=True)
-            stage.save_partial({"step": step + 1, "rng": rng.bit_generator.state, "opt": opt.state_dict(),
+            stage.save_partial({"step": step + 1, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                "opt": opt.state_dict(),
                                 "modules": {k: m.state_dict() for k, m in modules.items()}})
     return {"final_loss": float(np.mean(hist[-every:])) if hist else None}
 
@@ -243,12 +261,12 @@ def load_tokenizer_state(work: Path):
     """(semantic encoder, semantic decoder, DualViTokPixel) with every finished stage's weights."""
     preset = nano_preset()
     enc, dec, pixel = build_tokenizer_modules(preset)
-    sem = torch.load(work / "semantic.pt", weights_only=False)["modules"]
+    sem = torch.load(work / "semantic.pt", weights_only=True)["modules"]
     enc.load_state_dict(sem["semantic_encoder"])
     dec.load_state_dict(sem["semantic_decoder"])
     pixel.semantic_quantizer.load_state_dict(sem["semantic_quantizer"])
     if (work / "pixel.pt").is_file():
-        pix = torch.load(work / "pixel.pt", weights_only=False)["modules"]["pixel"]
+        pix = torch.load(work / "pixel.pt", weights_only=True)["modules"]["pixel"]
         pixel.load_state_dict(pix)
     return enc.eval(), dec.eval(), pixel.eval()
 
@@ -349,7 +367,8 @@ def nano_tokenizer(preset):
 
 
 def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None):
-    """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>."""
+    """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>, built by
+    the runtime's own prompt builder and image layout (training and inference see the same ids)."""
     from illume_rt.runtime.layout import image_grid
     from illume_rt.runtime.prompts import text_to_image_ids
 
@@ -358,6 +377,22 @@ def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Te
     prefix = cond if prompt is not None else uncond
     image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
     return prefix + image, [-100] * len(prefix) + image
+
+
+def empty_codes(toks: dict, scenes: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per background, the (semantic, pixel) codes of its picture without the object: at each position the most
+    common code over the training pictures on that background (an object covers a few per cent of them)."""
+    out = {}
+    for bg in data.BACKGROUNDS:
+        rows = [i for i, s in enumerate(scenes) if s.background == bg]
+        out[bg] = (toks["semantic"][rows].mode(0).values, toks["pixel"][rows].mode(0).values)
+    return out
+
+
+def erase_codes(codes: torch.Tensor, empty: torch.Tensor, share: float, rng: np.random.Generator) -> torch.Tensor:
+    """``codes`` with a random ``share`` of the positions set to ``empty``'s code there (see FOCUS_STEPS)."""
+    hit = torch.from_numpy(rng.random(tuple(codes.shape)) < share)
+    return torch.where(hit, empty, codes)
 
 
 SEM_SLOT, PIX_SLOT = -1, -2
@@ -408,9 +443,17 @@ def pad_batch(seqs, pad_id: int):
     return ids, labels, mask
 
 
-def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, hard_weight: float = 0.0
+            ) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens: the plain mean, or with ``hard_weight`` > 0 the mean
+    weighted by 1 + hard_weight * (1 - p)^2 (see FOCUS_STEPS)."""
     logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="none")
+    w = (labels[:, 1:].reshape(-1) != -100).float()
+    if hard_weight:
+        w = w * (1 + hard_weight * (1 - torch.exp(-ce.detach())) ** 2)
+    return (ce * w).sum() / w.sum().clamp(min=1e-6)
 
 
 def build_mllm(preset):
@@ -427,13 +470,31 @@ def build_mllm(preset):
 
 def stage_mllm(work: Path) -> None:
     stage = Stage(work, "mllm")
-    if stage.done:
-        return
+    if not stage.done:
+        _train_mllm(work, stage, MLLM_STEPS, 2e-3, init=None, hard_weight=0.0, und_batch=UND_BATCH)
+
+
+def stage_focus(work: Path) -> None:
+    stage = Stage(work, "focus")
+    if not stage.done:
+        _train_mllm(work, stage, FOCUS_STEPS, FOCUS_LR, init=work / "mllm.pt", hard_weight=HARD_WEIGHT,
+                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX)
+
+
+def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path | None, hard_weight: float,
+                und_batch: int, erase_max: float = 0.0) -> None:
+    """Teacher forcing of the LLM + projectors from a fresh init or from ``init`` (a finished MLLM stage);
+    ``hard_weight``: see lm_loss; ``erase_max``: see FOCUS_STEPS."""
     preset = nano_preset()
     tok = nano_tokenizer(preset)
-    toks = torch.load(work / "tokens.pt", weights_only=False)["train"]
+    toks = torch.load(work / "tokens.pt", weights_only=True)["train"]
     scenes = [data.Scene(**s) for s in toks["scenes"]]
+    empty = empty_codes(toks, scenes)
     llm, proj = build_mllm(preset)
+    if init is not None:
+        state = torch.load(init, weights_only=True)["modules"]
+        llm.load_state_dict(state["llm"])
+        proj.load_state_dict(state["projectors"])
     llm.config._attn_implementation = "sdpa"  # training only (same function as the eager path, faster)
     llm.train()
     proj.train()
@@ -441,16 +502,23 @@ def stage_mllm(work: Path) -> None:
     pad = preset.vocab.pad_id
 
     def step_fn(step, rng):
-        seqs = []
+        seqs, fed = [], []
         for i in rng.integers(0, len(scenes), T2I_BATCH):
             s = scenes[i]
             r = rng.random()
             prompt = None if r < UNCOND_P else (s.caption if r < (1 + UNCOND_P) / 2 else s.short_caption)
-            seqs.append(t2i_example(preset, tok, s, toks["semantic"][i], toks["pixel"][i], prompt))
+            sem, pix = toks["semantic"][i], toks["pixel"][i]
+            seqs.append(t2i_example(preset, tok, s, sem, pix, prompt))
+            if erase_max:
+                share = rng.uniform(0, erase_max)
+                sem = erase_codes(sem, empty[s.background][0], share, rng)
+                pix = erase_codes(pix, empty[s.background][1], share, rng)
+            fed.append(t2i_example(preset, tok, s, sem, pix, prompt))  # same length and layout: only codes differ
         ids, labels, mask = pad_batch(seqs, pad)
-        loss_t2i = lm_loss(llm, embed(ids), labels, mask)
+        inputs = pad_batch(fed, pad)[0]
+        loss_t2i = lm_loss(llm, embed(inputs), labels, mask, hard_weight)
         und = []
-        feats = rng.integers(0, len(toks["und_scene"]), UND_BATCH)
+        feats = rng.integers(0, len(toks["und_scene"]), und_batch)
         for f in feats:
             und.append(und_example(preset, tok, scenes[int(toks["und_scene"][f])], rng))
         ids, labels, mask = pad_batch(und, pad)
@@ -464,7 +532,7 @@ def stage_mllm(work: Path) -> None:
         return loss_t2i + loss_und, f"t2i {loss_t2i.item():.3f} und {loss_und.item():.3f}"
 
     params = list(llm.parameters()) + list(proj.parameters())
-    extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, MLLM_STEPS, 2e-3, step_fn, every=10)
+    extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, steps, peak_lr, step_fn, every=10)
     stage.finish({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()}}, extra)
 
 
@@ -474,12 +542,37 @@ def stage_export(work: Path, out: Path) -> None:
     enc, dec, pixel = load_tokenizer_state(work)
     preset = nano_preset()
     llm, proj = build_mllm(preset)
-    state = torch.load(work / "mllm.pt", weights_only=False)["modules"]
+    state = torch.load(work / "focus.pt", weights_only=True)["modules"]
     llm.load_state_dict(state["llm"])
     proj.load_state_dict(state["projectors"])
     log = json.loads((work / "log.json").read_text())
     write_checkpoint(out, preset, llm.eval(), proj.eval(), enc, dec, pixel, training=log)
     print(f"[export] wrote {out}")
+
+
+def seed_from_weights(work: Path, weights: Path) -> None:
+    """Write the finished states of stages semantic, pixel and mllm from a committed ``weights/`` folder (as the
+    stages left them when it was exported), so that later stages can be retrained on them alone: a few CPU minutes
+    instead of the whole recipe on a busy machine. Stage ``tokens`` is recomputed from them as usual."""
+    from safetensors.torch import load_file
+
+    from illume_rt.export.networks.vision import PROJECTOR_PREFIX
+
+    tok_state = torch.load(weights / "dualvitok" / "pytorch_model.bin", weights_only=True)
+    part = {name: {k[len(name) + 1:]: v for k, v in tok_state.items() if k.startswith(name + ".")}
+            for name in ("semantic_encoder", "semantic_decoder", "semantic_quantizer")}
+    pixel = {k: v for k, v in tok_state.items() if not k.startswith(("semantic_encoder.", "semantic_decoder."))}
+    mllm = load_file(str(weights / "mllm" / "model.safetensors"))
+    llm = {k: v for k, v in mllm.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    proj = {k[len(PROJECTOR_PREFIX):]: v for k, v in mllm.items() if k.startswith(PROJECTOR_PREFIX)}
+    log = json.loads((weights / "training.json").read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    for name, modules in (("semantic", part), ("pixel", {"pixel": pixel}), ("mllm", {"llm": llm, "projectors": proj})):
+        torch.save({"modules": modules, "cpu_s": log.get(name, {}).get("cpu_s", 0.0)}, work / f"{name}.pt")
+        (work / f"{name}.partial.pt").unlink(missing_ok=True)
+    (work / "log.json").write_text(json.dumps({k: {**v, "seeded_from": str(weights)} for k, v in log.items()
+                                               if k in ("semantic", "pixel", "mllm")}, indent=1))
+    print(f"[seed] semantic, pixel and mllm states from {weights}")
 
 
 def main(argv=None) -> int:
@@ -488,6 +581,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("ILLUME_NANO_WORK", DEFAULT_WORK)))
     ap.add_argument("--out", type=Path, default=HERE / "weights")
     ap.add_argument("--redo", action="append", default=[], choices=STAGES)
+    ap.add_argument("--seed-from", type=Path, default=None, metavar="WEIGHTS",
+                    help="first write the finished semantic, pixel and mllm stages from a weights/ folder "
+                         "(retrain only what follows them)")
     ap.add_argument("--threads", type=int, default=1)  # 2 threads spin against each other on a busy 2-core box
     args = ap.parse_args(argv)
     bad = [s for s in args.stages if s not in STAGES]
@@ -495,10 +591,12 @@ def main(argv=None) -> int:
         ap.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     if SMOKE:
         g = globals()
-        for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS"):
+        for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS", "FOCUS_STEPS"):
             g[name] = 2
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.seed_from is not None:
+        seed_from_weights(args.work, args.seed_from)
     for name in args.redo:
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)

@@ -105,3 +105,37 @@ def test_runtime_answers_held_out_pictures(nano_pipe):
     items = eval_questions(RUNTIME_QUESTIONS)
     right = [score.answer_correct(runtime_answer(nano_pipe, s, q), a) for s, q, a in items]
     assert np.mean(right) >= MIN_ANSWER_ACCURACY, right
+
+
+def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path):
+    """An interrupted stage resumes from its partial state, which loads with torch.load(weights_only=True), and
+    ends where an uninterrupted run ends (parameters, optimizer and both random generators restored)."""
+    import torch
+
+    from illume_rt.nano import train
+
+    def run(work, steps, stop_after=None):
+        work.mkdir(exist_ok=True)
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        stage = train.Stage(work, "toy")
+
+        def step_fn(step, rng):
+            if stop_after is not None and step == stop_after:
+                raise KeyboardInterrupt  # the interruption: the partial state of step `stop_after` is on disk
+            x = torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32)) + torch.randn(3, 4)
+            return net(x).pow(2).mean(), ""
+
+        try:
+            train._train_loop(stage, {"net": net}, list(net.parameters()), steps, 1e-2, step_fn, every=2)
+        except KeyboardInterrupt:
+            pass
+        return net, stage
+
+    straight, _ = run(tmp_path / "a", 6)
+    _, stage = run(tmp_path / "b", 6, stop_after=4)
+    partial = torch.load(stage.partial, weights_only=True)  # raises if anything but plain data was pickled
+    assert partial["step"] == 4
+    resumed, _ = run(tmp_path / "b", 6)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -1,0 +1,154 @@
+"""Why illume-nano does or does not draw what it is asked: the evidence behind nano/README.md's "Diagnosis".
+
+``python -m illume_rt.nano.diagnose [--llm-state WORK/STAGE.pt] [--scenes N]`` (default: the committed weights):
+
+1. tokenizer: which level carries which attribute. Canonical pictures are encoded, then decoded with the semantic
+   codes of one scene and the pixel codes of a scene that differs in one attribute; the scorer says whose value
+   shows. Also how pure the semantic codes of object cells are by colour and by shape.
+2. MLLM, teacher forced on training captions: cross-entropy and argmax accuracy of the image codes, split into
+   background codes (equal to the code the same background's empty picture has there) and object codes.
+3. The decision: at the first object code of the semantic level (the code that starts the object and so decides
+   its colour), log p of the right code and the probability mass on codes of the right colour, under the true
+   caption, under the caption with another colour word, and under the unconditional prompt. A model that reads
+   the colour word gives the true caption clearly more than the wrong one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from illume_rt.nano import data, score
+from illume_rt.nano import train as T
+from illume_rt.nano.checkpoint import DUALVITOK_FILE, load_models
+
+
+def tokenizer_modules():
+    preset = T.nano_preset()
+    enc, _, pixel = T.build_tokenizer_modules(preset)
+    state = torch.load(DUALVITOK_FILE, weights_only=True)
+    enc.load_state_dict({k[len("semantic_encoder."):]: v for k, v in state.items()
+                         if k.startswith("semantic_encoder.")})
+    pixel.load_state_dict({k: v for k, v in state.items()
+                           if not k.startswith(("semantic_encoder.", "semantic_decoder."))})
+    return enc.eval(), pixel.eval()
+
+
+@torch.no_grad()
+def encode(enc, pixel, scenes):
+    x = torch.from_numpy(np.concatenate([data.to_model_input(data.render(s)) for s in scenes]))
+    sem = pixel.semantic_quantizer.nearest_indices(enc(x))
+    pix = pixel.pixel_quantizer.nearest_indices(pixel.pixel_quant_conv(pixel.pixel_encoder(x)))
+    return sem.reshape(len(scenes), -1), pix.reshape(len(scenes), -1)
+
+
+@torch.no_grad()
+def decoded_scores(pixel, sem, pix, scenes):
+    rec = pixel.decode_code(sem.reshape(-1, 9, 9), pix.reshape(-1, 16, 16))
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return score.summarize([score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES})
+                            for im, s in zip(imgs, scenes)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llm-state", default=None, help="a finished or partial MLLM stage state (mllm.pt, focus.pt)")
+    ap.add_argument("--scenes", type=int, default=30, help="training scenes for parts 2 and 3")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out: dict = {}
+    enc, pixel = tokenizer_modules()
+    scenes = data.all_scenes()
+    S, P = encode(enc, pixel, scenes)
+    empty = {}  # per background: the codes of its empty picture (the mode over its scenes at each position)
+    for bg in data.BACKGROUNDS:
+        rows = [i for i, s in enumerate(scenes) if s.background == bg]
+        empty[bg] = (S[rows].mode(0).values, P[rows].mode(0).values)
+
+    # 1. which level carries what
+    swaps = {}
+    for attr in ("colour", "shape", "size"):
+        a, b = [], []
+        for s in data.split()[1]:
+            for value in data.CHOICES[attr]:
+                t = data.Scene(**{**s.__dict__, attr: value})
+                if value != getattr(s, attr) and t.colour != t.background:
+                    a.append(s), b.append(t)
+                    break
+        (sa, pa), (sb, pb) = encode(enc, pixel, a), encode(enc, pixel, b)
+        swaps[attr] = {"semantic_codes_decide": decoded_scores(pixel, sa, pb, a)[attr],
+                       "pixel_codes_decide": decoded_scores(pixel, sb, pa, a)[attr]}
+    by_colour, by_shape = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
+    for s, row in zip(scenes, S):
+        for c in row[row != empty[s.background][0]].tolist():
+            by_colour[c][s.colour] += 1
+            by_shape[c][s.shape] += 1
+
+    def purity(table):
+        return sum(max(c.values()) for c in table.values()) / sum(sum(c.values()) for c in table.values())
+
+    out["tokenizer"] = {"attribute_shows_from": swaps, "object_semantic_code_purity": {
+        "colour": round(purity(by_colour), 3), "shape": round(purity(by_shape), 3),
+        "chance_colour": 0.25, "chance_shape": 0.333}}
+    colour_of = {c: max(k, key=k.get) for c, k in by_colour.items()}
+
+    # 2 and 3: the MLLM
+    models = load_models()
+    if args.llm_state:
+        models.llm.load_state_dict(torch.load(args.llm_state, weights_only=True)["modules"]["llm"])
+    llm, preset = models.llm.eval(), models.preset
+    v, tok = preset.vocab, T.nano_tokenizer(preset)
+    sem_rows = range(v.semantic_code_offset, v.semantic_code_offset + v.semantic_codebook_size)
+    pix_rows = range(v.pixel_code_offset, v.pixel_code_offset + v.pixel_codebook_size)
+    nll = collections.defaultdict(list)
+    acc = collections.defaultdict(list)
+    decision = []
+    train = data.split()[0]
+    for s in train[::max(1, len(train) // args.scenes)][:args.scenes]:
+        i = scenes.index(s)
+        ids, labels = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), s.caption)
+        with torch.no_grad():
+            logits = llm(input_ids=torch.tensor([ids])).logits[0]
+        target = torch.tensor(ids[1:])
+        lp = F.log_softmax(logits[:-1], -1).gather(1, target[:, None])[:, 0]
+        right = logits[:-1].argmax(-1) == target
+        pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
+        for level, rows, codes, plain in (("semantic", sem_rows, S[i], empty[s.background][0]),
+                                          ("pixel", pix_rows, P[i], empty[s.background][1])):
+            where = [k for k in pos if ids[k + 1] in rows]
+            for k, is_obj in zip(where, (codes != plain).tolist()):
+                key = f"{level}_{'object' if is_obj else 'background'}"
+                nll[key].append(-lp[k].item())
+                acc[key].append(bool(right[k]))
+        first = int((S[i] != empty[s.background][0]).float().argmax())
+        k = ids.index(v.start_of_level0_id) + first + first // 9  # codes and <end_of_line>s before it
+        other = next(c for c in data.COLOURS if c not in (s.colour, s.background))
+        row = []
+        for prompt in (s.caption, s.caption.replace(f" {s.colour} ", f" {other} ", 1), None):
+            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), prompt)
+            k = pids.index(v.start_of_level0_id) + first + first // 9
+            assert pids[k + 1] == v.semantic_code_offset + int(S[i][first])
+            with torch.no_grad():
+                p = F.softmax(llm(input_ids=torch.tensor([pids[:k + 1]])).logits[0, -1, sem_rows.start:sem_rows.stop], -1)
+            row += [float(torch.log(p[int(S[i][first])])),
+                    sum(p[c].item() for c, col in colour_of.items() if col == s.colour)]
+        decision.append(row)
+    out["teacher_forced"] = {k: {"tokens": len(nll[k]), "nll": round(float(np.mean(nll[k])), 3),
+                                 "argmax_accuracy": round(float(np.mean(acc[k])), 3)} for k in sorted(nll)}
+    d = np.array(decision)
+    names = ("true_caption", "wrong_colour_caption", "unconditional")
+    out["first_object_semantic_code"] = {
+        "log_p_right_code": {n: round(float(d[:, 2 * j].mean()), 2) for j, n in enumerate(names)},
+        "p_right_colour_codes": {n: round(float(d[:, 2 * j + 1].mean()), 3) for j, n in enumerate(names)},
+        "true_beats_wrong_colour": round(float((d[:, 0] > d[:, 2]).mean()), 3)}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
