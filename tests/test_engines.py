@@ -317,7 +317,9 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
 def test_bucket_capacity():
     assert bucket_capacity(100, 4096) == 128
     assert bucket_capacity(128, 4096) == 128
-    assert bucket_capacity(4090, 4096) == 4090 or bucket_capacity(4090, 4096) is None
+    assert bucket_capacity(4000, 4096) == 4032  # rounded up to the next bucket of 64
+    assert bucket_capacity(4090, 4096) == 4090  # the bucket (4096) leaves no room for the 4-wide step: as is
+    assert bucket_capacity(4092, 4096) == 4092  # exactly room for the step
     assert bucket_capacity(4095, 4096) is None  # no room for the fixed step: plain dynamic path
 
 
