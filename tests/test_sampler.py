@@ -120,3 +120,19 @@ def test_sampling_is_exact_at_the_edges():
     trailing = np.array([0.0, 0.0, -np.inf, -np.inf])
     assert sample(trailing, 1.0) == 1  # never a removed id, even for a draw at the very top
     assert sample(trailing, 0.0) == 0
+
+
+def test_top_k_on_a_long_row_keeps_exactly_the_k_largest():
+    scores = np.random.default_rng(7).permutation(1000).astype(np.float64) / 10.0  # distinct values
+    for k in (1, 37, 500, 999):
+        kept = np.flatnonzero(np.isfinite(warp(scores, 1.0, k, 1.0)))
+        assert sorted(kept.tolist()) == sorted(np.argsort(-scores)[:k].tolist()), k
+
+
+def test_top_p_on_huge_or_already_removed_scores():
+    huge = np.array([800.0, 799.0, 790.0, 780.0])  # exp(800) overflows: the shift by the largest must be kept
+    assert np.isfinite(warp(huge, 1.0, 0, 0.5)).tolist() == [True, False, False, False]
+    assert np.isfinite(warp(huge, 1.0, 0, 0.8)).tolist() == [True, True, False, False]
+    assert np.isfinite(warp(np.array([800.0, 0.0, -1.0]), 1.0, 0, 0.5)).tolist() == [True, False, False]
+    scores = np.array([0.1, 2.0, 1.0, 0.5])
+    assert np.isfinite(warp(scores, 1.0, 1, 0.5)).tolist() == [False, True, False, False]  # -inf after top-k
