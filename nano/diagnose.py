@@ -10,7 +10,8 @@
 3. The decision: at the first object code of the semantic level (the code that starts the object and so decides
    its colour), log p of the right code and the probability mass on codes of the right colour, under the true
    caption, under the caption with another colour word, and under the unconditional prompt. A model that reads
-   the colour word gives the true caption clearly more than the wrong one.
+   the colour word gives the true caption clearly more than the wrong one. Also the total variation of that
+   code's distribution when one caption word (colour, shape, size, position, background) changes.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     nll = collections.defaultdict(list)
     acc = collections.defaultdict(list)
     decision = []
+    tv = collections.defaultdict(list)
     train = data.split()[0]
     for s in train[::max(1, len(train) // args.scenes)][:args.scenes]:
         i = scenes.index(s)
@@ -138,6 +140,21 @@ def main(argv=None) -> int:
             row += [float(torch.log(p[int(S[i][first])])),
                     sum(p[c].item() for c, col in colour_of.items() if col == s.colour)]
         decision.append(row)
+
+        def first_code_probs(caption):
+            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), caption)
+            at = pids.index(v.start_of_level0_id) + first + first // 9
+            with torch.no_grad():
+                logits = llm(input_ids=torch.tensor([pids[:at + 1]])).logits[0, -1]
+            return F.softmax(logits[sem_rows.start:sem_rows.stop], -1)
+
+        base = first_code_probs(s.caption)
+        for attr in data.ATTRIBUTES:  # the first other value that makes a valid scene
+            for value in data.CHOICES[attr]:
+                t = data.Scene(**{**s.__dict__, attr: value})
+                if value != getattr(s, attr) and t.colour != t.background:
+                    tv[attr].append(0.5 * float((first_code_probs(t.caption) - base).abs().sum()))
+                    break
     out["teacher_forced"] = {k: {"tokens": len(nll[k]), "nll": round(float(np.mean(nll[k])), 3),
                                  "argmax_accuracy": round(float(np.mean(acc[k])), 3)} for k in sorted(nll)}
     d = np.array(decision)
@@ -145,7 +162,8 @@ def main(argv=None) -> int:
     out["first_object_semantic_code"] = {
         "log_p_right_code": {n: round(float(d[:, 2 * j].mean()), 2) for j, n in enumerate(names)},
         "p_right_colour_codes": {n: round(float(d[:, 2 * j + 1].mean()), 3) for j, n in enumerate(names)},
-        "true_beats_wrong_colour": round(float((d[:, 0] > d[:, 2]).mean()), 3)}
+        "true_beats_wrong_colour": round(float((d[:, 0] > d[:, 2]).mean()), 3),
+        "total_variation_when_one_word_changes": {a: round(float(np.mean(x)), 3) for a, x in tv.items()}}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -584,6 +584,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-from", type=Path, default=None, metavar="WEIGHTS",
                     help="first write the finished semantic, pixel and mllm stages from a weights/ folder "
                          "(retrain only what follows them)")
+    ap.add_argument("--focus-steps", type=int, default=None,
+                    help=f"steps of stage focus (default {FOCUS_STEPS}); pass the same value again to resume it, "
+                         "the learning-rate schedule depends on it")
     ap.add_argument("--threads", type=int, default=1)  # 2 threads spin against each other on a busy 2-core box
     args = ap.parse_args(argv)
     bad = [s for s in args.stages if s not in STAGES]
@@ -593,6 +596,8 @@ def main(argv=None) -> int:
         g = globals()
         for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS", "FOCUS_STEPS"):
             g[name] = 2
+    if args.focus_steps:
+        globals()["FOCUS_STEPS"] = args.focus_steps
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.seed_from is not None:

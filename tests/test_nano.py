@@ -16,11 +16,14 @@ needs_weights = pytest.mark.skipif(not available(), reason="nano/weights/ not pr
 
 # Gates for the runtime on the first prompts of each split (greedy, guidance 2.0) and on held-out questions; the
 # figures the committed weights reach over the whole sets are in nano/weights/eval.json.
-RUNTIME_PROMPTS = 6
-# Greedy generation has learned background and position (held-out: 94% / 78%) but not yet colour, shape and size
-# (at chance): the gate holds what was learned. Chance for the mean of background and position: 0.225.
+RUNTIME_PROMPTS = 12
+# Greedy generation has learned background and position (held-out: 87% / 71%) and, since stage `focus`, colour
+# (held-out 79%, training sample 89%; on these first 12 prompts 50% held-out / 92% training, the model before
+# `focus` 33% / 33%); shape and size are not learned yet (near chance): the gates hold what was learned.
+# Chance: 0.225 for the mean of background and position, 0.25 for colour.
 GATED_ATTRIBUTES = ("background", "position")
 MIN_ATTRIBUTE_ACCURACY = 0.6
+MIN_COLOUR_ACCURACY = 0.45
 RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-out pictures
 MIN_ANSWER_ACCURACY = 0.6  # measured 0.80 over all 225 held-out questions; chance ~0.31
 
@@ -96,6 +99,7 @@ def test_runtime_draws_what_it_is_asked(nano_pipe, which):
         marks.append(score.score_picture(img, wanted))
     summary = score.summarize(marks)
     assert np.mean([summary[a] for a in GATED_ATTRIBUTES]) >= MIN_ATTRIBUTE_ACCURACY, summary
+    assert summary["colour"] >= MIN_COLOUR_ACCURACY, summary
 
 
 @needs_weights
