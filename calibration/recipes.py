@@ -155,6 +155,11 @@ THRESHOLDS["bench"] = THRESHOLDS["tiny"]
 for _table in (THRESHOLDS["default"], THRESHOLDS["tiny"]):
     _table["fp16"] = {"llm_top1": 0.98, "llm_kl": 0.005, "cosine": 0.9995, "psnr_db": 45.0}
     _table["bf16"] = {"llm_top1": 0.95, "llm_kl": 0.02, "cosine": 0.998, "psnr_db": 35.0}
+# Except BF16 on random weights: measured on the tiny preset with the tests' synthetic images only (no photos), the
+# LLM's worst held-out cosine was 0.927 and its answer top-1 0.833, against 0.99999 / 1.000 with the example photos:
+# near-flat random logits flip on BF16 rounding and a low-norm call's cosine is ill-conditioned. So tiny's BF16
+# gates only catch a broken graph, like its INT8/FP8 ones; trained models keep the tight gates above.
+THRESHOLDS["tiny"]["bf16"] = {"llm_top1": 0.60, "llm_kl": 0.10, "cosine": 0.90, "psnr_db": 30.0}
 
 
 def thresholds_for(preset: str, precision: str, random_weights: bool) -> dict:

@@ -18,11 +18,12 @@ from illume_rt.runtime.layout import SamplingConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def calibration_images_made_here(examples):
-    """Calibration reads example images from a folder; the tests' own (tests/conftest.py), never one outside the
-    repository, so every machine calibrates on the same pictures."""
+def calibration_images_made_here(tmp_path_factory):
+    """Calibration adds the example photos of a folder outside the repository when it exists; here it gets an empty
+    one, so every machine (CI included) calibrates and evaluates on the same synthetic images of
+    calibration/datasets.py, made in code."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets, "EXAMPLES", examples)
+        patch.setattr(datasets, "EXAMPLES", tmp_path_factory.mktemp("no-example-photos"))
         yield
 
 
