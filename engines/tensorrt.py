@@ -424,6 +424,7 @@ class DeviceKVCache:
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.length = 0
         self.names = cache_input_names(layers)
+        self.logits_buffers: dict = {}  # the heads' host output buffers, per call (as KVCache)
         self.column_bytes = head_dim * itemsize
         self.block_bytes = batch * kv_heads * capacity * self.column_bytes  # one layer's keys (or values)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from illume_rt.errors import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, USER_ERROR_EXIT, IllumeError, UsageError
 
 DEFAULT_PRESET = "nano"  # illume-nano, the trained miniature (nano/weights/); "tiny" is random weights
-MAX_SEED = 2**63 - 1
 MAX_REFINE_STEPS = 1000  # a diffusers scheduler's num_train_timesteps; the bundle's own limit is checked too
 MAX_NEW_TOKENS = 1 << 20
 
@@ -45,7 +44,12 @@ def ranged(kind, low=None, high=None, low_open: bool = False, hint: str = ""):
 
 
 def thread_count(text: str) -> int:
-    return ranged(int, 1, os.cpu_count() or 1, hint=" (this machine's cores)")(text)
+    from illume_rt.runtime.layout import LayoutError, check_threads
+
+    try:
+        return check_threads(_number(text, int))
+    except LayoutError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def utf8_text(text: str) -> str:
@@ -125,11 +129,15 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
     path = default_bundle_path(preset)
     if (path / MANIFEST).is_file():
         return path
-    try:
-        from illume_rt.export.bundle import write_bundle
-    except ImportError as exc:
-        raise UsageError(f"no --bundle given and the built-in model cannot be exported here ({exc}); "
-                         "install the export extra (pip install 'illume-rt[export]') or pass --bundle") from None
+    import importlib.util
+
+    # export/ imports torch lazily, so check for it here: a runtime-only install gets this line, not an error later
+    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"no --bundle given and the built-in model cannot be exported here ({', '.join(missing)} "
+                         "not installed); install the export extra (pip install 'illume-rt[export]') or pass --bundle")
+    from illume_rt.export.bundle import write_bundle
+
     with exclusive_lock(path.parent / f".{path.name}.lock"):
         if (path / MANIFEST).is_file():  # another run exported it while this one waited
             return path
@@ -202,7 +210,7 @@ def _open_pipeline(args, refine=None):
     return pipe
 
 
-def _draw(args, grid, run):
+def _draw(args, grid, run, printed: str | None = None):
     """Run an image task under a progress bar over the sampled codes, save the PNG, print the stage table."""
     from tqdm import tqdm
 
@@ -217,17 +225,20 @@ def _draw(args, grid, run):
 
         result = run(on_token)
     out = result.save(args.output)
-    for line in result.notices[1:]:  # the first (resolution) was printed before drawing
-        print(f"note: {line}", file=sys.stderr)
+    for line in result.notices:
+        if line != printed:  # the resolution notice was printed before drawing
+            print(f"note: {line}", file=sys.stderr)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     print(f"wrote {out} ({result.image.shape[0]}x{result.image.shape[1]}); {stages} "
           f"({result.tokens.steps} decode steps)")
 
 
-def _notice(pipe, size) -> None:
+def _notice(pipe, size) -> str | None:
+    """Print the resolution notice before the long decode; return it so that it is not printed twice."""
     line = pipe.resolution_notice(size)
     if line:
         print(f"note: {line}", file=sys.stderr)
+    return line
 
 
 def cmd_generate(args) -> None:
@@ -237,27 +248,26 @@ def cmd_generate(args) -> None:
     image_target(args.output)  # an unwritable target is refused before the model is loaded
     sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
     pipe = _open_pipeline(args, refine)
-    _notice(pipe, args.resolution)
+    printed = _notice(pipe, args.resolution)
     _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
-        args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token))
+        args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token), printed)
 
 
 def cmd_edit(args) -> None:
+    from illume_rt.runtime.files import image_target
     from illume_rt.runtime.images import load_image, nearest_anchor
     from illume_rt.runtime.layout import image_grid
     from illume_rt.runtime.pipeline import EDIT_SAMPLING
-
-    from illume_rt.runtime.files import image_target
 
     image_target(args.output)
     sampling, refine = _sampling(args, EDIT_SAMPLING), _refine(args)
     source = load_image(args.image)
     pipe = _open_pipeline(args, refine)
     anchor = nearest_anchor(source.height, source.width)
-    _notice(pipe, anchor)
+    printed = _notice(pipe, anchor)
     grid = image_grid(*anchor)
     _draw(args, grid, lambda on_token: pipe.edit(source, args.instruction, seed=args.seed, sampling=sampling,
-                                                 refine=refine, on_token=on_token))
+                                                 refine=refine, on_token=on_token), printed)
 
 
 def cmd_understand(args) -> None:
@@ -345,6 +355,8 @@ def _runtime_options(parser) -> None:
 def _image_task_options(parser, defaults: str) -> None:
     _runtime_options(parser)
     group = parser.add_argument_group("sampling", f"defaults: {defaults}")
+    from illume_rt.runtime.layout import MAX_SEED
+
     group.add_argument("--seed", type=ranged(int, 0, MAX_SEED), default=0)
     group.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=None,
                        help="classifier-free guidance scale (1 = off)")

@@ -225,7 +225,7 @@ def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int
         if pending:
             hidden = lm.step(cache, pending)
             steps += 1
-        logits = lm.logits(hidden, LEVEL_HEADS[slot.level], getattr(cache, "logits_buffers", None))
+        logits = lm.logits(hidden, LEVEL_HEADS[slot.level], cache.logits_buffers)
         scores = guide(logits[0], logits[1] if guided else None, sampling.guidance_scale)
         temperature, top_k, top_p = sampling.level(slot.level)
         index = choose(scores, temperature, top_k, top_p, sampling.greedy, rng)
@@ -257,7 +257,7 @@ def generate_text(lm: LanguageModel, prompt, max_new_tokens: int, greedy: bool =
     banned = np.asarray(banned_ids, dtype=np.int64)
     out: list[int] = []
     while True:
-        logits = lm.logits(hidden, "text", getattr(cache, "logits_buffers", None))[0]
+        logits = lm.logits(hidden, "text", cache.logits_buffers)[0]
         if banned.size:
             logits = logits.copy()
             logits[banned] = -np.inf

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass
 
 from illume_rt.errors import IllumeError
@@ -235,6 +236,28 @@ def compact_vocab_layout(text_vocab_size: int, semantic_codebook_size: int, pixe
         semantic_code_offset=sem, semantic_codebook_size=semantic_codebook_size,
         pixel_code_offset=pix, pixel_codebook_size=pixel_codebook_size, vocab_rows=rows,
     )
+
+
+MAX_SEED = 2**63 - 1  # numpy's default_rng takes any non-negative int; this bound keeps seeds portable (int64)
+
+
+def check_seed(seed) -> int | None:
+    """None (fresh entropy) or a whole number 0..MAX_SEED."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise LayoutError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def check_threads(threads) -> int | None:
+    """None (onnxruntime's default: every core) or 1..cores; more only oversubscribes (100000 hung the machine)."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= cores:
+        raise LayoutError(f"threads must be a whole number from 1 to {cores} (this machine's cores), got {threads!r}")
+    return int(threads)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ buffers per engine, so there calls on one Pipeline take turns.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_imag
 from illume_rt.runtime.files import save_image
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
-from illume_rt.runtime.layout import LayoutError, SamplingConfig, image_grid
+from illume_rt.runtime.layout import LayoutError, SamplingConfig, check_seed, check_threads, image_grid
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
@@ -35,27 +34,8 @@ EDIT_SAMPLING = SamplingConfig(guidance_scale=1.5, temperature=0.7, top_k=512, t
 UNDERSTAND_MAX_NEW_TOKENS = 1024
 # understand() shrinks the image until this many answer tokens fit the context after the prompt
 UNDERSTAND_MIN_ANSWER_TOKENS = 32
-MAX_SEED = 2**63 - 1
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
-
-
-def check_threads(threads) -> int | None:
-    """None (onnxruntime's default: every core) or 1..cores; more only oversubscribes (100000 hung the machine)."""
-    if threads is None:
-        return None
-    cores = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
-        raise LayoutError(f"threads must be a whole number from 1 to {cores} (this machine's cores), got {threads!r}")
-    return threads
-
-
-def check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise LayoutError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return int(seed)
 
 
 def open_engine(bundle: Bundle, name: str, backend: str, threads: int | None) -> Engine:
@@ -152,12 +132,17 @@ class Pipeline:
     def image_encoder(self) -> ImageEncoder:
         return ImageEncoder(self._engine("semantic_encoder"), self._engine("pixel_embedder"))
 
-    @property
-    def refiner(self) -> Refiner:
+    def _diffusion(self) -> dict:
+        """The manifest's diffusion entry, or the error that says the bundle has no diffusion decoder."""
         info = self.bundle.manifest.get("diffusion")
         if not info:
             raise BundleError(f"bundle {self.bundle.path} has no diffusion decoder; export one with --diffusion "
                               "(or drop --refine)")
+        return info
+
+    @property
+    def refiner(self) -> Refiner:
+        info = self._diffusion()
         return Refiner(self._engine("diffusion_unet"), self._engine("vae_decoder"), info["scheduler"])
 
     def code_embeddings(self, semantic: np.ndarray, pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,11 +185,7 @@ class Pipeline:
         refine.validate()
         from illume_rt.runtime.scheduler import make_scheduler
 
-        info = self.bundle.manifest.get("diffusion")
-        if not info:
-            raise BundleError(f"bundle {self.bundle.path} has no diffusion decoder; export one with --diffusion "
-                              "(or drop --refine)")
-        make_scheduler(info["scheduler"]).set_timesteps(refine.steps)  # SchedulerError names the limit
+        make_scheduler(self._diffusion()["scheduler"]).set_timesteps(refine.steps)  # SchedulerError names the limit
 
     def resolution_notice(self, resolution: tuple[int, int]) -> str | None:
         """A line for a size the weights were not trained at (illume-nano records its sizes), else None."""
