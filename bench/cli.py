@@ -32,7 +32,7 @@ def run_from_args(args) -> Path:
     from illume_rt.bench.models import bench_bundle
     from illume_rt.bench.run import run_bench
     from illume_rt.runtime.bundle import load_bundle
-    from illume_rt.runtime.layout import parse_resolution
+    from illume_rt.contract import parse_resolution
 
     resolutions = [parse_resolution(r.strip()) for r in args.resolutions.split(",") if r.strip()]
     bundle = Path(args.bundle) if args.bundle else bench_bundle(args.preset)

@@ -208,9 +208,10 @@ def tensorrt_section(bundle, log) -> dict:
 
     from illume_rt.engines.ort import OrtEngine
     from illume_rt.engines.profiles import engine_profiles
-    from illume_rt.engines.tensorrt import build_bundle_engines, open_engine
+    from illume_rt.engines.tensorrt import open_engine
+    from illume_rt.engines.tensorrt_build import build_bundle_engines
     from illume_rt.export.components import Tolerance, compare_arrays
-    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.pipeline import Pipeline
 
     section: dict = {}

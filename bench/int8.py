@@ -119,11 +119,11 @@ def step_split(lm, context: int, which: str, steps: int = 4, warmup: int = 1, ba
 
 def image_contexts(vocab, grid, cond: list[int], uncond: list[int]) -> dict:
     """The prefill rows and the cached context at the middle of each level of a whole image."""
-    from illume_rt.runtime.generate import PIXEL, SEMANTIC, image_schedule
+    from illume_rt.contract import PIXEL, SEMANTIC, image_slots
 
-    schedule = image_schedule(vocab, grid)
+    schedule = image_slots(grid)
     first = next(i for i, s in enumerate(schedule) if s.level is not None)
-    tail = [s.token for s in schedule[:first]]
+    tail = [vocab.token_id(s.token) for s in schedule[:first]]
     rows = [list(cond) + tail, list(uncond) + tail]
     prompt = max(len(r) for r in rows)  # left-padded batch: the cache holds the longest row
     contexts = {}
@@ -170,7 +170,7 @@ def measure_int8(fp32: str | Path, int8: str | Path, resolution: tuple[int, int]
     """FP32 vs INT8 decode and prefill times of two bundles of the same model, one process, interleaved repeats.
     Returns the ``int8_vs_fp32`` section (times in seconds, ratios FP32/INT8)."""
     from illume_rt.bench.worker import _prompts
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
@@ -353,7 +353,7 @@ def write_results(results: dict, out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from illume_rt.runtime.layout import parse_resolution
+    from illume_rt.contract import parse_resolution
 
     p = argparse.ArgumentParser(prog="python -m illume_rt.bench.int8", description=__doc__.split("\n\n")[0])
     p.add_argument("--fp32", required=True, help="the FP32 bundle")

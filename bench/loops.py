@@ -1,6 +1,6 @@
-"""Decoding-loop variants the benchmark compares with the runtime's own loop (runtime/generate.py), built from the
-same pieces (``LanguageModel``, ``image_schedule``, ``guide``, ``choose``) so that only the one thing measured
-differs:
+"""Decoding-loop variants the benchmark compares with the runtime's own loop. Each one is the runtime's loop
+(runtime/generate.py ``generate_image_tokens``) run on a ``LanguageModel`` proxy that undoes one optimisation, so
+only the one thing measured differs and there is no second copy of the loop:
 
 - ``guidance="sequential"``: the unconditional prompt in its own batch-1 cache and a second forward per step, as
   the official code does (the runtime batches both rows into one forward);
@@ -18,10 +18,9 @@ import time
 
 import numpy as np
 
-from illume_rt.runtime.generate import (LEVEL_HEADS, PIXEL, SEMANTIC, ImageTokens, LanguageModel,
-                                        image_schedule)
-from illume_rt.runtime.layout import ImageGrid, SamplingConfig
-from illume_rt.runtime.sampler import choose, guide
+from illume_rt.contract import HEADS, ImageGrid
+from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens
+from illume_rt.runtime.options import SamplingConfig
 
 
 def probe_grid(grid: ImageGrid, codes: int) -> ImageGrid:
@@ -30,75 +29,79 @@ def probe_grid(grid: ImageGrid, codes: int) -> ImageGrid:
     return ImageGrid(grid.height, grid.width, 1, codes, 1, codes)
 
 
+class _Proxy:
+    """Passes everything to the wrapped LanguageModel; counts the body calls it makes."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm, self.body_calls = lm, 0
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+
+class _RowCaches:
+    """One batch-1 cache per guidance row."""
+
+    def __init__(self, rows: list) -> None:
+        self.rows, self.logits_buffers = rows, rows[0].logits_buffers
+
+
+class SequentialGuidance(_Proxy):
+    """Each guidance row in its own cache, a forward and a head call per row and step."""
+
+    def new_cache(self, batch: int, capacity: int) -> _RowCaches:
+        return _RowCaches([self.lm.new_cache(1, capacity) for _ in range(batch)])
+
+    def prefill(self, cache: _RowCaches, rows: list) -> np.ndarray:
+        self.body_calls += len(rows)
+        return np.concatenate([self.lm.prefill(c, [r]) for c, r in zip(cache.rows, rows)])
+
+    def step(self, cache: _RowCaches, token_ids: list[int]) -> np.ndarray:
+        self.body_calls += len(cache.rows)
+        return np.concatenate([self.lm.step(c, token_ids) for c in cache.rows])
+
+    def logits(self, hidden: np.ndarray, which: str, buffers=None) -> np.ndarray:
+        return np.concatenate([np.array(self.lm.logits(hidden[i:i + 1], which, buffers))
+                               for i in range(hidden.shape[0])])
+
+
+class FullHead(_Proxy):
+    """Every head slice each step; forced tokens one per forward, each with a (discarded) full head."""
+
+    def _full(self, hidden: np.ndarray, buffers) -> np.ndarray:
+        return np.concatenate([np.array(self.lm.logits(hidden, name, buffers)) for name in HEADS], axis=1)
+
+    def prefill(self, cache, rows: list) -> np.ndarray:
+        self.body_calls += 1
+        return self.lm.prefill(cache, rows)
+
+    def step(self, cache, token_ids: list[int]) -> np.ndarray:
+        for token in token_ids[:-1]:
+            self._full(self.lm.step(cache, [token]), cache.logits_buffers)
+        self.body_calls += len(token_ids)
+        return self.lm.step(cache, token_ids[-1:])
+
+    def logits(self, hidden: np.ndarray, which: str, buffers=None) -> np.ndarray:
+        start, stop = self.lm.vocab.head_range(which)
+        return self._full(hidden, buffers)[:, start:stop]
+
+
 def variant_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int], uncond_ids: list[int],
                          sampling: SamplingConfig, rng: np.random.Generator, guidance: str = "batched",
                          head: str = "active") -> ImageTokens:
-    """The runtime's loop with one of its optimisations undone (see module docstring)."""
+    """The runtime's loop with one of its optimisations undone (see module docstring); ``steps`` counts body
+    calls."""
     if guidance not in ("batched", "sequential") or head not in ("active", "full"):
         raise ValueError(f"unknown variant guidance={guidance!r} head={head!r}")
-    vocab = lm.vocab
-    guided = sampling.guidance_scale != 1.0
-    rows = [cond_ids, uncond_ids] if guided else [cond_ids]
-    schedule = image_schedule(vocab, grid)
-    capacity = max(len(r) for r in rows) + len(schedule)
-    caches = [lm.new_cache(len(rows), capacity)] if guidance == "batched" else [lm.new_cache(1, capacity)
-                                                                               for _ in rows]
-    offsets = {SEMANTIC: vocab.semantic_code_offset, PIXEL: vocab.pixel_code_offset}
-    codes: dict[int, list[int]] = {SEMANTIC: [], PIXEL: []}
-    timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
-
-    def forward(tokens: list[int]) -> list[np.ndarray]:
-        if guidance == "batched":
-            return [lm.step(caches[0], tokens)]
-        return [lm.step(cache, tokens) for cache in caches]
-
-    def head_rows(hiddens: list[np.ndarray], which: str) -> np.ndarray:
-        """[rows, level rows] logits; with head='full' every slice is computed and the level's cut out."""
-        out = []
-        for hidden in hiddens:
-            if head == "active":
-                out.append(np.array(lm.logits(hidden, which, caches[0].logits_buffers)))
-                continue
-            full = np.concatenate([lm.logits(hidden, name, caches[0].logits_buffers)
-                                   for name in ("text", "semantic", "pixel")], axis=1)
-            start, stop = vocab.head_range(which)
-            out.append(full[:, start:stop])
-        return np.concatenate(out, axis=0)
-
-    first = next(i for i, s in enumerate(schedule) if s.level is not None)
-    prompt_tail = [s.token for s in schedule[:first]]
-    t0 = time.perf_counter()
-    if guidance == "batched":
-        hiddens = [lm.prefill(caches[0], [r + prompt_tail for r in rows])]
-    else:
-        hiddens = [lm.prefill(cache, [r + prompt_tail]) for cache, r in zip(caches, rows)]
-    timings["prefill"] = time.perf_counter() - t0
-    pending: list[int] = []
-    steps, level = len(caches), SEMANTIC
-    for slot in schedule[first:]:
-        t0 = time.perf_counter()
-        if slot.level is None and head == "active":
-            pending.append(slot.token)
-            continue
-        if pending:
-            hiddens = forward(pending)
-            steps += len(caches)
-        if slot.level is None:  # the naive loop: one position per forward, a head computed and discarded
-            head_rows(hiddens, "text")
-            pending = [slot.token]
-            timings[LEVEL_HEADS[level]] += time.perf_counter() - t0
-            continue
-        level = slot.level
-        logits = head_rows(hiddens, LEVEL_HEADS[slot.level])
-        scores = guide(logits[0], logits[1] if guided else None, sampling.guidance_scale)
-        temperature, top_k, top_p = sampling.level(slot.level)
-        index = choose(scores, temperature, top_k, top_p, sampling.greedy, rng)
-        codes[slot.level].append(index)
-        pending = [offsets[slot.level] + index]
-        timings[LEVEL_HEADS[slot.level]] += time.perf_counter() - t0
-    semantic = np.asarray(codes[SEMANTIC], dtype=np.int64).reshape(grid.semantic_rows, grid.semantic_cols)
-    pixel = np.asarray(codes[PIXEL], dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols)
-    return ImageTokens(semantic, pixel, timings, steps)
+    if (guidance, head) == ("batched", "active"):
+        return generate_image_tokens(lm, grid, cond_ids, uncond_ids, sampling, rng)
+    proxy = counter = SequentialGuidance(lm) if guidance == "sequential" else lm
+    if head == "full":
+        proxy = FullHead(proxy)
+        counter = counter if guidance == "sequential" else proxy  # the innermost proxy sees every body call
+    tokens = generate_image_tokens(proxy, grid, cond_ids, uncond_ids, sampling, rng)
+    tokens.steps = counter.body_calls
+    return tokens
 
 
 def step_time_at_context(lm: LanguageModel, context: int, steps: int = 6, batch: int = 2, which: str = "pixel",

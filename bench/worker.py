@@ -20,7 +20,7 @@ from illume_rt.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes, s
 
 
 def _sampling(spec: dict):
-    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.options import SamplingConfig
 
     return SamplingConfig(**spec.get("sampling", {}))
 
@@ -62,7 +62,7 @@ def _weights_split(bundle, components: list[str], tables: list[str]) -> dict:
 def run_runtime(spec: dict) -> dict:
     from illume_rt.bench.loops import probe_grid, step_time_at_context
     from illume_rt.runtime.generate import generate_image_tokens
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
     from illume_rt.runtime.pipeline import Pipeline
 
     _baseline()
@@ -149,7 +149,7 @@ def run_reference(spec: dict) -> dict:
     from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
     from illume_rt.export.reference import reference_image_tokens
     from illume_rt.runtime.bundle import load_bundle
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -242,7 +242,7 @@ def run_ablations(spec: dict) -> dict:
     """Loop variants, interleaved repeat by repeat, at the first resolution."""
     from illume_rt.bench.loops import probe_grid, step_time_at_context, variant_image_tokens
     from illume_rt.runtime.generate import generate_image_tokens
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
 
     threads = spec.get("threads")
     bundle, lm = _open_lm(spec["bundle"], threads, heads=("text", "semantic", "pixel"))

@@ -44,33 +44,19 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def record_eval(pipe, plan: CalibrationPlan) -> dict:
     """FP32 runs with everything recorded: {'generate': [...], 'understand': [...], 'calls': {component: [..]}}."""
-    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.refine import RefineConfig
 
     comps = pipe.bundle.manifest["components"]
     out: dict = {"generate": [], "understand": [], "calls": {}}
 
     def swap(name, events, keep=lambda i: True):
-        if name == "llm":
-            rec = pipe.lm.body = Recorder(pipe.lm.body, keep, True, events)
-        elif name == "pixel_decoder":
-            rec = pipe.pixel_decoder = Recorder(pipe.pixel_decoder, keep, True, events)
-        elif name.startswith("lm_head_"):
-            which = name[len("lm_head_"):]
-            rec = pipe.lm.heads[which] = Recorder(pipe.lm.heads[which], keep, True, events)
-        else:
-            rec = pipe._lazy[name] = Recorder(pipe._engine(name), keep, True, events)
+        rec = Recorder(pipe.engines[name], keep, True, events)
+        pipe.replace_engine(name, rec)
         return rec
 
     def restore(name, rec):
-        if name == "llm":
-            pipe.lm.body = rec.inner
-        elif name == "pixel_decoder":
-            pipe.pixel_decoder = rec.inner
-        elif name.startswith("lm_head_"):
-            pipe.lm.heads[name[len("lm_head_"):]] = rec.inner
-        else:
-            pipe._lazy[name] = rec.inner
+        pipe.replace_engine(name, rec.inner)
 
     def collect(names, events, run):
         recs = {n: swap(n, events) for n in names}

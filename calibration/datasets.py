@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from illume_rt.runtime.generate import CACHE_INPUT_PREFIX
+from illume_rt.contract import CACHE_INPUT_PREFIX
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "illume-examples"
 
@@ -173,28 +173,19 @@ def _stride_keep(total_hint: int, samples: int):
 
 
 def _wrap(pipe, name: str, recorder: Recorder) -> Recorder:
-    if name == "llm":
-        pipe.lm.body = recorder
-    elif name == "pixel_decoder":
-        pipe.pixel_decoder = recorder
-    else:
-        pipe._lazy[name] = recorder
+    pipe.replace_engine(name, recorder)
     return recorder
 
 
 def _unwrap(pipe, name: str, recorder: Recorder) -> None:
-    if name == "llm":
-        pipe.lm.body = recorder.inner
-    elif name == "pixel_decoder":
-        pipe.pixel_decoder = recorder.inner
-    else:
-        pipe._lazy[name] = recorder.inner
+    pipe.replace_engine(name, recorder.inner)
 
 
 def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict]], dict]:
     """Run ``plan`` on the FP32 pipeline; return feeds per component name and the record for the manifest."""
     from illume_rt.runtime.images import understanding_image
-    from illume_rt.runtime.layout import SamplingConfig, image_grid
+    from illume_rt.contract import image_grid
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.refine import RefineConfig
 
     comps = pipe.bundle.manifest["components"]
@@ -207,14 +198,14 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
     has = lambda n: n in comps  # noqa: E731
     for index, (prompt, resolution, seed) in enumerate(plan.generate):
         grid = image_grid(*resolution)
-        body = _wrap(pipe, "llm", Recorder(pipe.lm.body, _stride_keep(grid.num_codes, plan.llm_samples_per_run)))
-        dec = _wrap(pipe, "pixel_decoder", Recorder(pipe.pixel_decoder))
+        body = _wrap(pipe, "llm", Recorder(pipe.engines["llm"], _stride_keep(grid.num_codes, plan.llm_samples_per_run)))
+        dec = _wrap(pipe, "pixel_decoder", Recorder(pipe.engines["pixel_decoder"]))
         refine = None
         wrapped = {}
         if index in plan.refine and has("diffusion_unet") and has("vae_decoder") and has("token_map"):
             refine = RefineConfig(steps=plan.refine_steps)
             for name in ("diffusion_unet", "vae_decoder"):
-                wrapped[name] = _wrap(pipe, name, Recorder(pipe._engine(name)))
+                wrapped[name] = _wrap(pipe, name, Recorder(pipe.engines[name]))
         try:
             result = pipe.generate(prompt, tuple(resolution), seed=seed, sampling=SamplingConfig(), refine=refine)
         finally:
@@ -246,8 +237,8 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
         if not has_encoders or not names:
             break
         name = names[which % len(names)]
-        body = _wrap(pipe, "llm", Recorder(pipe.lm.body, _stride_keep(plan.max_new_tokens, plan.llm_samples_per_run)))
-        encs = {n: _wrap(pipe, n, Recorder(pipe._engine(n))) for n in ("semantic_encoder", "pixel_embedder")}
+        body = _wrap(pipe, "llm", Recorder(pipe.engines["llm"], _stride_keep(plan.max_new_tokens, plan.llm_samples_per_run)))
+        encs = {n: _wrap(pipe, n, Recorder(pipe.engines[n])) for n in ("semantic_encoder", "pixel_embedder")}
         try:
             answer = pipe.understand(pool[name], question, max_new_tokens=plan.max_new_tokens)
         finally:

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 from illume_rt.export.components import ExportError
-from illume_rt.runtime.bundle import MANIFEST, load_bundle, sha256_file
-from illume_rt.runtime.files import check_output_dir, publish_dir, scratch_dir
+from illume_rt.contract import MANIFEST
+from illume_rt.files import sha256_file
+from illume_rt.runtime.bundle import load_bundle
+from illume_rt.files import check_output_dir, publish_dir, scratch_dir
 
 from illume_rt.calibration import accuracy, datasets, recipes
 
@@ -82,7 +84,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                     components: list[str] | None = None, log: Callable[[str], None] = print,
                     high_precision: str | None = None, overwrite: bool = False) -> dict:
     """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (a new or empty folder, or with ``overwrite`` a
-    bundle, replaced atomically: runtime/files.py); return its manifest.
+    bundle, replaced atomically: illume_rt/files.py); return its manifest.
 
     ``precision`` int8|fp8|fp16|bf16, ``target`` tensorrt|ort-cpu (see recipes; fp16/bf16 are tensorrt only).
     ``high_precision`` (int8/fp8): the type of the layers left unquantized, default fp16 for tensorrt, fp32 for

@@ -17,26 +17,19 @@ Cost: the GEMMs see ``S`` rows instead of 1-4.
 Decode is bound by reading the weights, so both are small (3B, 512x512 with guidance: P ~ 1.4k rows x 36 KiB x 2
 rows ~ 0.1 GB per step against ~6 GB of bf16 weights). A request with a different bucket recaptures once.
 
-``static_step_feeds`` below is the host-side part, shared by the TensorRT runner and by ``StaticStepLanguageModel``,
-which runs the same plan on onnxruntime so that the equivalence is tested on any machine.
+``static_step_feeds`` below is the host-side part, shared by the TensorRT step and by ``StaticHostStep``, which
+runs the same plan on any engine with a host cache so that the equivalence is tested on any machine.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from illume_rt.contract import ATTENTION_MASK, INPUTS_EMBEDS, POSITION_IDS
+from illume_rt.engines.llm_step import HostStep, KVCache
 from illume_rt.engines.profiles import GRAPH_STEP_SEQ
-from illume_rt.runtime.generate import KVCache, LanguageModel
 
 CAPACITY_BUCKET = 64
-
-
-def new_embeddings(lm, x: np.ndarray) -> np.ndarray:
-    """``_run``'s first argument as float32 embeddings [batch, seq, hidden]: the runtime passes embeddings (token
-    ids in older versions of runtime/generate.py, looked up here)."""
-    if np.issubdtype(np.asarray(x).dtype, np.integer):
-        return np.ascontiguousarray(lm.embed_tokens[x], dtype=np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def bucket_capacity(capacity: int, max_context: int, step: int = GRAPH_STEP_SEQ) -> int | None:
@@ -58,38 +51,35 @@ def static_step_feeds(cache_mask: np.ndarray, start: int, embeds: np.ndarray, po
     if seq > step:
         raise ValueError(f"a fixed-shape step takes at most {step} new positions, got {seq}")
     if out is None:
-        out = {"inputs_embeds": np.empty((batch, step, hidden), np.float32),
-               "attention_mask": np.empty((batch, capacity + step), np.int64),
-               "position_ids": np.empty((batch, step), np.int64)}
+        out = {INPUTS_EMBEDS: np.empty((batch, step, hidden), np.float32),
+               ATTENTION_MASK: np.empty((batch, capacity + step), np.int64),
+               POSITION_IDS: np.empty((batch, step), np.int64)}
     pad = step - seq
-    out["inputs_embeds"][:, :pad] = 0.0
-    out["inputs_embeds"][:, pad:] = embeds
-    mask = out["attention_mask"]
+    out[INPUTS_EMBEDS][:, :pad] = 0.0
+    out[INPUTS_EMBEDS][:, pad:] = embeds
+    mask = out[ATTENTION_MASK]
     mask[:, :capacity] = cache_mask
     mask[:, start:capacity] = 0  # rows not written yet (also stale rows of an earlier request)
     mask[:, capacity:capacity + pad] = 0
     mask[:, capacity + pad:] = 1
-    out["position_ids"][:, :pad] = positions[:, :1]
-    out["position_ids"][:, pad:] = positions
+    out[POSITION_IDS][:, :pad] = positions[:, :1]
+    out[POSITION_IDS][:, pad:] = positions
     return out
 
 
-class StaticStepLanguageModel(LanguageModel):
-    """``LanguageModel`` whose short decode steps use the fixed-shape plan above on any backend (host buffers).
+class StaticHostStep(HostStep):
+    """The host step whose short decode steps use the fixed-shape plan above (host buffers, any engine).
 
-    Exists to prove on CPU that the plan the CUDA-graph path runs gives the same tokens as the plain loop."""
+    Exists to prove on CPU that the plan the CUDA-graph path runs gives the same tokens as the plain step."""
 
     step_seq = GRAPH_STEP_SEQ
 
-    def _run(self, cache: KVCache, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        start, seq = cache.length, ids.shape[1]
-        if start == 0 or seq > self.step_seq or cache.capacity + self.step_seq > self.max_context:
-            return super()._run(cache, ids, mask, positions)
-        feeds = static_step_feeds(cache.mask, start, new_embeddings(self, ids), positions, self.step_seq)
+    def run_step(self, cache: KVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        start, seq = cache.length, embeds.shape[1]
+        if start == 0 or seq > self.step_seq or cache.capacity + self.step_seq > self.dims.max_context:
+            return super().run_step(cache, embeds, mask, positions)
+        feeds = static_step_feeds(cache.mask, start, np.asarray(embeds, dtype=np.float32), positions, self.step_seq)
         feeds.update(cache.inputs())  # the whole capacity, every step
         hidden, new_kv = self.body.run(feeds)
         cache.kv[..., start:start + seq, :] = new_kv[..., self.step_seq - seq:, :]
-        cache.mask[:, start:start + seq] = mask
-        cache.length = start + seq
-        cache.next_position = positions[:, -1] + 1
         return hidden

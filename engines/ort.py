@@ -26,17 +26,15 @@ def release_large_blocks_promptly() -> bool:
     glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB); after onnxruntime
     frees the protobuf copy of the weights while loading, later large blocks come from heap arenas, and the
     freed ones stayed resident: the bench preset's pipeline sat at 2.6 GB after loading in some runs and 1.5 GB
-    in others. Setting the threshold explicitly turns that adjustment off. Process-wide (a malloc setting);
+    in others. Setting the threshold explicitly turns that adjustment off. Process-wide (a malloc setting), so it
+    is an opt-in: the CLI and the benchmark call it; a host embedding the runtime calls it if it wants it.
     Linux/glibc only, a no-op elsewhere. Returns whether it was applied."""
     global _malloc_tuned
     if _malloc_tuned:
         return True
     import ctypes
     import ctypes.util
-    import os
 
-    if os.environ.get("ILLUME_RT_MALLOC_TUNING", "1") == "0":  # opt-out for hosts that tune malloc themselves
-        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -97,8 +95,6 @@ class OrtEngine:
             # took the cores the running one needed: with spinning on, a bench-preset pixel step took 1.6x as
             # long (bench/results, "intra-op spinning on").
             spin = False
-        if on_cpu:
-            release_large_blocks_promptly()
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8, spin, memory_arena),
                                                 providers=providers)

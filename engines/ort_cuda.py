@@ -4,7 +4,7 @@ BackendError that says so.
 
 - ``OrtCudaEngine.run``: inputs are copied once into device OrtValues that are kept and reused while the shape
   stays the same (``update_inplace``), outputs are bound to the device and copied back to the host once.
-- ``OrtCudaLanguageModel``: the KV cache is one device OrtValue [layers, 2, batch, kv_heads, capacity, head_dim];
+- ``OrtCudaStep`` (the LLM body's step, engines/llm_step.py): the KV cache is one device OrtValue [layers, 2, batch, kv_heads, capacity, head_dim];
   each layer's cache inputs are bound to their block of it by raw pointer (``bind_input`` with ``buffer_ptr``;
   the whole capacity, masked), ``new_kv`` to a device staging buffer, and one strided device copy
   (cudaMemcpy2D through cuda-python) puts the new columns in place: the cache never crosses to the host; only
@@ -17,8 +17,9 @@ from typing import Mapping
 
 import numpy as np
 
+from illume_rt.contract import HIDDEN, NEW_KV
 from illume_rt.engines.base import BackendError
-from illume_rt.runtime.generate import LanguageModel, step_attention_mask
+from illume_rt.engines.llm_step import DeviceKVCache, host_feeds
 
 PROVIDER = "CUDAExecutionProvider"
 
@@ -70,9 +71,11 @@ class OrtCudaEngine:
         self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()
 
-    @property
-    def language_model_class(self):
-        return OrtCudaLanguageModel if self.name == "llm" else None
+    def language_step(self, dims) -> "OrtCudaStep":
+        """The LLM body's step with the cache on the GPU (engines/llm_step.py)."""
+        if self.name != "llm":
+            raise BackendError(f"{self.name} is not the LLM body")
+        return OrtCudaStep(self, dims)
 
 
 def _ort_type(array: np.ndarray) -> str:
@@ -85,56 +88,48 @@ class _DeviceKV:
         self.value, self.shape, self.ptr = value, tuple(shape), value.data_ptr()
 
 
-class OrtCudaLanguageModel(LanguageModel):
-    """The decoding loop's model with the KV cache on the GPU, bound by pointer (see module docstring)."""
+class OrtCudaStep:
+    """The LLM body's step with the KV cache on the GPU, bound by pointer (see module docstring)."""
 
-    def new_cache(self, batch: int, capacity: int):
-        from illume_rt.engines.tensorrt import DeviceKVCache
+    def __init__(self, body: OrtCudaEngine, dims) -> None:
+        self.body, self.dims = body, dims
+        self._new_kv = None
+        self._cuda = None
 
-        super().new_cache(batch, capacity)  # context check
-        shape = (self.layers, 2, batch, self.kv_heads, capacity, self.head_dim)
-        value = self.body.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), "cuda",
+    def new_cache(self, batch: int, capacity: int) -> DeviceKVCache:
+        shape = self.dims.shape(batch, capacity)
+        value = self.body.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dims.dtype), "cuda",
                                                            self.body.device_id)  # unwritten columns: finite
-        return DeviceKVCache(_DeviceKV(value, shape), self.kv_dtype.itemsize)
+        return DeviceKVCache(_DeviceKV(value, shape), self.dims.dtype.itemsize)
 
-    def _run(self, cache, ids, mask, positions) -> np.ndarray:
+    def run_step(self, cache: DeviceKVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray
+                 ) -> np.ndarray:
         from illume_rt.engines.cuda_rt import Cuda
-        from illume_rt.runtime.layout import LayoutError
 
-        start, seq = cache.length, ids.shape[1]
-        if start + seq > cache.capacity:
-            raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        body: OrtCudaEngine = self.body
-        batch, dev = ids.shape[0], body.device_id
+        start, seq = cache.length, embeds.shape[1]
+        body, d = self.body, self.dims
+        batch, dev = embeds.shape[0], body.device_id
         io = body.session.io_binding()
-        from illume_rt.engines.decode_graph import new_embeddings
-
-        past_shape = cache.input_shape()
-        host = {"inputs_embeds": new_embeddings(self, ids),
-                "attention_mask": step_attention_mask(cache, mask),
-                "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
-        for name, array in host.items():
+        for name, array in host_feeds(cache, embeds, mask, positions).items():
             io.bind_ortvalue_input(name, body._device_value(name, array))
+        past_shape = cache.input_shape()
         for name, ptr in cache.addresses().items():
-            io.bind_input(name, "cuda", dev, self.kv_dtype, past_shape, ptr)
-        staging = (self.layers, 2, batch, self.kv_heads, seq, self.head_dim)
+            io.bind_input(name, "cuda", dev, d.dtype, past_shape, ptr)
+        staging = d.shape(batch, seq)
         new_kv = self._staging(staging)
-        io.bind_output("new_kv", "cuda", dev, self.kv_dtype, staging, new_kv.data_ptr())
-        io.bind_output("hidden", "cpu")
+        io.bind_output(NEW_KV, "cuda", dev, d.dtype, staging, new_kv.data_ptr())
+        io.bind_output(HIDDEN, "cpu")
         body.session.run_with_iobinding(io)  # returns after the CUDA provider synchronized its stream
         hidden = io.copy_outputs_to_cpu()[0]
-        cuda = self._cuda = getattr(self, "_cuda", None) or Cuda()
+        cuda = self._cuda = self._cuda or Cuda()
         cache.write(cuda, new_kv.data_ptr(), seq, 0, start, seq, 0)
         cuda.synchronize(0)
-        cache.mask[:, start:start + seq] = mask
-        cache.length = start + seq
-        cache.next_position = positions[:, -1] + 1
         return hidden
 
     def _staging(self, shape):
         """A device OrtValue for new_kv of this shape, reused while the shape repeats (decode steps)."""
-        value = getattr(self, "_new_kv", None)
+        value = self._new_kv
         if value is None or tuple(value.shape()) != tuple(shape):
             value = self._new_kv = self.body.ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, self.kv_dtype, "cuda", self.body.device_id)
+                shape, self.dims.dtype, "cuda", self.body.device_id)
         return value

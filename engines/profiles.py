@@ -21,9 +21,9 @@ from math import prod
 
 import numpy as np
 
+from illume_rt.contract import DECODE_MAX_SEQ, GRAPH_IO, HIDDEN, decode_plan, head_component, image_grid
 from illume_rt.errors import IllumeError
 
-DECODE_MAX_SEQ = 8
 GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
 PREFILL_OPT_SEQ = 128
 
@@ -177,47 +177,32 @@ def llm_shapes(entry: dict, batch: int, seq: int, past: int) -> dict[str, tuple[
 
 
 def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[bool, ...] = (True, False)):
-    """Every (component, input shapes) the text-to-image loop of ``illume_rt.runtime`` asks for, over all supported
-    resolutions and the given prompt lengths (the longer of the cond/uncond rows). Mirrors
-    ``runtime.generate.generate_image_tokens``: one prefill of prompt + forced prefix, then one decode call per
-    sampled code with the forced tokens that preceded it (over the cache's whole capacity), then the pixel
-    decoder once."""
-    from illume_rt.runtime.generate import image_schedule
-    from illume_rt.runtime.layout import image_grid
-
-    vocab = _vocab(manifest)
+    """Every (component, input shapes) the text-to-image loop asks for, over all supported resolutions and the given
+    prompt lengths (the longer of the cond/uncond rows), read off ``contract.decode_plan`` as the loop walks it: one
+    prefill of prompt + forced prefix, then per code a body call over the cache's whole capacity that feeds the
+    previous code and the forced tokens since (none before the first code), then the pixel decoder once."""
     comps = manifest["components"]
     for height, width in manifest["resolutions"]:
         grid = image_grid(height, width)
-        schedule = image_schedule(vocab, grid)
-        first = next(i for i, s in enumerate(schedule) if s.level is not None)
+        plan = decode_plan(grid)
         for prompt in prompt_lengths:
             for guided in guidance:
                 batch = 2 if guided else 1
-                capacity = prompt + len(schedule)
-                yield "llm", "prefill", llm_shapes(comps["llm"], batch, prompt + first, 0)
-                pending = 0
-                for slot in schedule[first:]:
-                    if slot.level is None:
-                        pending += 1
-                        continue
-                    if pending:
-                        yield "llm", "decode", llm_shapes(comps["llm"], batch, pending, capacity)
-                    for head in ("lm_head_semantic", "lm_head_pixel"):
+                capacity = prompt + grid.num_tokens
+                yield "llm", "prefill", llm_shapes(comps["llm"], batch, prompt + len(plan.prefix), 0)
+                for index, step in enumerate(plan.steps):
+                    width_fed = (1 if index else 0) + len(step.forced)
+                    if width_fed:
+                        yield "llm", "decode", llm_shapes(comps["llm"], batch, width_fed, capacity)
+                    for head in (head_component("semantic"), head_component("pixel")):
                         if head in comps:
-                            yield head, None, {"hidden": (batch, manifest["llm"]["hidden_size"])}
-                    pending = 1
+                            yield head, None, {HIDDEN: (batch, manifest["llm"]["hidden_size"])}
         if "pixel_decoder" in comps:
             dim = comps["pixel_decoder"]["inputs"][0]["shape"][1]
+            semantic_embed, pixel_embed = GRAPH_IO["pixel_decoder"][0]
             yield "pixel_decoder", None, {
-                "semantic_embed": (1, dim, grid.semantic_rows, grid.semantic_cols),
-                "pixel_embed": (1, dim, grid.pixel_rows, grid.pixel_cols)}
-
-
-def _vocab(manifest: dict):
-    from illume_rt.runtime.layout import VocabLayout
-
-    return VocabLayout.from_dict(manifest["vocab"])
+                semantic_embed: (1, dim, grid.semantic_rows, grid.semantic_cols),
+                pixel_embed: (1, dim, grid.pixel_rows, grid.pixel_cols)}
 
 
 def uncovered_requests(manifest: dict, prompt_lengths: list[int]) -> list[str]:

@@ -16,11 +16,10 @@ from typing import Callable
 import numpy as np
 
 from illume_rt import __version__
+from illume_rt.contract import BUNDLE_FORMAT_NAME, BUNDLE_FORMAT_VERSION, MANIFEST, host_contract, supported_resolutions
 from illume_rt.export.components import Component, ExportError, export_onnx
 from illume_rt.export.configs import Preset
-from illume_rt.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
-from illume_rt.runtime.files import check_output_dir, publish_dir, scratch_dir
-from illume_rt.runtime.layout import supported_resolutions
+from illume_rt.files import check_output_dir, publish_dir, scratch_dir, sha256_file
 
 
 @dataclass
@@ -105,14 +104,14 @@ def _file_entry(path: Path, root: Path) -> dict:
 def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print,
                  overwrite: bool = False) -> Path:
     """Export every component of ``models`` into a new bundle at ``out_dir``: a missing or empty folder, or (with
-    ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (runtime/files.py)."""
+    ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (illume_rt/files.py)."""
     out_dir = check_output_dir(out_dir, overwrite)
     work = scratch_dir(out_dir)
     try:
         preset = models.preset
         manifest: dict = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format": BUNDLE_FORMAT_NAME,
+            "format_version": BUNDLE_FORMAT_VERSION,
             "created_by": f"illume-rt {__version__}",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {"preset": preset.name, "random_weights": models.random_weights, "seed": preset.seed,
@@ -120,6 +119,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                       "trained_resolutions": ([list(r) for r in models.trained_resolutions]
                                               if models.trained_resolutions else None)},
             "vocab": preset.vocab.to_dict(),
+            "contract": host_contract(preset.vocab),  # the grammar, prompts, grids, preprocessing (format 3)
             "resolutions": [list(r) for r in supported_resolutions()],
             "llm": {
                 "num_hidden_layers": preset.llm.num_hidden_layers,

@@ -53,7 +53,7 @@ import torch
 
 from illume_rt.export.components import ExportError
 from illume_rt.export.configs import DiffusionConfig, LLMConfig, Preset, get_preset
-from illume_rt.runtime.layout import VocabLayout, official_vocab_layout
+from illume_rt.contract import VocabLayout, official_vocab_layout
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, streamed in 4 MiB blocks; cached in this process by (real path, size, mtime)."""
-    from illume_rt.runtime.bundle import sha256_file
+    from illume_rt.files import sha256_file
 
     path = Path(path)
     st = path.stat()

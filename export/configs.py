@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from illume_rt.runtime.layout import VocabLayout, compact_vocab_layout, official_vocab_layout
+from illume_rt.contract import LATENT_CHANNELS, VocabLayout, compact_vocab_layout, official_vocab_layout
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,6 @@ class Preset:
 
 # -- diffusion decoder -----------------------------------------------------------------------------------------
 # Pipeline facts (zero text conditioning, add_time_ids, guidance order) are in export/networks/diffusion.py.
-LATENT_CHANNELS = 4  # VAE latent channels; the UNet input is these plus the token map's channels
 NUM_ADD_TIME_IDS = 6  # add_time_ids = [0, 0, 0, 0, 0, resolution_index]
 
 # Scheduler of the released decoder: an SDXL-style EulerDiscreteScheduler config (the checkpoint's

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from illume_rt.contract import (ATTENTION_MASK, HEADS, HIDDEN, INPUTS_EMBEDS, LOGITS, NEW_KV, POSITION_IDS,
+                                cache_input_names)
+from illume_rt.contract import head_component as head_component_name
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset
-from illume_rt.runtime.generate import cache_input_names
 
 
 def build_llm(preset: Preset):
@@ -138,7 +140,7 @@ class LMHeadSlice(nn.Module):
         return torch.matmul(hidden, self.weight.t())
 
 
-HEAD_RANGES = ("text", "semantic", "pixel")
+HEAD_RANGES = HEADS
 
 
 def head_range(preset: Preset, which: str) -> tuple[int, int]:
@@ -158,9 +160,9 @@ def llm_component(preset: Preset, hf_model) -> Component:
             mask[:, p - 1] = 0  # and a cache column not yet written
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p:]
         feeds = {
-            "inputs_embeds": rng.standard_normal((b, s, hidden), dtype=np.float32),
-            "attention_mask": mask,
-            "position_ids": pos.astype(np.int64),
+            INPUTS_EMBEDS: rng.standard_normal((b, s, hidden), dtype=np.float32),
+            ATTENTION_MASK: mask,
+            POSITION_IDS: pos.astype(np.int64),
         }
         for name in cache_input_names(layers):
             feeds[name] = rng.standard_normal((b, kvh, p, hd), dtype=np.float32)
@@ -171,14 +173,14 @@ def llm_component(preset: Preset, hf_model) -> Component:
         description="Qwen2 body: one step over new positions with an explicit, externally owned KV cache "
                     "(per-layer cache inputs over the whole capacity, masked; only new keys/values out)",
         inputs=(
-            TensorSpec("inputs_embeds", "float32", ("batch", "seq", hidden)),
-            TensorSpec("attention_mask", "int64", ("batch", "total")),
-            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            TensorSpec(INPUTS_EMBEDS, "float32", ("batch", "seq", hidden)),
+            TensorSpec(ATTENTION_MASK, "int64", ("batch", "total")),
+            TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
             *(TensorSpec(name, "float32", ("batch", kvh, "past", hd)) for name in cache_input_names(layers)),
         ),
         outputs=(
-            TensorSpec("hidden", "float32", ("batch", hidden)),
-            TensorSpec("new_kv", "float32", (layers, 2, "batch", kvh, "seq", hd)),
+            TensorSpec(HIDDEN, "float32", ("batch", hidden)),
+            TensorSpec(NEW_KV, "float32", (layers, 2, "batch", kvh, "seq", hd)),
         ),
         # total = past + seq; past is the cache's capacity on decode (0 on a prefill); profiles: decode seq 1..8
         # (forced runs), prefill up to the context
@@ -199,13 +201,13 @@ def head_component(preset: Preset, hf_model, which: str) -> Component:
     hidden = preset.llm.hidden_size
 
     def make_inputs(dims, rng):
-        return {"hidden": rng.standard_normal((dims["batch"], hidden), dtype=np.float32)}
+        return {HIDDEN: rng.standard_normal((dims["batch"], hidden), dtype=np.float32)}
 
     return Component(
-        name=f"lm_head_{which}",
+        name=head_component_name(which),
         description=f"LM head rows [{start}, {stop}) ({which})",
-        inputs=(TensorSpec("hidden", "float32", ("batch", hidden)),),
-        outputs=(TensorSpec("logits", "float32", ("batch", stop - start)),),
+        inputs=(TensorSpec(HIDDEN, "float32", ("batch", hidden)),),
+        outputs=(TensorSpec(LOGITS, "float32", ("batch", stop - start)),),
         dims={"batch": (2, 3, (1, 2, 2))},
         build_module=lambda: LMHeadSlice(hf_model, start, stop).eval(),
         make_inputs=make_inputs,

@@ -14,7 +14,7 @@ from torch import nn
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset
 from illume_rt.export.networks.dualvitok import ENCODER_SIDE_PROFILE, merge_quants, pixel_decoder_component
-from illume_rt.runtime.layout import PIXEL_PATCH
+from illume_rt.contract import GRAPH_IO, PIXEL_PATCH
 
 
 class PixelEmbedder(nn.Module):
@@ -36,8 +36,8 @@ def pixel_embedder_component(preset: Preset, pixel_encoder: nn.Module, pixel_pro
 
     return Component(
         name="pixel_embedder",
-        inputs=(TensorSpec("image", "float32", (1, channels, "height", "width")),),
-        outputs=(TensorSpec("pixel_embeds", "float32", ("tokens", preset.llm.hidden_size)),),
+        inputs=(TensorSpec(GRAPH_IO["pixel_embedder"][0][0], "float32", (1, channels, "height", "width")),),
+        outputs=(TensorSpec(GRAPH_IO["pixel_embedder"][1][0], "float32", ("tokens", preset.llm.hidden_size)),),
         dims={"height": (5 * PIXEL_PATCH, 3 * PIXEL_PATCH, ENCODER_SIDE_PROFILE),
               "width": (7 * PIXEL_PATCH, 4 * PIXEL_PATCH, ENCODER_SIDE_PROFILE)},
         build_module=lambda: PixelEmbedder(pixel_encoder, pixel_projector).eval(),
@@ -60,7 +60,7 @@ def token_map_component(preset: Preset, model) -> Component:
     return Component(
         name="token_map",
         inputs=decoder.inputs,
-        outputs=(TensorSpec("token_map", "float32", ("batch", 2 * dim, "pix_rows", "pix_cols")),),
+        outputs=(TensorSpec(GRAPH_IO["token_map"][1][0], "float32", ("batch", 2 * dim, "pix_rows", "pix_cols")),),
         dims=decoder.dims,
         build_module=lambda: TokenMap().eval(),
         make_inputs=decoder.make_inputs,

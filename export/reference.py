@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from illume_rt.runtime.layout import ImageGrid, SamplingConfig, VocabLayout
+from illume_rt.contract import ImageGrid, VocabLayout
+
+from illume_rt.runtime.options import SamplingConfig
 
 
 @dataclass
@@ -185,7 +187,7 @@ def reference_image_block(models, image: np.ndarray) -> torch.Tensor:
     """[1, 3, H, W] in [-1, 1] -> the image block of embeddings, as ILLUME's encode_images builds it: the ViT view
     through torch's antialiased bicubic (ScalingLayerForQwen2ViT), the pixel encoder on the image as is."""
     from illume_rt.runtime.images import CLIP_MEAN, CLIP_STD, semantic_size
-    from illume_rt.runtime.layout import PIXEL_PATCH, SEMANTIC_PATCH
+    from illume_rt.contract import PIXEL_PATCH, SEMANTIC_PATCH
 
     x = torch.from_numpy(image)
     height, width = semantic_size(*image.shape[2:])

@@ -44,7 +44,8 @@ def ranged(kind, low=None, high=None, low_open: bool = False, hint: str = ""):
 
 
 def thread_count(text: str) -> int:
-    from illume_rt.runtime.layout import LayoutError, check_threads
+    from illume_rt.contract import LayoutError
+    from illume_rt.runtime.options import check_threads
 
     try:
         return check_threads(_number(text, int))
@@ -61,7 +62,7 @@ def utf8_text(text: str) -> str:
 
 
 def resolution(text: str) -> tuple[int, int]:
-    from illume_rt.runtime.layout import LayoutError, image_grid, parse_resolution
+    from illume_rt.contract import LayoutError, image_grid, parse_resolution
 
     try:
         value = parse_resolution(text)
@@ -124,7 +125,7 @@ def builtin_models(preset: str):
 def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
     """The built-in model's bundle, exported on first use. Concurrent first runs take a lock, so it is exported
     once: the others wait and then find it."""
-    from illume_rt.runtime.files import MANIFEST, exclusive_lock
+    from illume_rt.files import MANIFEST, exclusive_lock
 
     path = default_bundle_path(preset)
     if (path / MANIFEST).is_file():
@@ -147,7 +148,7 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
 
 
 def cmd_export(args) -> None:
-    from illume_rt.runtime.files import check_output_dir
+    from illume_rt.files import check_output_dir
 
     check_output_dir(args.output, args.overwrite)  # before any model is loaded
     try:
@@ -202,7 +203,12 @@ def _open_pipeline(args, refine=None):
     from illume_rt.runtime.pipeline import Pipeline
 
     bundle = Path(args.bundle) if args.bundle else ensure_default_bundle()
-    pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
+    if args.backend == "ort-cpu":
+        from illume_rt.engines.ort import release_large_blocks_promptly
+
+        release_large_blocks_promptly()  # a process-wide malloc setting: the CLI owns its process, so it opts in
+    pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads,
+                                trt_precision=getattr(args, "trt_precision", None))
     pipe.check_refine(refine)  # no decoder, or too many steps: said now, not after the image is decoded
     if pipe.random_weights:
         print(f"note: bundle {bundle.name} has RANDOM weights ({pipe.bundle.manifest['model']['preset']} preset): "
@@ -242,8 +248,9 @@ def _notice(pipe, size) -> str | None:
 
 
 def cmd_generate(args) -> None:
-    from illume_rt.runtime.files import image_target
-    from illume_rt.runtime.layout import SamplingConfig, image_grid
+    from illume_rt.files import image_target
+    from illume_rt.contract import image_grid
+    from illume_rt.runtime.options import SamplingConfig
 
     image_target(args.output)  # an unwritable target is refused before the model is loaded
     sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
@@ -254,9 +261,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_edit(args) -> None:
-    from illume_rt.runtime.files import image_target
+    from illume_rt.files import image_target
     from illume_rt.runtime.images import load_image, nearest_anchor
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
     from illume_rt.runtime.pipeline import EDIT_SAMPLING
 
     image_target(args.output)
@@ -293,7 +300,7 @@ def cmd_build_engines(args) -> None:
 
     bundle = load_bundle(args.bundle)
     if args.precision is not None:  # strongly typed: the precision is the bundle's; --precision only confirms it
-        from illume_rt.engines.tensorrt import check_requested_precision
+        from illume_rt.engines.tensorrt_build import check_requested_precision
 
         check_requested_precision(bundle, args.precision)
     failed = False
@@ -312,7 +319,7 @@ def cmd_build_engines(args) -> None:
     if args.check_only:
         print("checks passed (no engines built: --check-only)")
         return
-    from illume_rt.engines.tensorrt import BuildOptions, build_bundle_engines
+    from illume_rt.engines.tensorrt_build import BuildOptions, build_bundle_engines
 
     components = args.components.split(",") if args.components else None
     options = BuildOptions(weight_streaming=args.weight_streaming, refittable=args.refittable,
@@ -355,7 +362,7 @@ def _runtime_options(parser) -> None:
 def _image_task_options(parser, defaults: str) -> None:
     _runtime_options(parser)
     group = parser.add_argument_group("sampling", f"defaults: {defaults}")
-    from illume_rt.runtime.layout import MAX_SEED
+    from illume_rt.runtime.options import MAX_SEED
 
     group.add_argument("--seed", type=ranged(int, 0, MAX_SEED), default=0)
     group.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=None,
@@ -479,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         print("illume-rt: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     except OSError as exc:  # the disk filled, a file vanished, permissions: the system said why
-        from illume_rt.runtime.files import describe_oserror
+        from illume_rt.files import describe_oserror
 
         print(f"illume-rt: error: {describe_oserror(exc)}", file=sys.stderr)
         return USER_ERROR_EXIT

@@ -41,7 +41,7 @@ def eval_questions(limit: int | None = None, which: str = "held") -> list[tuple[
 
 
 def runtime_generate(pipe, prompt: str, seed: int = 0):
-    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.options import SamplingConfig
 
     res = pipe.generate(prompt, resolution=(256, 256), seed=seed,
                         sampling=SamplingConfig(guidance_scale=GUIDANCE, greedy=True))
@@ -52,7 +52,8 @@ def reference_generate(models, prompt: str, seed: int = 0):
     import torch
 
     from illume_rt.export.reference import reference_image_tokens
-    from illume_rt.runtime.layout import SamplingConfig, image_grid
+    from illume_rt.contract import image_grid
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.pipeline import to_uint8
     from illume_rt.runtime.prompts import text_to_image_ids
     from illume_rt.runtime.tokenizer import ByteTokenizer

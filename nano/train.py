@@ -369,7 +369,7 @@ def nano_tokenizer(preset):
 def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None):
     """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>, built by
     the runtime's own prompt builder and image layout (training and inference see the same ids)."""
-    from illume_rt.runtime.layout import image_grid
+    from illume_rt.contract import image_grid
     from illume_rt.runtime.prompts import text_to_image_ids
 
     v = preset.vocab

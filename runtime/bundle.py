@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,23 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from illume_rt.errors import IllumeError
-from illume_rt.runtime.files import BUNDLE_FORMAT_NAME as FORMAT_NAME
-from illume_rt.runtime.files import MANIFEST
-from illume_rt.runtime.layout import VocabLayout
-
-FORMAT_VERSION = 2  # 2: per-layer cache inputs of the llm graph (docs/bundle-format.md)
+from illume_rt.contract import BUNDLE_FORMAT_NAME as FORMAT_NAME
+from illume_rt.contract import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
+from illume_rt.contract import MANIFEST, VocabLayout, component_io, host_contract
+from illume_rt.files import sha256_file
 
 
 class BundleError(IllumeError, RuntimeError):
     """A bundle that cannot be used as it is; the message names the fix."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -193,8 +183,12 @@ def validate_manifest(manifest, root: Path) -> None:
         raise BundleError(f"{root / MANIFEST} is not an illume-rt manifest; re-export the bundle")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {version!r} is not supported by this runtime (reads "
-                          f"{FORMAT_VERSION}); re-export with `illume-rt export`")
+        model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+        preset = model.get("preset") if isinstance(model.get("preset"), str) else "PRESET"
+        how = ("--checkpoint MLLM_DIR --tokenizer-checkpoint dualvitok.bin" if model.get("random_weights") is False
+               and preset not in ("nano",) else f"--preset {preset}")
+        raise BundleError(f"bundle format {version!r} is not supported by this runtime (reads format "
+                          f"{FORMAT_VERSION}); re-export it: `illume-rt export {how} -o NEW_BUNDLE`")
     model = _field(manifest, "model", dict, "")
     _field(model, "preset", str, "model.")
     _field(model, "random_weights", bool, "model.", optional=True)
@@ -240,11 +234,33 @@ def validate_manifest(manifest, root: Path) -> None:
                 member_path(root, _field(entry, "external_data", str, where), where + "external_data")
             if section == "tables":
                 _check_table_entry(entry, where)
+    _check_contract(manifest, layout, llm["num_hidden_layers"])
     tables = manifest["tables"]
     embed = tables.get("embed_tokens")
     if embed is not None and embed["shape"] != [layout.vocab_rows, llm["hidden_size"]]:
         raise BundleError(f"manifest field tables.embed_tokens.shape {embed['shape']} does not match vocab.vocab_rows "
                           f"{layout.vocab_rows} x llm.hidden_size {llm['hidden_size']}; re-export the bundle")
+
+
+def _check_contract(manifest: dict, layout: VocabLayout, layers: int) -> None:
+    """The bundle was made for this runtime's grammar, prompts and graph interfaces (illume_rt/contract.py)."""
+    written = _field(manifest, "contract", dict, "")
+    expected = json.loads(json.dumps(host_contract(layout)))  # as JSON reads it back (tuples become lists)
+    for key in sorted(set(written) | set(expected)):
+        if written.get(key) != expected.get(key):
+            raise BundleError(f"manifest field contract.{key} differs from what this runtime implements; the bundle "
+                              "was made by another illume-rt version: re-export it with this one")
+    for name, entry in manifest["components"].items():
+        io = component_io(name, layers)
+        if io is None:
+            continue  # a graph this runtime does not run (kept for tools)
+        specs = [entry.get("inputs"), entry.get("outputs")]
+        if not all(isinstance(x, list) and all(isinstance(t, dict) for t in x) for x in specs):
+            raise BundleError(f"manifest field components.{name} must list its inputs and outputs; re-export the bundle")
+        have = ([t.get("name") for t in specs[0]], [t.get("name") for t in specs[1]])
+        if have != (list(io[0]), list(io[1])):
+            raise BundleError(f"component {name} has inputs {have[0]} and outputs {have[1]}; this runtime expects "
+                              f"{list(io[0])} -> {list(io[1])} (illume_rt/contract.py): re-export the bundle")
 
 
 def _check_table_entry(entry: dict, where: str) -> None:

@@ -1,9 +1,8 @@
-"""The decoding loop: KV cache, prefill, decode steps, and the coarse-to-fine image-token schedule.
+"""The decoding loop: prefill, decode steps, and the coarse-to-fine walk over an image's tokens.
 
-Read top to bottom: ``KVCache`` (one preallocated buffer, passed without copies, written in place),
-``LanguageModel`` (embedding lookup, one call of the body graph per step, the head over one row range),
-``image_schedule`` (which positions of an image are forced and which are sampled) and ``generate_image_tokens``
-(the loop).
+Read top to bottom: ``LanguageModel`` (embedding lookup, one body step per call through the backend's step --
+engines/llm_step.py owns the KV cache -- the bookkeeping after it, and the head over one row range) and
+``generate_image_tokens`` (the loop, following ``contract.decode_plan``), then ``generate_text``.
 """
 
 from __future__ import annotations
@@ -14,91 +13,38 @@ from typing import Callable
 
 import numpy as np
 
+from illume_rt.contract import (HIDDEN, LEVEL_NAMES, LOGITS, PIXEL, SEMANTIC, ImageGrid, LayoutError, VocabLayout,
+                                decode_plan)
 from illume_rt.engines.base import Engine
-from illume_rt.runtime.layout import ImageGrid, LayoutError, SamplingConfig, VocabLayout
+from illume_rt.engines.llm_step import CacheDims, CacheState, KVCache, language_step
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.sampler import choose, guide
 
-SEMANTIC, PIXEL = 0, 1
-LEVEL_HEADS = {SEMANTIC: "semantic", PIXEL: "pixel"}
-
-
-CACHE_INPUT_PREFIX = "past_"
-
-
-def cache_input_names(layers: int) -> list[str]:
-    """The llm graph's cache inputs, in order (docs/bundle-format.md): past_key_0, past_value_0, past_key_1, ..."""
-    return [f"{CACHE_INPUT_PREFIX}{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
-def step_attention_mask(cache, mask) -> np.ndarray:
-    """The graph's ``attention_mask`` for a call adding positions with ``mask`` [batch, seq]: the cache's columns
-    (its whole capacity once it holds anything, none while empty; unwritten ones are 0) and then the new ones.
-    Call it before the cache's mask takes the new columns. Serves every backend's cache (same fields)."""
-    cached = cache.mask if cache.length else cache.mask[:, :0]
-    return np.concatenate([cached, np.asarray(mask, dtype=np.int64)], axis=1)
-
-
-class KVCache:
-    """Keys/values of every layer for ``batch`` rows: [layers, 2, batch, kv_heads, capacity, head_dim].
-
-    Each layer's keys (and values) are one contiguous block, handed to the graph as they lie -- over the whole
-    capacity, with the columns not yet written masked -- so nothing copies the cache; each step writes only its
-    new columns."""
-
-    def __init__(self, capacity: int, layers: int, batch: int, kv_heads: int, head_dim: int,
-                 dtype=np.float32) -> None:
-        # np.zeros maps untouched pages lazily: memory grows with the filled length, not the capacity.
-        self.kv = np.zeros((layers, 2, batch, kv_heads, capacity, head_dim), dtype=dtype)
-        self.mask = np.zeros((batch, capacity), dtype=np.int64)
-        self.next_position = np.zeros(batch, dtype=np.int64)
-        self.length = 0
-        self.names = cache_input_names(layers)
-        # the heads' output buffers, reused step after step; per cache, i.e. per call, so threads never share one
-        self.logits_buffers: dict[tuple[str, int], np.ndarray] = {}
-        self._views = [self.kv[layer, kind] for layer in range(layers) for kind in range(2)]
-
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[4]
-
-    @property
-    def batch(self) -> int:
-        return self.kv.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.nbytes + self.mask.nbytes
-
-    def inputs(self) -> dict[str, np.ndarray]:
-        """The graph's cache inputs: every layer over the whole capacity; none (zero columns) while empty."""
-        if self.length == 0:
-            return {name: view[:, :, :0] for name, view in zip(self.names, self._views)}
-        return dict(zip(self.names, self._views))
-
-    def fill(self, length: int, value: float = 0.01) -> None:
-        """Mark the first ``length`` columns written, with ``value`` (benchmarks: real pages, no prefill)."""
-        self.kv[..., :length, :] = value
-        self.mask[:, :length] = 1
-        self.length = length
-        self.next_position[:] = length
+__all__ = ["KVCache", "LanguageModel", "ImageTokens", "generate_image_tokens", "generate_text", "SEMANTIC", "PIXEL"]
 
 
 class LanguageModel:
-    """The body graph, the three head slices and the embedding table of a bundle."""
+    """The body graph (through a backend's step: engines/llm_step.py), the head slices and the embedding table."""
 
-    def __init__(self, body: Engine, heads: dict[str, Engine], embed_tokens: np.ndarray, llm_info: dict,
-                 vocab: VocabLayout) -> None:
-        self.body, self.heads, self.embed_tokens = body, heads, embed_tokens
-        self.layers, self.kv_heads = llm_info["num_hidden_layers"], llm_info["num_key_value_heads"]
-        self.head_dim, self.max_context = llm_info["head_dim"], llm_info["max_context"]
-        self.vocab = vocab
-        self.kv_dtype = np.dtype(llm_info.get("kv_dtype", "float32"))
+    def __init__(self, body: Engine, heads, embed_tokens: np.ndarray, llm_info: dict, vocab: VocabLayout) -> None:
+        self.heads, self.embed_tokens, self.vocab = heads, embed_tokens, vocab
+        self.dims = CacheDims.from_llm_info(llm_info)
+        self.max_context = self.dims.max_context
+        self.body = body
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        if capacity > self.max_context:
-            raise LayoutError(f"this request needs {capacity} positions but the model's context is "
-                              f"{self.max_context}; shorten the prompt or choose a smaller resolution")
-        return KVCache(capacity, self.layers, batch, self.kv_heads, self.head_dim, self.kv_dtype)
+    @property
+    def body(self) -> Engine:
+        return self._body
+
+    @body.setter
+    def body(self, engine: Engine) -> None:
+        """A new body engine brings its own step (a device cache) or gets the host one."""
+        self._body = engine
+        self.stepper = language_step(engine, self.dims)
+
+    def new_cache(self, batch: int, capacity: int) -> CacheState:
+        self.dims.check_capacity(capacity)
+        return self.stepper.new_cache(batch, capacity)
 
     def prefill(self, cache: KVCache, rows: list) -> np.ndarray:
         """Left-pad rows of different lengths into one batch, run them, return the last hidden state per row.
@@ -130,18 +76,12 @@ class LanguageModel:
         positions = cache.next_position[:, None] + np.arange(seq, dtype=np.int64)[None]
         return self._run(cache, embeds, np.ones((batch, seq), dtype=np.int64), positions)
 
-    def _run(self, cache: KVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, cache: CacheState, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One body call through the backend's step, then the bookkeeping every backend shares."""
         start, seq = cache.length, embeds.shape[1]
         if start + seq > cache.capacity:
             raise LayoutError(f"KV cache full ({cache.capacity} positions)")
-        feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-            "attention_mask": step_attention_mask(cache, mask),
-            "position_ids": np.ascontiguousarray(positions),
-            **cache.inputs(),
-        }
-        hidden, new_kv = self.body.run(feeds)
-        cache.kv[..., start:start + seq, :] = new_kv
+        hidden = self.stepper.run_step(cache, embeds, mask, positions)
         cache.mask[:, start:start + seq] = mask
         cache.length = start + seq
         cache.next_position = positions[:, -1] + 1
@@ -153,39 +93,16 @@ class LanguageModel:
         consumes them at once; copy to keep them)."""
         head = self.heads[which]
         if buffers is None or not getattr(head, "accepts_out", False):
-            return head.run({"hidden": hidden})[0]
+            return head.run({HIDDEN: hidden})[0]
         key = (which, hidden.shape[0])
         buffer = buffers.get(key)
         if buffer is None:
             buffer = buffers[key] = np.empty((hidden.shape[0], self.head_rows(which)), dtype=np.float32)
-        return head.run({"hidden": hidden}, out={"logits": buffer})[0]
+        return head.run({HIDDEN: hidden}, out={LOGITS: buffer})[0]
 
     def head_rows(self, which: str) -> int:
         start, stop = self.vocab.head_range(which)
         return stop - start
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One position of an image: a forced token id, or a code sampled at ``level``."""
-
-    token: int | None = None
-    level: int | None = None
-
-
-def image_schedule(vocab: VocabLayout, grid: ImageGrid) -> list[Slot]:
-    """Every position from <start_of_image> to <end_of_image>: structure forced, codes sampled, coarse first."""
-    slots = [Slot(vocab.start_of_image_id), Slot(vocab.start_of_level0_id)]
-    for level, rows, cols, end in ((SEMANTIC, grid.semantic_rows, grid.semantic_cols, vocab.end_of_level0_id),
-                                   (PIXEL, grid.pixel_rows, grid.pixel_cols, vocab.end_of_level1_id)):
-        for _ in range(rows):
-            slots += [Slot(level=level)] * cols + [Slot(vocab.end_of_line_id)]
-        slots.append(Slot(end))
-        if level == SEMANTIC:
-            slots.append(Slot(vocab.start_of_level1_id))
-    slots.append(Slot(vocab.end_of_image_id))
-    assert len(slots) == grid.num_tokens
-    return slots
 
 
 @dataclass
@@ -203,40 +120,36 @@ def generate_image_tokens(lm: LanguageModel, grid: ImageGrid, cond_ids: list[int
     vocab = lm.vocab
     guided = sampling.guidance_scale != 1.0
     rows = [cond_ids, uncond_ids] if guided else [cond_ids]
-    schedule = image_schedule(vocab, grid)
-    cache = lm.new_cache(len(rows), max(len(r) for r in rows) + len(schedule))
+    plan = decode_plan(grid)
+    cache = lm.new_cache(len(rows), max(len(r) for r in rows) + grid.num_tokens)
     codes: dict[int, list[int]] = {SEMANTIC: [], PIXEL: []}
-    offsets = {SEMANTIC: vocab.semantic_code_offset, PIXEL: vocab.pixel_code_offset}
     timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
 
-    # Forced tokens accumulate in ``pending`` and go through the body in one call just before the next sample:
-    # no head runs for a position whose successor is forced.
-    first = next(i for i, s in enumerate(schedule) if s.level is not None)
-    pending = [s.token for s in schedule[:first]]
+    # The forced tokens before the first code go with the prompt; then each body call feeds the code sampled last
+    # and the forced tokens up to the next code (contract.decode_plan): no head runs for a forced position.
     t0 = time.perf_counter()
-    hidden = lm.prefill(cache, [lm.extend(r, pending) for r in rows])
+    hidden = lm.prefill(cache, [lm.extend(r, [vocab.token_id(t) for t in plan.prefix]) for r in rows])
     timings["prefill"] = time.perf_counter() - t0
-    pending, steps = [], 1
-    for slot in schedule[first:]:
-        if slot.level is None:
-            pending.append(slot.token)
-            continue
+    last: list[int] = []
+    calls = 1
+    for step in plan.steps:
         t0 = time.perf_counter()
-        if pending:
-            hidden = lm.step(cache, pending)
-            steps += 1
-        logits = lm.logits(hidden, LEVEL_HEADS[slot.level], cache.logits_buffers)
+        feed = last + [vocab.token_id(t) for t in step.forced]
+        if feed:
+            hidden = lm.step(cache, feed)
+            calls += 1
+        logits = lm.logits(hidden, LEVEL_NAMES[step.level], cache.logits_buffers)
         scores = guide(logits[0], logits[1] if guided else None, sampling.guidance_scale)
-        temperature, top_k, top_p = sampling.level(slot.level)
+        temperature, top_k, top_p = sampling.level(step.level)
         index = choose(scores, temperature, top_k, top_p, sampling.greedy, rng)
-        codes[slot.level].append(index)
-        pending = [offsets[slot.level] + index]
-        timings[LEVEL_HEADS[slot.level]] += time.perf_counter() - t0
+        codes[step.level].append(index)
+        last = [vocab.code_offset(step.level) + index]
+        timings[LEVEL_NAMES[step.level]] += time.perf_counter() - t0
         if on_token is not None:
-            on_token(slot.level)
+            on_token(step.level)
     semantic = np.asarray(codes[SEMANTIC], dtype=np.int64).reshape(grid.semantic_rows, grid.semantic_cols)
     pixel = np.asarray(codes[PIXEL], dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols)
-    return ImageTokens(semantic, pixel, timings, steps)
+    return ImageTokens(semantic, pixel, timings, calls)
 
 
 def generate_text(lm: LanguageModel, prompt, max_new_tokens: int, greedy: bool = True,

@@ -22,16 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from illume_rt.runtime.layout import SEMANTIC_PATCH, SEMANTIC_RESIZE, LayoutError
+from illume_rt import contract
+from illume_rt.contract import (EDIT_ANCHORS, PIXEL_FACTOR, SEMANTIC_PATCH, SEMANTIC_RESIZE, UNDERSTANDING_MAX_PIXELS,
+                                UNDERSTANDING_MIN_PIXELS, LayoutError)
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-UNDERSTANDING_MIN_PIXELS = 32 * 32
-UNDERSTANDING_MAX_PIXELS = 768 * 768
-PIXEL_FACTOR = 16
-# Editing anchors (height, width): official RATIOS, i.e. every supported size except 256x256.
-EDIT_ANCHORS = ((512, 512), (384, 512), (512, 384), (384, 768), (768, 384), (384, 576), (576, 384),
-                (320, 960), (960, 320), (256, 1024), (1024, 256))
+CLIP_MEAN = np.array(contract.CLIP_MEAN, dtype=np.float32)
+CLIP_STD = np.array(contract.CLIP_STD, dtype=np.float32)
 
 
 # Decoded images are held as RGB in memory; past this many pixels a file is refused before decoding (a PNG of a few

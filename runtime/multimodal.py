@@ -1,9 +1,8 @@
 """Images into the LLM: encoders, the image block of embeddings, and splicing it into a prompt.
 
-The block follows ILLUME/illume/model/illume_arch.py (encode_images, _reformat_image_sequence):
-<start_of_image> <start_of_level0> [w1 semantic features, <end_of_line>] x h1 <end_of_level0>
-<start_of_level1> [w2 pixel features, <end_of_line>] x h2 <end_of_level1> <end_of_image>,
-structure tokens embedded with the token table.
+The block is the image grammar of generation (contract.IMAGE_GRAMMAR, ILLUME/illume/model/illume_arch.py
+encode_images, _reformat_image_sequence) with the encoders' features in the code positions, structure tokens
+embedded with the token table.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from illume_rt.contract import (GRAPH_IO, IMAGE_PLACEHOLDER, PIXEL, PIXEL_PATCH, SEMANTIC, SEMANTIC_PATCH, ImageGrid,
+                                LayoutError, image_slots)
 from illume_rt.engines.base import Engine
 from illume_rt.runtime.images import semantic_size, semantic_view
-from illume_rt.runtime.layout import PIXEL_PATCH, SEMANTIC_PATCH, LayoutError
-from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER
 
 
 @dataclass
@@ -33,36 +32,39 @@ class ImageEncoder:
     def encode(self, image: np.ndarray) -> EncodedImage:
         """image: float32 [1, 3, H, W] in [-1, 1], H and W multiples of 16 (images.understanding_image)."""
         vit_input = semantic_view(image)
-        (semantic,) = self.semantic_encoder.run({"pixel_values": vit_input})
-        (pixel,) = self.pixel_embedder.run({"image": image})
+        (semantic,) = self.semantic_encoder.run({GRAPH_IO["semantic_encoder"][0][0]: vit_input})
+        (pixel,) = self.pixel_embedder.run({GRAPH_IO["pixel_embedder"][0][0]: image})
         sem_grid = (vit_input.shape[2] // SEMANTIC_PATCH, vit_input.shape[3] // SEMANTIC_PATCH)
         pix_grid = (image.shape[2] // PIXEL_PATCH, image.shape[3] // PIXEL_PATCH)
         return EncodedImage(semantic, sem_grid, pixel, pix_grid)
 
 
-def image_block_length(height: int, width: int) -> int:
-    """Positions the image block of an understanding image of height x width pixels takes (see image_block): the
-    semantic and pixel grids, an <end_of_line> per row, and six markers."""
+def understanding_grid(height: int, width: int) -> ImageGrid:
+    """The token grids of an understanding image of height x width pixels (multiples of 16)."""
     sem_h, sem_w = semantic_size(height, width)
-    sem_rows, sem_cols = sem_h // SEMANTIC_PATCH, sem_w // SEMANTIC_PATCH
-    pix_rows, pix_cols = height // PIXEL_PATCH, width // PIXEL_PATCH
-    return sem_rows * (sem_cols + 1) + pix_rows * (pix_cols + 1) + 6
+    return ImageGrid(height, width, sem_h // SEMANTIC_PATCH, sem_w // SEMANTIC_PATCH,
+                     height // PIXEL_PATCH, width // PIXEL_PATCH)
+
+
+def image_block_length(height: int, width: int) -> int:
+    """Positions the image block of an understanding image of height x width pixels takes."""
+    return understanding_grid(height, width).num_tokens
 
 
 def image_block(lm, encoded: EncodedImage) -> np.ndarray:
-    """The [N, hidden] embeddings that replace <image>."""
-    v = lm.vocab
-    parts = [lm.embed([v.start_of_image_id])]
-    eol = lm.embed([v.end_of_line_id])
-    for level, (features, (rows, cols)) in enumerate(((encoded.semantic, encoded.semantic_grid),
-                                                       (encoded.pixel, encoded.pixel_grid))):
-        start, end = (v.start_of_level0_id, v.end_of_level0_id) if level == 0 else \
-            (v.start_of_level1_id, v.end_of_level1_id)
-        parts.append(lm.embed([start]))
-        for r in range(rows):
-            parts += [features[r * cols:(r + 1) * cols], eol]
-        parts.append(lm.embed([end]))
-    parts.append(lm.embed([v.end_of_image_id]))
+    """The [N, hidden] embeddings that replace <image>: contract.image_slots with the features in the code slots."""
+    grid = ImageGrid(0, 0, *encoded.semantic_grid, *encoded.pixel_grid)
+    features = {SEMANTIC: encoded.semantic, PIXEL: encoded.pixel}
+    taken = {SEMANTIC: 0, PIXEL: 0}
+    parts: list[np.ndarray] = []
+    for slot in image_slots(grid):
+        if slot.level is None:
+            parts.append(lm.embed([lm.vocab.token_id(slot.token)]))
+            continue
+        cols = grid.level_shape(slot.level)[1]  # a row of features at once
+        if taken[slot.level] % cols == 0:
+            parts.append(features[slot.level][taken[slot.level]:taken[slot.level] + cols])
+        taken[slot.level] += 1
     return np.concatenate(parts).astype(np.float32)
 
 

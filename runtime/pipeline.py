@@ -13,17 +13,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
+from illume_rt.contract import GRAPH_IO, HEADS, LayoutError, head_component, image_grid
 from illume_rt.engines.base import BackendError, Engine
+from illume_rt.files import save_image
 from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
 from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens, generate_text
-from illume_rt.runtime.files import save_image
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
-from illume_rt.runtime.layout import LayoutError, SamplingConfig, check_seed, check_threads, image_grid
+from illume_rt.runtime.options import SamplingConfig, check_seed, check_threads
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
@@ -38,39 +39,75 @@ UNDERSTAND_MIN_ANSWER_TOKENS = 32
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
 
 
-def open_engine(bundle: Bundle, name: str, backend: str, threads: int | None) -> Engine:
+def open_engine(bundle: Bundle, name: str, backend: str, threads: int | None,
+                trt_precision: str | None = None) -> Engine:
+    """Component ``name`` of ``bundle`` on ``backend``; its inputs and outputs must be the manifest's."""
     entry = bundle.component(name)
     if backend == "ort-cpu":
         from illume_rt.engines.ort import OrtEngine
 
-        return OrtEngine(name, bundle.component_path(name), backend, threads,
-                         emulate_fp8=entry.get("precision") == "fp8")
-    if backend == "ort-cuda":
+        engine = OrtEngine(name, bundle.component_path(name), backend, threads,
+                           emulate_fp8=entry.get("precision") == "fp8")
+    elif backend == "ort-cuda":
         from illume_rt.engines.ort_cuda import OrtCudaEngine  # device buffers, IO binding
 
-        return OrtCudaEngine(name, bundle.component_path(name), threads,
-                             emulate_fp8=entry.get("precision") == "fp8")
-    if backend == "tensorrt":
+        engine = OrtCudaEngine(name, bundle.component_path(name), threads,
+                               emulate_fp8=entry.get("precision") == "fp8")
+    elif backend == "tensorrt":
         from illume_rt.engines import tensorrt as trt_backend  # optional, needs the tensorrt package
 
-        return trt_backend.open_engine(bundle, name)
-    raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        engine = trt_backend.open_engine(bundle, name, trt_precision)
+    else:
+        raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    want = ([t["name"] for t in entry["inputs"]], [t["name"] for t in entry["outputs"]])
+    if (sorted(engine.input_names), sorted(engine.output_names)) != (sorted(want[0]), sorted(want[1])):
+        raise BundleError(f"graph {name} has inputs {engine.input_names} and outputs {engine.output_names}, the "
+                          f"manifest says {want[0]} -> {want[1]}; re-export the bundle")
+    return engine
 
 
-class LazyEngines(dict):
-    """Head slices open when first used: text generation never loads the code rows, and image generation never
-    loads the (largest) text rows."""
+class EngineSet:
+    """The bundle's engines by component name, each opened on first use (start-up stays fast: text generation never
+    loads the code rows of the head, image generation never the largest, text rows), once even when threads ask
+    together. ``Pipeline.replace_engine`` swaps one (calibration, benchmarks)."""
 
     def __init__(self, opener: Callable[[str], Engine]) -> None:
-        super().__init__()
         self._opener = opener
-        self._lock = threading.Lock()  # two threads asking for one head open it once
+        self._open: dict[str, Engine] = {}
+        self._lock = threading.Lock()
 
-    def __missing__(self, key: str) -> Engine:
+    def __getitem__(self, name: str) -> Engine:
         with self._lock:
-            if key not in self:
-                self[key] = self._opener(key)
-            return dict.__getitem__(self, key)
+            if name not in self._open:
+                self._open[name] = self._opener(name)
+            return self._open[name]
+
+    def is_open(self, name: str) -> bool:
+        return name in self._open
+
+    def replace(self, name: str, engine: Engine) -> Engine | None:
+        with self._lock:
+            previous, self._open[name] = self._open.get(name), engine
+        return previous
+
+
+class HeadSlices(Mapping):
+    """The LM head slices of an ``EngineSet`` by level name ("text", "semantic", "pixel"), opened when first used."""
+
+    def __init__(self, engines: EngineSet) -> None:
+        self._engines = engines
+
+    def __getitem__(self, which: str) -> Engine:
+        return self._engines[head_component(which)]
+
+    def __contains__(self, which) -> bool:  # opened, not merely available
+        return self._engines.is_open(head_component(which))
+
+    def __iter__(self):
+        return (w for w in HEADS if w in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @dataclass
@@ -83,7 +120,7 @@ class GenerationResult:
     notices: list[str] = field(default_factory=list)  # things the caller should know (e.g. an untrained size)
 
     def save(self, path: str | Path) -> Path:
-        """Write the image atomically in the format of the extension (.png, .jpg, .webp); runtime/files.py."""
+        """Write the image atomically in the format of the extension (.png, .jpg, .webp); illume_rt/files.py."""
         return save_image(self.image, path)
 
 
@@ -93,44 +130,56 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None) -> None:
+    """A bundle, opened on one backend. ``trt_precision`` picks among the TensorRT engines built for the bundle
+    when there are several (``build-engines``); None takes the bundle's own."""
+
+    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", threads: int | None = None,
+                 trt_precision: str | None = None) -> None:
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.bundle, self.backend, self.threads = bundle, backend, check_threads(threads)
-        self._lazy: dict[str, Engine] = {}
-        self._open_lock = threading.Lock()
         # GPU backends keep device buffers per engine (staging, execution contexts): their calls take turns
         self._call_lock = contextlib.nullcontext() if backend == "ort-cpu" else threading.Lock()
         self.vocab = bundle.vocab
         self.tokenizer = load_tokenizer(bundle.manifest["tokenizer"], bundle.path, self.vocab)
-        heads = LazyEngines(lambda which: open_engine(bundle, f"lm_head_{which}", backend, threads))
-        body = open_engine(bundle, "llm", backend, threads)
-        # GPU backends bring a LanguageModel that keeps the KV cache on the device (same loop, same interface).
-        lm_class = getattr(body, "language_model_class", None) or LanguageModel
-        self.lm = lm_class(body, heads, bundle.table("embed_tokens"), bundle.llm, self.vocab)
-        self.pixel_decoder = open_engine(bundle, "pixel_decoder", backend, threads)
+        self.engines = EngineSet(lambda name: open_engine(bundle, name, backend, self.threads, trt_precision))
+        self.lm = LanguageModel(self.engines["llm"], HeadSlices(self.engines), bundle.table("embed_tokens"),
+                                bundle.llm, self.vocab)
+        self.engines["pixel_decoder"]  # every image task needs it: open it now, so a broken graph fails early
         self.semantic_codebook = bundle.table("semantic_codebook", on_demand=False)
         self.pixel_codebook = bundle.table("pixel_codebook", on_demand=False)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                    verify: bool = True) -> "Pipeline":
-        return cls(load_bundle(path, verify=verify), backend, threads)
+                    verify: bool = True, trt_precision: str | None = None) -> "Pipeline":
+        return cls(load_bundle(path, verify=verify), backend, threads, trt_precision)
 
     @property
     def random_weights(self) -> bool:
         return self.bundle.random_weights
 
-    def _engine(self, name: str) -> Engine:
-        """Graphs that only some tasks use (encoders, diffusion) open on first use, so start-up stays fast."""
-        with self._open_lock:
-            if name not in self._lazy:
-                self._lazy[name] = open_engine(self.bundle, name, self.backend, self.threads)
-            return self._lazy[name]
+    def replace_engine(self, name: str, engine: Engine) -> Engine | None:
+        """Use ``engine`` for component ``name`` from now on (e.g. a wrapper that records or times the calls);
+        returns the one it replaces. Not while calls run."""
+        previous = self.engines.replace(name, engine)
+        if name == "llm":
+            self.lm.body = engine  # the loop takes the new body's step (engines/llm_step.py)
+        return previous
+
+    @contextlib.contextmanager
+    def wrapped_engine(self, name: str, wrap: Callable[[Engine], Engine]):
+        """``with pipe.wrapped_engine("llm", Recorder) as recorder:`` -- the engine wrapped for the block."""
+        inner = self.engines[name]
+        wrapper = wrap(inner)
+        self.replace_engine(name, wrapper)
+        try:
+            yield wrapper
+        finally:
+            self.replace_engine(name, inner)
 
     @property
     def image_encoder(self) -> ImageEncoder:
-        return ImageEncoder(self._engine("semantic_encoder"), self._engine("pixel_embedder"))
+        return ImageEncoder(self.engines["semantic_encoder"], self.engines["pixel_embedder"])
 
     def _diffusion(self) -> dict:
         """The manifest's diffusion entry, or the error that says the bundle has no diffusion decoder."""
@@ -143,7 +192,7 @@ class Pipeline:
     @property
     def refiner(self) -> Refiner:
         info = self._diffusion()
-        return Refiner(self._engine("diffusion_unet"), self._engine("vae_decoder"), info["scheduler"])
+        return Refiner(self.engines["diffusion_unet"], self.engines["vae_decoder"], info["scheduler"])
 
     def code_embeddings(self, semantic: np.ndarray, pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Code grids -> channels-first embeddings [1, dim, rows, cols] through the codebook tables."""
@@ -153,7 +202,7 @@ class Pipeline:
     def decode_image(self, semantic: np.ndarray, pixel: np.ndarray) -> np.ndarray:
         """Code grids -> float image [3, H, W] in about [-1, 1] via the codebook tables and the pixel decoder."""
         semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
-        (image,) = self.pixel_decoder.run({"semantic_embed": semantic_embed, "pixel_embed": pixel_embed})
+        (image,) = self.engines["pixel_decoder"].run(dict(zip(GRAPH_IO["pixel_decoder"][0], (semantic_embed, pixel_embed))))
         return image[0]
 
     def refine_image(self, semantic: np.ndarray, pixel: np.ndarray, grid, config: RefineConfig,
@@ -161,7 +210,7 @@ class Pipeline:
         """Code grids -> float image [3, 2H, 2W] through the token map and the diffusion decoder."""
         refiner = self.refiner  # first: a bundle without a diffusion decoder gets the message that says so
         semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
-        (token_map,) = self._engine("token_map").run({"semantic_embed": semantic_embed, "pixel_embed": pixel_embed})
+        (token_map,) = self.engines["token_map"].run(dict(zip(GRAPH_IO["token_map"][0], (semantic_embed, pixel_embed))))
         return refiner.refine(token_map, grid, config, rng)
 
     def _finish(self, tokens: ImageTokens, grid, refine: RefineConfig | None, rng, start: float, seed
@@ -286,9 +335,7 @@ class Pipeline:
             prompt = splice(self.lm, ids, image_block(self.lm, encoded))
             t_encode = time.perf_counter() - start
             v = self.vocab
-            # a text answer: no image structure tokens (the official text-mode mask), and no new image
-            banned = (v.start_of_image_id, v.end_of_image_id, v.end_of_line_id, v.start_of_level0_id,
-                      v.end_of_level0_id, v.start_of_level1_id, v.end_of_level1_id)
+            banned = v.structure_ids  # a text answer: no image structure tokens (the official text-mode mask)
             ids_out: list[int] = []
             printed = ""
 

@@ -7,39 +7,52 @@ assistant prefix.
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
-from illume_rt.runtime.layout import LayoutError, VocabLayout
-from illume_rt.runtime.tokenizer import SYSTEM_PROMPT, Tokenizer
+from illume_rt.contract import (CHAT_TEMPLATE, IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, SYSTEM_PROMPT, LayoutError,
+                                VocabLayout)
+from illume_rt.runtime.tokenizer import Tokenizer
 
 Segment = Union[str, int]  # text to tokenize, or a special id
 
-T2I_TEMPLATE = "Generate an image of {tags}, the content of image is {content}\n"
-T2I_UNCOND_TEMPLATE = "Generate a random image of {tags}\n"
+_FIELD = re.compile(r"(\{[a-z_]+\})")
+_CHAT_SPECIALS = {"<|im_start|>": "im_start_id", "<|im_end|>": "im_end_id"}
+
+
+def expand(template: str, fields: dict[str, list[Segment]]) -> list[Segment]:
+    """A template with {field}s -> segments. A field's value is inserted as it is (never re-parsed, so a prompt may
+    contain braces); text next to text is joined, so it is tokenized as one string, as the official code does."""
+    out: list[Segment] = []
+    for part in _FIELD.split(template):
+        values = fields[part[1:-1]] if _FIELD.fullmatch(part) else [part]
+        for value in values:
+            if isinstance(value, str) and out and isinstance(out[-1], str):
+                out[-1] += value
+            elif value != "":
+                out.append(value)
+    return out
 
 
 def chat_ids(tokenizer: Tokenizer, layout: VocabLayout, user: list[Segment], assistant_prefix: list[Segment]) -> list[int]:
-    """<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{prefix}"""
-    segments: list[Segment] = [
-        layout.im_start_id, f"system\n{SYSTEM_PROMPT}", layout.im_end_id, "\n",
-        layout.im_start_id, "user\n", *user, layout.im_end_id, "\n",
-        layout.im_start_id, "assistant\n", *assistant_prefix,
-    ]
+    """CHAT_TEMPLATE (contract): system turn, the user turn, and the assistant turn's start plus a prefix."""
+    segments: list[Segment] = []
+    fields = {"system": [SYSTEM_PROMPT], "user": user, "assistant_prefix": assistant_prefix}
+    for item in CHAT_TEMPLATE:
+        segments += [getattr(layout, _CHAT_SPECIALS[item])] if item in _CHAT_SPECIALS else expand(item, fields)
     ids: list[int] = []
     for seg in segments:
-        if isinstance(seg, int):
-            ids.append(seg)
-        elif seg:
-            ids.extend(tokenizer.encode(seg))
+        ids.extend([seg] if isinstance(seg, int) else tokenizer.encode(seg))
     return ids
 
 
-def _fill(template: str, tags: list[int], **fields: str) -> list[Segment]:
-    """Split a template at {tags} so the tag ids go in as ids."""
-    before, after = template.split("{tags}")
-    for key, value in fields.items():  # str.replace, not format: prompts may contain braces
-        before, after = before.replace("{" + key + "}", value), after.replace("{" + key + "}", value)
-    return [before, *tags, after]
+def task_ids(tokenizer: Tokenizer, layout: VocabLayout, task: str, content: str = "",
+             size: tuple[int, int] | None = None) -> list[int]:
+    """Prompt ids of one PROMPT_TEMPLATES entry; ``size`` (height, width) gives the resolution tags."""
+    tags = [layout.height_tag(size[0]), layout.width_tag(size[1])] if size else []
+    fields = {"tags": tags, "image": [IMAGE_PLACEHOLDER], "content": [content]}
+    template = PROMPT_TEMPLATES[task]
+    return chat_ids(tokenizer, layout, expand(template["user"], fields), expand(template["assistant_prefix"], fields))
 
 
 MAX_TEXT_CHARS = 1 << 20  # far past any context; stops a runaway argument before tokenizing it
@@ -64,24 +77,16 @@ def text_to_image_ids(tokenizer: Tokenizer, layout: VocabLayout, prompt: str, he
     check_text(prompt, "prompt")
     if not prompt.strip():
         raise LayoutError("the prompt is empty: describe the image, e.g. \"a red circle on a blue background\"")
-    tags = [layout.height_tag(height), layout.width_tag(width)]
-    cond = chat_ids(tokenizer, layout, _fill(T2I_TEMPLATE, tags, content=prompt), tags)
-    uncond = chat_ids(tokenizer, layout, _fill(T2I_UNCOND_TEMPLATE, tags), tags)
+    cond = task_ids(tokenizer, layout, "text_to_image", prompt, (height, width))
+    uncond = task_ids(tokenizer, layout, "text_to_image_unconditional", size=(height, width))
     return cond, uncond
-
-
-# Where the image block goes in a prompt's ids (the official IMAGE_TOKEN_INDEX); never a vocabulary id.
-IMAGE_PLACEHOLDER = -200
-UNDERSTAND_TEMPLATE = "\n{content}"  # user turn: <image>\n{question} (ILLUME/app.py)
-EDIT_TEMPLATE = "\nPlease edit the image according to the instruction: {content}\n"  # ILLUME/app.py (no period)
-EDIT_UNCOND_TEMPLATE = "\nReconstruct the image according to the given image\n"
 
 
 def understanding_ids(tokenizer: Tokenizer, layout: VocabLayout, question: str) -> list[int]:
     check_text(question, "question")
     if not question.strip():
         raise LayoutError("the question is empty: ask something about the image, e.g. \"What is in the image?\"")
-    return chat_ids(tokenizer, layout, [IMAGE_PLACEHOLDER, UNDERSTAND_TEMPLATE.replace("{content}", question)], [])
+    return task_ids(tokenizer, layout, "understanding", question)
 
 
 def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str, height: int, width: int
@@ -90,8 +95,6 @@ def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str, hei
     check_text(instruction, "instruction")
     if not instruction.strip():
         raise LayoutError("the instruction is empty: say how to change the image, e.g. \"make the sky red\"")
-    tags = [layout.height_tag(height), layout.width_tag(width)]
-    cond = chat_ids(tokenizer, layout, [*tags, IMAGE_PLACEHOLDER, EDIT_TEMPLATE.replace("{content}", instruction)],
-                    tags)
-    uncond = chat_ids(tokenizer, layout, [*tags, IMAGE_PLACEHOLDER, EDIT_UNCOND_TEMPLATE], tags)
+    cond = task_ids(tokenizer, layout, "editing", instruction, (height, width))
+    uncond = task_ids(tokenizer, layout, "editing_unconditional", size=(height, width))
     return cond, uncond

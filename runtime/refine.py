@@ -15,11 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from illume_rt.engines.base import Engine
-from illume_rt.runtime.layout import ImageGrid, LayoutError
+from illume_rt.contract import LATENT_CHANNELS, MAP_TO_LATENT, ImageGrid, LayoutError
 from illume_rt.runtime.scheduler import make_scheduler
-
-LATENT_CHANNELS = 4
-MAP_TO_LATENT = 4  # latent grid = pixel-token grid * 4 (output 2x, VAE /8, tokens /16)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from illume_rt.runtime.layout import VocabLayout
+from illume_rt.contract import VocabLayout
 
 
 class Tokenizer(Protocol):
@@ -59,5 +59,3 @@ def load_tokenizer(spec: dict, bundle_dir: Path, layout: VocabLayout) -> Tokeniz
 
     raise BundleError(f"unknown tokenizer kind {kind!r} in the bundle manifest; re-export the bundle")
 
-
-SYSTEM_PROMPT = "You are a helpful assistant."

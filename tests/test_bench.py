@@ -16,7 +16,8 @@ from illume_rt.export.components import export_onnx
 from illume_rt.export.configs import get_preset
 from illume_rt.export.llm import build_llm, head_component, llm_component
 from illume_rt.runtime.generate import LanguageModel, generate_image_tokens, generate_text
-from illume_rt.runtime.layout import SamplingConfig, image_grid
+from illume_rt.contract import image_grid
+from illume_rt.runtime.options import SamplingConfig
 
 HEADS = ("text", "semantic", "pixel")
 

@@ -25,7 +25,7 @@ from illume_rt.export.networks.diffusion import build_diffusion
 from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
 from illume_rt.export.networks.vision import PROJECTOR_PREFIX, VISION_TOWER_PREFIX, build_projectors, \
     build_vision_tower
-from illume_rt.runtime.layout import official_vocab_layout
+from illume_rt.contract import official_vocab_layout
 
 VOCAB_ROWS = 283047  # the 3B table
 BASE = get_preset("tiny")  # ViT / MoVQ / codebook-dim shapes of the synthetic checkpoints

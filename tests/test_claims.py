@@ -22,7 +22,8 @@ import pytest
 
 from illume_rt.runtime.bundle import BundleError, load_bundle, sha256_file
 from illume_rt.runtime.generate import KVCache, LanguageModel
-from illume_rt.runtime.layout import SamplingConfig, image_grid
+from illume_rt.contract import image_grid
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.pipeline import Pipeline
 from illume_rt.runtime.prompts import text_to_image_ids
 
@@ -60,10 +61,12 @@ def test_forced_tokens_ride_with_the_next_code_and_no_head_runs_before_a_forced_
             for name in caches[-1].names:
                 assert np.shares_memory(feeds[name], caches[-1].kv), f"{name} was copied"
 
-    body = pipe.lm.body = Counting(pipe.lm.body, cache_in_place)
+    body = Counting(pipe.engines["llm"], cache_in_place)
+    pipe.replace_engine("llm", body)
     heads = {}
     for which in ("semantic", "pixel"):
-        heads[which] = pipe.lm.heads[which] = Counting(pipe.lm.heads[which])
+        heads[which] = Counting(pipe.engines[f"lm_head_{which}"])
+        pipe.replace_engine(f"lm_head_{which}", heads[which])
     grid = image_grid(256, 256)
     result = pipe.generate("a cat", seed=0, sampling=SamplingConfig(top_k=32))
     semantic_codes = grid.semantic_rows * grid.semantic_cols
@@ -77,7 +80,7 @@ def test_forced_tokens_ride_with_the_next_code_and_no_head_runs_before_a_forced_
     assert new_positions.count(4) == 1  # last semantic code, <end_of_line>, <end_of_level0>, <start_of_level1>
     assert len(heads["semantic"].calls) == semantic_codes
     assert len(heads["pixel"].calls) == grid.pixel_rows * grid.pixel_cols
-    assert "text" not in pipe.lm.heads  # the text head (the largest) was never opened for an image
+    assert not pipe.engines.is_open("lm_head_text")  # the text head (the largest) was never opened for an image
     assert caches and caches[0].batch == 2  # guidance: both rows in each call
 
 
@@ -85,7 +88,7 @@ def test_the_runtime_imports_no_build_time_package(tiny_bundle):
     script = f"""
 import sys
 from illume_rt.runtime.pipeline import Pipeline
-from illume_rt.runtime.layout import SamplingConfig
+from illume_rt.runtime.options import SamplingConfig
 pipe = Pipeline.from_bundle({str(tiny_bundle)!r}, threads=1)
 from PIL import Image
 pipe.generate("a cat", seed=0, sampling=SamplingConfig(greedy=True))

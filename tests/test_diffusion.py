@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusion reference nee
 from illume_rt.export.components import export_onnx  # noqa: E402
 from illume_rt.export.configs import SDXL_EULER_SCHEDULER, get_preset  # noqa: E402
 from illume_rt.export.networks import diffusion as D  # noqa: E402
-from illume_rt.runtime.layout import DIFFUSION_SIZES, image_grid  # noqa: E402
+from illume_rt.contract import DIFFUSION_SIZES, image_grid  # noqa: E402
 from illume_rt.runtime.scheduler import EulerDiscreteScheduler, SchedulerError, make_scheduler  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import torch
 from illume_rt.export.components import export_onnx
 from illume_rt.export.configs import MoVQConfig, get_preset
 from illume_rt.export.networks import dualvitok as dvt
-from illume_rt.runtime.layout import image_grid, supported_resolutions
+from illume_rt.contract import image_grid, supported_resolutions
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,7 +15,7 @@ import pytest
 from illume_rt.engines import engine_cache as ec
 from illume_rt.engines.base import BackendError
 from illume_rt.engines.checks import check_bundle, check_graph_ops, check_qdq
-from illume_rt.engines.decode_graph import StaticStepLanguageModel, bucket_capacity, static_step_feeds
+from illume_rt.engines.decode_graph import StaticHostStep, bucket_capacity, static_step_feeds
 from illume_rt.engines.profiles import (
     DECODE_MAX_SEQ, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes, select_profile,
     uncovered_requests,
@@ -343,13 +343,17 @@ def test_fixed_shape_decode_gives_the_same_tokens(bundle, greedy):
     """The plan the CUDA-graph path runs (full-capacity past, masked, right-aligned padded step) run on
     onnxruntime CPU: same tokens as the plain loop."""
     from illume_rt.runtime.generate import generate_image_tokens
-    from illume_rt.runtime.layout import SamplingConfig, image_grid
+    from illume_rt.contract import image_grid
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.pipeline import Pipeline
     from illume_rt.runtime.prompts import text_to_image_ids
 
+    import copy
+
     pipe = Pipeline(bundle, threads=2)
     lm = pipe.lm
-    static = StaticStepLanguageModel(lm.body, lm.heads, lm.embed_tokens, bundle.llm, pipe.vocab)
+    static = copy.copy(lm)
+    static.stepper = StaticHostStep(lm.body, lm.dims)
     cond, uncond = text_to_image_ids(pipe.tokenizer, pipe.vocab, "a red circle", 256, 256)
     sampling = SamplingConfig(greedy=greedy)
     grid = image_grid(256, 256)
@@ -394,18 +398,33 @@ def test_pipeline_routes_ort_cuda_to_the_io_binding_engine(bundle, monkeypatch):
 
     seen = {}
 
+    entry = bundle.component("llm")
+
     class Fake:
         def __init__(self, name, path, threads=None, emulate_fp8=False):
             seen[name] = path
+            self.input_names = [t["name"] for t in entry["inputs"]]
+            self.output_names = [t["name"] for t in entry["outputs"]]
 
     monkeypatch.setattr(oc, "OrtCudaEngine", Fake)
     assert isinstance(open_engine(bundle, "llm", "ort-cuda", None), Fake)
     assert seen["llm"].name == "llm.onnx"
 
+    class Renamed(Fake):  # a graph whose IO differs from the manifest's: a bundle error, not a failure mid-run
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.output_names = ["hidden_states", "new_kv"]
+
+    monkeypatch.setattr(oc, "OrtCudaEngine", Renamed)
+    from illume_rt.runtime.bundle import BundleError
+
+    with pytest.raises(BundleError, match="hidden_states.*re-export"):
+        open_engine(bundle, "llm", "ort-cuda", None)
+
 
 def test_build_plan_without_tensorrt(bundle, tmp_path):
     """Strongly typed only: no precision flag ever; the precision and the key come from the bundle's graphs."""
-    from illume_rt.engines.tensorrt import BuildOptions, check_requested_precision, plan_build
+    from illume_rt.engines.tensorrt_build import BuildOptions, check_requested_precision, plan_build
 
     key, settings = plan_build(bundle, "llm", 4, device=H100)
     assert key.precision == "fp32" and key.build["strongly_typed"] and key.build["flags"] == []
@@ -455,7 +474,7 @@ def test_no_precision_builder_flag_anywhere_in_engines():
         for flag in weak:
             assert not re.search(rf"BuilderFlag\.{flag}\b", text), (path.name, flag)
         assert "int8_calibrator" not in text and "IInt8" not in text, path.name
-    builder = (root / "tensorrt.py").read_text()
+    builder = (root / "tensorrt_build.py").read_text()
     for flag in weak:  # no flag name as a string either (getattr(trt.BuilderFlag, name))
         assert f'"{flag}"' not in builder and f"'{flag}'" not in builder, flag
 
@@ -479,9 +498,9 @@ def test_cli_build_engines_check_only(bundle, capsys):
 def test_tensorrt_engines_match_onnxruntime(bundle, tmp_path):  # pragma: no cover - GPU machines only
     import shutil
 
-    from illume_rt.engines.tensorrt import build_bundle_engines
+    from illume_rt.engines.tensorrt_build import build_bundle_engines
     from illume_rt.runtime.bundle import load_bundle
-    from illume_rt.runtime.layout import SamplingConfig
+    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.pipeline import Pipeline
 
     local = tmp_path / "b"

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from illume_rt.runtime.bundle import BundleError, load_bundle
-from illume_rt.runtime.files import scratch_dir
+from illume_rt.files import scratch_dir
 
 CLI = [sys.executable, "-m", "illume_rt.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -25,7 +25,8 @@ from illume_rt.runtime import bundle as bundle_module  # noqa: E402
 from illume_rt.runtime.bundle import BundleError, load_bundle, sha256_file  # noqa: E402
 from illume_rt.runtime.images import load_image, pad_to_anchor, semantic_view, understanding_image  # noqa: E402
 from illume_rt.runtime.images import unpad_and_resize_back  # noqa: E402
-from illume_rt.runtime.layout import LayoutError, SamplingConfig  # noqa: E402
+from illume_rt.contract import LayoutError  # noqa: E402
+from illume_rt.runtime.options import SamplingConfig  # noqa: E402
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids  # noqa: E402
 from illume_rt.runtime.tokenizer import load_tokenizer  # noqa: E402
 

@@ -3,7 +3,7 @@
 import pytest
 
 from illume_rt.export.configs import get_preset
-from illume_rt.runtime.layout import LayoutError, image_grid, parse_resolution, supported_resolutions
+from illume_rt.contract import LayoutError, image_grid, parse_resolution, supported_resolutions
 
 # (height, width) -> (semantic grid, pixel grid, image tokens), facts section 4
 FACTS_GRIDS = {

@@ -146,13 +146,19 @@ def test_no_op_copies_the_cache(exported, tmp_path):
     assert set().union(*consumers.values()) <= {"MatMul", "FusedMatMul", "Shape"}, consumers  # Shape: metadata
 
 
-def test_malloc_tuning_can_be_turned_off(monkeypatch):
+def test_malloc_tuning_is_an_opt_in_that_the_cli_takes(tiny_bundle, tmp_path):
+    """Opening a Pipeline leaves the process's malloc alone (a host embedding the runtime decides); the CLI opts in."""
+    import subprocess
     import sys
 
-    from illume_rt.engines import ort as ort_engine
-
-    monkeypatch.setattr(ort_engine, "_malloc_tuned", False)
-    monkeypatch.setenv("ILLUME_RT_MALLOC_TUNING", "0")
-    assert ort_engine.release_large_blocks_promptly() is False
-    monkeypatch.delenv("ILLUME_RT_MALLOC_TUNING")
-    assert ort_engine.release_large_blocks_promptly() is sys.platform.startswith("linux")
+    code = ("import sys; from illume_rt.engines import ort; from illume_rt.runtime.pipeline import Pipeline; "
+            "Pipeline.from_bundle(sys.argv[1]); print(ort._malloc_tuned)")
+    bundle = str(tiny_bundle)
+    out = subprocess.run([sys.executable, "-c", code, bundle], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    code = ("import sys; from illume_rt import cli; from illume_rt.engines import ort; "
+            "cli.main(['generate', 'a', '-o', sys.argv[2], '--bundle', sys.argv[1], '-q', '--resolution', '256x256']); "
+            "print(ort._malloc_tuned)")
+    out = subprocess.run([sys.executable, "-c", code, bundle, str(tmp_path / "x.png")], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(sys.platform.startswith("linux"))

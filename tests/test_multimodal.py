@@ -12,7 +12,8 @@ from illume_rt.export.networks.diffusion import build_scheduler, reference_refin
 from illume_rt.export.reference import (reference_answer, reference_image_block, reference_image_tokens,
                                         reference_splice)
 from illume_rt.runtime.images import load_image, nearest_anchor, pad_to_anchor, understanding_image
-from illume_rt.runtime.layout import LayoutError, SamplingConfig, image_grid, supported_resolutions
+from illume_rt.contract import LayoutError, image_grid, supported_resolutions
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.multimodal import image_block, splice
 from illume_rt.runtime.prompts import editing_ids, understanding_ids
 from illume_rt.runtime.refine import LATENT_CHANNELS, MAP_TO_LATENT, RefineConfig

@@ -15,7 +15,8 @@ from illume_rt.nano import data
 from illume_rt.nano.checkpoint import available
 from illume_rt.runtime.generate import generate_text
 from illume_rt.runtime.images import pad_to_anchor, understanding_image
-from illume_rt.runtime.layout import SamplingConfig, image_grid
+from illume_rt.contract import image_grid
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.multimodal import image_block, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 

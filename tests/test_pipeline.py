@@ -12,7 +12,8 @@ import torch
 from illume_rt.export.configs import get_preset
 from illume_rt.export.reference import reference_image_tokens
 from illume_rt.runtime.bundle import BundleError, load_bundle
-from illume_rt.runtime.layout import LayoutError, SamplingConfig, image_grid
+from illume_rt.contract import LayoutError, image_grid
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.prompts import text_to_image_ids
 
 PROMPTS = ["a cat with a hat", "a red circle at the top left on a blue background", "two green squares"]

@@ -14,7 +14,7 @@ from conftest import TEST_THREADS  # noqa: E402
 
 from illume_rt.calibration import datasets, recipes  # noqa: E402
 from illume_rt.calibration.quantize import QuantizationError, quantize_bundle, summary_lines  # noqa: E402
-from illume_rt.runtime.layout import SamplingConfig  # noqa: E402
+from illume_rt.runtime.options import SamplingConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -222,7 +222,7 @@ def test_tensorrt_bundle_of_each_precision_passes_the_engine_check(precision, re
 
     from illume_rt.cli import main
     from illume_rt.engines.checks import check_bundle
-    from illume_rt.engines.tensorrt import plan_build
+    from illume_rt.engines.tensorrt_build import plan_build
     from illume_rt.runtime.bundle import load_bundle
 
     dst, manifest = request.getfixturevalue(f"{precision}_trt")

@@ -25,9 +25,10 @@ from PIL import Image
 from illume_rt.cli import main
 from illume_rt.errors import IllumeError, OutputError
 from illume_rt.runtime.bundle import BundleError, load_bundle
-from illume_rt.runtime.files import check_output_dir, image_target, publish_dir, save_image, scratch_dir
+from illume_rt.files import check_output_dir, image_target, publish_dir, save_image, scratch_dir
 from illume_rt.runtime.images import smart_resize
-from illume_rt.runtime.layout import LayoutError, SamplingConfig
+from illume_rt.contract import LayoutError
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.pipeline import Pipeline
 from illume_rt.runtime.prompts import understanding_ids
 from illume_rt.runtime.refine import RefineConfig
@@ -185,7 +186,7 @@ def test_a_symlinked_target_writes_its_file(tmp_path):
 WRITER = """
 import sys
 import numpy as np
-from illume_rt.runtime.files import save_image
+from illume_rt.files import save_image
 value, path = int(sys.argv[1]), sys.argv[2]
 pixels = np.full((256, 256, 3), value, np.uint8)
 pixels[::7] = 255 - value  # something for zlib to work on

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from illume_rt.runtime.layout import LayoutError, SamplingConfig
+from illume_rt.contract import LayoutError
+
+from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.sampler import choose, guide, sample, warp
 
 

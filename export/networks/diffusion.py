@@ -67,11 +67,10 @@ import math
 import numpy as np
 
 from illume_rt.export.components import Component, TensorSpec, Tolerance
-from illume_rt.export.configs import LATENT_CHANNELS, NUM_ADD_TIME_IDS, Preset
-from illume_rt.runtime.layout import DIFFUSION_SIZES
+from illume_rt.contract import DIFFUSION_SIZES, GRAPH_IO, LATENT_CHANNELS, MAP_TO_LATENT
+from illume_rt.export.configs import NUM_ADD_TIME_IDS, Preset
 
 TEXT_SEQ_LEN = 77  # length of the zero prompt embeddings (pipe:365); only the unfolded reference uses it
-MAP_TO_LATENT = 4  # latent grid / token-map grid for the 2x refiner (derived, see module docstring)
 
 
 # -- sizes read from the preset ---------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def check_config(preset: Preset) -> None:
     want = v.get("latent_channels", LATENT_CHANNELS) + map_channels(preset)
     if u["in_channels"] != want:
         raise ValueError(f"UNet in_channels {u['in_channels']} != latent channels + map channels = {want}")
-    if u.get("out_channels", 4) != v.get("latent_channels", LATENT_CHANNELS):
+    if u.get("out_channels", LATENT_CHANNELS) != v.get("latent_channels", LATENT_CHANNELS):
         raise ValueError("UNet out_channels must equal the VAE's latent_channels")
     if u.get("addition_embed_type") != "text_time" or pooled_dim(preset) <= 0:
         raise ValueError("the decoder UNet must use addition_embed_type 'text_time' with a positive pooled width")
@@ -288,12 +287,12 @@ def unet_component(preset: Preset, unet) -> Component:
     return Component(
         name="diffusion_unet",
         inputs=(
-            TensorSpec("latent", "float32", ("batch", c_lat, "lat_h", "lat_w")),
-            TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("token_map", "float32", ("batch", c_map, "map_h", "map_w")),
-            TensorSpec("resolution_index", "int64", ("batch",)),
+            TensorSpec(GRAPH_IO["diffusion_unet"][0][0], "float32", ("batch", c_lat, "lat_h", "lat_w")),
+            TensorSpec(GRAPH_IO["diffusion_unet"][0][1], "float32", ("batch",)),
+            TensorSpec(GRAPH_IO["diffusion_unet"][0][2], "float32", ("batch", c_map, "map_h", "map_w")),
+            TensorSpec(GRAPH_IO["diffusion_unet"][0][3], "int64", ("batch",)),
         ),
-        outputs=(TensorSpec("noise_pred", "float32", ("batch", c_lat, "lat_h", "lat_w")),),
+        outputs=(TensorSpec(GRAPH_IO["diffusion_unet"][1][0], "float32", ("batch", c_lat, "lat_h", "lat_w")),),
         dims=dims,
         build_module=lambda: unet_export_module(preset, unet),
         make_inputs=make_inputs,
@@ -326,8 +325,8 @@ def vae_decoder_component(preset: Preset, vae) -> Component:
 
     return Component(
         name="vae_decoder",
-        inputs=(TensorSpec("latent", "float32", ("batch", c_lat, "lat_h", "lat_w")),),
-        outputs=(TensorSpec("image", "float32", ("batch", preset.diffusion.vae.get("out_channels", 3),
+        inputs=(TensorSpec(GRAPH_IO["vae_decoder"][0][0], "float32", ("batch", c_lat, "lat_h", "lat_w")),),
+        outputs=(TensorSpec(GRAPH_IO["vae_decoder"][1][0], "float32", ("batch", preset.diffusion.vae.get("out_channels", 3),
                                                   "image_h", "image_w")),),
         dims=dims,
         build_module=lambda: vae_decoder_export_module(vae),

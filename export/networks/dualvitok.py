@@ -53,7 +53,7 @@ from torch import nn
 
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import CodebookConfig, MoVQConfig, Preset
-from illume_rt.runtime.layout import PIXEL_PATCH, image_grid, supported_resolutions
+from illume_rt.contract import GRAPH_IO, PIXEL_PATCH, image_grid, supported_resolutions
 
 NEAREST_BLOCK = 32768  # codes compared per block in the nearest-code search (official sim_vq.py L114)
 
@@ -543,9 +543,9 @@ def pixel_decoder_component(preset: Preset, model: DualViTokPixel) -> Component:
 
     return Component(
         name="pixel_decoder",
-        inputs=(TensorSpec("semantic_embed", "float32", ("batch", dim, "sem_rows", "sem_cols")),
-                TensorSpec("pixel_embed", "float32", ("batch", dim, "pix_rows", "pix_cols"))),
-        outputs=(TensorSpec("image", "float32", ("batch", preset.pixel_decoder.out_channels, "height", "width")),),
+        inputs=(TensorSpec(GRAPH_IO["pixel_decoder"][0][0], "float32", ("batch", dim, "sem_rows", "sem_cols")),
+                TensorSpec(GRAPH_IO["pixel_decoder"][0][1], "float32", ("batch", dim, "pix_rows", "pix_cols"))),
+        outputs=(TensorSpec(GRAPH_IO["pixel_decoder"][1][0], "float32", ("batch", preset.pixel_decoder.out_channels, "height", "width")),),
         dims=dims,
         build_module=lambda: PixelDecoderGraph(model).eval(),
         make_inputs=make_inputs,

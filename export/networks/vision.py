@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from illume_rt.contract import GRAPH_IO
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset, VisionTowerConfig
 
@@ -351,8 +352,8 @@ def vision_tower_component(preset: Preset, tower: Qwen2VisionTransformer, projec
 
     return Component(
         name="semantic_encoder",
-        inputs=(TensorSpec("pixel_values", "float32", (1, cfg.in_channels, "height", "width")),),
-        outputs=(TensorSpec("semantic_embeds", "float32", ("tokens", preset.llm.hidden_size)),),
+        inputs=(TensorSpec(GRAPH_IO["semantic_encoder"][0][0], "float32", (1, cfg.in_channels, "height", "width")),),
+        outputs=(TensorSpec(GRAPH_IO["semantic_encoder"][1][0], "float32", ("tokens", preset.llm.hidden_size)),),
         # export sample 56x84, verification 84x56 (both dims change, so neither can have been fixed)
         dims={"height": (2 * unit, 3 * unit, (MIN_SIDE, OPT_SIDE, MAX_SIDE)),
               "width": (3 * unit, 2 * unit, (MIN_SIDE, OPT_SIDE, MAX_SIDE))},

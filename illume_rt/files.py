@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -24,10 +25,9 @@ import stat
 import tempfile
 from pathlib import Path
 
+from illume_rt.contract import BUNDLE_FORMAT_NAME, MANIFEST
 from illume_rt.errors import OutputError
 
-MANIFEST = "manifest.json"  # the bundle's manifest file (runtime/bundle.py reads it)
-BUNDLE_FORMAT_NAME = "illume-rt-bundle"
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
@@ -242,3 +242,11 @@ def exclusive_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

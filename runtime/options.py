@@ -1,0 +1,78 @@
+"""Per-call options of the runtime: sampling settings, seeds and thread counts, validated before any work."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+from illume_rt.contract import LayoutError
+
+MAX_SEED = 2**63 - 1  # numpy's default_rng takes any non-negative int; this bound keeps seeds portable (int64)
+
+
+def check_seed(seed) -> int | None:
+    """None (fresh entropy) or a whole number 0..MAX_SEED."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise LayoutError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def check_threads(threads) -> int | None:
+    """None (onnxruntime's default: every core) or 1..cores; more only oversubscribes (100000 hung the machine)."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= cores:
+        raise LayoutError(f"threads must be a whole number from 1 to {cores} (this machine's cores), got {threads!r}")
+    return int(threads)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-level sampling. Defaults follow ILLUME/app.py for text to image (warpers applied once)."""
+
+    guidance_scale: float = 2.0
+    temperature: float = 1.0
+    top_k: int = 2048
+    top_p: float = 1.0
+    pixel_temperature: float | None = None  # None: same as semantic
+    pixel_top_k: int | None = None  # None: 3x the semantic top_k, as the official InferenceConfig
+    pixel_top_p: float | None = None
+    greedy: bool = False
+
+    def level(self, level: int) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) for level 0 (semantic) or 1 (pixel)."""
+        if level == 0:
+            return self.temperature, self.top_k, self.top_p
+        return (self.temperature if self.pixel_temperature is None else self.pixel_temperature,
+                3 * self.top_k if self.pixel_top_k is None else self.pixel_top_k,
+                self.top_p if self.pixel_top_p is None else self.pixel_top_p)
+
+    def validate(self) -> None:
+        for name in ("guidance_scale", "temperature", "top_p", "pixel_temperature", "pixel_top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise LayoutError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "pixel_top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise LayoutError(f"{name} must be a whole number, got {value!r}")
+        if self.guidance_scale < 1.0:
+            raise LayoutError(f"guidance {self.guidance_scale} < 1: use 1.0 (off) or more, e.g. 2.0")
+        for name in ("temperature", "pixel_temperature"):
+            t = getattr(self, name)
+            if t is not None and t <= 0:
+                raise LayoutError(f"{name} must be > 0 (use --greedy for argmax decoding)")
+        for name in ("top_p", "pixel_top_p"):
+            p = getattr(self, name)
+            if p is not None and not 0 < p <= 1:
+                raise LayoutError(f"{name} must be in (0, 1]")
+        for name in ("top_k", "pixel_top_k"):
+            k = getattr(self, name)
+            if k is not None and k < 0:
+                raise LayoutError(f"{name} must be >= 0 (0 disables top-k)")
