@@ -27,8 +27,6 @@ from typing import Callable
 from illume_rt.bench.measure import machine, read_bandwidth, stats, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = {"runtime_vs_reference": 3.0, "batched_vs_sequential": 1.7, "bandwidth_fraction": 0.60,
-           "text_vs_peer": 1.0, "memory_over_weights_kv": 1.25}
 
 
 def run_worker(spec: dict, log: Callable[[str], None], timeout: float | None = None) -> dict:

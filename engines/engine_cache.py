@@ -153,12 +153,3 @@ def find_engine(bundle_path: Path | str, component: str, graph_sha256: str, devi
     raise EngineCacheError(f"the {component} engine was built for {built.describe()}; this machine has "
                            f"{device.describe()}. TensorRT engines only run on the GPU model and TensorRT version "
                            f"they were built for: rebuild with `{rebuild}`")
-
-
-def check_engine_header(entry: dict, device: DeviceInfo, bundle_path: Path | str) -> None:
-    """Refuse an index entry whose recorded device differs from ``device`` (used before deserializing)."""
-    if entry.get("device") != asdict(device):
-        built = DeviceInfo(**entry["device"])
-        raise EngineCacheError(f"engine {entry['file']} was built for {built.describe()}; this machine has "
-                               f"{device.describe()}: rebuild with "
-                               f"`{rebuild_command(bundle_path)}`")

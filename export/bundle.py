@@ -29,7 +29,6 @@ class ReferenceModels:
     preset: Preset
     llm: object  # transformers Qwen2ForCausalLM
     dualvitok: object  # DualViTokPixel: codebooks, pixel encoder and decoder
-    extra_components: list[Callable[["ReferenceModels"], Component]] = field(default_factory=list)
     random_weights: bool = True
     source: dict = field(default_factory=dict)  # checkpoint paths and hashes
     # (height, width) pairs the weights were trained at, when known (illume-nano): other sizes get a notice
@@ -85,7 +84,6 @@ def components_for(models: ReferenceModels) -> list[Component]:
 
         comps.append(token_map_component(preset, models.dualvitok))
         comps += [unet_component(preset, models.unet), vae_decoder_component(preset, models.vae)]
-    comps += [make(models) for make in models.extra_components]
     return comps
 
 

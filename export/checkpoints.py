@@ -554,14 +554,6 @@ def _load_parts(label: str, parts: list[tuple]) -> None:
             _copy_into(module, source, expected)
 
 
-def load_llm(source: TensorSource, preset: Preset, label: str):
-    """A float32 ``Qwen2ForCausalLM`` from the LLM keys of the MLLM (vision and projector keys removed)."""
-    llm = _build_llm_empty(preset)
-    expected, source, hint = _llm_plan(llm, source, preset, label)
-    _load_parts(label, [(llm, expected, source, "", hint)])
-    return _finish_llm(llm, preset)
-
-
 def _finish_llm(llm, preset: Preset):
     if preset.llm.tie_word_embeddings:
         llm.tie_weights()

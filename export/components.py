@@ -83,14 +83,6 @@ class Component:
         }
 
 
-def atomic_path(final: Path) -> Path:
-    """A temporary sibling of ``final`` to write into, then ``os.replace`` onto it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def compare_arrays(got: np.ndarray, want: np.ndarray, tol: Tolerance) -> dict:
     """Figures for one output; 'ok' says whether they meet the tolerance."""
     got64, want64 = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()

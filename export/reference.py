@@ -25,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from typing import TYPE_CHECKING
+
 from illume_rt.contract import ImageGrid, VocabLayout
 
-from illume_rt.runtime.options import SamplingConfig
+if TYPE_CHECKING:  # the reference takes the runtime's options object (annotation only: export never imports runtime)
+    from illume_rt.runtime.options import SamplingConfig
 
 
 @dataclass
@@ -186,14 +189,15 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
 def reference_image_block(models, image: np.ndarray) -> torch.Tensor:
     """[1, 3, H, W] in [-1, 1] -> the image block of embeddings, as ILLUME's encode_images builds it: the ViT view
     through torch's antialiased bicubic (ScalingLayerForQwen2ViT), the pixel encoder on the image as is."""
-    from illume_rt.runtime.images import CLIP_MEAN, CLIP_STD, semantic_size
+    from illume_rt.contract import CLIP_MEAN, CLIP_STD, semantic_size
     from illume_rt.contract import PIXEL_PATCH, SEMANTIC_PATCH
 
     x = torch.from_numpy(image)
     height, width = semantic_size(*image.shape[2:])
     unit = F.interpolate((x + 1) / 2, size=(height, width), mode="bicubic", align_corners=False,
                          antialias=True).clamp(0, 1)
-    vit_in = (unit - torch.from_numpy(CLIP_MEAN)[None, :, None, None]) / torch.from_numpy(CLIP_STD)[None, :, None, None]
+    mean, std = torch.tensor(CLIP_MEAN)[None, :, None, None], torch.tensor(CLIP_STD)[None, :, None, None]
+    vit_in = (unit - mean) / std
     semantic = models.projectors.projector_1(models.vision_tower(vit_in))
     features = models.pixel_encoder(x)
     pixel = models.projectors.projector_2(features.flatten(2).transpose(1, 2)[0])
@@ -218,7 +222,7 @@ def reference_image_block(models, image: np.ndarray) -> torch.Tensor:
 
 
 def reference_splice(models, ids: list[int], block: torch.Tensor) -> torch.Tensor:
-    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER
+    from illume_rt.contract import IMAGE_PLACEHOLDER
 
     at = ids.index(IMAGE_PLACEHOLDER)
     embed = models.llm.get_input_embeddings()

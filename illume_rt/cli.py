@@ -85,13 +85,19 @@ def cache_dir() -> Path:
 
 def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
     """Cached bundle of a built-in preset, keyed by the exporter's source so a code change re-exports it."""
+    import importlib.util
+
     import illume_rt
 
     digest = hashlib.sha256(illume_rt.__version__.encode())
-    roots = [Path(__file__).resolve().parent.parent / d for d in ("export", "runtime")]
-    for root in roots:
-        for file in sorted(root.rglob("*.py")):
-            digest.update(file.read_bytes())
+    # where the exporter, the runtime and the contract really are (a checkout, or site-packages of a wheel);
+    # located, not imported, so a runtime-only install (no torch) computes the same key
+    files = [Path(importlib.util.find_spec("illume_rt.contract").origin)]
+    for package in ("illume_rt.export", "illume_rt.runtime"):
+        for root in importlib.util.find_spec(package).submodule_search_locations:
+            files += sorted(Path(root).rglob("*.py"))
+    for file in files:
+        digest.update(file.read_bytes())
     if preset == "nano":  # the trained weights are part of the key
         from illume_rt.nano import checkpoint
         from illume_rt.nano.checkpoint import DUALVITOK_FILE, MLLM_DIR
@@ -353,8 +359,11 @@ def cmd_bench(args) -> None:
 
 
 def _runtime_options(parser) -> None:
-    parser.add_argument("--bundle", help="bundle folder (default: the built-in tiny model, exported once)")
+    parser.add_argument("--bundle", help="bundle folder (default: the built-in model, illume-nano, exported once)")
     parser.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt"])
+    parser.add_argument("--trt-precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"], default=None,
+                        help="tensorrt: which of the bundle's built engines to run when there are several "
+                             "(default: the bundle's own precision)")
     parser.add_argument("--threads", type=thread_count, default=None,
                         help="intra-op threads, 1 to the number of cores (default: all cores)")
 
@@ -391,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bundle folder to write: a new or empty folder (an existing bundle needs --overwrite)")
     exp.add_argument("--overwrite", action="store_true", help="replace the bundle at -o (atomically)")
     exp.add_argument("--preset", default=None,
-                     help="without --checkpoint: the random-weight preset, tiny (default), 3b or 7b; with "
+                     help="without --checkpoint: a built-in preset, nano (default: illume-nano, trained here) or "
+                          "tiny, bench, 3b, 7b (random weights); with "
                           "--checkpoint: the preset whose vision tower, MoVQ and codebook-dim shapes the checkpoints "
                           "have (default: the official ones; the LLM and vocabulary come from config.json)")
     exp.add_argument("--checkpoint", metavar="MLLM_DIR",

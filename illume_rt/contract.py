@@ -116,6 +116,16 @@ def image_grid(height: int, width: int) -> ImageGrid:
                      height // PIXEL_PATCH, width // PIXEL_PATCH)
 
 
+def semantic_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) the semantic encoder sees for an image of this size: the anchor's SEMANTIC_RESIZE, or a
+    multiple of 28 (floor, at least one patch) for an understanding image."""
+    if (width, height) in SEMANTIC_RESIZE:
+        sem_w, sem_h = SEMANTIC_RESIZE[(width, height)]
+        return sem_h, sem_w
+    return max(SEMANTIC_PATCH, height // SEMANTIC_PATCH * SEMANTIC_PATCH), \
+        max(SEMANTIC_PATCH, width // SEMANTIC_PATCH * SEMANTIC_PATCH)
+
+
 def parse_resolution(text: str) -> tuple[int, int]:
     """'512x512' or '384x512' (height x width) -> (height, width), validated against the supported sizes."""
     try:

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from illume_rt import contract
-from illume_rt.contract import (EDIT_ANCHORS, PIXEL_FACTOR, SEMANTIC_PATCH, SEMANTIC_RESIZE, UNDERSTANDING_MAX_PIXELS,
-                                UNDERSTANDING_MIN_PIXELS, LayoutError)
+from illume_rt.contract import (EDIT_ANCHORS, PIXEL_FACTOR, UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, LayoutError,
+                                semantic_size)
 
 CLIP_MEAN = np.array(contract.CLIP_MEAN, dtype=np.float32)
 CLIP_STD = np.array(contract.CLIP_STD, dtype=np.float32)
@@ -124,14 +124,6 @@ def understanding_image(img: Image.Image, size: tuple[int, int] | None = None) -
         img = img.resize((width, height), Image.BICUBIC)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
-
-
-def semantic_size(height: int, width: int) -> tuple[int, int]:
-    if (width, height) in SEMANTIC_RESIZE:
-        sem_w, sem_h = SEMANTIC_RESIZE[(width, height)]
-        return sem_h, sem_w
-    return max(SEMANTIC_PATCH, height // SEMANTIC_PATCH * SEMANTIC_PATCH), \
-        max(SEMANTIC_PATCH, width // SEMANTIC_PATCH * SEMANTIC_PATCH)
 
 
 def resize_float(channels_first: np.ndarray, height: int, width: int) -> np.ndarray:

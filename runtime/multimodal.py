@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from illume_rt.contract import (GRAPH_IO, IMAGE_PLACEHOLDER, PIXEL, PIXEL_PATCH, SEMANTIC, SEMANTIC_PATCH, ImageGrid,
-                                LayoutError, image_slots)
+                                LayoutError, image_slots, semantic_size)
 from illume_rt.engines.base import Engine
-from illume_rt.runtime.images import semantic_size, semantic_view
+from illume_rt.runtime.images import semantic_view
 
 
 @dataclass

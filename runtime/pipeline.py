@@ -17,11 +17,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from illume_rt.contract import GRAPH_IO, HEADS, LayoutError, head_component, image_grid
+from illume_rt.contract import GRAPH_IO, HEADS, PIXEL, SEMANTIC, LayoutError, head_component, image_grid
 from illume_rt.engines.base import BackendError, Engine
 from illume_rt.files import save_image
 from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
-from illume_rt.runtime.generate import ImageTokens, LanguageModel, generate_image_tokens, generate_text
+from illume_rt.runtime.generate import (ImageGenerator, ImageTokens, LanguageModel, LogitsProcessor,
+                                        generate_image_tokens, generate_text)
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
 from illume_rt.runtime.options import SamplingConfig, check_seed, check_threads
@@ -202,8 +203,47 @@ class Pipeline:
     def decode_image(self, semantic: np.ndarray, pixel: np.ndarray) -> np.ndarray:
         """Code grids -> float image [3, H, W] in about [-1, 1] via the codebook tables and the pixel decoder."""
         semantic_embed, pixel_embed = self.code_embeddings(semantic, pixel)
-        (image,) = self.engines["pixel_decoder"].run(dict(zip(GRAPH_IO["pixel_decoder"][0], (semantic_embed, pixel_embed))))
+        (image,) = self.engines["pixel_decoder"].run(dict(zip(GRAPH_IO["pixel_decoder"][0],
+                                                              (semantic_embed, pixel_embed))))
         return image[0]
+
+    def image_generator(self, prompt: str, resolution: tuple[int, int] = (256, 256), seed: int | None = 0,
+                        sampling: SamplingConfig | None = None,
+                        logits_processor: LogitsProcessor | None = None) -> ImageGenerator:
+        """Text to image, step by step (runtime/generate.py ``ImageGenerator``): the host calls
+        ``generate_next()`` (or ``compute_logits()`` and ``append(code)``) until ``done``, may call
+        ``preview(generator)`` on the way, and ``image(generator)`` at the end. On the GPU backends, one generator
+        of a Pipeline steps at a time (they share device buffers)."""
+        sampling = sampling or SamplingConfig()
+        sampling.validate()
+        grid = image_grid(*resolution)
+        cond, uncond = text_to_image_ids(self.tokenizer, self.vocab, prompt, *resolution)
+        return ImageGenerator(self.lm, grid, cond, uncond, sampling, np.random.default_rng(check_seed(seed)),
+                              logits_processor)
+
+    def image(self, generator: ImageGenerator) -> np.ndarray:
+        """The finished generator's picture: uint8 [height, width, 3] through the pixel decoder."""
+        tokens = generator.result()
+        return to_uint8(self.decode_image(tokens.semantic, tokens.pixel))
+
+    def preview(self, generator: ImageGenerator) -> np.ndarray:
+        """A coarse picture while the pixel codes stream: the complete semantic level with the pixel codes decoded
+        so far, the others' embeddings zero, through the pixel decoder. uint8 [height, width, 3]."""
+        grid = generator.grid
+        semantic = generator.codes[SEMANTIC]
+        if len(semantic) < grid.semantic_rows * grid.semantic_cols:
+            raise LayoutError("no preview yet: the semantic level is not complete (preview once next_level is "
+                              "PIXEL)")
+        semantic_embed, _ = self.code_embeddings(np.asarray(semantic).reshape(grid.semantic_rows, grid.semantic_cols),
+                                                 np.zeros((1, 1), dtype=np.int64))
+        pixel_embed = np.zeros((grid.pixel_rows * grid.pixel_cols, self.pixel_codebook.shape[1]), np.float32)
+        done = generator.codes[PIXEL]
+        pixel_embed[:len(done)] = self.pixel_codebook[np.asarray(done, dtype=np.int64)]
+        pixel_embed = np.ascontiguousarray(
+            pixel_embed.reshape(grid.pixel_rows, grid.pixel_cols, -1).transpose(2, 0, 1)[None])
+        (image,) = self.engines["pixel_decoder"].run(dict(zip(GRAPH_IO["pixel_decoder"][0],
+                                                              (semantic_embed, pixel_embed))))
+        return to_uint8(image[0])
 
     def refine_image(self, semantic: np.ndarray, pixel: np.ndarray, grid, config: RefineConfig,
                      rng: np.random.Generator) -> tuple[np.ndarray, dict]:

@@ -172,3 +172,22 @@ def test_the_default_bundle_key_follows_the_sources(monkeypatch, tmp_path):
     first = cli.default_bundle_path("tiny")
     assert first.parent == Path(tmp_path) / "bundles" and first.name.startswith("tiny-")
     assert cli.default_bundle_path("tiny") == first  # stable
+    # the key reads the packages where they are installed (a wheel has no export/ beside illume_rt/): a changed
+    # runtime source wherever the runtime lives is a new key
+    import importlib.util
+    import shutil
+
+    real_find_spec = importlib.util.find_spec
+    runtime_copy = tmp_path / "site" / "runtime"
+    shutil.copytree(real_find_spec("illume_rt.runtime").submodule_search_locations[0], runtime_copy)
+
+    def find_spec(name, *args):
+        spec = real_find_spec(name, *args)
+        if name == "illume_rt.runtime":
+            spec.submodule_search_locations = [str(runtime_copy)]
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert cli.default_bundle_path("tiny") == first  # same files, other place
+    (runtime_copy / "generate.py").write_text((runtime_copy / "generate.py").read_text() + "\n# changed\n")
+    assert cli.default_bundle_path("tiny") != first
