@@ -100,7 +100,7 @@ def _file_entry(path: Path, root: Path) -> dict:
 
 
 def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, model_info: dict | None = None) -> Path:
     """Export every component of ``models`` into a new bundle at ``out_dir``: a missing or empty folder, or (with
     ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (illume_rt/files.py)."""
     out_dir = check_output_dir(out_dir, overwrite)
@@ -115,7 +115,8 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             "model": {"preset": preset.name, "random_weights": models.random_weights, "seed": preset.seed,
                       "source": models.source, "config": preset.to_dict(),
                       "trained_resolutions": ([list(r) for r in models.trained_resolutions]
-                                              if models.trained_resolutions else None)},
+                                              if models.trained_resolutions else None),
+                      **(model_info or {})},
             "vocab": preset.vocab.to_dict(),
             "contract": host_contract(preset.vocab),  # the grammar, prompts, grids, preprocessing (format 3)
             "resolutions": [list(r) for r in supported_resolutions()],

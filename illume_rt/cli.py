@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -85,6 +86,18 @@ def cache_dir() -> Path:
 
 def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
     """Cached bundle of a built-in preset, keyed by the exporter's source so a code change re-exports it."""
+    return cache_dir() / "bundles" / f"{preset}-{builtin_key(preset)}"
+
+
+def packaged_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
+    """Where a release puts the built-in model's bundle inside the package (``illume-rt package-builtin``), so a
+    runtime-only install (no torch) runs the main job out of the box."""
+    return Path(__file__).resolve().parent / "builtin" / preset
+
+
+def builtin_key(preset: str) -> str:
+    """Hash of what a built-in bundle is made from: the version, the exporter, runtime and contract sources, and
+    (nano) the weights."""
     import importlib.util
 
     import illume_rt
@@ -106,7 +119,7 @@ def default_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
         for file in [*sorted(MLLM_DIR.iterdir()), DUALVITOK_FILE, Path(checkpoint.__file__)]:
             if file.is_file():
                 digest.update(file.name.encode() + file.read_bytes())
-    return cache_dir() / "bundles" / f"{preset}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
 
 
 def builtin_models(preset: str):
@@ -133,6 +146,14 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
     once: the others wait and then find it."""
     from illume_rt.files import MANIFEST, exclusive_lock
 
+    packaged = packaged_bundle_path(preset)
+    if (packaged / MANIFEST).is_file():
+        try:
+            made_from = json.loads((packaged / MANIFEST).read_text())["model"].get("builtin_key")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            made_from = None
+        if made_from == builtin_key(preset):  # made from these very sources and weights
+            return packaged
     path = default_bundle_path(preset)
     if (path / MANIFEST).is_file():
         return path
@@ -149,8 +170,20 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
         if (path / MANIFEST).is_file():  # another run exported it while this one waited
             return path
         log(f"exporting the built-in '{preset}' model once to {path} ...")
-        write_bundle(builtin_models(preset), path, log=lambda m: log("  " + m))
+        write_bundle(builtin_models(preset), path, log=lambda m: log("  " + m),
+                     model_info={"builtin_key": builtin_key(preset)})
     return path
+
+
+def cmd_package_builtin(args) -> None:
+    """Export the built-in model into the package (illume_rt/builtin/PRESET), for a wheel that runs without torch."""
+    from illume_rt.export.bundle import write_bundle
+
+    out = packaged_bundle_path(args.preset)
+    out.parent.mkdir(exist_ok=True)
+    write_bundle(builtin_models(args.preset), out, log=lambda m: None if args.quiet else print("  " + m),
+                 overwrite=True, model_info={"builtin_key": builtin_key(args.preset)})
+    print(f"packaged the built-in '{args.preset}' model at {out}; `pip install .` now ships it")
 
 
 def cmd_export(args) -> None:
@@ -475,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency, bandwidth and memory against the reference and a peer")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    package = sub.add_parser("package-builtin", help="export the built-in model into the package (release builds: "
+                                                     "a wheel built after this runs the main job without torch)")
+    package.add_argument("--preset", default=DEFAULT_PRESET, choices=["nano", "tiny"])
+    package.add_argument("-q", "--quiet", action="store_true")
+    package.set_defaults(func=cmd_package_builtin)
     return parser
 
 

@@ -191,3 +191,26 @@ def test_the_default_bundle_key_follows_the_sources(monkeypatch, tmp_path):
     assert cli.default_bundle_path("tiny") == first  # same files, other place
     (runtime_copy / "generate.py").write_text((runtime_copy / "generate.py").read_text() + "\n# changed\n")
     assert cli.default_bundle_path("tiny") != first
+
+
+def test_a_packaged_builtin_bundle_is_used_only_when_made_from_these_sources(tiny_bundle, tmp_path, monkeypatch):
+    """`illume-rt package-builtin` puts the built-in bundle in the package (a wheel without torch runs the main job);
+    a stale one (other sources or weights) is ignored."""
+    import json
+    import shutil
+
+    from illume_rt import cli
+
+    packaged = tmp_path / "builtin" / "tiny"
+    shutil.copytree(tiny_bundle, packaged)
+    manifest = json.loads((packaged / "manifest.json").read_text())
+    manifest["model"]["builtin_key"] = cli.builtin_key("tiny")
+    (packaged / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(cli, "packaged_bundle_path", lambda preset: tmp_path / "builtin" / preset)
+    monkeypatch.setenv("ILLUME_RT_CACHE", str(tmp_path / "cache"))
+    assert cli.ensure_default_bundle("tiny") == packaged
+    manifest["model"]["builtin_key"] = "0" * 12
+    (packaged / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(cli, "builtin_models", lambda preset: pytest.fail("stale: exports (stopped here)"))
+    with pytest.raises(pytest.fail.Exception, match="stale: exports"):
+        cli.ensure_default_bundle("tiny")
