@@ -354,6 +354,9 @@ def write_results(results: dict, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from illume_rt.contract import parse_resolution
+    from illume_rt.engines.ort import release_large_blocks_promptly
+
+    release_large_blocks_promptly()  # as the CLI does for its process (docs/runtime.md)
 
     p = argparse.ArgumentParser(prog="python -m illume_rt.bench.int8", description=__doc__.split("\n\n")[0])
     p.add_argument("--fp32", required=True, help="the FP32 bundle")

@@ -363,6 +363,9 @@ KINDS = {"runtime": run_runtime, "reference": run_reference, "ablations": run_ab
 
 
 def main(argv: list[str]) -> int:
+    from illume_rt.engines.ort import release_large_blocks_promptly
+
+    release_large_blocks_promptly()  # as the CLI does for its process (docs/runtime.md): the memory figures are the CLI's
     spec = json.loads(Path(argv[0]).read_text())
     result = KINDS[spec["kind"]](spec)
     Path(argv[1]).write_text(json.dumps(result, indent=1))
