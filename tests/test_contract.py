@@ -102,7 +102,7 @@ ALLOWED = {
     "tools": {"base", "runtime", "engines", "export", "calibration", "bench", "nano", "cli", "top"},
     "top": {"base", "runtime", "engines"},
 }
-TOOLS = ("illume_rt.nano.train", "illume_rt.nano.evaluate", "illume_rt.nano.diagnose",  # scripts, like the CLI
+TOOLS = ("illume_rt.nano.train", "illume_rt.nano.evaluate", "illume_rt.nano.diagnose", "illume_rt.nano.gallery",  # scripts
          "illume_rt.bench.device_check")
 
 

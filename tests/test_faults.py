@@ -115,7 +115,7 @@ from pathlib import Path
 import illume_rt.export.bundle as bundle_module
 from illume_rt import cli
 
-def slow_export(models, path, log=print, overwrite=False):
+def slow_export(models, path, log=print, overwrite=False, model_info=None):
     with open(sys.argv[1], "a") as counter:
         counter.write("export\\n")
     time.sleep(1.0)  # long enough for the other first runs to arrive while this one exports
