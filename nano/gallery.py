@@ -31,14 +31,24 @@ def draw(pipe, prompt: str, greedy: bool, seed: int = 0) -> np.ndarray:
     return pipe.generate(prompt, resolution=(256, 256), seed=seed, sampling=sampling).image
 
 
-def make_gallery(pipe, rows: int, out_png: Path, out_json: Path) -> dict:
+def make_gallery(pipe, rows: int, out_png: Path, out_json: Path, per_row: int = 3) -> dict:
+    """``rows`` held-out scenes, ``per_row`` to a line of the grid; each scene is its prompt over its greedy and
+    sampled pictures, each with what the scorer read back wrong."""
+    import textwrap
+
     scenes = eval_scenes("held")[:rows]
     columns = (("greedy", True), ("sampled", False))
-    canvas = Image.new("RGB", (len(columns) * CELL, rows * (CELL + LABEL)), "white")
+    block_w, header, footer = len(columns) * CELL, 26, LABEL
+    block_h = header + CELL + footer
+    lines = -(-len(scenes) // per_row)
+    canvas = Image.new("RGB", (per_row * block_w + (per_row - 1) * 8, lines * (block_h + 8)), "white")
     pen = ImageDraw.Draw(canvas)
-    record = {"prompts": [], "columns": [c for c, _ in columns], "guidance": GUIDANCE, "seed": 0}
+    record = {"prompts": [], "columns": [c for c, _ in columns], "guidance": GUIDANCE, "seed": 0,
+              "command": "python -m illume_rt.nano.gallery"}
     marks = {c: [] for c, _ in columns}
-    for r, scene in enumerate(scenes):
+    for i, scene in enumerate(scenes):
+        bx, by = (i % per_row) * (block_w + 8), (i // per_row) * (block_h + 8)
+        pen.text((bx + 2, by), "\n".join(textwrap.wrap(scene.caption, width=block_w // 6)[:2]), fill="black")
         wanted = {a: getattr(scene, a) for a in data.ATTRIBUTES}
         entry = {"prompt": scene.caption, "marks": {}}
         for c, (name, greedy) in enumerate(columns):
@@ -46,12 +56,13 @@ def make_gallery(pipe, rows: int, out_png: Path, out_json: Path) -> dict:
             mark = score.score_picture(image, wanted)
             marks[name].append(mark)
             entry["marks"][name] = mark
-            x, y = c * CELL, r * (CELL + LABEL)
+            x, y = bx + c * CELL, by + header
             canvas.paste(Image.fromarray(image).resize((CELL, CELL), Image.LANCZOS), (x, y))
             wrong = [a for a in data.ATTRIBUTES if not mark[a]]
-            pen.text((x + 3, y + CELL + 2), name, fill="black")
-            pen.text((x + 3, y + CELL + 13), "all right" if not wrong else "wrong: " + ",".join(wrong),
+            pen.text((x + 2, y + CELL + 1), name + (": all right" if not wrong else ": wrong"),
                      fill="green" if not wrong else "red")
+            if wrong:
+                pen.text((x + 2, y + CELL + 12), ",".join(wrong)[:CELL // 6], fill="red")
         record["prompts"].append(entry)
     record["summary"] = {name: score.summarize(m) for name, m in marks.items()}
     out_png.parent.mkdir(parents=True, exist_ok=True)
