@@ -345,6 +345,7 @@ def test_extend_keeps_the_rows_form():
     row = model.embed[[1, 2]]
     extended = model.lm.extend(row, [3, 4])
     np.testing.assert_array_equal(extended, model.embed[[1, 2, 3, 4]])
+    np.testing.assert_array_equal(model.lm.extend(row, []), row)  # nothing to add (an empty id list)
 
 
 def test_logits_buffers_are_reused_per_head_and_batch():
