@@ -37,6 +37,25 @@ def test_grid_properties(size):
     assert parse_resolution(f"{size[0]}x{size[1]}") == size
 
 
+# RESOLUTION_MAPPING of the official vision_tokenizer/tokenizer/dualvitok_model.py, copied as it stands there:
+# (width, height) of the output -> (width, height) the semantic branch resizes to
+OFFICIAL_RESOLUTION_MAPPING = {
+    (256, 256): (252, 252), (512, 512): (504, 504), (512, 384): (448, 336), (384, 512): (336, 448),
+    (768, 384): (728, 364), (384, 768): (364, 728), (1024, 256): (1008, 252), (256, 1024): (252, 1008),
+    (384, 576): (336, 504), (576, 384): (504, 336), (960, 320): (924, 308), (320, 960): (308, 924),
+}
+
+
+def test_semantic_resize_is_the_official_mapping():
+    from illume_rt.runtime.images import semantic_size
+
+    for (width, height), (sem_w, sem_h) in OFFICIAL_RESOLUTION_MAPPING.items():
+        assert semantic_size(height, width) == (sem_h, sem_w)
+        grid = image_grid(height, width)
+        assert (grid.semantic_rows, grid.semantic_cols) == (sem_h // 28, sem_w // 28)
+    assert semantic_size(100, 60) == (84, 56)  # elsewhere: down to a multiple of the 28-px patch
+
+
 def test_grid_counts_on_an_uneven_grid():
     grid = ImageGrid(height=10, width=20, semantic_rows=2, semantic_cols=3, pixel_rows=5, pixel_cols=7)
     assert (grid.num_codes, grid.num_structural, grid.num_tokens) == (41, 12, 54)

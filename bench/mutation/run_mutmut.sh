@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of one runtime module with mutmut 3 (bench/mutation/README.md).
 #   bench/mutation/run_mutmut.sh generate|bundle|layout [scratch dir]
+#   MIRROR_ONLY=1 bench/mutation/run_mutmut.sh layout DIR   # only the copy, for cosmic-ray (README)
 # mutmut derives a module's name from its path and the repository maps illume_rt.runtime -> runtime/ (package-dir),
 # so the run happens in a scratch copy laid out as a plain package (illume_rt/runtime/...), with only the fast tests
 # that exercise the module (bench/mutation/<module>.tests, one path a line). Nothing in the repository is touched.
@@ -36,6 +37,7 @@ find "$scratch" -name __pycache__ -prune -exec rm -rf {} +
 } > "$scratch/pyproject.toml"
 cd "$scratch"
 export HF_HUB_OFFLINE=1
+if [ "${MIRROR_ONLY:-0}" = 1 ]; then echo "$scratch"; exit 0; fi  # the copy only (cosmic-ray runs in it)
 nice -n 10 "$mutmut" run > mutmut-run.log 2>&1 || { tail -c 3000 mutmut-run.log; exit 1; }
 "$mutmut" results --all true > results.txt 2>&1 || true
 tail -c 300 mutmut-run.log | tr '\r' '\n' | tail -2
