@@ -242,3 +242,17 @@ def test_invalid_settings_are_refused_by_name(change, message):
     with pytest.raises(LayoutError) as info:
         SamplingConfig(**change).validate()
     assert str(info.value) == message
+
+
+def test_layouts_grids_and_settings_are_immutable_values():
+    """Shared defaults (the pipeline's EDIT_SAMPLING, a bundle's layout) cannot be changed by one caller for the next;
+    equal values hash alike (usable as cache keys)."""
+    import dataclasses
+
+    values = (image_grid(256, 256), compact_vocab_layout(10, 4, 4), SamplingConfig(top_k=3))
+    twins = (image_grid(256, 256), compact_vocab_layout(10, 4, 4), SamplingConfig(top_k=3))
+    for value, twin in zip(values, twins):
+        field = dataclasses.fields(value)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, 1)
+        assert hash(value) == hash(twin) and {value: 1}[twin] == 1
