@@ -94,6 +94,8 @@ class RowTable:
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
+            if step < 0:  # backwards: row by row (a forward read would start past the end)
+                return self[np.arange(start, stop, step)]
             rows = self._rows(start, max(0, stop - start))
             return rows[::step] if step != 1 else rows
         ids = np.asarray(index)

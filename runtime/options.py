@@ -54,13 +54,14 @@ class SamplingConfig:
 
     def validate(self) -> None:
         for name in ("guidance_scale", "temperature", "top_p", "pixel_temperature", "pixel_top_p"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not math.isfinite(value)):
+            value = getattr(self, name)  # None means "as the semantic level" for the pixel_* fields only
+            if (value is not None or not name.startswith("pixel_")) and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)):
                 raise LayoutError(f"{name} must be a finite number, got {value!r}")
         for name in ("top_k", "pixel_top_k"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            if (value is not None or name == "top_k") and (isinstance(value, bool)
+                                                           or not isinstance(value, numbers.Integral)):
                 raise LayoutError(f"{name} must be a whole number, got {value!r}")
         if self.guidance_scale < 1.0:
             raise LayoutError(f"guidance {self.guidance_scale} < 1: use 1.0 (off) or more, e.g. 2.0")
