@@ -34,6 +34,8 @@ from illume_rt.runtime.refine import RefineConfig
 
 from conftest import TEST_THREADS
 
+pytestmark = pytest.mark.runtime
+
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
@@ -100,6 +102,7 @@ def test_a_bundle_is_replaced_only_with_overwrite_and_never_its_source(tiny_bund
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no scratch left behind
 
 
+@pytest.mark.export  # quantize needs the quant extra
 def test_cli_export_and_quantize_keep_a_users_folder(tiny_bundle, tmp_path, monkeypatch, capsys):
     project = tmp_path / "proj"
     project.mkdir()
@@ -514,3 +517,4 @@ def test_no_torch_load_without_weights_only():
                 if not (isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
+

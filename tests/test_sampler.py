@@ -6,6 +6,8 @@ import pytest
 from illume_rt.runtime.layout import LayoutError, SamplingConfig
 from illume_rt.runtime.sampler import choose, guide, sample, warp
 
+pytestmark = pytest.mark.runtime
+
 
 def log_softmax(x):
     x = x - x.max()
