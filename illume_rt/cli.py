@@ -176,14 +176,26 @@ def ensure_default_bundle(preset: str = DEFAULT_PRESET, log=print) -> Path:
 
 
 def cmd_package_builtin(args) -> None:
-    """Export the built-in model into the package (illume_rt/builtin/PRESET), for a wheel that runs without torch."""
-    from illume_rt.export.bundle import write_bundle
+    """Put the built-in model's bundle into the package (illume_rt/builtin/PRESET), for a wheel that runs without
+    torch: the cached export of these sources (made now if missing), copied in atomically."""
+    import shutil
 
+    from illume_rt.files import check_output_dir, publish_dir, scratch_dir
+
+    source = ensure_default_bundle(args.preset, log=(lambda m: None) if args.quiet else print)
     out = packaged_bundle_path(args.preset)
     out.parent.mkdir(exist_ok=True)
-    write_bundle(builtin_models(args.preset), out, log=lambda m: None if args.quiet else print("  " + m),
-                 overwrite=True, model_info={"builtin_key": builtin_key(args.preset)})
-    print(f"packaged the built-in '{args.preset}' model at {out}; `pip install .` now ships it")
+    if source == out:
+        print(f"the built-in '{args.preset}' model is already packaged at {out}")
+        return
+    out = check_output_dir(out, overwrite=True)
+    work = scratch_dir(out)
+    try:
+        shutil.copytree(source, work, dirs_exist_ok=True)
+        publish_dir(work, out, overwrite=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"packaged the built-in '{args.preset}' model at {out}; a wheel built now (pip install .) ships it")
 
 
 def cmd_export(args) -> None:

@@ -26,13 +26,39 @@ def pytest_sessionfinish(session, exitstatus):
         for report in hidden:
             reporter.write_line(f"SKIPPED IN CI (not allowed): {report.nodeid}: {report.longrepr}")
         session.exitstatus = 1
+
+
+# The runtime as users install it (.ci/run's second environment): only the default install, no torch, and the
+# package from site-packages, not this source tree. ILLUME_RT_RUNTIME_ONLY=1 makes sure of both before any test runs,
+# so that environment cannot silently have torch (pytest -m "runtime and not export"; bundles from the env vars).
+BUILD_TIME_PACKAGES = ("torch", "transformers", "diffusers", "onnx")
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("ILLUME_RT_RUNTIME_ONLY") != "1":
+        return
+    import importlib.util
+
+    import illume_rt
+
+    present = [m for m in BUILD_TIME_PACKAGES if importlib.util.find_spec(m) is not None]
+    if present:
+        raise pytest.UsageError(f"ILLUME_RT_RUNTIME_ONLY=1 but {', '.join(present)} can be imported here")
+    source_tree = Path(__file__).resolve().parents[1]
+    if Path(illume_rt.__file__).resolve().is_relative_to(source_tree):
+        raise pytest.UsageError(f"ILLUME_RT_RUNTIME_ONLY=1 but illume_rt comes from the source tree "
+                                f"({illume_rt.__file__}), not from an installed package")
+    missing = [v for v in ("ILLUME_RT_TEST_TINY_BUNDLE", "ILLUME_RT_TEST_NANO_BUNDLE") if not os.environ.get(v)]
+    if missing:
+        raise pytest.UsageError(f"ILLUME_RT_RUNTIME_ONLY=1 needs bundles exported elsewhere: set {', '.join(missing)}")
+
+
 try:
     import torch
 
     torch.set_num_threads(TEST_THREADS)
 except ImportError:  # runtime-only install
     pass
-
 
 
 @pytest.fixture(scope="session")
@@ -44,15 +70,28 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_models, tmp_path_factory):
+def tiny_bundle(request, tmp_path_factory):
     """The full tiny bundle (every component), exported once per test session. ILLUME_RT_TEST_TINY_BUNDLE names
-    one exported earlier, to skip the export while developing (CI never sets it)."""
-    from illume_rt.export.bundle import write_bundle
-
+    one exported earlier (`illume-rt export --preset tiny -o DIR`): to skip the export while developing, and in
+    .ci/run, which exports it once for both of its environments (the runtime-only one cannot export)."""
     reuse = os.environ.get("ILLUME_RT_TEST_TINY_BUNDLE")
     if reuse:
         return Path(reuse)
-    return write_bundle(tiny_models, tmp_path_factory.mktemp("bundles") / "tiny", log=lambda m: None)
+    from illume_rt.export.bundle import write_bundle
+
+    return write_bundle(request.getfixturevalue("tiny_models"), tmp_path_factory.mktemp("bundles") / "tiny",
+                        log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def nano_bundle():
+    """illume-nano's bundle: the built-in model's, exported on first use (cached), or ILLUME_RT_TEST_NANO_BUNDLE."""
+    reuse = os.environ.get("ILLUME_RT_TEST_NANO_BUNDLE")
+    if reuse:
+        return Path(reuse)
+    from illume_rt.cli import ensure_default_bundle
+
+    return ensure_default_bundle("nano", log=lambda m: None)
 
 
 @pytest.fixture(scope="session")

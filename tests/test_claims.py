@@ -29,6 +29,8 @@ from illume_rt.runtime.prompts import text_to_image_ids
 
 from conftest import TEST_THREADS
 
+pytestmark = pytest.mark.runtime
+
 
 class Counting:
     """An engine wrapper that records each call's feeds (shapes, and a check run on them)."""
@@ -125,6 +127,7 @@ def test_the_reader_checks_the_hash_of_every_listed_file(tiny_bundle, tmp_path):
     load_bundle(bundle)
 
 
+@pytest.mark.export
 def test_an_export_that_misses_its_tolerance_fails(tmp_path):
     torch = pytest.importorskip("torch", reason="export needs the export extra")
     from illume_rt.export.components import Component, ExportError, TensorSpec, Tolerance, export_onnx

@@ -24,6 +24,8 @@ from illume_rt.files import scratch_dir
 CLI = [sys.executable, "-m", "illume_rt.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+pytestmark = pytest.mark.runtime
+
 
 def limit_file_size(max_bytes: int):
     """preexec_fn: files may not grow past ``max_bytes``; writes past it fail with EFBIG (SIGXFSZ ignored, as a
@@ -51,6 +53,7 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.export
 def test_export_killed_midway_leaves_the_previous_bundle_and_nothing_trusted(tiny_bundle, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
@@ -98,6 +101,7 @@ def test_full_disk_while_saving_an_image_keeps_the_previous_one(tiny_bundle, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["image.png"]  # the temporary file is gone
 
 
+@pytest.mark.export
 def test_full_disk_while_exporting_keeps_the_previous_bundle(tiny_bundle, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
@@ -129,6 +133,7 @@ print(cli.ensure_default_bundle("tiny", log=lambda m: None))
 """
 
 
+@pytest.mark.export  # the first run exports only where the export extra is installed
 def test_concurrent_first_runs_export_the_builtin_model_once(tmp_path):
     counter = tmp_path / "exports.log"
     env = {**ENV, "ILLUME_RT_CACHE": str(tmp_path / "cache")}

@@ -30,6 +30,8 @@ from illume_rt.runtime.options import SamplingConfig  # noqa: E402
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids  # noqa: E402
 from illume_rt.runtime.tokenizer import load_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.runtime
+
 CASES = {"cli": 3000, "images": 3000, "manifests": 3000, "prompts": 1500, "generate": 12}
 
 

@@ -5,6 +5,8 @@ import pytest
 from illume_rt.export.configs import get_preset
 from illume_rt.contract import LayoutError, image_grid, parse_resolution, supported_resolutions
 
+pytestmark = pytest.mark.runtime
+
 # (height, width) -> (semantic grid, pixel grid, image tokens), facts section 4
 FACTS_GRIDS = {
     (256, 256): ((9, 9), (16, 16), 337),

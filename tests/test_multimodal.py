@@ -4,13 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from illume_rt.export.multimodal import TokenMap
-from illume_rt.export.networks.diffusion import build_scheduler, reference_refine
-from illume_rt.export.reference import (reference_answer, reference_image_block, reference_image_tokens,
-                                        reference_splice)
 from illume_rt.runtime.images import load_image, nearest_anchor, pad_to_anchor, understanding_image
 from illume_rt.contract import LayoutError, image_grid, supported_resolutions
 from illume_rt.runtime.options import SamplingConfig
@@ -27,6 +22,8 @@ def runtime_banned(vocab):
 
 
 def test_image_block_matches_reference(tiny_models, tiny_pipe, examples):
+    from illume_rt.export.reference import reference_image_block
+
     image = understanding_image(load_image(examples / "understand" / "3.png"))
     got = image_block(tiny_pipe.lm, tiny_pipe.image_encoder.encode(image))
     want = reference_image_block(tiny_models, image).numpy()
@@ -37,6 +34,8 @@ def test_image_block_matches_reference(tiny_models, tiny_pipe, examples):
 
 @pytest.mark.parametrize("name", ["0.png", "3.png"])
 def test_understanding_matches_reference(tiny_models, tiny_pipe, examples, name):
+    from illume_rt.export.reference import reference_answer, reference_image_block, reference_splice
+
     question = "What is in the image?"
     streamed = []
     result = tiny_pipe.understand(examples / "understand" / name, question, max_new_tokens=16,
@@ -50,6 +49,8 @@ def test_understanding_matches_reference(tiny_models, tiny_pipe, examples, name)
 
 
 def test_editing_matches_reference(tiny_models, tiny_pipe, examples):
+    from illume_rt.export.reference import reference_image_block, reference_image_tokens, reference_splice
+
     path = examples / "edit" / "1.jpg"  # 535x751: anchor 512x384, 960 codes
     sampling = SamplingConfig(greedy=True, guidance_scale=1.5)
     result = tiny_pipe.edit(path, "Add a hat on the dog.", seed=0, sampling=sampling)
@@ -66,6 +67,7 @@ def test_editing_matches_reference(tiny_models, tiny_pipe, examples):
     assert result.image.shape == (source.height, source.width, 3)
 
 
+@pytest.mark.runtime
 def test_every_example_runs_through_understand_and_edit(tiny_pipe, examples):
     for path in sorted((examples / "understand").glob("*.png")):
         assert len(tiny_pipe.understand(path, "Describe the image.", max_new_tokens=4).token_ids) >= 1
@@ -79,6 +81,11 @@ def test_every_example_runs_through_understand_and_edit(tiny_pipe, examples):
 
 
 def test_refinement_matches_reference_loop(tiny_models, tiny_pipe):
+    import torch
+
+    from illume_rt.export.multimodal import TokenMap
+    from illume_rt.export.networks.diffusion import build_scheduler, reference_refine
+
     preset = tiny_models.preset
     tokens = tiny_pipe.generate("a cat with a hat", (256, 256), seed=2).tokens
     grid = image_grid(256, 256)
@@ -99,6 +106,7 @@ def test_refinement_matches_reference_loop(tiny_models, tiny_pipe):
     assert np.abs(image - want).max() < 1e-3 * max(1.0, np.abs(want).max())
 
 
+@pytest.mark.runtime
 def test_every_resolution_generates_at_its_grid(tiny_pipe):
     for height, width in supported_resolutions():
         grid = image_grid(height, width)
@@ -108,6 +116,7 @@ def test_every_resolution_generates_at_its_grid(tiny_pipe):
         assert result.image.shape == (height, width, 3)
 
 
+@pytest.mark.runtime
 def test_edit_and_understand_reject_bad_inputs(tiny_pipe, tmp_path):
     not_image = tmp_path / "x.png"
     not_image.write_text("hello")

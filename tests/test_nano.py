@@ -28,6 +28,7 @@ RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-
 MIN_ANSWER_ACCURACY = 0.6  # measured 0.80 over all 225 held-out questions; chance ~0.31
 
 
+@pytest.mark.runtime
 def test_data_is_deterministic_and_split():
     s = data.Scene("circle", "red", "large", "top left", "blue")
     assert np.array_equal(data.render(s), data.render(s))
@@ -47,6 +48,7 @@ def test_data_is_deterministic_and_split():
     assert s in train  # the README's prompt is a training combination (either size)
 
 
+@pytest.mark.runtime
 def test_scorer_reads_ground_truth_and_not_noise():
     marks = []
     for i, s in enumerate(data.all_scenes()[::3]):
@@ -81,13 +83,13 @@ def test_committed_checkpoint_loads_through_the_official_loaders():
 
 
 @pytest.fixture(scope="module")
-def nano_pipe():
-    from illume_rt.cli import ensure_default_bundle
+def nano_pipe(nano_bundle):
     from illume_rt.runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(ensure_default_bundle("nano", log=lambda m: None), threads=2)
+    return Pipeline.from_bundle(nano_bundle, threads=2)
 
 
+@pytest.mark.runtime
 @needs_weights
 @pytest.mark.parametrize("which", ["train", "held"])
 def test_runtime_draws_what_it_is_asked(nano_pipe, which):
@@ -102,6 +104,7 @@ def test_runtime_draws_what_it_is_asked(nano_pipe, which):
     assert summary["colour"] >= MIN_COLOUR_ACCURACY, summary
 
 
+@pytest.mark.runtime
 @needs_weights
 def test_runtime_answers_held_out_pictures(nano_pipe):
     from illume_rt.nano.evaluate import eval_questions, runtime_answer

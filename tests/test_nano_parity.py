@@ -40,11 +40,10 @@ def nano_models():
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from illume_rt.cli import ensure_default_bundle
+def pipe(nano_bundle):
     from illume_rt.runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(ensure_default_bundle("nano", log=lambda m: None), threads=1)
+    return Pipeline.from_bundle(nano_bundle, threads=1)
 
 
 def banned(vocab):

@@ -7,10 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from illume_rt.export.configs import get_preset
-from illume_rt.export.reference import reference_image_tokens
 from illume_rt.runtime.bundle import BundleError, load_bundle
 from illume_rt.contract import LayoutError, image_grid
 from illume_rt.runtime.options import SamplingConfig
@@ -35,6 +33,8 @@ def pipe(tiny_pipe):
 
 
 def reference(models, pipe, prompt, resolution, sampling, seed):
+    from illume_rt.export.reference import reference_image_tokens
+
     cond, uncond = text_to_image_ids(pipe.tokenizer, pipe.vocab, prompt, *resolution)
     return reference_image_tokens(models.llm, pipe.vocab, image_grid(*resolution), cond, uncond, sampling,
                                   np.random.default_rng(seed))
@@ -60,6 +60,7 @@ def test_token_grids_match_reference_non_square(models, pipe, sampling):
     np.testing.assert_array_equal(got.tokens.pixel, want.pixel)
 
 
+@pytest.mark.runtime
 def test_seed_changes_the_sample_and_guidance_matters(pipe):
     a = pipe.generate(PROMPTS[0], seed=1).tokens
     b = pipe.generate(PROMPTS[0], seed=2).tokens
@@ -70,6 +71,8 @@ def test_seed_changes_the_sample_and_guidance_matters(pipe):
 
 
 def test_decoded_image_matches_reference_decoder(models, pipe):
+    import torch
+
     result = pipe.generate(PROMPTS[1], (256, 256), seed=3)
     with torch.no_grad():
         want = models.dualvitok.decode_code(torch.from_numpy(result.tokens.semantic)[None],
@@ -84,6 +87,7 @@ def test_decoded_image_matches_reference_decoder(models, pipe):
         assert result.timings[stage] >= 0
 
 
+@pytest.mark.runtime
 def test_bad_requests_get_clear_errors(pipe):
     with pytest.raises(LayoutError, match="empty"):
         pipe.generate("   ")
@@ -93,6 +97,7 @@ def test_bad_requests_get_clear_errors(pipe):
         pipe.generate("word " * 2000, (512, 512))
 
 
+@pytest.mark.runtime
 def test_altered_or_missing_bundle_files_are_refused(bundle_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(bundle_dir, bad)
@@ -114,6 +119,7 @@ def test_altered_or_missing_bundle_files_are_refused(bundle_dir, tmp_path):
         load_bundle(tmp_path / "nowhere")
 
 
+@pytest.mark.runtime
 def test_embedding_rows_are_read_on_demand(bundle_dir):
     """The embedding table is read row by row (not mapped): same values as the .npy file, clear errors."""
     bundle = load_bundle(bundle_dir, verify=False)
@@ -129,6 +135,7 @@ def test_embedding_rows_are_read_on_demand(bundle_dir):
         assert not any("embed_tokens" in line for line in open("/proc/self/maps"))
 
 
+@pytest.mark.runtime
 def test_manifest_records_accuracy_and_layout(bundle_dir):
     manifest = load_bundle(bundle_dir).manifest
     assert manifest["model"]["random_weights"] is True
@@ -139,6 +146,7 @@ def test_manifest_records_accuracy_and_layout(bundle_dir):
         assert len(entry["accuracy"]["cases"]) == 2
 
 
+@pytest.mark.runtime
 def test_cli_generate_writes_a_png(bundle_dir, tmp_path):
     out = tmp_path / "cli.png"
     run = subprocess.run([sys.executable, "-m", "illume_rt.cli", "generate", "a cat with a hat", "--bundle",

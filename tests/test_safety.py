@@ -35,6 +35,8 @@ from illume_rt.runtime.refine import RefineConfig
 
 from conftest import TEST_THREADS
 
+pytestmark = pytest.mark.runtime
+
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
@@ -101,6 +103,7 @@ def test_a_bundle_is_replaced_only_with_overwrite_and_never_its_source(tiny_bund
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no scratch left behind
 
 
+@pytest.mark.export  # quantize needs the quant extra
 def test_cli_export_and_quantize_keep_a_users_folder(tiny_bundle, tmp_path, monkeypatch, capsys):
     project = tmp_path / "proj"
     project.mkdir()
@@ -515,3 +518,27 @@ def test_no_torch_load_without_weights_only():
                 if not (isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_without_a_bundle_a_runtime_only_install_names_the_export_extra(tmp_path):
+    """Issue 15, item 8: with no --bundle and nothing cached, an install without the export extra cannot export the
+    built-in model: one line naming the extra, exit 2, nothing written. In .ci/run's runtime-only environment this is
+    the real install; where torch and onnx are installed, the process is made not to find them."""
+    import importlib.util
+
+    installed = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is not None]
+    hide = "".join(f"sys.modules[{m!r}] = None; " for m in installed)  # find_spec then answers None, as uninstalled
+    # and as a wheel built without `illume-rt package-builtin` (.ci/run packages the built-in model for its
+    # runtime-only install, where the main job then runs without torch)
+    script = (f"import sys, pathlib; {hide}from illume_rt import cli; "
+              f"cli.packaged_bundle_path = lambda preset: pathlib.Path({str(tmp_path / 'no-package')!r}); "
+              "sys.exit(cli.main(sys.argv[1:]))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ILLUME_RT_CACHE": str(tmp_path / "cache")}
+    image = tmp_path / "in.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    for argv in (["generate", "a cat", "-o", str(tmp_path / "out.png")], ["understand", str(image), "What?"],
+                 ["edit", str(image), "make it blue", "-o", str(tmp_path / "edited.png")]):
+        run = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert_one_line_error(run.returncode, run.stderr, "pip install 'illume-rt[export]'", "--bundle")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # no image, no cache, no half-exported bundle

@@ -8,6 +8,8 @@ from illume_rt.contract import LayoutError
 from illume_rt.runtime.options import SamplingConfig
 from illume_rt.runtime.sampler import choose, guide, sample, warp
 
+pytestmark = pytest.mark.runtime
+
 
 def log_softmax(x):
     x = x - x.max()
