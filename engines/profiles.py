@@ -11,7 +11,12 @@ profile cannot be good for both phases: TensorRT picks kernels for the ``opt`` s
   most 4 in text to image), ``past`` (the cache's whole capacity: decode steps pass all of it, masked) up to the
   context, opt at the manifest's ``past`` opt.
 
-Batch ranges come from the manifest (1..2: the guidance rows ride in one batch).
+  A verify step of parallel decoding (a window of drafted codes and the structure tokens between them) is a decode
+  call of up to DECODE_MAX_SEQ positions.
+
+Batch ranges: the manifest's (1..2: the guidance rows ride in one batch), widened to what the loop asks for: the
+body up to 2 x MAX_IMAGES rows (several images in one batch), the heads up to that times DECODE_MAX_SEQ (a verify
+step scores every position of its window in one head call).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from math import prod
 
 import numpy as np
 
-from illume_rt.contract import DECODE_MAX_SEQ, GRAPH_IO, HIDDEN, decode_plan, head_component, image_grid
+from illume_rt.contract import (DECODE_MAX_SEQ, GRAPH_IO, HEADS, HIDDEN, MAX_IMAGES, decode_plan, head_component,
+                                image_grid)
 from illume_rt.errors import IllumeError
 
+MAX_BODY_ROWS = 2 * MAX_IMAGES  # a guided batch of the most images a request may ask for
+HEAD_COMPONENTS = frozenset(head_component(which) for which in HEADS)
 GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
 PREFILL_OPT_SEQ = 128
 
@@ -84,10 +92,13 @@ def engine_profiles(name: str, entry: dict) -> list[Profile]:
     if missing:
         raise ProfileError(f"{name}: manifest gives no profile for dims {sorted(missing)}; re-export the bundle")
     _check_ranges(name, base)
+    if name in HEAD_COMPONENTS and "batch" in base:
+        lo, opt, hi = base["batch"]
+        base["batch"] = (lo, opt, max(hi, MAX_BODY_ROWS * DECODE_MAX_SEQ))
     if name != "llm":
         return [_profile("default", entry, base)]
     ctx = base["total"][2]
-    batch = base["batch"]
+    batch = (base["batch"][0], base["batch"][1], max(base["batch"][2], MAX_BODY_ROWS))
     past_opt = min(base["past"][1], ctx - 1)
     prefill_opt = min(PREFILL_OPT_SEQ, ctx)
     prefill = {"batch": batch, "seq": (1, prefill_opt, ctx), "past": (0, 0, ctx - 1), "total": (1, prefill_opt, ctx)}
@@ -180,7 +191,8 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
     """Every (component, input shapes) the text-to-image loop asks for, over all supported resolutions and the given
     prompt lengths (the longer of the cond/uncond rows), read off ``contract.decode_plan`` as the loop walks it: one
     prefill of prompt + forced prefix, then per code a body call over the cache's whole capacity that feeds the
-    previous code and the forced tokens since (none before the first code), then the pixel decoder once."""
+    previous code and the forced tokens since (none before the first code), then the pixel decoder once; and the
+    widest verify step of parallel decoding, for one image and for MAX_IMAGES in one batch."""
     comps = manifest["components"]
     for height, width in manifest["resolutions"]:
         grid = image_grid(height, width)
@@ -197,6 +209,12 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
                     for head in (head_component("semantic"), head_component("pixel")):
                         if head in comps:
                             yield head, None, {HIDDEN: (batch, manifest["llm"]["hidden_size"])}
+                # the widest calls: a verify step of parallel decoding, for one image and for the largest batch
+                for rows in (batch, batch * MAX_IMAGES):
+                    yield "llm", "decode", llm_shapes(comps["llm"], rows, DECODE_MAX_SEQ, capacity)
+                    for head in (head_component("semantic"), head_component("pixel")):
+                        if head in comps:
+                            yield head, None, {HIDDEN: (rows * DECODE_MAX_SEQ, manifest["llm"]["hidden_size"])}
         if "pixel_decoder" in comps:
             dim = comps["pixel_decoder"]["inputs"][0]["shape"][1]
             semantic_embed, pixel_embed = GRAPH_IO["pixel_decoder"][0]

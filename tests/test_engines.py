@@ -17,8 +17,8 @@ from illume_rt.engines.base import BackendError
 from illume_rt.engines.checks import check_bundle, check_graph_ops, check_qdq
 from illume_rt.engines.decode_graph import StaticHostStep, bucket_capacity, static_step_feeds
 from illume_rt.engines.profiles import (
-    DECODE_MAX_SEQ, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes, select_profile,
-    uncovered_requests,
+    DECODE_MAX_SEQ, MAX_IMAGES, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes,
+    select_profile, uncovered_requests,
 )
 from illume_rt.engines.trt_ops import load_op_table, parse_operator_doc
 
@@ -199,9 +199,13 @@ def test_llm_gets_prefill_and_decode_profiles(bundle):
     assert prefill.shapes["inputs_embeds"][2][1] == ctx
     assert decode.shapes["past_key_0"][2][2] == ctx and prefill.shapes["past_key_0"][0][2] == 0
     assert decode.shapes["attention_mask"][2][1] == ctx + DECODE_MAX_SEQ  # the whole capacity + new positions
-    assert prefill.shapes["attention_mask"][2] == (2, ctx)  # batch 2: the guidance rows
+    # batch: the guidance rows of up to MAX_IMAGES images in one batch
+    assert prefill.shapes["attention_mask"][2] == (2 * MAX_IMAGES, ctx)
+    assert decode.shapes["inputs_embeds"][1][0] == 2  # opt: one guided image
     heads = engine_profiles("lm_head_pixel", bundle.component("lm_head_pixel"))
-    assert [p.name for p in heads] == ["default"] and heads[0].shapes["hidden"][2][0] == 2
+    # a verify step of parallel decoding scores every position of its window in one head call
+    assert [p.name for p in heads] == ["default"]
+    assert heads[0].shapes["hidden"][2][0] == 2 * MAX_IMAGES * DECODE_MAX_SEQ
 
 
 def test_profiles_cover_every_shape_the_runtime_asks_for(bundle):
