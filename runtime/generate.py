@@ -161,8 +161,9 @@ class ImageGenerator:
     is accepted with probability min(1, p(x)/q(x)); the first rejected one is replaced by a draw from the residual
     max(0, p - q) (normalised), and if all are accepted one more code is drawn from the last p. Each code then has
     exactly the distribution of the plain loop. The cache forgets the rejected positions (``rewind``). Drafts are
-    Jacobi iterates: the unverified positions of the window get new drafts drawn from this call's p there (their
-    q), positions never reached start as uniform draws over the codebook, as the paper initialises them. Greedy
+    Jacobi iterates: the unverified positions of the window get new drafts distributed as this call's p there
+    (their q), coupled to the old draft so that it stays where p barely moved (MC-SJD); positions never reached
+    start as uniform draws over the codebook, as SJD initialises them. Greedy
     decoding accepts a draft iff it is the argmax, so it gives the plain loop's codes. With several images each
     image verifies its own drafts; the batch keeps the codes all of them reached (a choice that depends only on
     the other images' draws, so each image's distribution is unchanged)."""
@@ -418,12 +419,24 @@ class ImageGenerator:
 
     def _redraft(self, start: int, stop: int, targets: list[list[np.ndarray]], first: int) -> None:
         """The Jacobi update: codes ``start .. stop - 1`` were in the window but not decided; each gets a new draft
-        drawn from this call's p at its position, which becomes its q."""
+        with this call's p at its position as its q. The draw is coupled to the old draft (MC-SJD's maximal
+        coupling): the old code stays with probability min(1, p(x)/q_old(x)), else a draw from the residual
+        max(0, p - q_old). The new draft is distributed as p all the same, but stays put where p barely moved, so
+        the drafts after it keep the context they were drawn in and are accepted more often."""
+        greedy = self.sampling.greedy
         for image, rng in enumerate(self.rngs):
+            drafts = self._drafts[image]
             for index in range(start, stop):
                 p = targets[image][index - first]
-                code = int(np.argmax(p)) if self.sampling.greedy else _draw(p, rng.random())
-                self._drafts[image][index] = (code, p)
+                if greedy or index not in drafts:  # (the window's last code had no draft)
+                    drafts[index] = (int(np.argmax(p)) if greedy else _draw(p, rng.random()), p)
+                    continue
+                code, q_old = drafts[index]
+                q_code = 1.0 / p.shape[0] if q_old is None else q_old[code]
+                if rng.random() * q_code >= p[code]:
+                    code = _draw(np.maximum(p - (1.0 / p.shape[0] if q_old is None else q_old), 0.0),
+                                 rng.random())
+                drafts[index] = (code, p)
 
     # -- results --------------------------------------------------------------------------------------------------
     def result(self, image: int = 0) -> ImageTokens:
