@@ -50,7 +50,9 @@ def check_threads(threads) -> int | None:
 # Codes per verify step of parallel decoding. A window also feeds the structure tokens between its codes; the loop
 # shortens one that would be wider than DECODE_MAX_SEQ (the widest body call the engines are built for).
 MAX_PARALLEL_WINDOW = DECODE_MAX_SEQ - 4
-DEFAULT_PARALLEL_WINDOW = 8
+# the widest window: on nano at 512x512 it took the fewest calls and the least wall time of 4, 8 and 12
+# (bench/results/20261129-parallel-nano)
+DEFAULT_PARALLEL_WINDOW = 12
 
 
 @dataclass(frozen=True)

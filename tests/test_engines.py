@@ -231,7 +231,7 @@ def test_select_profile_prefers_and_explains(bundle):
     assert profiles[select_profile(profiles, llm_shapes(entry, 2, 1, 100), "decode")].name == "decode"
     assert profiles[select_profile(profiles, llm_shapes(entry, 2, 40, 0), "decode")].name == "prefill"
     with pytest.raises(ProfileError, match="illume-rt build-engines"):
-        select_profile(profiles, llm_shapes(entry, 3, 1, 10))
+        select_profile(profiles, llm_shapes(entry, 2 * MAX_IMAGES + 1, 1, 10))  # more rows than any request
     with pytest.raises(ProfileError, match="min <= opt <= max"):
         bad = copy.deepcopy(entry)
         bad["profiles"]["batch"] = [2, 1, 2]
