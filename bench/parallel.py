@@ -200,3 +200,23 @@ def run_parallel_bench(bundle, preset: str, spec: dict, out_dir, command: str = 
     (out_dir / "results.md").write_text(markdown(results))
     log(f"results in {out_dir}")
     return out_dir
+
+
+def projection(acceptance: dict, verify_cost: dict, gpu_step_floor_s: float | None = None) -> dict:
+    """Per-image gain of each measured window if its verify step costs what ``verify_cost`` measured (another model,
+    e.g. the bench preset's) at the acceptance measured in ``acceptance`` (a trained model's), ignoring the sampler:
+    plain calls x t(1) / sum over levels of calls x t(w). With ``gpu_step_floor_s`` (weight bytes / bandwidth of a
+    GPU), also the per-image decode time at that floor, where a verify step of up to 16 positions x 2 rows still
+    reads the weights once and so costs one floor."""
+    seconds = {int(w): s for w, s in verify_cost["seconds"].items()}
+    plain = acceptance["modes"]["plain"]
+    out = {}
+    for name, mode in acceptance["modes"].items():
+        window = 1 if name == "plain" else int(name.split()[-1])
+        width = min(seconds, key=lambda w: (abs(w - window), w))  # the measured width nearest the window
+        cpu = plain["calls_per_image"] * seconds[1] / (mode["calls_per_image"] * seconds[width])
+        entry = {"calls_per_image": mode["calls_per_image"], "width_used": width, "projected_cpu_gain": cpu}
+        if gpu_step_floor_s:
+            entry["gpu_s_per_image_at_floor"] = mode["calls_per_image"] * gpu_step_floor_s
+        out[name] = entry
+    return out

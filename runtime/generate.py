@@ -288,7 +288,8 @@ class ImageGenerator:
                 else:
                     self._hidden = self.lm.step(self.cache, ids)[:, None]
                 self.timings[LEVEL_NAMES[level]] += time.perf_counter() - t0
-            self._fed_end = self.cache.length - (ids.shape[1] - 1 - np.asarray(read))  # cache length after each read
+            if count > 1:  # the cache's length just after each read position: where a rejection rewinds it to
+                self._fed_end = self.cache.length - (ids.shape[1] - 1 - np.asarray(read))
             self.calls += 1
             self.levels[LEVEL_NAMES[level]]["calls"] += 1
         return self._hidden
