@@ -14,9 +14,12 @@ profile cannot be good for both phases: TensorRT picks kernels for the ``opt`` s
   A verify step of parallel decoding (a window of drafted codes and the structure tokens between them) is a decode
   call of up to DECODE_MAX_SEQ positions.
 
-Batch ranges: the manifest's (1..2: the guidance rows ride in one batch), widened to what the loop asks for: the
-body up to 2 x MAX_IMAGES rows (several images in one batch), the heads up to that times DECODE_MAX_SEQ (a verify
-step scores every position of its window in one head call).
+- ``batch_prefill``: the prompts of several images in one batch (up to 2 x MAX_IMAGES rows, prompts up to
+  BATCH_PREFILL_MAX_SEQ positions).
+
+Batch ranges: the manifest's (1..2: the guidance rows ride in one batch) for ``prefill``; ``decode`` and
+``batch_prefill`` up to 2 x MAX_IMAGES rows (several images in one batch); the heads up to that times
+DECODE_MAX_SEQ (a verify step scores every position of its window in one head call).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from illume_rt.contract import (DECODE_MAX_SEQ, GRAPH_IO, HEADS, HIDDEN, MAX_IMA
 from illume_rt.errors import IllumeError
 
 MAX_BODY_ROWS = 2 * MAX_IMAGES  # a guided batch of the most images a request may ask for
+BATCH_PREFILL_MAX_SEQ = 512  # the longest prompt (with the image prefix) of a batch of several images
 HEAD_COMPONENTS = frozenset(head_component(which) for which in HEADS)
 GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
 PREFILL_OPT_SEQ = 128
@@ -98,16 +102,23 @@ def engine_profiles(name: str, entry: dict) -> list[Profile]:
     if name != "llm":
         return [_profile("default", entry, base)]
     ctx = base["total"][2]
-    batch = (base["batch"][0], base["batch"][1], max(base["batch"][2], MAX_BODY_ROWS))
+    batch = base["batch"]
+    wide = (batch[0], batch[1], max(batch[2], MAX_BODY_ROWS))
     past_opt = min(base["past"][1], ctx - 1)
     prefill_opt = min(PREFILL_OPT_SEQ, ctx)
     prefill = {"batch": batch, "seq": (1, prefill_opt, ctx), "past": (0, 0, ctx - 1), "total": (1, prefill_opt, ctx)}
     decode_max = min(DECODE_MAX_SEQ, ctx)
-    decode = {"batch": batch, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx),
+    decode = {"batch": wide, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx),
               "total": (1, past_opt + 1, ctx + decode_max)}
-    for ranges in (prefill, decode):
+    # several images' prompts in one prefill: wide batches of prompt-length runs only, so that the engine's
+    # max-shape activations stay those of a prompt, not of 16 rows of the whole context
+    prompts_max = min(BATCH_PREFILL_MAX_SEQ, ctx)
+    batch_prefill = {"batch": wide, "seq": (1, min(prefill_opt, prompts_max), prompts_max),
+                     "past": (0, 0, 0), "total": (1, min(prefill_opt, prompts_max), prompts_max)}
+    for ranges in (prefill, decode, batch_prefill):
         _check_ranges(name, ranges)
-    return [_profile("prefill", entry, prefill), _profile("decode", entry, decode)]
+    return [_profile("prefill", entry, prefill), _profile("decode", entry, decode),
+            _profile("batch_prefill", entry, batch_prefill)]
 
 
 def select_profile(profiles: list[Profile], shapes: dict, prefer: str | None = None) -> int:
@@ -209,6 +220,8 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
                     for head in (head_component("semantic"), head_component("pixel")):
                         if head in comps:
                             yield head, None, {HIDDEN: (batch, manifest["llm"]["hidden_size"])}
+                # several images in one batch: their prompts in one prefill
+                yield "llm", "prefill", llm_shapes(comps["llm"], batch * MAX_IMAGES, prompt + len(plan.prefix), 0)
                 # the widest calls: a verify step of parallel decoding, for one image and for the largest batch
                 for rows in (batch, batch * MAX_IMAGES):
                     yield "llm", "decode", llm_shapes(comps["llm"], rows, DECODE_MAX_SEQ, capacity)

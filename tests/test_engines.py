@@ -17,7 +17,7 @@ from illume_rt.engines.base import BackendError
 from illume_rt.engines.checks import check_bundle, check_graph_ops, check_qdq
 from illume_rt.engines.decode_graph import StaticHostStep, bucket_capacity, static_step_feeds
 from illume_rt.engines.profiles import (
-    DECODE_MAX_SEQ, MAX_IMAGES, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes,
+    BATCH_PREFILL_MAX_SEQ, DECODE_MAX_SEQ, MAX_IMAGES, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes,
     select_profile, uncovered_requests,
 )
 from illume_rt.engines.trt_ops import load_op_table, parse_operator_doc
@@ -192,16 +192,17 @@ def test_qdq_precision_label_and_half_quantized_ops():
 
 def test_llm_gets_prefill_and_decode_profiles(bundle):
     entry = bundle.component("llm")
-    prefill, decode = engine_profiles("llm", entry)
+    prefill, decode, batch_prefill = engine_profiles("llm", entry)
     ctx = bundle.llm["max_context"]
-    assert (prefill.name, decode.name) == ("prefill", "decode")
+    assert (prefill.name, decode.name, batch_prefill.name) == ("prefill", "decode", "batch_prefill")
     assert decode.shapes["inputs_embeds"][2][1] == DECODE_MAX_SEQ
     assert prefill.shapes["inputs_embeds"][2][1] == ctx
     assert decode.shapes["past_key_0"][2][2] == ctx and prefill.shapes["past_key_0"][0][2] == 0
     assert decode.shapes["attention_mask"][2][1] == ctx + DECODE_MAX_SEQ  # the whole capacity + new positions
-    # batch: the guidance rows of up to MAX_IMAGES images in one batch
-    assert prefill.shapes["attention_mask"][2] == (2 * MAX_IMAGES, ctx)
-    assert decode.shapes["inputs_embeds"][1][0] == 2  # opt: one guided image
+    assert prefill.shapes["attention_mask"][2] == (2, ctx)  # batch 2: the guidance rows
+    # up to MAX_IMAGES images in one batch: their decode steps, and their prompts (not the whole context) at once
+    assert decode.shapes["inputs_embeds"][2][0] == 2 * MAX_IMAGES and decode.shapes["inputs_embeds"][1][0] == 2
+    assert batch_prefill.shapes["inputs_embeds"][2][:2] == (2 * MAX_IMAGES, BATCH_PREFILL_MAX_SEQ)
     heads = engine_profiles("lm_head_pixel", bundle.component("lm_head_pixel"))
     # a verify step of parallel decoding scores every position of its window in one head call
     assert [p.name for p in heads] == ["default"]
