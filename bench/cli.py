@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     par.add_argument("--parallel-resolution", default="512x512")
     par.add_argument("--batch-images", default="2,4", help="comma-separated N for the batch comparison (0: skip)")
     par.add_argument("--batch-resolution", default="256x256")
+    par.add_argument("--acceptance-from", metavar="RESULTS_JSON",
+                     help="a --parallel results.json of a trained model (nano): project its acceptance onto this run's "
+                          "verify-step cost, and estimate the GPU time at the bandwidth floor")
     par.add_argument("--batch-probe-codes", type=int, default=0,
                      help="codes per level in the batch comparison (0: whole images)")
 
@@ -82,4 +85,10 @@ def _run_parallel(args, bundle: Path, preset: str, command: str) -> Path:
         spec["batch"] = {"resolution": list(parse_resolution(args.batch_resolution)), "images": images,
                          "probe_codes": args.batch_probe_codes or None}
     out = Path(args.output) if args.output else RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-parallel-{preset}"
-    return run_parallel_bench(bundle, preset, spec, out, command)
+    acceptance = None
+    if args.acceptance_from:
+        import json
+
+        acceptance = json.loads(Path(args.acceptance_from).read_text())["acceptance"]
+    return run_parallel_bench(bundle, preset, spec, out, command, acceptance=acceptance,
+                              acceptance_source=args.acceptance_from)

@@ -168,7 +168,20 @@ def markdown(results: dict) -> str:
         lines.append("")
     p = results.get("projection")
     if p:
-        lines += ["## Projected per-image gain at the measured acceptance", "", p["text"], ""]
+        lines += [f"## Projected per-image gain: this run's verify-step cost at the acceptance of {p['acceptance_from']}",
+                  "", "| mode | calls / image | verify width costed | projected gain per image (CPU) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {n} | {m['calls_per_image']:.0f} | {m['width_used']} | {m['projected_cpu_gain']:.2f}x |"
+                  for n, m in p["modes"].items()]
+        lines.append("")
+    g = results.get("gpu_estimate")
+    if g:
+        lines += [f"## GPU estimate ({g['preset']}, bf16, H200 at its nominal 4.8 TB/s): "
+                  f"{g['weight_bytes_per_step'] / 1e9:.2f} GB per step, floor {g['floor_s_per_step'] * 1e3:.2f} ms",
+                  "", "| mode | decode s per image at the floor |", "|---|---|"]
+        lines += [f"| {n} | {s:.2f} |" for n, s in g["s_per_image"].items()]
+        lines += ["", "An estimate, not a measurement: calls x floor, a verify step costed as one floor (32 GEMM "
+                  "rows stay memory-bound), nano's acceptance assumed for the 3B.", ""]
     for b in results.get("batch") or []:
         lines += [f"## {b['images']} images in one batch vs one after another ({b['resolution'][0]}x"
                   f"{b['resolution'][1]}" + (f", probe of {b['probe_codes']} codes per level" if b["probe_codes"]
@@ -180,7 +193,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_parallel_bench(bundle, preset: str, spec: dict, out_dir, command: str = "", log=print):
+def run_parallel_bench(bundle, preset: str, spec: dict, out_dir, command: str = "", log=print,
+                       acceptance: dict | None = None, acceptance_source: str | None = None):
     """One worker process (bench/worker.py kind ``parallel``), then results.json and results.md in ``out_dir``."""
     import json
     from pathlib import Path
@@ -194,6 +208,12 @@ def run_parallel_bench(bundle, preset: str, spec: dict, out_dir, command: str = 
     results = {"command": command, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine(), "versions": versions(), "bundle": str(bundle), "preset": preset,
                "spec": spec, **result, "wall_s": time.perf_counter() - t0}
+    measured = results.get("acceptance") or acceptance
+    if measured and results.get("verify_cost"):
+        results["projection"] = {"acceptance_from": acceptance_source or "this run",
+                                 "modes": projection(measured, results["verify_cost"])}
+    if measured:
+        results["gpu_estimate"] = gpu_estimate(measured)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -220,3 +240,27 @@ def projection(acceptance: dict, verify_cost: dict, gpu_step_floor_s: float | No
             entry["gpu_s_per_image_at_floor"] = mode["calls_per_image"] * gpu_step_floor_s
         out[name] = entry
     return out
+
+
+H200_NOMINAL_BYTES_PER_S = 4.8e12  # NVIDIA's H200 HBM3e figure: a nominal floor, not a measurement
+
+
+def step_weight_bytes(preset_name: str = "3b", level: str = "pixel", bytes_per_weight: int = 2) -> int:
+    """Weights one decode step reads (bf16): the body's matrices and the head slice of ``level``."""
+    from illume_rt.export.configs import get_preset
+
+    preset = get_preset(preset_name)
+    c = preset.llm
+    kv = c.num_key_value_heads * c.head_dim
+    per_layer = (2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size)
+    start, stop = preset.vocab.head_range(level)
+    return bytes_per_weight * (c.num_hidden_layers * per_layer + (stop - start) * c.hidden_size)
+
+
+def gpu_estimate(acceptance: dict, preset_name: str = "3b") -> dict:
+    """Per-image decode time on an H200 at its nominal bandwidth floor: calls x (weight bytes / bandwidth). A verify
+    step of <= 16 positions x 2 rows is 32 rows of GEMM: still far below the compute a weight read allows, so it is
+    costed as one floor. Acceptance is nano's; a larger model's may differ."""
+    floor = step_weight_bytes(preset_name) / H200_NOMINAL_BYTES_PER_S
+    return {"preset": preset_name, "weight_bytes_per_step": step_weight_bytes(preset_name), "floor_s_per_step": floor,
+            "s_per_image": {name: m["calls_per_image"] * floor for name, m in acceptance["modes"].items()}}
