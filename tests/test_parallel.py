@@ -74,6 +74,24 @@ def test_bad_batch_and_window_requests_name_the_fix(tiny_pipe):
     assert g.image_codes(0)[SEMANTIC] == [3] and g.image_codes(1)[SEMANTIC] == [4]
 
 
+def test_cli_writes_one_file_per_image_with_parallel_decoding(tiny_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from illume_rt.cli import main
+
+    out = tmp_path / "pic.png"
+    assert main(["generate", PROMPT, "--bundle", str(tiny_bundle), "-o", str(out), "-q", "--greedy",
+                 "--num-images", "2", "--parallel-decoding", "6", "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    want = [tmp_path / "pic-0.png", tmp_path / "pic-1.png"]
+    assert all(p.is_file() for p in want) and not out.exists() and printed.count("wrote ") == 2
+    alone = tmp_path / "alone.png"  # greedy: the codes do not depend on the seed
+    assert main(["generate", PROMPT, "--bundle", str(tiny_bundle), "-o", str(alone), "-q", "--greedy"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(want[1])), np.asarray(Image.open(alone)))
+    assert main(["generate", PROMPT, "--bundle", str(tiny_bundle), "-o", str(out), "--num-images", "9"]) == 2
+    assert "--num-images: 9 is out of range" in capsys.readouterr().err
+
+
 # --- the distribution test ---------------------------------------------------------------------------------------
 
 FIRST_CODES = 12  # the first semantic codes: at 256x256 (9 per row) the windows cross a line's end
