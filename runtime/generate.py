@@ -202,6 +202,7 @@ class ImageGenerator:
         self._last: list[list[int]] = [[] for _ in prompts]  # per image: the code appended last, as a token id
         self._hidden: np.ndarray | None = None  # body output [rows, hidden] for the next code, once computed
         self._scores: np.ndarray | None = None  # [images, codebook]
+        self._fed_end: np.ndarray | None = None  # after a verify call: the cache length just after each read position
         # parallel decoding: per image, step index -> (draft code, its q over the codebook, None for uniform)
         self._drafts: list[dict[int, tuple[int, np.ndarray | None]]] = [{} for _ in prompts]
 
@@ -283,7 +284,7 @@ class ImageGenerator:
             else:
                 if count > 1:
                     self._hidden = self.lm.verify(self.cache, ids, read)
-                elif self.images == 1:
+                elif self.images == 1:  # every row feeds the same ids: a list (what bench/loops.py proxies take)
                     self._hidden = self.lm.step(self.cache, list(ids[0]))[:, None]
                 else:
                     self._hidden = self.lm.step(self.cache, ids)[:, None]
