@@ -26,6 +26,22 @@ def add_arguments(p) -> None:
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("-o", "--output", help="results folder (default bench/results/<time>-<preset>)")
+    par = p.add_argument_group("parallel decoding and batching (bench/parallel.py)")
+    par.add_argument("--parallel", action="store_true",
+                     help="measure only these: whole images plain vs parallel decoding (acceptance per level, calls, "
+                          "wall time), verify-step cost vs width, N images in one batch vs one after another")
+    par.add_argument("--parallel-windows", default="4,8,12",
+                     help="comma-separated windows (codes per verify step) to compare with the plain loop")
+    par.add_argument("--parallel-seeds", type=int, default=4,
+                     help="whole images per mode at --parallel-resolution (0: skip; meaningful on a trained model)")
+    par.add_argument("--parallel-resolution", default="512x512")
+    par.add_argument("--batch-images", default="2,4", help="comma-separated N for the batch comparison (0: skip)")
+    par.add_argument("--batch-resolution", default="256x256")
+    par.add_argument("--acceptance-from", metavar="RESULTS_JSON",
+                     help="a --parallel results.json of a trained model (nano): project its acceptance onto this run's "
+                          "verify-step cost, and estimate the GPU time at the bandwidth floor")
+    par.add_argument("--batch-probe-codes", type=int, default=0,
+                     help="codes per level in the batch comparison (0: whole images)")
 
 
 def run_from_args(args) -> Path:
@@ -37,6 +53,9 @@ def run_from_args(args) -> Path:
     resolutions = [parse_resolution(r.strip()) for r in args.resolutions.split(",") if r.strip()]
     bundle = Path(args.bundle) if args.bundle else bench_bundle(args.preset)
     preset = load_bundle(bundle, verify=False).manifest["model"]["preset"]
+    command = "illume-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.parallel:
+        return _run_parallel(args, bundle, preset, command)
     return run_bench(bundle, preset, resolutions, repeats=args.repeats, warmup=args.warmup,
                      probe_codes=args.probe_codes, rounds=args.rounds, threads=args.threads, full=args.full,
                      int8_bundle=Path(args.int8_bundle) if args.int8_bundle else None, peer=not args.no_peer,
@@ -44,3 +63,32 @@ def run_from_args(args) -> Path:
                      text_tokens=args.text_tokens, out_dir=Path(args.output) if args.output else None,
                      int8_repeats=args.int8_repeats,
                      command="illume-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
+def _run_parallel(args, bundle: Path, preset: str, command: str) -> Path:
+    import time
+
+    from illume_rt.bench.parallel import run_parallel_bench
+    from illume_rt.bench.run import RESULTS
+    from illume_rt.contract import image_grid, parse_resolution
+
+    resolution = parse_resolution(args.parallel_resolution)
+    spec: dict = {"prompt": "a red circle at the top left on a blue background", "threads": args.threads,
+                  "verify_cost": {"context": 64 + image_grid(*resolution).num_tokens,
+                                  "widths": [1, 2, 4, 8, 12, 16],
+                                  "repeats": args.repeats}}
+    if args.parallel_seeds:
+        spec["acceptance"] = {"resolution": list(resolution), "seeds": args.parallel_seeds,
+                              "windows": [int(w) for w in args.parallel_windows.split(",")]}
+    images = [int(n) for n in args.batch_images.split(",") if int(n) > 0]
+    if images:
+        spec["batch"] = {"resolution": list(parse_resolution(args.batch_resolution)), "images": images,
+                         "probe_codes": args.batch_probe_codes or None}
+    out = Path(args.output) if args.output else RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-parallel-{preset}"
+    acceptance = None
+    if args.acceptance_from:
+        import json
+
+        acceptance = json.loads(Path(args.acceptance_from).read_text())["acceptance"]
+    return run_parallel_bench(bundle, preset, spec, out, command, acceptance=acceptance,
+                              acceptance_source=args.acceptance_from)

@@ -4,7 +4,8 @@
 Kinds: ``runtime`` (the bundle through onnxruntime, the runtime's own loop), ``reference`` (transformers, the
 official way: see export/reference.py), ``ablations`` (loop variants on the runtime), ``runtime-text`` and
 ``peer-text`` (text decoding: this runtime vs onnxruntime-genai on the same body), ``int8`` (FP32 vs INT8 bundle
-decode steps and prefill in one process, interleaved: bench/int8.py).
+decode steps and prefill in one process, interleaved: bench/int8.py), ``parallel`` (parallel decoding and
+several images per batch: bench/parallel.py).
 """
 
 from __future__ import annotations
@@ -352,6 +353,12 @@ def run_peer_text(spec: dict) -> dict:
     return _text_result(firsts, wholes, n, tokens, load_s, load_peak, after_load, "full vocabulary (283,047)")
 
 
+def run_parallel(spec: dict) -> dict:
+    from illume_rt.bench.parallel import run_parallel as measure
+
+    return measure(spec)
+
+
 def run_int8(spec: dict) -> dict:
     from illume_rt.bench.int8 import run_worker_spec
 
@@ -359,7 +366,8 @@ def run_int8(spec: dict) -> dict:
 
 
 KINDS = {"runtime": run_runtime, "reference": run_reference, "ablations": run_ablations,
-         "runtime-text": run_runtime_text, "peer-text": run_peer_text, "int8": run_int8}
+         "runtime-text": run_runtime_text, "peer-text": run_peer_text, "int8": run_int8,
+         "parallel": run_parallel}
 
 
 def main(argv: list[str]) -> int:

@@ -145,7 +145,8 @@ def _replay(lm, events: list, head_engines: dict, guide_scale: float | None) -> 
         if name == "llm":
             f = call["feeds"]
             seq = f["inputs_embeds"].shape[1]
-            hidden_q = lm._run(cache, f["inputs_embeds"], f["attention_mask"][:, -seq:], f["position_ids"]).copy()
+            hidden_q = lm._run(cache, f["inputs_embeds"], f["attention_mask"][:, -seq:], f["position_ids"])
+            hidden_q = hidden_q[:, -1].copy()  # the heads read the last new position
         elif name.startswith("lm_head_"):
             which = name[len("lm_head_"):]
             want = call["outputs"][0]

@@ -8,8 +8,8 @@ fixes that too:
   device addresses and shapes each step. Columns not yet written are zeros (the cache is zeroed once when
   allocated) and their ``attention_mask`` columns are 0, so they get exactly zero attention weight.
 - the step always has ``S`` new positions (GRAPH_STEP_SEQ): the real ones are right-aligned, the leading padding
-  positions have mask 0 (no real query attends to them) and their outputs are dropped. ``hidden`` is the last
-  position, i.e. the last real one.
+  positions have mask 0 (no real query attends to them) and their outputs are dropped: ``hidden`` [batch, S,
+  hidden] keeps its last ``seq`` positions, the real ones.
 - ``new_kv`` goes to a fixed staging buffer; after the replay one strided device-to-device copy moves its last
   ``seq`` columns to the cache's columns ``start:start + seq``.
 
@@ -82,4 +82,4 @@ class StaticHostStep(HostStep):
         feeds.update(cache.inputs())  # the whole capacity, every step
         hidden, new_kv = self.body.run(feeds)
         cache.kv[..., start:start + seq, :] = new_kv[..., self.step_seq - seq:, :]
-        return hidden
+        return hidden[:, self.step_seq - seq:]

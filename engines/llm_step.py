@@ -64,6 +64,17 @@ class CacheState:
     def capacity(self) -> int:
         return self.mask.shape[1]
 
+    def rewind(self, length: int) -> None:
+        """Forget the columns from ``length`` on (drafted tokens that verification rejected): their mask goes to 0
+        and every row's next position back by as many, so the next step overwrites them. Keys and values stay
+        where they are (masked columns get exactly zero attention), on every backend."""
+        dropped = self.length - length
+        if not 0 <= dropped <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} columns to {length}")
+        self.mask[:, length:self.length] = 0
+        self.next_position = self.next_position - dropped
+        self.length = length
+
     @property
     def batch(self) -> int:
         return self.mask.shape[0]

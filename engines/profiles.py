@@ -11,7 +11,15 @@ profile cannot be good for both phases: TensorRT picks kernels for the ``opt`` s
   most 4 in text to image), ``past`` (the cache's whole capacity: decode steps pass all of it, masked) up to the
   context, opt at the manifest's ``past`` opt.
 
-Batch ranges come from the manifest (1..2: the guidance rows ride in one batch).
+  A verify step of parallel decoding (a window of drafted codes and the structure tokens between them) is a decode
+  call of up to DECODE_MAX_SEQ positions.
+
+- ``batch_prefill``: the prompts of several images in one batch (up to 2 x MAX_IMAGES rows, prompts up to
+  BATCH_PREFILL_MAX_SEQ positions).
+
+Batch ranges: the manifest's (1..2: the guidance rows ride in one batch) for ``prefill``; ``decode`` and
+``batch_prefill`` up to 2 x MAX_IMAGES rows (several images in one batch); the heads up to that times
+DECODE_MAX_SEQ (a verify step scores every position of its window in one head call).
 """
 
 from __future__ import annotations
@@ -21,9 +29,13 @@ from math import prod
 
 import numpy as np
 
-from illume_rt.contract import DECODE_MAX_SEQ, GRAPH_IO, HIDDEN, decode_plan, head_component, image_grid
+from illume_rt.contract import (DECODE_MAX_SEQ, GRAPH_IO, HEADS, HIDDEN, MAX_IMAGES, decode_plan, head_component,
+                                image_grid)
 from illume_rt.errors import IllumeError
 
+MAX_BODY_ROWS = 2 * MAX_IMAGES  # a guided batch of the most images a request may ask for
+BATCH_PREFILL_MAX_SEQ = 512  # the longest prompt (with the image prefix) of a batch of several images
+HEAD_COMPONENTS = frozenset(head_component(which) for which in HEADS)
 GRAPH_STEP_SEQ = 4  # fixed step width of the CUDA-graph decode path (see engines/decode_graph.py)
 PREFILL_OPT_SEQ = 128
 
@@ -84,19 +96,29 @@ def engine_profiles(name: str, entry: dict) -> list[Profile]:
     if missing:
         raise ProfileError(f"{name}: manifest gives no profile for dims {sorted(missing)}; re-export the bundle")
     _check_ranges(name, base)
+    if name in HEAD_COMPONENTS and "batch" in base:
+        lo, opt, hi = base["batch"]
+        base["batch"] = (lo, opt, max(hi, MAX_BODY_ROWS * DECODE_MAX_SEQ))
     if name != "llm":
         return [_profile("default", entry, base)]
     ctx = base["total"][2]
     batch = base["batch"]
+    wide = (batch[0], batch[1], max(batch[2], MAX_BODY_ROWS))
     past_opt = min(base["past"][1], ctx - 1)
     prefill_opt = min(PREFILL_OPT_SEQ, ctx)
     prefill = {"batch": batch, "seq": (1, prefill_opt, ctx), "past": (0, 0, ctx - 1), "total": (1, prefill_opt, ctx)}
     decode_max = min(DECODE_MAX_SEQ, ctx)
-    decode = {"batch": batch, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx),
+    decode = {"batch": wide, "seq": (1, 1, decode_max), "past": (0, past_opt, ctx),
               "total": (1, past_opt + 1, ctx + decode_max)}
-    for ranges in (prefill, decode):
+    # several images' prompts in one prefill: wide batches of prompt-length runs only, so that the engine's
+    # max-shape activations stay those of a prompt, not of 16 rows of the whole context
+    prompts_max = min(BATCH_PREFILL_MAX_SEQ, ctx)
+    batch_prefill = {"batch": wide, "seq": (1, min(prefill_opt, prompts_max), prompts_max),
+                     "past": (0, 0, 0), "total": (1, min(prefill_opt, prompts_max), prompts_max)}
+    for ranges in (prefill, decode, batch_prefill):
         _check_ranges(name, ranges)
-    return [_profile("prefill", entry, prefill), _profile("decode", entry, decode)]
+    return [_profile("prefill", entry, prefill), _profile("decode", entry, decode),
+            _profile("batch_prefill", entry, batch_prefill)]
 
 
 def select_profile(profiles: list[Profile], shapes: dict, prefer: str | None = None) -> int:
@@ -180,7 +202,8 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
     """Every (component, input shapes) the text-to-image loop asks for, over all supported resolutions and the given
     prompt lengths (the longer of the cond/uncond rows), read off ``contract.decode_plan`` as the loop walks it: one
     prefill of prompt + forced prefix, then per code a body call over the cache's whole capacity that feeds the
-    previous code and the forced tokens since (none before the first code), then the pixel decoder once."""
+    previous code and the forced tokens since (none before the first code), then the pixel decoder once; and the
+    widest verify step of parallel decoding, for one image and for MAX_IMAGES in one batch."""
     comps = manifest["components"]
     for height, width in manifest["resolutions"]:
         grid = image_grid(height, width)
@@ -197,6 +220,14 @@ def runtime_requests(manifest: dict, prompt_lengths: list[int], guidance: tuple[
                     for head in (head_component("semantic"), head_component("pixel")):
                         if head in comps:
                             yield head, None, {HIDDEN: (batch, manifest["llm"]["hidden_size"])}
+                # several images in one batch: their prompts in one prefill
+                yield "llm", "prefill", llm_shapes(comps["llm"], batch * MAX_IMAGES, prompt + len(plan.prefix), 0)
+                # the widest calls: a verify step of parallel decoding, for one image and for the largest batch
+                for rows in (batch, batch * MAX_IMAGES):
+                    yield "llm", "decode", llm_shapes(comps["llm"], rows, DECODE_MAX_SEQ, capacity)
+                    for head in (head_component("semantic"), head_component("pixel")):
+                        if head in comps:
+                            yield head, None, {HIDDEN: (rows * DECODE_MAX_SEQ, manifest["llm"]["hidden_size"])}
         if "pixel_decoder" in comps:
             dim = comps["pixel_decoder"]["inputs"][0]["shape"][1]
             semantic_embed, pixel_embed = GRAPH_IO["pixel_decoder"][0]

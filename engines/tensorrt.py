@@ -16,8 +16,8 @@ Running:
 - ``TrtStep`` keeps the KV cache in device memory [layers, 2, batch, kv_heads, capacity, head_dim]; each layer's
   cache inputs are bound to their block of it (the whole capacity, masked); decode steps replay a CUDA graph of the
   fixed-shape step (engines/decode_graph.py); after each call one strided device-to-device copy puts ``new_kv``
-  into the cache's next columns; only ``hidden`` (batch x hidden floats, what the LM head and the sampler need)
-  comes back to the host.
+  into the cache's next columns; only ``hidden`` (batch x seq x hidden floats: the new positions' states, what
+  the LM head and the sampler need) comes back to the host.
 
 None of the TensorRT calls here has executed (no GPU or TensorRT library where this was written): see
 docs/engines.md, "What has run where".
@@ -243,7 +243,7 @@ class TrtStep:
         batch = embeds.shape[0]
         past = cache.input_shape()[2]
         shapes = llm_shapes(body.entry, batch, seq, past)
-        index = body.profile_for(shapes, prefer="decode" if seq <= 8 and start > 0 else "prefill")
+        index = body.profile_for(shapes, prefer="decode" if seq <= DECODE_MAX_SEQ and start > 0 else "prefill")
         bufs = body.buffers
         host = host_feeds(cache, embeds, mask, positions)
         addresses = cache.addresses()
@@ -251,7 +251,7 @@ class TrtStep:
         for tensor, array in host.items():
             addresses[tensor] = bufs[tensor].ensure(array.nbytes)
             self.cuda.h2d_async(addresses[tensor], array, self.stream)
-        hidden = np.empty((batch, embeds.shape[2]), np.float32)
+        hidden = np.empty((batch, seq, embeds.shape[2]), np.float32)
         addresses[HIDDEN] = bufs[HIDDEN].ensure(hidden.nbytes)
         body.enqueue(body.contexts[index], shapes, addresses)
         cache.write(self.cuda, addresses[NEW_KV], seq, 0, start, seq, self.stream)
@@ -275,7 +275,7 @@ class TrtStep:
         cache.write(self.cuda, g["dev"][NEW_KV], step, step - seq, start, seq, self.stream)
         self.cuda.d2h_async(g["hidden"].array, g["dev"][HIDDEN], self.stream)
         self.cuda.synchronize(self.stream)
-        return g["hidden"].array.copy()
+        return g["hidden"].array[:, step - seq:].copy()  # the real positions (right-aligned)
 
     def _capture(self, cache, key) -> None:
         from illume_rt.engines.cuda_rt import PinnedArray
@@ -292,7 +292,7 @@ class TrtStep:
                   POSITION_IDS: PinnedArray(self.cuda, (batch, step), np.int64)}
         dev = {t: body.buffers[t].ensure(p.array.nbytes) for t, p in pinned.items()}
         dev[NEW_KV] = body.buffers[NEW_KV].ensure(self._new_kv_bytes(cache, step))
-        dev[HIDDEN] = body.buffers[HIDDEN].ensure(batch * hidden_size * 4)
+        dev[HIDDEN] = body.buffers[HIDDEN].ensure(batch * step * hidden_size * 4)
         addresses = dict(dev, **cache.addresses())
         for p in pinned.values():
             p.array[...] = 0
@@ -308,7 +308,8 @@ class TrtStep:
         finally:
             graph_exec = self.cuda.end_capture(self.stream)
         self._graph = {"key": key, "exec": graph_exec, "host": {t: p.array for t, p in pinned.items()},
-                       "pinned": pinned, "dev": dev, "hidden": PinnedArray(self.cuda, (batch, hidden_size), np.float32)}
+                       "pinned": pinned, "dev": dev,
+                       "hidden": PinnedArray(self.cuda, (batch, step, hidden_size), np.float32)}
 
     def _release_graph(self) -> None:
         if self._graph is not None:

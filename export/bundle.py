@@ -118,7 +118,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                                               if models.trained_resolutions else None),
                       **(model_info or {})},
             "vocab": preset.vocab.to_dict(),
-            "contract": host_contract(preset.vocab),  # the grammar, prompts, grids, preprocessing (format 3)
+            "contract": host_contract(preset.vocab),  # the grammar, prompts, grids, preprocessing (format 3 on)
             "resolutions": [list(r) for r in supported_resolutions()],
             "llm": {
                 "num_hidden_layers": preset.llm.num_hidden_layers,

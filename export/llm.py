@@ -4,7 +4,8 @@ Export form (what the ONNX graph computes), built on the very parameters of the 
 
 - ``LLMStep``: ``inputs_embeds`` [batch, seq, hidden], ``attention_mask`` [batch, past+seq] (1 real, 0 padding or
   not yet written), ``position_ids`` [batch, seq], and per layer ``past_key_<i>`` / ``past_value_<i>`` [batch,
-  kv_heads, past, head_dim]  ->  ``hidden`` [batch, hidden] (final-normed state of the last position) and
+  kv_heads, past, head_dim]  ->  ``hidden`` [batch, seq, hidden] (final-normed state of every new position: a decode step reads the last one,
+  a verify step of speculative decoding all of them) and
   ``new_kv`` [layers, 2, batch, kv_heads, seq, head_dim] (only the keys/values of the new positions).
   The runtime keeps one preallocated cache [layers, 2, batch, kv_heads, capacity, head_dim] and passes each
   layer's keys and values as they lie in it (contiguous views: no copy), over the whole capacity; columns not
@@ -116,8 +117,7 @@ class LLMStep(nn.Module):
             out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2)
             hidden = residual + attn.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = self.body.norm(hidden[:, -1])
-        return hidden, torch.stack(new_kv)  # [L, 2, B, KVH, S, D]
+        return self.body.norm(hidden), torch.stack(new_kv)  # [L, 2, B, KVH, S, D]
 
 
 def _rope_theta(cfg) -> float:
@@ -179,7 +179,7 @@ def llm_component(preset: Preset, hf_model) -> Component:
             *(TensorSpec(name, "float32", ("batch", kvh, "past", hd)) for name in cache_input_names(layers)),
         ),
         outputs=(
-            TensorSpec(HIDDEN, "float32", ("batch", hidden)),
+            TensorSpec(HIDDEN, "float32", ("batch", "seq", hidden)),
             TensorSpec(NEW_KV, "float32", (layers, 2, "batch", kvh, "seq", hd)),
         ),
         # total = past + seq; past is the cache's capacity on decode (0 on a prefill); profiles: decode seq 1..8

@@ -233,7 +233,7 @@ def _sampling(args, defaults):
     from dataclasses import replace
 
     given = {"guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
-             "top_p": args.top_p, "pixel_top_k": args.pixel_top_k}
+             "top_p": args.top_p, "pixel_top_k": args.pixel_top_k, "parallel_window": args.parallel_decoding}
     sampling = replace(defaults, greedy=args.greedy, **{k: v for k, v in given.items() if v is not None})
     sampling.validate()
     return sampling
@@ -267,8 +267,8 @@ def _open_pipeline(args, refine=None):
     return pipe
 
 
-def _draw(args, grid, run, printed: str | None = None):
-    """Run an image task under a progress bar over the sampled codes, save the PNG, print the stage table."""
+def _draw(args, grid, run, printed: str | None = None, outputs: list[str] | None = None):
+    """Run an image task under a progress bar over the sampled codes, save the PNG(s), print the stage table."""
     from tqdm import tqdm
 
     with tqdm(total=grid.num_codes, unit="tok", desc="semantic", disable=args.quiet, file=sys.stderr) as bar:
@@ -280,14 +280,17 @@ def _draw(args, grid, run, printed: str | None = None):
                 bar.set_description("pixel")
             bar.update(1)
 
-        result = run(on_token)
-    out = result.save(args.output)
-    for line in result.notices:
-        if line != printed:  # the resolution notice was printed before drawing
-            print(f"note: {line}", file=sys.stderr)
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"wrote {out} ({result.image.shape[0]}x{result.image.shape[1]}); {stages} "
-          f"({result.tokens.steps} decode steps)")
+        results = run(on_token)
+    results = results if isinstance(results, list) else [results]
+    outputs = outputs or [args.output]
+    for result, output in zip(results, outputs):
+        out = result.save(output)
+        for line in result.notices:
+            if line != printed:  # the resolution notice was printed before drawing
+                print(f"note: {line}", file=sys.stderr)
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+        print(f"wrote {out} ({result.image.shape[0]}x{result.image.shape[1]}); {stages} "
+              f"({result.tokens.steps} decode steps)")
 
 
 def _notice(pipe, size) -> str | None:
@@ -303,12 +306,23 @@ def cmd_generate(args) -> None:
     from illume_rt.contract import image_grid
     from illume_rt.runtime.options import SamplingConfig
 
-    image_target(args.output)  # an unwritable target is refused before the model is loaded
+    outputs = numbered_outputs(args.output, args.num_images)
+    for output in outputs:
+        image_target(output)  # an unwritable target is refused before the model is loaded
     sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
     pipe = _open_pipeline(args, refine)
     printed = _notice(pipe, args.resolution)
     _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
-        args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token), printed)
+        args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token,
+        num_images=args.num_images), printed, outputs)
+
+
+def numbered_outputs(output: str, count: int) -> list[str]:
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several (image i has seed + i)."""
+    if count == 1:
+        return [output]
+    path = Path(output)
+    return [str(path.with_name(f"{path.stem}-{i}{path.suffix}")) for i in range(count)]
 
 
 def cmd_edit(args) -> None:
@@ -427,6 +441,12 @@ def _image_task_options(parser, defaults: str) -> None:
     group.add_argument("--pixel-top-k", type=ranged(int, 0), default=None, help="override the pixel-level top-k")
     group.add_argument("--top-p", type=ranged(float, 0.0, 1.0, low_open=True), default=None)
     group.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
+    from illume_rt.runtime.options import DEFAULT_PARALLEL_WINDOW, MAX_PARALLEL_WINDOW
+
+    group.add_argument("--parallel-decoding", type=ranged(int, 2, MAX_PARALLEL_WINDOW), nargs="?",
+                       const=DEFAULT_PARALLEL_WINDOW, default=None, metavar="K",
+                       help="speculative Jacobi decoding: draft and verify up to K codes per body call (default "
+                            f"{DEFAULT_PARALLEL_WINDOW}); lossless: the same distribution, fewer calls")
     ref = parser.add_argument_group("diffusion refinement (2x output)")
     ref.add_argument("--refine", action="store_true", help="decode with the diffusion decoder instead")
     ref.add_argument("--steps", type=ranged(int, 1, MAX_REFINE_STEPS), default=20,
@@ -462,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="illume.png", help="image to write (.png, .jpg or .webp)")
     gen.add_argument("--resolution", type=resolution, default=(256, 256),
                      help="HEIGHTxWIDTH, one of the ILLUME+ anchors")
+    from illume_rt.contract import MAX_IMAGES
+
+    gen.add_argument("--num-images", type=ranged(int, 1, MAX_IMAGES), default=1, metavar="N",
+                     help="N images in one batch (seeds SEED..SEED+N-1), written as OUT-0.png ... OUT-{N-1}.png")
     _image_task_options(gen, "guidance 2.0, temperature 1.0, top-k 2048 (pixel 6144), top-p 1.0")
     gen.set_defaults(func=cmd_generate)
 

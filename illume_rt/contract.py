@@ -2,7 +2,7 @@
 graph interfaces that export, engines, runtime and tests all read.
 
 Torch-free and dependency-free (numpy is not needed): every stage imports it, and it imports nothing of the
-project but ``illume_rt.errors``. A bundle's manifest (format 3, docs/bundle-format.md) carries what a host needs
+project but ``illume_rt.errors``. A bundle's manifest (format 4, docs/bundle-format.md) carries what a host needs
 from here, so a reader that does not import illume-rt can rebuild the token schedule and the prompts.
 
 Contents, in order: resolutions and grids; the vocabulary layout; the image-block grammar (``IMAGE_GRAMMAR``,
@@ -402,7 +402,8 @@ PIXEL_FACTOR = 16  # understanding images are resized to multiples of this
 # ---------------------------------------------------------------------------------------------------------------
 
 # LLM body (docs/bundle-format.md): inputs_embeds [batch, seq, hidden], attention_mask [batch, past + seq],
-# position_ids [batch, seq], the cache inputs; outputs hidden [batch, hidden] and new_kv.
+# position_ids [batch, seq], the cache inputs; outputs hidden [batch, seq, hidden] (every new position: a verify
+# step of parallel decoding reads several) and new_kv.
 INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS = "inputs_embeds", "attention_mask", "position_ids"
 HIDDEN, NEW_KV = "hidden", "new_kv"
 LOGITS = "logits"  # a head slice: hidden -> logits [batch, rows of the slice]
@@ -411,7 +412,11 @@ CACHE_INPUT_PREFIX = "past_"
 # same layout with ``seq`` columns. Each layer's keys (values) are one contiguous block, the graph's past_key_<i>
 # (past_value_<i>) [batch, kv_heads, past, head_dim].
 KV_CACHE_LAYOUT = ("layers", "kv", "batch", "kv_heads", "capacity", "head_dim")
-DECODE_MAX_SEQ = 8  # widest body call after the prefill: a code plus the forced tokens before the next one
+# Widest body call after the prefill: a code plus the forced tokens before the next one (at most 4), or a verify
+# step of parallel decoding (a window of drafted codes with the structure tokens between them).
+DECODE_MAX_SEQ = 16
+# Images of one request decoded in one batch (2 rows each with guidance); engine profiles cover this many.
+MAX_IMAGES = 8
 HEADS = tuple(("text", *LEVEL_NAMES.values()))
 
 
@@ -453,7 +458,9 @@ def component_io(name: str, layers: int | None = None) -> tuple[tuple[str, ...],
 # ---------------------------------------------------------------------------------------------------------------
 
 BUNDLE_FORMAT_NAME = "illume-rt-bundle"
-BUNDLE_FORMAT_VERSION = 3  # 3: the manifest carries the grammar, prompts, grids and preprocessing (contract)
+# 3: the manifest carries the grammar, prompts, grids and preprocessing (contract); 4: the llm graph's hidden is
+# [batch, seq, hidden] (every new position), so a format-3 body cannot serve a verify step and is refused.
+BUNDLE_FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 

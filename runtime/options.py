@@ -7,7 +7,7 @@ import numbers
 import os
 from dataclasses import dataclass
 
-from illume_rt.contract import LayoutError
+from illume_rt.contract import DECODE_MAX_SEQ, MAX_IMAGES, LayoutError
 
 MAX_SEED = 2**63 - 1  # numpy's default_rng takes any non-negative int; this bound keeps seeds portable (int64)
 
@@ -21,6 +21,22 @@ def check_seed(seed) -> int | None:
     return int(seed)
 
 
+def check_prompts(prompt, num_images, seed: int | None) -> list[str]:
+    """The prompts of a request, each repeated ``num_images`` times (at most MAX_IMAGES in all, seeds in range)."""
+    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
+        raise LayoutError(f"num_images must be a whole number from 1 to {MAX_IMAGES}, got {num_images!r}")
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise LayoutError("prompt must be a string or a non-empty list of strings")
+    prompts = [t for t in texts for _ in range(num_images)]
+    if len(prompts) > MAX_IMAGES:
+        raise LayoutError(f"{len(prompts)} images in one request; at most {MAX_IMAGES} decode in one batch: "
+                          "split the request")
+    if seed is not None and seed + len(prompts) - 1 > MAX_SEED:
+        raise LayoutError(f"seed + images - 1 must be at most {MAX_SEED}; pass a smaller seed")
+    return prompts
+
+
 def check_threads(threads) -> int | None:
     """None (onnxruntime's default: every core) or 1..cores; more only oversubscribes (100000 hung the machine)."""
     if threads is None:
@@ -29,6 +45,14 @@ def check_threads(threads) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= cores:
         raise LayoutError(f"threads must be a whole number from 1 to {cores} (this machine's cores), got {threads!r}")
     return int(threads)
+
+
+# Codes per verify step of parallel decoding. A window also feeds the structure tokens between its codes; the loop
+# shortens one that would be wider than DECODE_MAX_SEQ (the widest body call the engines are built for).
+MAX_PARALLEL_WINDOW = DECODE_MAX_SEQ - 4
+# the widest window: on nano at 512x512 it took the fewest calls and the least wall time of 4, 8 and 12
+# (bench/results/20261129-parallel-nano)
+DEFAULT_PARALLEL_WINDOW = 12
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,9 @@ class SamplingConfig:
     pixel_top_k: int | None = None  # None: 3x the semantic top_k, as the official InferenceConfig
     pixel_top_p: float | None = None
     greedy: bool = False
+    # Speculative Jacobi decoding of image codes (runtime/generate.py ImageGenerator): codes drafted and verified
+    # per body call, at most; 0 decodes one code per call. Lossless: the codes keep the sampler's distribution.
+    parallel_window: int = 0
 
     def level(self, level: int) -> tuple[float, int, float]:
         """(temperature, top_k, top_p) for level 0 (semantic) or 1 (pixel)."""
@@ -77,3 +104,8 @@ class SamplingConfig:
             k = getattr(self, name)
             if k is not None and k < 0:
                 raise LayoutError(f"{name} must be >= 0 (0 disables top-k)")
+        window = self.parallel_window
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or \
+                not (window == 0 or 2 <= window <= MAX_PARALLEL_WINDOW):
+            raise LayoutError(f"parallel_window must be 0 (off) or a whole number from 2 to {MAX_PARALLEL_WINDOW} "
+                              f"(codes per body call; {DEFAULT_PARALLEL_WINDOW} is a good start), got {window!r}")

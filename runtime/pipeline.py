@@ -22,10 +22,10 @@ from illume_rt.engines.base import BackendError, Engine
 from illume_rt.files import save_image
 from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
 from illume_rt.runtime.generate import (ImageGenerator, ImageTokens, LanguageModel, LogitsProcessor,
-                                        generate_image_tokens, generate_text)
+                                        generate_image_tokens, generate_images_tokens, generate_text)
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
-from illume_rt.runtime.options import SamplingConfig, check_seed, check_threads
+from illume_rt.runtime.options import SamplingConfig, check_prompts, check_seed, check_threads
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
@@ -285,25 +285,34 @@ class Pipeline:
         return (f"this model was trained at {sizes} only; at {resolution[0]}x{resolution[1]} expect scattered "
                 "shapes (pass --resolution " + f"{trained[0][0]}x{trained[0][1]})")
 
-    def generate(self, prompt: str, resolution: tuple[int, int] = (256, 256), seed: int | None = 0,
+    def generate(self, prompt: str | list[str], resolution: tuple[int, int] = (256, 256), seed: int | None = 0,
                  sampling: SamplingConfig | None = None, refine: RefineConfig | None = None,
-                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        """Text to image. ``resolution`` is (height, width); ``on_token(level)`` is called per sampled code;
-        ``refine`` runs the diffusion decoder (2x output) instead of the pixel decoder. Thread-safe."""
+                 on_token: Callable[[int], None] | None = None, num_images: int = 1):
+        """Text to image. ``resolution`` is (height, width); ``on_token(level)`` is called per sampled code (per
+        code position of all images, for several); ``refine`` runs the diffusion decoder (2x output) instead of the
+        pixel decoder. Thread-safe.
+
+        Several images: ``num_images`` per prompt, or a list of prompts (each ``num_images`` times), decode in one
+        batch (2 rows per image with guidance) and come back as a list of results; image i (prompts in order,
+        each prompt's images together) has seed ``seed + i`` and equals a call for it alone with that seed."""
         sampling = sampling or SamplingConfig()
         sampling.validate()
         seed = check_seed(seed)
+        prompts = check_prompts(prompt, num_images, seed)
         self.check_refine(refine)
         grid = image_grid(*resolution)
-        cond, uncond = text_to_image_ids(self.tokenizer, self.vocab, prompt, *resolution)
+        rows = [text_to_image_ids(self.tokenizer, self.vocab, text, *resolution) for text in prompts]
+        seeds = [None if seed is None else seed + i for i in range(len(prompts))]
         notice = self.resolution_notice(resolution)
         with self._call_lock:
-            rng = np.random.default_rng(seed)
+            rngs = [np.random.default_rng(s) for s in seeds]
             start = time.perf_counter()
-            tokens = generate_image_tokens(self.lm, grid, cond, uncond, sampling, rng, on_token)
-            result = self._finish(tokens, grid, refine, rng, start, seed)
-        result.notices += [notice] if notice else []
-        return result
+            all_tokens = generate_images_tokens(self.lm, grid, rows, sampling, rngs, on_token)
+            results = [self._finish(tokens, grid, refine, rng, start, s)
+                       for tokens, rng, s in zip(all_tokens, rngs, seeds)]
+        for result in results:
+            result.notices += [notice] if notice else []
+        return results[0] if isinstance(prompt, str) and num_images == 1 else results
 
     def edit(self, image, instruction: str, seed: int | None = 0, sampling: SamplingConfig | None = None,
              refine: RefineConfig | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:

@@ -77,7 +77,7 @@ def prompt_ids(manifest: dict, task: str, content: str, height: int, width: int)
 def main(argv: list[str]) -> None:
     bundle, resolution, prompt = argv
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     height, width = (int(x) for x in resolution.split("x"))
     positions = image_positions(manifest["contract"], resolution)
     print(json.dumps({

@@ -50,7 +50,7 @@ def bundle(tmp_path) -> Path:
     for name, array in (("embed_tokens", embed), ("codebook", np.ones((4, 3), dtype=np.float16))):
         tables[name] = {**_entry(root / f"{name}.npy"), "dtype": str(array.dtype), "shape": list(array.shape)}
     manifest = {
-        "format": "illume-rt-bundle", "format_version": 3,
+        "format": "illume-rt-bundle", "format_version": 4,
         "model": {"preset": "synthetic", "random_weights": True, "trained_resolutions": [[256, 256], [384, 512]]},
         "vocab": VOCAB.to_dict(), "contract": CONTRACT,
         "llm": {"num_hidden_layers": 2, "num_key_value_heads": 1, "head_dim": 3, "hidden_size": HIDDEN,
@@ -218,9 +218,9 @@ BAD = {
     "not an object": (lambda m: [m], "{manifest} must hold a JSON object, not list; re-export the bundle"),
     "no format": (_set("format", value=KeyError), "{manifest} is not an illume-rt manifest; re-export the bundle"),
     "other format": (_set("format", value="onnx"), "{manifest} is not an illume-rt manifest; re-export the bundle"),
-    "old version": (_set("format_version", value=2), "bundle format 2 is not supported by this runtime "
-                    "(reads format 3); re-export it: `illume-rt export --preset synthetic -o NEW_BUNDLE`"),
-    "version as text": (_set("format_version", value="3"), "bundle format '3' is not supported"),
+    "old version": (_set("format_version", value=3), "bundle format 3 is not supported by this runtime "
+                    "(reads format 4); re-export it: `illume-rt export --preset synthetic -o NEW_BUNDLE`"),
+    "version as text": (_set("format_version", value="4"), "bundle format '4' is not supported"),
     "no version": (_set("format_version", value=KeyError), "bundle format None is not supported"),
     "no model": (_set("model", value=KeyError), "manifest field model is missing; re-export the bundle"),
     "model a list": (_set("model", value=[]), "manifest field model must be an object, not list; re-export the bundle"),
@@ -383,7 +383,7 @@ def test_what_the_schema_allows(bundle, name):
 
 def test_table_size_check_is_exact(tmp_path):
     manifest = json.loads(json.dumps({
-        "format": "illume-rt-bundle", "format_version": 3, "model": {"preset": "p"}, "vocab": VOCAB.to_dict(),
+        "format": "illume-rt-bundle", "format_version": 4, "model": {"preset": "p"}, "vocab": VOCAB.to_dict(),
         "contract": CONTRACT,
         "llm": {"num_hidden_layers": 1, "num_key_value_heads": 1, "head_dim": 1, "hidden_size": 1, "max_context": 1},
         "tokenizer": {"kind": "bytes"}, "components": {}, "files": {},

@@ -67,10 +67,10 @@ def _edit_manifest(path: Path, edit) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_format_2_is_refused_with_the_reexport_command(tiny_bundle, tmp_path):
+def test_format_3_is_refused_with_the_reexport_command(tiny_bundle, tmp_path):
     old = _copy_manifest_only(tiny_bundle, tmp_path / "old")
-    _edit_manifest(old, lambda m: m.update(format_version=2))
-    with pytest.raises(BundleError, match=r"format 2 .*reads format 3.*`illume-rt export --preset tiny -o NEW_BUNDLE`"):
+    _edit_manifest(old, lambda m: m.update(format_version=3))
+    with pytest.raises(BundleError, match=r"format 3 .*reads format 4.*`illume-rt export --preset tiny -o NEW_BUNDLE`"):
         load_bundle(old, verify=False)
 
 

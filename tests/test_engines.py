@@ -17,8 +17,8 @@ from illume_rt.engines.base import BackendError
 from illume_rt.engines.checks import check_bundle, check_graph_ops, check_qdq
 from illume_rt.engines.decode_graph import StaticHostStep, bucket_capacity, static_step_feeds
 from illume_rt.engines.profiles import (
-    DECODE_MAX_SEQ, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes, select_profile,
-    uncovered_requests,
+    BATCH_PREFILL_MAX_SEQ, DECODE_MAX_SEQ, MAX_IMAGES, Profile, ProfileError, engine_profiles, io_buffer_bytes, kv_cache_bytes,
+    select_profile, uncovered_requests,
 )
 from illume_rt.engines.trt_ops import load_op_table, parse_operator_doc
 
@@ -192,16 +192,21 @@ def test_qdq_precision_label_and_half_quantized_ops():
 
 def test_llm_gets_prefill_and_decode_profiles(bundle):
     entry = bundle.component("llm")
-    prefill, decode = engine_profiles("llm", entry)
+    prefill, decode, batch_prefill = engine_profiles("llm", entry)
     ctx = bundle.llm["max_context"]
-    assert (prefill.name, decode.name) == ("prefill", "decode")
+    assert (prefill.name, decode.name, batch_prefill.name) == ("prefill", "decode", "batch_prefill")
     assert decode.shapes["inputs_embeds"][2][1] == DECODE_MAX_SEQ
     assert prefill.shapes["inputs_embeds"][2][1] == ctx
     assert decode.shapes["past_key_0"][2][2] == ctx and prefill.shapes["past_key_0"][0][2] == 0
     assert decode.shapes["attention_mask"][2][1] == ctx + DECODE_MAX_SEQ  # the whole capacity + new positions
     assert prefill.shapes["attention_mask"][2] == (2, ctx)  # batch 2: the guidance rows
+    # up to MAX_IMAGES images in one batch: their decode steps, and their prompts (not the whole context) at once
+    assert decode.shapes["inputs_embeds"][2][0] == 2 * MAX_IMAGES and decode.shapes["inputs_embeds"][1][0] == 2
+    assert batch_prefill.shapes["inputs_embeds"][2][:2] == (2 * MAX_IMAGES, BATCH_PREFILL_MAX_SEQ)
     heads = engine_profiles("lm_head_pixel", bundle.component("lm_head_pixel"))
-    assert [p.name for p in heads] == ["default"] and heads[0].shapes["hidden"][2][0] == 2
+    # a verify step of parallel decoding scores every position of its window in one head call
+    assert [p.name for p in heads] == ["default"]
+    assert heads[0].shapes["hidden"][2][0] == 2 * MAX_IMAGES * DECODE_MAX_SEQ
 
 
 def test_profiles_cover_every_shape_the_runtime_asks_for(bundle):
@@ -227,7 +232,7 @@ def test_select_profile_prefers_and_explains(bundle):
     assert profiles[select_profile(profiles, llm_shapes(entry, 2, 1, 100), "decode")].name == "decode"
     assert profiles[select_profile(profiles, llm_shapes(entry, 2, 40, 0), "decode")].name == "prefill"
     with pytest.raises(ProfileError, match="illume-rt build-engines"):
-        select_profile(profiles, llm_shapes(entry, 3, 1, 10))
+        select_profile(profiles, llm_shapes(entry, 2 * MAX_IMAGES + 1, 1, 10))  # more rows than any request
     with pytest.raises(ProfileError, match="min <= opt <= max"):
         bad = copy.deepcopy(entry)
         bad["profiles"]["batch"] = [2, 1, 2]

@@ -28,7 +28,7 @@ def positional(positions: np.ndarray) -> np.ndarray:
 
 
 class FakeBody:
-    """Causal attention over [past columns (masked) + new columns]; returns the last hidden state and new k/v."""
+    """Causal attention over [past columns (masked) + new columns]; returns every new hidden state and new k/v."""
 
     name, input_names, output_names = "llm", [], ["hidden", "present"]
 
@@ -60,7 +60,7 @@ class FakeBody:
             scores = np.where(allowed, (placed @ wq) @ keys.transpose(0, 2, 1), -np.inf)
             weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
             h = np.tanh(h + (weights / weights.sum(axis=-1, keepdims=True)) @ values)
-        return [h[:, -1].astype(np.float32), new_kv]
+        return [h.astype(np.float32), new_kv]  # every new position (bundle format 4)
 
 
 class FakeHead:
@@ -104,7 +104,7 @@ class Model:
         for layer in range(LAYERS):
             for kind in ("key", "value"):
                 feeds[f"past_{kind}_{layer}"] = np.zeros((1, 1, 0, HIDDEN), dtype=np.float32)
-        return self.oracle_body.run(feeds)[0][0]
+        return self.oracle_body.run(feeds)[0][0, -1]
 
     def logits(self, row, rows: tuple[int, int]) -> np.ndarray:
         return self.head[rows[0]:rows[1]] @ self.last_hidden(row)
