@@ -275,15 +275,29 @@ def check_source(label: str, expected: Mapping[str, tuple], source: TensorSource
 
 
 def _copy_into(module: torch.nn.Module, source: TensorSource, names: Iterable[str]) -> None:
-    """Copy tensor by tensor (dtype converted to the module's), so a large checkpoint is never held twice."""
+    """Copy tensor by tensor (dtype converted to the module's), so a large checkpoint is never held twice. A lazy
+    module (fake tensors, ``_materialize(..., lazy=True)``) gets a reader per tensor instead: the export streams
+    each from the checkpoint when it writes it (export/streaming.py)."""
+    from functools import partial
+
+    from illume_rt.export import streaming
+
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in names:
-            targets[name].copy_(source.get(name))
+            if streaming.is_fake(targets[name]):
+                streaming.lazy(targets[name], partial(source.get, name))
+            else:
+                targets[name].copy_(source.get(name))
 
 
-def _materialize(module: torch.nn.Module) -> torch.nn.Module:
-    """A meta-device module -> uninitialised CPU tensors (every one is overwritten by the checkpoint)."""
+def _materialize(module: torch.nn.Module, lazy: bool = False) -> torch.nn.Module:
+    """A meta-device module -> uninitialised CPU tensors (every one is overwritten by the checkpoint), or, when
+    ``lazy``, fake tensors that ``_copy_into`` gives readers of the checkpoint (nothing is read now)."""
+    if lazy:
+        from illume_rt.export import streaming
+
+        return streaming.fake_empty(module)
     return module.to_empty(device="cpu")
 
 
@@ -501,12 +515,12 @@ class MLLMCheckpoint:
     source: dict = field(default_factory=dict)
 
 
-def _build_llm_empty(preset: Preset):
+def _build_llm_empty(preset: Preset, lazy: bool = False):
     from illume_rt.export.llm import build_llm
 
     with torch.device("meta"):
         llm = build_llm(preset)
-    _materialize(llm)
+    _materialize(llm, lazy)
     rotary = llm.model.rotary_emb
     llm.model.rotary_emb = type(rotary)(config=llm.config)  # recomputes the non-persistent inv_freq on the CPU
     _check_buffers(llm, ["model.rotary_emb."], "LLM")
@@ -554,9 +568,9 @@ def _load_parts(label: str, parts: list[tuple]) -> None:
             _copy_into(module, source, expected)
 
 
-def load_llm(source: TensorSource, preset: Preset, label: str):
+def load_llm(source: TensorSource, preset: Preset, label: str, lazy: bool = False):
     """A float32 ``Qwen2ForCausalLM`` from the LLM keys of the MLLM (vision and projector keys removed)."""
-    llm = _build_llm_empty(preset)
+    llm = _build_llm_empty(preset, lazy)
     expected, source, hint = _llm_plan(llm, source, preset, label)
     _load_parts(label, [(llm, expected, source, "", hint)])
     return _finish_llm(llm, preset)
@@ -565,16 +579,17 @@ def load_llm(source: TensorSource, preset: Preset, label: str):
 def _finish_llm(llm, preset: Preset):
     if preset.llm.tie_word_embeddings:
         llm.tie_weights()
-        if llm.lm_head.weight.data_ptr() != llm.model.embed_tokens.weight.data_ptr():
+        if llm.lm_head.weight is not llm.model.embed_tokens.weight:
             raise RuntimeError("LLM: tie_weights did not tie lm_head to embed_tokens")
     return llm.eval()
 
 
-def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheckpoint:
+def load_mllm(folder: str | Path, base: Preset | str | None = None, lazy: bool = False) -> MLLMCheckpoint:
     """The ILLUME+ MLLM ``save_pretrained`` folder -> preset, LLM, vision tower, projectors, pixel encoder.
 
     Every part is checked (names and shapes) before any tensor is read into a module; one error lists the
-    problems of all parts."""
+    problems of all parts. ``lazy``: the modules hold fake tensors with readers of the (memory-mapped)
+    checkpoint instead of the weights, for the streaming export; the checks are the same."""
     from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
     from illume_rt.export.networks.vision import (PROJECTOR_PREFIX, VISION_TOWER_PREFIX, VisionRotaryEmbedding,
                                                   build_projectors, build_vision_tower)
@@ -599,12 +614,12 @@ def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheck
     known = (VISION_TOWER_PREFIX, PIXEL_ENCODER_PREFIX)
     stray = {k: weights.shapes[k] for k in vision_keys if not k.startswith(known)}
 
-    llm = _build_llm_empty(preset)
-    tower = _materialize(build_vision_tower(preset, device="meta"))
+    llm = _build_llm_empty(preset, lazy)
+    tower = _materialize(build_vision_tower(preset, device="meta"), lazy)
     tower.rotary_pos_emb = VisionRotaryEmbedding(preset.vision_tower.embed_dim // preset.vision_tower.num_heads // 2)
     _check_buffers(tower, ["rotary_pos_emb."], "vision tower")
-    projectors = _materialize(build_projectors(preset, device="meta"))
-    pixel_encoder = _materialize(build_dualvitok_pixel(preset, device="meta").pixel_encoder)
+    projectors = _materialize(build_projectors(preset, device="meta"), lazy)
+    pixel_encoder = _materialize(build_dualvitok_pixel(preset, device="meta").pixel_encoder, lazy)
     _check_buffers(pixel_encoder, [], "pixel encoder")
 
     llm_expected, llm_source, llm_hint = _llm_plan(llm, weights.without(vision_keys + projector_keys), preset, label)
@@ -662,7 +677,7 @@ def read_dualvitok_state(path: str | Path, use_ema: bool = False) -> tuple[dict,
     return state, which
 
 
-def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False):
+def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False, lazy: bool = False):
     """``DualViTokPixel`` (codebooks, tokenizer pixel encoder + quant conv, pixel decoder) from ``pytorch_model.bin``.
 
     Returns (model, source record). Training-only keys (``DUALVITOK_TRAINING_ONLY_PREFIXES``) are ignored and listed
@@ -681,7 +696,7 @@ def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False):
     for k in ignored:
         del state[k]
     source = TensorSource.from_state_dict(f"{label} [{which}]", [path], state)
-    model = _materialize(build_dualvitok_pixel(preset, device="meta"))
+    model = _materialize(build_dualvitok_pixel(preset, device="meta"), lazy)
     _check_buffers(model, [], "DualViTok")
     load_module_strict(model, source, source.label)
     record = {"path": str(path), "weights": which,
@@ -776,14 +791,16 @@ def load_diffusion(folder: str | Path, preset: Preset):
 # ----------------------------------------------------------------------------------------------------------------
 def load_reference_models(mllm_dir: str | Path, dualvitok: str | Path | None = None,
                           diffusion_dir: str | Path | None = None, base: Preset | str | None = None,
-                          use_ema: bool = False):
+                          use_ema: bool = False, lazy: bool = False):
     """``ReferenceModels`` (random_weights False) from the official checkpoints.
 
     ``dualvitok`` (the tokenizer ``pytorch_model.bin``) gives the codebooks and the pixel decoder; without it
-    ``models.dualvitok`` is None and no bundle can be written. ``diffusion_dir`` is optional."""
+    ``models.dualvitok`` is None and no bundle can be written. ``diffusion_dir`` is optional. ``lazy``: the MLLM
+    and tokenizer networks hold readers of the checkpoint, not the weights (``load_mllm``), for the streaming
+    export; the diffusion decoder is still loaded whole (its export folds weights into constants when built)."""
     from illume_rt.export.bundle import ReferenceModels
 
-    mllm = load_mllm(mllm_dir, base)
+    mllm = load_mllm(mllm_dir, base, lazy)
     preset = mllm.preset
     source: dict = {"mllm": mllm.source, "tokenizer_file": str(mllm.tokenizer_file)}
     unet = vae = None
@@ -791,7 +808,7 @@ def load_reference_models(mllm_dir: str | Path, dualvitok: str | Path | None = N
         preset, unet, vae, source["diffusion"] = load_diffusion(diffusion_dir, preset)
     tokenizer_model = None
     if dualvitok is not None:
-        tokenizer_model, source["dualvitok"] = load_dualvitok(dualvitok, preset, use_ema)
+        tokenizer_model, source["dualvitok"] = load_dualvitok(dualvitok, preset, use_ema, lazy)
     return ReferenceModels(preset=preset, llm=mllm.llm, dualvitok=tokenizer_model, random_weights=False,
                            source=source, vision_tower=mllm.vision_tower, projectors=mllm.projectors,
                            pixel_encoder=mllm.pixel_encoder, unet=unet, vae=vae)
