@@ -176,7 +176,49 @@ def _open_safetensors(label: str, files: list[Path], weight_map: dict[str, str] 
         unlisted = [k for k in where if k not in weight_map]
         if unlisted:
             raise CheckpointError(f"{label}: shards hold tensors the index does not list: {_names(unlisted)}")
-    return TensorSource(label, list(files), shapes, lambda name: handles[where[name]].get_tensor(name))
+    offsets = {f: _safetensors_offsets(label, f) for f in files}
+    return TensorSource(label, list(files), shapes, lambda name: _read_safetensor(where[name], name, offsets))
+
+
+# safetensors dtype codes -> torch dtypes (the ones a checkpoint of these networks holds)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_offsets(label: str, path: Path) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    """name -> (dtype, shape, absolute offset, bytes), from the header (safe_open has validated it)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{label}: {path.name}: tensor {name} has dtype {info['dtype']}, which these "
+                                  "networks never store")
+        begin, end = info["data_offsets"]
+        out[name] = (dtype, tuple(info["shape"]), 8 + size + begin, end - begin)
+    return out
+
+
+def _read_safetensor(path: Path, name: str, offsets: dict) -> torch.Tensor:
+    """One tensor, read with ordinary file reads rather than through a memory map: pages of a mapped file count
+    in the process's resident set as they are touched, so streaming a 6 GB checkpoint through a map would show
+    (and, under pressure, hold) 6 GB; read pages stay in the kernel's page cache instead."""
+    dtype, shape, offset, length = offsets[path][name]
+    tensor = torch.empty(shape, dtype=dtype)
+    if length:
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(view) != length:
+                raise CheckpointError(f"{path}: tensor {name} is cut short (the file is truncated)")
+    return tensor
 
 
 def _torch_load(label: str, path: Path):
