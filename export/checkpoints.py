@@ -108,22 +108,26 @@ def _file_records(root: Path, files: Iterable[Path]) -> dict[str, dict]:
 # Tensor sources: names and shapes first (no data read), tensors on demand
 # ----------------------------------------------------------------------------------------------------------------
 class TensorSource:
-    """The tensors of one checkpoint part. ``shapes`` is known without reading data; ``get`` reads one tensor."""
+    """The tensors of one checkpoint part. ``shapes`` is known without reading data; ``get`` reads one tensor,
+    or only its rows [start, stop) (an LM-head range: the export never holds the whole head for it)."""
 
     def __init__(self, label: str, files: list[Path], shapes: dict[str, tuple[int, ...]],
-                 getter: Callable[[str], torch.Tensor]):
+                 getter: Callable[..., torch.Tensor]):
         self.label = label
         self.files = files
         self.shapes = shapes
-        self._getter = getter
+        self._getter = getter  # (name, rows: (start, stop) or None) -> tensor
 
     def get(self, name: str) -> torch.Tensor:
-        return self._getter(name)
+        return self._getter(name, None)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._getter(name, (start, stop))
 
     def subset(self, prefix: str) -> "TensorSource":
         """The tensors under ``prefix``, renamed without it."""
         shapes = {k[len(prefix):]: v for k, v in self.shapes.items() if k.startswith(prefix)}
-        return TensorSource(self.label, self.files, shapes, lambda name: self._getter(prefix + name))
+        return TensorSource(self.label, self.files, shapes, lambda name, rows: self._getter(prefix + name, rows))
 
     def without(self, names: Iterable[str]) -> "TensorSource":
         drop = set(names)
@@ -136,14 +140,42 @@ class TensorSource:
             return self
         back = {new: old for old, new in mapping.items()}
         shapes = {mapping.get(k, k): v for k, v in self.shapes.items()}
-        return TensorSource(self.label, self.files, shapes, lambda name: self._getter(back.get(name, name)))
+        return TensorSource(self.label, self.files, shapes,
+                            lambda name, rows: self._getter(back.get(name, name), rows))
 
     @classmethod
     def from_state_dict(cls, label: str, files: list[Path], state: Mapping) -> "TensorSource":
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{label}: entries that are not tensors: {_names(bad)}")
-        return cls(label, files, {k: tuple(v.shape) for k, v in state.items()}, lambda name: state[name])
+        return cls(label, files, {k: tuple(v.shape) for k, v in state.items()},
+                   lambda name, rows: _copy_of_mapped(state[name] if rows is None else state[name][rows[0]:rows[1]]))
+
+
+def _copy_of_mapped(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor of a memory-mapped pickle (``torch.load(mmap=True)``), whose pages are then dropped from
+    this process's resident set (``madvise(MADV_DONTNEED)``; they are clean file pages, read again if touched):
+    a streamed export would otherwise keep every page it read resident. Elsewhere it is just a copy."""
+    copy = tensor.clone()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes >= (1 << 20):
+        _drop_pages(tensor.data_ptr(), nbytes)
+    return copy
+
+
+def _drop_pages(address: int, nbytes: int) -> None:
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start = (address + page - 1) // page * page  # whole pages inside the tensor only
+        stop = (address + nbytes) // page * page
+        if stop > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4 = MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 def _names(names: Iterable[str], limit: int = MAX_NAMES) -> str:
@@ -177,7 +209,8 @@ def _open_safetensors(label: str, files: list[Path], weight_map: dict[str, str] 
         if unlisted:
             raise CheckpointError(f"{label}: shards hold tensors the index does not list: {_names(unlisted)}")
     offsets = {f: _safetensors_offsets(label, f) for f in files}
-    return TensorSource(label, list(files), shapes, lambda name: _read_safetensor(where[name], name, offsets))
+    return TensorSource(label, list(files), shapes,
+                        lambda name, rows: _read_safetensor(where[name], name, offsets, rows))
 
 
 # safetensors dtype codes -> torch dtypes (the ones a checkpoint of these networks holds)
@@ -206,11 +239,16 @@ def _safetensors_offsets(label: str, path: Path) -> dict[str, tuple[torch.dtype,
     return out
 
 
-def _read_safetensor(path: Path, name: str, offsets: dict) -> torch.Tensor:
+def _read_safetensor(path: Path, name: str, offsets: dict, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor, read with ordinary file reads rather than through a memory map: pages of a mapped file count
     in the process's resident set as they are touched, so streaming a 6 GB checkpoint through a map would show
     (and, under pressure, hold) 6 GB; read pages stay in the kernel's page cache instead."""
     dtype, shape, offset, length = offsets[path][name]
+    if rows is not None:  # rows of a row-major tensor are one contiguous byte range
+        row_bytes = length // shape[0] if shape and shape[0] else 0
+        start, stop = max(0, rows[0]), min(shape[0], rows[1])
+        shape, offset, length = (max(0, stop - start), *shape[1:]), offset + start * row_bytes, \
+            max(0, stop - start) * row_bytes
     tensor = torch.empty(shape, dtype=dtype)
     if length:
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -328,7 +366,7 @@ def _copy_into(module: torch.nn.Module, source: TensorSource, names: Iterable[st
     with torch.no_grad():
         for name in names:
             if streaming.is_fake(targets[name]):
-                streaming.lazy(targets[name], partial(source.get, name))
+                streaming.lazy(targets[name], partial(source.get, name), partial(source.get_rows, name))
             else:
                 targets[name].copy_(source.get(name))
 
@@ -671,7 +709,7 @@ def load_mllm(folder: str | Path, base: Preset | str | None = None, lazy: bool =
         parts.append((module, _expected_shapes(module), weights.subset(prefix), prefix, ""))
     if stray:
         hint = f"the vision tower holds only {VISION_TOWER_PREFIX}* and {PIXEL_ENCODER_PREFIX}*"
-        parts.append((None, {}, TensorSource(label, [], stray, weights.get), "", hint))
+        parts.append((None, {}, TensorSource(label, [], stray, weights._getter), "", hint))
     _load_parts(label, parts)
     _finish_llm(llm, preset)
 

@@ -137,7 +137,7 @@ class LMHeadSlice(nn.Module):
         if streaming.is_fake(full):  # lazy (checkpoint) weights: read the head, keep the rows, when written
             with streaming.fake_mode():
                 weight = nn.Parameter(torch.empty(stop - start, full.shape[1], dtype=full.dtype), requires_grad=False)
-            streaming.lazy(weight, lambda: streaming.real(full)[start:stop].clone())
+            streaming.lazy(weight, lambda: streaming.real_rows(full, start, stop))
             self.weight = weight
         else:
             self.weight = nn.Parameter(full.detach()[start:stop].clone(), requires_grad=False)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 LAZY_READER = "_illume_rt_read"  # attribute of a fake tensor: () -> the real tensor
+LAZY_ROWS = "_illume_rt_read_rows"  # optional: (start, stop) -> rows [start, stop) of the real tensor
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # External data is aligned so that readers may memory-map each tensor (onnxruntime does for aligned data).
 EXTERNAL_ALIGNMENT = 4096
@@ -52,13 +53,23 @@ def is_fake(tensor) -> bool:
     return isinstance(tensor, FakeTensor)
 
 
-def lazy(tensor: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+def lazy(tensor: torch.Tensor, read: Callable[[], torch.Tensor],
+         read_rows: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Attach ``read`` (-> the real tensor, any float dtype; converted to ``tensor``'s dtype when read) to a fake
-    tensor, in place; returns it."""
+    tensor, in place, and optionally ``read_rows`` (a row range only); returns it."""
     if not is_fake(tensor):
         raise TypeError("lazy() takes a fake tensor (made under streaming.fake_mode())")
     setattr(tensor, LAZY_READER, read)
+    setattr(tensor, LAZY_ROWS, read_rows)
     return tensor
+
+
+def real_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a module tensor, reading only those where its source can (an LM-head range)."""
+    read_rows = getattr(tensor, LAZY_ROWS, None) if is_fake(tensor) else None
+    if read_rows is None:
+        return real(tensor)[start:stop].clone()
+    return read_rows(start, stop).detach().to(tensor.dtype)
 
 
 def fake_empty(module: torch.nn.Module) -> torch.nn.Module:

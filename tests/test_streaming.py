@@ -170,3 +170,21 @@ def test_weight_dtype_halves_the_bundle_and_keeps_float32_io(tmp_path):
     assert sizes["fp16"] == sizes["bf16"] < 0.55 * sizes["fp32"]
     with pytest.raises(ExportError, match="fp8"):
         export_onnx(comp, comp.build_module(), tmp_path / "x.onnx", storage="fp8")
+
+
+def test_checkpoint_reads_rows_and_whole_tensors_alike(tmp_path):
+    """An LM-head range is read from the safetensors file as that byte range only; whole tensors and row ranges
+    give what safetensors itself loads (any dtype, bf16 included)."""
+    from safetensors.torch import load_file, save_file
+
+    from illume_rt.export.checkpoints import _open_safetensors
+
+    path = tmp_path / "model.safetensors"
+    save_file({"lm_head.weight": torch.randn(50, 8).to(torch.bfloat16), "model.norm.weight": torch.randn(8),
+               "steps": torch.arange(3)}, str(path))
+    want = load_file(str(path))
+    source = _open_safetensors("test", [path])
+    for name, tensor in want.items():
+        assert torch.equal(source.get(name), tensor) and source.get(name).dtype == tensor.dtype
+    assert torch.equal(source.get_rows("lm_head.weight", 13, 41), want["lm_head.weight"][13:41])
+    assert source.get_rows("lm_head.weight", 50, 60).shape == (0, 8)
