@@ -42,9 +42,24 @@ def add_arguments(p) -> None:
                           "verify-step cost, and estimate the GPU time at the bandwidth floor")
     par.add_argument("--batch-probe-codes", type=int, default=0,
                      help="codes per level in the batch comparison (0: whole images)")
+    p.add_argument("--scale", metavar="PRESETS", help="instead: cost growth with size for these presets (e.g. 3b,7b): "
+                   "synthetic checkpoint, export, and with --scale-generate one 256x256 image each (bench/scale.py; "
+                   "hours, tens of GB of disk under --scale-work)")
+    p.add_argument("--scale-work", metavar="DIR", help="folder for --scale's checkpoints and bundles")
+    p.add_argument("--scale-generate", action="store_true", help="with --scale: generate one 256x256 image per bundle")
 
 
 def run_from_args(args) -> Path:
+    if args.scale:
+        from illume_rt.bench import scale
+
+        if not args.scale_work:
+            raise SystemExit("illume-rt bench: --scale needs --scale-work DIR (tens of GB)")
+        argv = [*args.scale.split(","), "--work", args.scale_work]
+        argv += ["--generate"] if args.scale_generate else []
+        argv += ["-o", args.output] if args.output else []
+        scale.main(argv)
+        return Path(args.output or ".")
     from illume_rt.bench.models import bench_bundle
     from illume_rt.bench.run import run_bench
     from illume_rt.runtime.bundle import load_bundle

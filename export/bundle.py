@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -87,22 +87,40 @@ def components_for(models: ReferenceModels) -> list[Component]:
     return comps
 
 
-def tables_for(models: ReferenceModels) -> dict[str, np.ndarray]:
+def tables_for(models: ReferenceModels) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, table) one at a time, read when asked: the embedding table of a lazy (checkpoint) model is the
+    largest single tensor export holds (2.3 GB in the 3B)."""
+    from illume_rt.export import streaming
     from illume_rt.export.networks.dualvitok import effective_codebooks
 
     tables = effective_codebooks(models.dualvitok)
-    embed = models.llm.get_input_embeddings().weight.detach().float().numpy()
-    return {"embed_tokens": embed, "semantic_codebook": tables["semantic"], "pixel_codebook": tables["pixel"]}
+    yield "embed_tokens", streaming.real(models.llm.get_input_embeddings().weight).float().numpy()
+    yield "semantic_codebook", tables["semantic"]
+    yield "pixel_codebook", tables["pixel"]
 
 
 def _file_entry(path: Path, root: Path) -> dict:
     return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _peak_rss() -> str:
+    """'  peak RSS x.x GB' of this process so far (Linux reports ru_maxrss in KiB), or '' where unknown."""
+    try:
+        import resource
+
+        return f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.1f} GB"
+    except (ImportError, OSError):
+        return ""
+
+
 def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[str], None] = print,
-                 overwrite: bool = False, model_info: dict | None = None) -> Path:
+                 overwrite: bool = False, weight_dtype: str = "fp32", model_info: dict | None = None) -> Path:
     """Export every component of ``models`` into a new bundle at ``out_dir``: a missing or empty folder, or (with
-    ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (illume_rt/files.py)."""
+    ``overwrite``) a bundle, replaced atomically; anything else is refused before any work (illume_rt/files.py).
+
+    Every graph goes through the streaming exporter (export/streaming.py): its weights are written one tensor at a
+    time, stored as ``weight_dtype`` (fp32, fp16 or bf16; 16-bit weights are cast to float32 inside the graph).
+    ``model_info``: extra fields of the manifest's ``model`` entry (the built-in model's key)."""
     out_dir = check_output_dir(out_dir, overwrite)
     work = scratch_dir(out_dir)
     try:
@@ -117,6 +135,8 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                       "trained_resolutions": ([list(r) for r in models.trained_resolutions]
                                               if models.trained_resolutions else None),
                       **(model_info or {})},
+            "export": {"exporter": "streaming: structure traced on fake tensors, weights written one tensor at a "
+                                   "time (export/streaming.py)", "weight_dtype": weight_dtype},
             "vocab": preset.vocab.to_dict(),
             "contract": host_contract(preset.vocab),  # the grammar, prompts, grids, preprocessing (format 3 on)
             "resolutions": [list(r) for r in supported_resolutions()],
@@ -138,23 +158,32 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
         for comp in components_for(models):
             t0 = time.perf_counter()
             path = work / f"{comp.name}.onnx"
-            report = export_onnx(comp, comp.build_module(), path, seed=preset.seed)
+            report = export_onnx(comp, comp.build_module(), path, seed=preset.seed, storage=weight_dtype)
             entry = comp.manifest_entry()
             entry.update(_file_entry(path, work))
             for data in report.get("external_data", []):  # weights of a graph over 2 GiB, beside it
                 entry["external_data"] = data
                 manifest["files"][f"{comp.name}_external_data"] = _file_entry(work / data, work)
-            entry["precision"] = "fp32"
-            entry["accuracy"] = {"reference": "pytorch fp32", "worst_cosine": report["worst_cosine"],
-                                 "worst_max_abs_err": report["worst_max_abs_err"], "cases": report["cases"]}
+            entry["precision"] = "fp32"  # arithmetic, inputs and outputs
+            entry["weight_dtype"] = weight_dtype  # as stored; 16-bit weights are cast to float32 in the graph
+            entry["accuracy"] = {"reference": "pytorch fp32" + (f", weights rounded to {weight_dtype}"
+                                                                 if weight_dtype != "fp32" else ""),
+                                 **{k: report[k] for k in ("method", "worst_cosine", "worst_max_abs_err", "cases")},
+                                 **{k: report[k] for k in ("layers", "bytes_compared", "note") if k in report}}
             manifest["components"][comp.name] = entry
-            log(f"exported {comp.name:<18} cos {report['worst_cosine']:.8f}  max|err| "
-                f"{report['worst_max_abs_err']:.2e}  {time.perf_counter() - t0:.1f}s")
-        for name, table in tables_for(models).items():
+            if report["worst_cosine"] is None:
+                log(f"exported {comp.name:<18} not verified ({report.get('note', '')})  "
+                    f"{time.perf_counter() - t0:.1f}s{_peak_rss()}")
+            else:
+                sampled = f" (layers {report['layers']})" if report["method"] == "sampled" else ""
+                log(f"exported {comp.name:<18} cos {report['worst_cosine']:.8f}  max|err| "
+                    f"{report['worst_max_abs_err']:.2e}{sampled}  {time.perf_counter() - t0:.1f}s{_peak_rss()}")
+        for name, table in tables_for(models):
             path = work / f"{name}.npy"
             np.save(path, np.ascontiguousarray(table))
             manifest["tables"][name] = {**_file_entry(path, work), "dtype": str(table.dtype),
                                         "shape": list(table.shape)}
+            del table
         tokenizer_file = models.source.get("tokenizer_file")
         if manifest["tokenizer"]["kind"] == "hf":
             if not tokenizer_file:

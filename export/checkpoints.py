@@ -108,22 +108,26 @@ def _file_records(root: Path, files: Iterable[Path]) -> dict[str, dict]:
 # Tensor sources: names and shapes first (no data read), tensors on demand
 # ----------------------------------------------------------------------------------------------------------------
 class TensorSource:
-    """The tensors of one checkpoint part. ``shapes`` is known without reading data; ``get`` reads one tensor."""
+    """The tensors of one checkpoint part. ``shapes`` is known without reading data; ``get`` reads one tensor,
+    or only its rows [start, stop) (an LM-head range: the export never holds the whole head for it)."""
 
     def __init__(self, label: str, files: list[Path], shapes: dict[str, tuple[int, ...]],
-                 getter: Callable[[str], torch.Tensor]):
+                 getter: Callable[..., torch.Tensor]):
         self.label = label
         self.files = files
         self.shapes = shapes
-        self._getter = getter
+        self._getter = getter  # (name, rows: (start, stop) or None) -> tensor
 
     def get(self, name: str) -> torch.Tensor:
-        return self._getter(name)
+        return self._getter(name, None)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._getter(name, (start, stop))
 
     def subset(self, prefix: str) -> "TensorSource":
         """The tensors under ``prefix``, renamed without it."""
         shapes = {k[len(prefix):]: v for k, v in self.shapes.items() if k.startswith(prefix)}
-        return TensorSource(self.label, self.files, shapes, lambda name: self._getter(prefix + name))
+        return TensorSource(self.label, self.files, shapes, lambda name, rows: self._getter(prefix + name, rows))
 
     def without(self, names: Iterable[str]) -> "TensorSource":
         drop = set(names)
@@ -136,14 +140,42 @@ class TensorSource:
             return self
         back = {new: old for old, new in mapping.items()}
         shapes = {mapping.get(k, k): v for k, v in self.shapes.items()}
-        return TensorSource(self.label, self.files, shapes, lambda name: self._getter(back.get(name, name)))
+        return TensorSource(self.label, self.files, shapes,
+                            lambda name, rows: self._getter(back.get(name, name), rows))
 
     @classmethod
     def from_state_dict(cls, label: str, files: list[Path], state: Mapping) -> "TensorSource":
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{label}: entries that are not tensors: {_names(bad)}")
-        return cls(label, files, {k: tuple(v.shape) for k, v in state.items()}, lambda name: state[name])
+        return cls(label, files, {k: tuple(v.shape) for k, v in state.items()},
+                   lambda name, rows: _copy_of_mapped(state[name] if rows is None else state[name][rows[0]:rows[1]]))
+
+
+def _copy_of_mapped(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor of a memory-mapped pickle (``torch.load(mmap=True)``), whose pages are then dropped from
+    this process's resident set (``madvise(MADV_DONTNEED)``; they are clean file pages, read again if touched):
+    a streamed export would otherwise keep every page it read resident. Elsewhere it is just a copy."""
+    copy = tensor.clone()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes >= (1 << 20):
+        _drop_pages(tensor.data_ptr(), nbytes)
+    return copy
+
+
+def _drop_pages(address: int, nbytes: int) -> None:
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start = (address + page - 1) // page * page  # whole pages inside the tensor only
+        stop = (address + nbytes) // page * page
+        if stop > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4 = MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 def _names(names: Iterable[str], limit: int = MAX_NAMES) -> str:
@@ -176,7 +208,55 @@ def _open_safetensors(label: str, files: list[Path], weight_map: dict[str, str] 
         unlisted = [k for k in where if k not in weight_map]
         if unlisted:
             raise CheckpointError(f"{label}: shards hold tensors the index does not list: {_names(unlisted)}")
-    return TensorSource(label, list(files), shapes, lambda name: handles[where[name]].get_tensor(name))
+    offsets = {f: _safetensors_offsets(label, f) for f in files}
+    return TensorSource(label, list(files), shapes,
+                        lambda name, rows: _read_safetensor(where[name], name, offsets, rows))
+
+
+# safetensors dtype codes -> torch dtypes (the ones a checkpoint of these networks holds)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_offsets(label: str, path: Path) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    """name -> (dtype, shape, absolute offset, bytes), from the header (safe_open has validated it)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{label}: {path.name}: tensor {name} has dtype {info['dtype']}, which these "
+                                  "networks never store")
+        begin, end = info["data_offsets"]
+        out[name] = (dtype, tuple(info["shape"]), 8 + size + begin, end - begin)
+    return out
+
+
+def _read_safetensor(path: Path, name: str, offsets: dict, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor, read with ordinary file reads rather than through a memory map: pages of a mapped file count
+    in the process's resident set as they are touched, so streaming a 6 GB checkpoint through a map would show
+    (and, under pressure, hold) 6 GB; read pages stay in the kernel's page cache instead."""
+    dtype, shape, offset, length = offsets[path][name]
+    if rows is not None:  # rows of a row-major tensor are one contiguous byte range
+        row_bytes = length // shape[0] if shape and shape[0] else 0
+        start, stop = max(0, rows[0]), min(shape[0], rows[1])
+        shape, offset, length = (max(0, stop - start), *shape[1:]), offset + start * row_bytes, \
+            max(0, stop - start) * row_bytes
+    tensor = torch.empty(shape, dtype=dtype)
+    if length:
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(view) != length:
+                raise CheckpointError(f"{path}: tensor {name} is cut short (the file is truncated)")
+    return tensor
 
 
 def _torch_load(label: str, path: Path):
@@ -275,15 +355,29 @@ def check_source(label: str, expected: Mapping[str, tuple], source: TensorSource
 
 
 def _copy_into(module: torch.nn.Module, source: TensorSource, names: Iterable[str]) -> None:
-    """Copy tensor by tensor (dtype converted to the module's), so a large checkpoint is never held twice."""
+    """Copy tensor by tensor (dtype converted to the module's), so a large checkpoint is never held twice. A lazy
+    module (fake tensors, ``_materialize(..., lazy=True)``) gets a reader per tensor instead: the export streams
+    each from the checkpoint when it writes it (export/streaming.py)."""
+    from functools import partial
+
+    from illume_rt.export import streaming
+
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in names:
-            targets[name].copy_(source.get(name))
+            if streaming.is_fake(targets[name]):
+                streaming.lazy(targets[name], partial(source.get, name), partial(source.get_rows, name))
+            else:
+                targets[name].copy_(source.get(name))
 
 
-def _materialize(module: torch.nn.Module) -> torch.nn.Module:
-    """A meta-device module -> uninitialised CPU tensors (every one is overwritten by the checkpoint)."""
+def _materialize(module: torch.nn.Module, lazy: bool = False) -> torch.nn.Module:
+    """A meta-device module -> uninitialised CPU tensors (every one is overwritten by the checkpoint), or, when
+    ``lazy``, fake tensors that ``_copy_into`` gives readers of the checkpoint (nothing is read now)."""
+    if lazy:
+        from illume_rt.export import streaming
+
+        return streaming.fake_empty(module)
     return module.to_empty(device="cpu")
 
 
@@ -501,12 +595,12 @@ class MLLMCheckpoint:
     source: dict = field(default_factory=dict)
 
 
-def _build_llm_empty(preset: Preset):
+def _build_llm_empty(preset: Preset, lazy: bool = False):
     from illume_rt.export.llm import build_llm
 
     with torch.device("meta"):
         llm = build_llm(preset)
-    _materialize(llm)
+    _materialize(llm, lazy)
     rotary = llm.model.rotary_emb
     llm.model.rotary_emb = type(rotary)(config=llm.config)  # recomputes the non-persistent inv_freq on the CPU
     _check_buffers(llm, ["model.rotary_emb."], "LLM")
@@ -557,16 +651,17 @@ def _load_parts(label: str, parts: list[tuple]) -> None:
 def _finish_llm(llm, preset: Preset):
     if preset.llm.tie_word_embeddings:
         llm.tie_weights()
-        if llm.lm_head.weight.data_ptr() != llm.model.embed_tokens.weight.data_ptr():
+        if llm.lm_head.weight is not llm.model.embed_tokens.weight:
             raise RuntimeError("LLM: tie_weights did not tie lm_head to embed_tokens")
     return llm.eval()
 
 
-def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheckpoint:
+def load_mllm(folder: str | Path, base: Preset | str | None = None, lazy: bool = False) -> MLLMCheckpoint:
     """The ILLUME+ MLLM ``save_pretrained`` folder -> preset, LLM, vision tower, projectors, pixel encoder.
 
     Every part is checked (names and shapes) before any tensor is read into a module; one error lists the
-    problems of all parts."""
+    problems of all parts. ``lazy``: the modules hold fake tensors with readers of the (memory-mapped)
+    checkpoint instead of the weights, for the streaming export; the checks are the same."""
     from illume_rt.export.networks.dualvitok import build_dualvitok_pixel
     from illume_rt.export.networks.vision import (PROJECTOR_PREFIX, VISION_TOWER_PREFIX, VisionRotaryEmbedding,
                                                   build_projectors, build_vision_tower)
@@ -591,12 +686,12 @@ def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheck
     known = (VISION_TOWER_PREFIX, PIXEL_ENCODER_PREFIX)
     stray = {k: weights.shapes[k] for k in vision_keys if not k.startswith(known)}
 
-    llm = _build_llm_empty(preset)
-    tower = _materialize(build_vision_tower(preset, device="meta"))
+    llm = _build_llm_empty(preset, lazy)
+    tower = _materialize(build_vision_tower(preset, device="meta"), lazy)
     tower.rotary_pos_emb = VisionRotaryEmbedding(preset.vision_tower.embed_dim // preset.vision_tower.num_heads // 2)
     _check_buffers(tower, ["rotary_pos_emb."], "vision tower")
-    projectors = _materialize(build_projectors(preset, device="meta"))
-    pixel_encoder = _materialize(build_dualvitok_pixel(preset, device="meta").pixel_encoder)
+    projectors = _materialize(build_projectors(preset, device="meta"), lazy)
+    pixel_encoder = _materialize(build_dualvitok_pixel(preset, device="meta").pixel_encoder, lazy)
     _check_buffers(pixel_encoder, [], "pixel encoder")
 
     llm_expected, llm_source, llm_hint = _llm_plan(llm, weights.without(vision_keys + projector_keys), preset, label)
@@ -606,7 +701,7 @@ def load_mllm(folder: str | Path, base: Preset | str | None = None) -> MLLMCheck
         parts.append((module, _expected_shapes(module), weights.subset(prefix), prefix, ""))
     if stray:
         hint = f"the vision tower holds only {VISION_TOWER_PREFIX}* and {PIXEL_ENCODER_PREFIX}*"
-        parts.append((None, {}, TensorSource(label, [], stray, weights.get), "", hint))
+        parts.append((None, {}, TensorSource(label, [], stray, weights._getter), "", hint))
     _load_parts(label, parts)
     _finish_llm(llm, preset)
 
@@ -654,7 +749,7 @@ def read_dualvitok_state(path: str | Path, use_ema: bool = False) -> tuple[dict,
     return state, which
 
 
-def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False):
+def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False, lazy: bool = False):
     """``DualViTokPixel`` (codebooks, tokenizer pixel encoder + quant conv, pixel decoder) from ``pytorch_model.bin``.
 
     Returns (model, source record). Training-only keys (``DUALVITOK_TRAINING_ONLY_PREFIXES``) are ignored and listed
@@ -673,7 +768,7 @@ def load_dualvitok(path: str | Path, preset: Preset, use_ema: bool = False):
     for k in ignored:
         del state[k]
     source = TensorSource.from_state_dict(f"{label} [{which}]", [path], state)
-    model = _materialize(build_dualvitok_pixel(preset, device="meta"))
+    model = _materialize(build_dualvitok_pixel(preset, device="meta"), lazy)
     _check_buffers(model, [], "DualViTok")
     load_module_strict(model, source, source.label)
     record = {"path": str(path), "weights": which,
@@ -768,14 +863,16 @@ def load_diffusion(folder: str | Path, preset: Preset):
 # ----------------------------------------------------------------------------------------------------------------
 def load_reference_models(mllm_dir: str | Path, dualvitok: str | Path | None = None,
                           diffusion_dir: str | Path | None = None, base: Preset | str | None = None,
-                          use_ema: bool = False):
+                          use_ema: bool = False, lazy: bool = False):
     """``ReferenceModels`` (random_weights False) from the official checkpoints.
 
     ``dualvitok`` (the tokenizer ``pytorch_model.bin``) gives the codebooks and the pixel decoder; without it
-    ``models.dualvitok`` is None and no bundle can be written. ``diffusion_dir`` is optional."""
+    ``models.dualvitok`` is None and no bundle can be written. ``diffusion_dir`` is optional. ``lazy``: the MLLM
+    and tokenizer networks hold readers of the checkpoint, not the weights (``load_mllm``), for the streaming
+    export; the diffusion decoder is still loaded whole (its export folds weights into constants when built)."""
     from illume_rt.export.bundle import ReferenceModels
 
-    mllm = load_mllm(mllm_dir, base)
+    mllm = load_mllm(mllm_dir, base, lazy)
     preset = mllm.preset
     source: dict = {"mllm": mllm.source, "tokenizer_file": str(mllm.tokenizer_file)}
     unet = vae = None
@@ -783,7 +880,7 @@ def load_reference_models(mllm_dir: str | Path, dualvitok: str | Path | None = N
         preset, unet, vae, source["diffusion"] = load_diffusion(diffusion_dir, preset)
     tokenizer_model = None
     if dualvitok is not None:
-        tokenizer_model, source["dualvitok"] = load_dualvitok(dualvitok, preset, use_ema)
+        tokenizer_model, source["dualvitok"] = load_dualvitok(dualvitok, preset, use_ema, lazy)
     return ReferenceModels(preset=preset, llm=mllm.llm, dualvitok=tokenizer_model, random_weights=False,
                            source=source, vision_tower=mllm.vision_tower, projectors=mllm.projectors,
                            pixel_encoder=mllm.pixel_encoder, unet=unet, vae=vae)

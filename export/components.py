@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -61,6 +60,8 @@ class Component:
     make_inputs: Callable[[dict[str, int], np.random.Generator], dict[str, np.ndarray]]
     tolerance: Tolerance = field(default_factory=Tolerance)
     description: str = ""
+    # (graph path, seed, storage torch dtype) -> report, for graphs too large to compare whole (see export_onnx)
+    verify_at_size: Callable[[Path, int, object], dict] | None = None
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -114,26 +115,37 @@ def run_reference(component: Component, module, arrays: dict[str, np.ndarray]) -
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # one serialized ModelProto cannot exceed 2 GiB
+INLINE_LIMIT = PROTOBUF_LIMIT - (64 << 20)  # weights above this go to external data (margin for the graph itself)
+# A graph whose lazy weights (export/streaming.py) exceed this is not compared whole against PyTorch at export:
+# the reference and the onnxruntime session would each hold the weights. Its component's ``verify_at_size`` (a
+# stated sample, e.g. of LLM layers) runs instead, or the manifest says it was not verified.
+FULL_VERIFY_BYTES = 2 << 30
+# Lazy weights over this always go to external data: inline, every tensor would be held until the proto is written.
+LAZY_INLINE_BYTES = 256 << 20
 
 
 def export_onnx(component: Component, module, path: Path, seed: int = 0,
-                external_data: bool | None = None) -> dict:
-    """Export ``module`` to ``path`` (atomically), then verify it against the module at two sizes per dim.
+                external_data: bool | None = None, storage: str = "fp32") -> dict:
+    """Export ``module`` to ``path`` (atomically) by streaming (export/streaming.py), then verify it.
 
-    Graphs over the 2 GiB protobuf limit (or any graph with ``external_data=True``) keep their weights in one
-    side file, ``<path name>.data`` beside ``path``; the report then names it under ``external_data`` (relative
-    to ``path``'s folder) so the bundle lists it with its size and hash. Both files are written in a temporary
-    folder beside ``path`` and moved into place only after verification, the data file first.
+    The structure is traced on fake tensors; the weights are then written one tensor at a time, in ``storage``
+    (fp32, fp16 or bf16: a 16-bit weight is cast to float32 inside the graph). Graphs whose weights exceed the
+    2 GiB protobuf limit (or any graph with ``external_data=True``) keep them in one side file,
+    ``<path name>.data`` beside ``path``; the report then names it under ``external_data`` (relative to ``path``'s
+    folder) so the bundle lists it with its size and hash. Both files are written in a temporary folder beside
+    ``path`` and moved into place only after verification, the data file first.
 
+    Verification: the whole graph against the module at two sizes per dim when its weights are in memory or fit
+    ``FULL_VERIFY_BYTES``; else the component's ``verify_at_size`` (a stated sample), else none (said in the report).
     Returns the verification report; raises ExportError when a figure misses the tolerance.
     """
-    import logging
-
     import onnx
-    import torch
 
-    # the exporter warns about torchvision ops it cannot register; this project never uses them
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    from illume_rt.export import streaming
+
+    if storage not in streaming.STORAGE_DTYPES:
+        raise ExportError(f"weight dtype {storage!r} is not one of {', '.join(streaming.STORAGE_DTYPES)}")
+    storage_dtype = streaming.STORAGE_DTYPES[storage]
     rng = np.random.default_rng(seed)
     sample = component.make_inputs(component.sample_dims(0), rng)
     dyn = _dynamic_shapes(component, module)
@@ -142,29 +154,24 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp = work / path.name
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation noise
-            program = torch.onnx.export(
-                module, _torch_inputs(component, sample), input_names=component.input_names(),
-                output_names=component.output_names(), dynamic_shapes=dyn, dynamo=True,
-                opset_version=ONNX_OPSET, external_data=False, verbose=False,
-            )
-        model = program.model_proto
+        graph = streaming.export_structure(module, _torch_inputs(component, sample), component.input_names(),
+                                           component.output_names(), dyn)
+        if external_data is None:
+            stored = streaming.weight_bytes(graph, storage_dtype)
+            external_data = stored > INLINE_LIMIT or (streaming.lazy_bytes(module) > 0 and stored > LAZY_INLINE_BYTES)
+        data_name = f"{path.name}.data"
+        streaming.write_weights(graph, module, work, data_name if external_data else None, storage_dtype)
+        model = streaming.serialize(graph)
+        del graph
         model.ir_version = ONNX_IR_VERSION
         _name_dims(model, component)
-        if external_data is None:
-            external_data = model.ByteSize() > PROTOBUF_LIMIT - (64 << 20)  # margin for the graph itself
-        data_name = f"{path.name}.data"
-        if external_data:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024, convert_attribute=False)
-            onnx.checker.check_model(str(tmp))  # by path: the checker reads the data file as ORT will
-        else:
-            onnx.checker.check_model(model)
-            onnx.save(model, str(tmp))
-        report = verify_onnx(component, module, tmp, seed=seed)
+        onnx.save(model, str(tmp))
+        del model
+        onnx.checker.check_model(str(tmp))  # by path: the checker reads the data file as ORT will
+        report = _verify(component, module, tmp, seed, storage_dtype)
         if not report["ok"]:
             raise ExportError(f"{component.name}: exported graph differs from the reference: {report}")
+        report["storage"] = storage
         if external_data:
             os.replace(work / data_name, path.parent / data_name)
             report["external_data"] = [data_name]
@@ -174,6 +181,24 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _verify(component: Component, module, path: Path, seed: int, storage) -> dict:
+    from illume_rt.export import streaming
+
+    lazy = streaming.lazy_bytes(module)
+    if lazy <= FULL_VERIFY_BYTES:
+        with streaming.materialized(module, storage):
+            report = verify_onnx(component, module, path, seed=seed)
+        report["method"] = "full"
+        return report
+    if component.verify_at_size is not None:
+        report = component.verify_at_size(path, seed, storage)
+        report.setdefault("method", "sampled")
+        return report
+    return {"ok": True, "method": "none", "cases": [], "worst_cosine": None, "worst_max_abs_err": None,
+            "note": f"not compared with PyTorch at export: {lazy / 2**30:.1f} GiB of weights exceed the "
+                    f"{FULL_VERIFY_BYTES / 2**30:.1f} GiB verification budget and this graph has no sampled check"}
 
 
 def _dynamic_shapes(component: Component, module):

@@ -133,8 +133,16 @@ class LMHeadSlice(nn.Module):
 
     def __init__(self, hf_model, start: int, stop: int) -> None:
         super().__init__()
-        weight = hf_model.get_output_embeddings().weight.detach()[start:stop].clone()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        from illume_rt.export import streaming
+
+        full = hf_model.get_output_embeddings().weight
+        if streaming.is_fake(full):  # lazy (checkpoint) weights: read the head, keep the rows, when written
+            with streaming.fake_mode():
+                weight = nn.Parameter(torch.empty(stop - start, full.shape[1], dtype=full.dtype), requires_grad=False)
+            streaming.lazy(weight, lambda: streaming.real_rows(full, start, stop))
+            self.weight = weight
+        else:
+            self.weight = nn.Parameter(full.detach()[start:stop].clone(), requires_grad=False)
 
     def forward(self, hidden):
         return torch.matmul(hidden, self.weight.t())
@@ -193,7 +201,120 @@ def llm_component(preset: Preset, hf_model) -> Component:
         build_module=lambda: LLMStep(hf_model).eval(),
         make_inputs=make_inputs,
         tolerance=Tolerance(atol=1e-4, rtol=1e-4),
+        verify_at_size=lambda path, seed, storage: verify_sampled_layers(preset, hf_model, path, seed, storage),
     )
+
+
+def sample_layers(num_layers: int) -> list[int]:
+    """The layers checked when the whole LLM is too large to compare with PyTorch: first, middle and last."""
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+def verify_sampled_layers(preset: Preset, hf_model, path, seed: int, storage) -> dict:
+    """Verification of an LLM graph too large to compare whole (its weights are lazy, export/streaming.py).
+
+    For each sampled layer: (1) the one-layer step graph, exported by the same code and streaming path with that
+    layer's real weights and the final norm, is compared with PyTorch at two sizes per dim (export_onnx's full
+    check); (2) every weight of that layer and the final norm in ``path``'s external data is compared byte for
+    byte with the checkpoint tensor as stored. This proves the export form is right at this width on real
+    weights and that the big graph stores those tensors under the right names; it does not run the big graph
+    itself (its structure is the same code traced with more layers)."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from illume_rt.export.components import export_onnx
+
+    cfg = preset.llm
+    layers = sample_layers(cfg.num_hidden_layers)
+    one_layer = dataclasses.replace(preset, llm=dataclasses.replace(cfg, num_hidden_layers=1))
+    report: dict = {"ok": True, "method": "sampled", "layers": layers, "cases": [], "bytes_compared": 0}
+    cosines, errors = [], []
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=Path(path).parent) as scratch:
+        for index in layers:
+            sub = _one_layer_model(one_layer, hf_model, index)
+            comp = llm_component(one_layer, sub)
+            comp.verify_at_size = None
+            part = export_onnx(comp, comp.build_module(), Path(scratch) / f"layer{index}.onnx", seed=seed,
+                               storage=_storage_name(storage))
+            report["cases"] += [{"layer": index, **case} for case in part["cases"]]
+            cosines.append(part["worst_cosine"])
+            errors.append(part["worst_max_abs_err"])
+            del sub, comp
+            names = [n for n in _layer_names(hf_model, index)] + ["body.norm.weight"]
+            report["bytes_compared"] += compare_stored(path, {n: _tensor_of(hf_model, n) for n in names}, storage)
+    report["worst_cosine"] = min(cosines)
+    report["worst_max_abs_err"] = max(errors)
+    return report
+
+
+def _storage_name(storage) -> str:
+    from illume_rt.export.streaming import STORAGE_DTYPES
+
+    return next(k for k, v in STORAGE_DTYPES.items() if v == storage)
+
+
+def _layer_names(hf_model, index: int) -> list[str]:
+    return [f"body.layers.{index}.{name}" for name, _ in hf_model.model.layers[index].named_parameters()]
+
+
+def _tensor_of(hf_model, name: str) -> torch.Tensor:
+    """The hf model tensor of an ``LLMStep`` initializer name (``body.`` is ``hf_model.model``)."""
+    return hf_model.model.get_parameter(name[len("body."):])
+
+
+def _one_layer_model(one_layer: Preset, hf_model, index: int):
+    """A one-layer ``Qwen2ForCausalLM`` holding real copies of layer ``index`` and the final norm (no embedding
+    or head: the step graph reads neither)."""
+
+    with torch.device("meta"):
+        sub = build_llm(one_layer)
+    sub.model.embed_tokens = None
+    sub.lm_head = None
+    rotary = sub.model.rotary_emb
+    sub.model.rotary_emb = type(rotary)(config=sub.config)
+    for target, source in ((sub.model.layers[0], hf_model.model.layers[index]), (sub.model.norm, hf_model.model.norm)):
+        state = {name: streaming.real(t).clone() for name, t in source.state_dict(keep_vars=True).items()}
+        target.load_state_dict(state, assign=True)
+    for name, t in sub.named_parameters():
+        if t.is_meta:
+            raise RuntimeError(f"one-layer model: {name} was not filled")
+    return sub.eval()
+
+
+def compare_stored(path, tensors: dict, storage) -> int:
+    """Compare initializers of the graph at ``path`` (external data or inline) with ``tensors`` byte for byte, as
+    stored (float32 tensors in ``storage``). Returns the bytes compared; raises ExportError on a difference."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import numpy_helper
+
+    from illume_rt.export.components import ExportError
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    compared = 0
+    for name, tensor in tensors.items():
+        init = inits.get(name)
+        if init is None:
+            raise ExportError(f"{path.name}: no initializer {name}")
+        value = streaming.real(tensor)
+        if value.dtype == torch.float32 and storage != torch.float32:
+            value = value.to(storage)
+        want = bytes(streaming._raw_bytes(value))
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            with open(path.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                got = f.read(int(info["length"]))
+        else:
+            got = numpy_helper.to_array(init).tobytes() if not init.raw_data else init.raw_data
+        if got != want:
+            raise ExportError(f"{path.name}: initializer {name} does not hold the checkpoint's tensor")
+        compared += len(want)
+    return compared
 
 
 def head_component(preset: Preset, hf_model, which: str) -> Component:

@@ -214,8 +214,9 @@ def cmd_export(args) -> None:
             raise UsageError("--tokenizer-checkpoint DUALVITOK.bin is required with --checkpoint: the bundle's "
                              "pixel decoder and codebooks come from the DualViTok checkpoint (ILLUME-MLLM/dualvitok "
                              "pytorch_model.bin)")
+        # lazy: the networks hold readers of the memory-mapped checkpoint; export streams each tensor from it
         models = load_reference_models(args.checkpoint, args.tokenizer_checkpoint, args.diffusion,
-                                       base=args.preset, use_ema=args.tokenizer_ema)
+                                       base=args.preset, use_ema=args.tokenizer_ema, lazy=True)
         print(f"loaded {args.checkpoint} (preset {models.preset.name}, vocab {models.preset.vocab.vocab_rows} rows, "
               f"{'tied' if models.preset.llm.tie_word_embeddings else 'untied'} head)")
     else:
@@ -224,7 +225,7 @@ def cmd_export(args) -> None:
             if value:
                 raise UsageError(f"{flag} needs --checkpoint MLLM_DIR")
         models = builtin_models(args.preset or DEFAULT_PRESET)
-    out = write_bundle(models, args.output, overwrite=args.overwrite)
+    out = write_bundle(models, args.output, overwrite=args.overwrite, weight_dtype=args.dtype)
     print(f"bundle written to {out}")
 
 
@@ -475,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DualViTok pytorch_model.bin (codebooks and pixel decoder); required with --checkpoint")
     exp.add_argument("--tokenizer-ema", action="store_true", help="use the 'ema' weights of the DualViTok checkpoint")
     exp.add_argument("--diffusion", metavar="DIR", help="diffusion decoder diffusers folder (optional)")
+    exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                     help="how the graphs store their weights (default fp32); 16-bit weights are cast to float32 "
+                          "inside each graph, so inputs, outputs and arithmetic stay float32 and the bundle is "
+                          "half the size on disk (onnxruntime on a CPU holds them as float32 once loaded)")
     exp.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="text to image")

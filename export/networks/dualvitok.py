@@ -107,10 +107,14 @@ class SimVQCodebook(nn.Module):
 def effective_codebook(quantizer: SimVQCodebook) -> np.ndarray:
     """The lookup table the runtime uses: row k = official indices_to_codes(k), float32 [codebook_size, dim].
 
-    Computed in float32 (weights stored in another dtype are upcast first).
+    Computed in float32 (weights stored in another dtype are upcast first). Lazy (checkpoint) weights are read
+    here (export/streaming.py); the two tensors are small.
     """
-    weight = quantizer.code_transform.weight.float()
-    return F.linear(quantizer.frozen_codebook.float(), weight).cpu().numpy().astype(np.float32, copy=False)
+    from illume_rt.export.streaming import real
+
+    weight = real(quantizer.code_transform.weight).float()
+    frozen = real(quantizer.frozen_codebook).float()
+    return F.linear(frozen, weight).cpu().numpy().astype(np.float32, copy=False)
 
 
 def effective_codebooks(model: "DualViTokPixel") -> dict[str, np.ndarray]:
