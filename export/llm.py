@@ -30,6 +30,7 @@ from torch import nn
 from illume_rt.contract import (ATTENTION_MASK, HEADS, HIDDEN, INPUTS_EMBEDS, LOGITS, NEW_KV, POSITION_IDS,
                                 cache_input_names)
 from illume_rt.contract import head_component as head_component_name
+from illume_rt.export import streaming
 from illume_rt.export.components import Component, TensorSpec, Tolerance
 from illume_rt.export.configs import Preset
 
@@ -133,7 +134,6 @@ class LMHeadSlice(nn.Module):
 
     def __init__(self, hf_model, start: int, stop: int) -> None:
         super().__init__()
-        from illume_rt.export import streaming
 
         full = hf_model.get_output_embeddings().weight
         if streaming.is_fake(full):  # lazy (checkpoint) weights: read the head, keep the rows, when written
