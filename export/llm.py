@@ -285,6 +285,7 @@ def _one_layer_model(one_layer: Preset, hf_model, index: int):
 def compare_stored(path, tensors: dict, storage) -> int:
     """Compare initializers of the graph at ``path`` (external data or inline) with ``tensors`` byte for byte, as
     stored (float32 tensors in ``storage``). Returns the bytes compared; raises ExportError on a difference."""
+    import json
     from pathlib import Path
 
     import onnx
@@ -295,12 +296,16 @@ def compare_stored(path, tensors: dict, storage) -> int:
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
+    props = {p.key: p.value for p in model.metadata_props}
+    transposed = json.loads(props.get(streaming.TRANSPOSED_WEIGHTS, "{}"))
     compared = 0
     for name, tensor in tensors.items():
         init = inits.get(name)
         if init is None:
             raise ExportError(f"{path.name}: no initializer {name}")
         value = streaming.real(tensor)
+        if name in transposed:  # stored as its MatMul reads it (streaming._fold_weight_transposes)
+            value = value.permute(*transposed[name]).contiguous()
         if value.dtype == torch.float32 and storage != torch.float32:
             value = value.to(storage)
         want = bytes(streaming._raw_bytes(value))

@@ -194,6 +194,11 @@ def write_weights(model, module: torch.nn.Module, folder: Path, data_name: str |
 
     named = module_tensors(module)
     graph = model.graph
+    transposed = _fold_weight_transposes(graph)
+    if transposed:  # readers comparing stored weights with the module's (export/llm.py compare_stored) need it
+        import json
+
+        model.metadata_props[TRANSPOSED_WEIGHTS] = json.dumps(transposed, sort_keys=True)
     written = 0
     handle = open(folder / data_name, "wb") if data_name else None
     try:
@@ -204,6 +209,8 @@ def write_weights(model, module: torch.nn.Module, folder: Path, data_name: str |
                 if not isinstance(source, torch.Tensor):
                     raise RuntimeError(f"initializer {name} is neither a module tensor nor a lifted constant")
             tensor = real(source)
+            if name in transposed:  # stored as the MatMul reads it (see _fold_weight_transposes)
+                tensor = tensor.permute(*transposed[name]).contiguous()
             convert = tensor.dtype == torch.float32 and storage != torch.float32
             if convert:
                 tensor = tensor.to(storage)
@@ -230,6 +237,40 @@ def write_weights(model, module: torch.nn.Module, folder: Path, data_name: str |
         if handle is not None:
             handle.close()
     return {"tensors": len(graph.initializers), "bytes": written}
+
+
+TRANSPOSED_WEIGHTS = "illume_rt.transposed_weights"  # model metadata: {initializer: perm} of folded weights
+
+
+def _fold_weight_transposes(graph) -> dict[str, list[int]]:
+    """Store weights the way their MatMul reads them. Traced without the exporter's optimiser (it cannot run on fake
+    tensors), a Linear layer is ``MatMul(x, Transpose(W))``; a quantizer then sees no weight initializer on the
+    MatMul (INT8 weights were not made: the body stayed its FP32 size) and TensorRT would transpose at run time. Each
+    Transpose whose only input is an initializer used by nothing else is removed, and that initializer takes the
+    transposed shape; ``write_weights`` writes the tensor permuted (one tensor at a time, as every other).
+    Returns {initializer name: perm}."""
+    import onnx_ir as ir
+
+    folded: dict[str, list[int]] = {}
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        value = node.inputs[0]
+        if value is None or not value.is_initializer() or value.is_graph_output() or len(value.uses()) != 1:
+            continue
+        perm_attr = node.attributes.get("perm")
+        rank = len(value.shape) if value.shape is not None else None
+        if rank is None:
+            continue
+        perm = list(perm_attr.value) if perm_attr is not None else list(reversed(range(rank)))
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        value.shape = ir.Shape([value.shape[i] for i in perm])
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        folded[value.name] = perm
+    return folded
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
