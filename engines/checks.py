@@ -35,6 +35,7 @@ import numpy as np
 from illume_rt.engines.trt_ops import ONNX_TYPE_NAMES, OpTable, load_op_table
 
 QUANTIZED = {"INT8", "FP8", "INT4"}
+CONSTANT_SCALAR_TYPES = {"value_int": 7, "value_ints": 7, "value_float": 1, "value_floats": 1}  # onnx INT64, FLOAT
 FP8_E4M3FN = 17  # TensorProto.FLOAT8E4M3FN
 FLOAT_TYPES = {"FP32", "FP16", "BF16"}
 HEAVY_OPS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
@@ -99,11 +100,14 @@ class _Graph:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(node)
-            if node.op_type == "Constant":
+            if node.op_type == "Constant":  # TensorRT's parser takes every form of Constant as weights
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.types[node.output[0]] = attr.t.data_type
                         self.constants[node.output[0]] = attr.t
+                    elif attr.name in CONSTANT_SCALAR_TYPES:  # value_int(s), value_float(s) (exporter's axes)
+                        self.types[node.output[0]] = CONSTANT_SCALAR_TYPES[attr.name]
+                        self.constants[node.output[0]] = attr
 
     def type_name(self, tensor: str) -> str | None:
         code = self.types.get(tensor)
@@ -139,11 +143,16 @@ class _Graph:
         return None
 
     def constant(self, tensor: str) -> np.ndarray | None:
+        import onnx
         from onnx import numpy_helper
 
         proto = self.constants.get(tensor)
         if proto is None:
             return None
+        if isinstance(proto, onnx.AttributeProto):  # a Constant's value_int(s) / value_float(s)
+            import onnx.helper
+
+            return np.asarray(onnx.helper.get_attribute_value(proto))
         try:
             return numpy_helper.to_array(proto)
         except Exception:  # FP8/INT4 arrays need ml_dtypes on some onnx versions: treat as unknown values

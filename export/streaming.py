@@ -148,7 +148,25 @@ def export_structure(module: torch.nn.Module, inputs: tuple, input_names, output
             module, fake_inputs, input_names=list(input_names), output_names=list(output_names),
             dynamic_shapes=dynamic_shapes, dynamo=True, optimize=False, external_data=False, verbose=False,
         )
+    fold_small_constants(program.model)
     return program.model
+
+
+def fold_small_constants(model) -> None:
+    """Fold the subgraphs that compute only from Constant nodes (axes, shapes, scalars: what the exporter's
+    optimiser folds, which cannot run on fake weights). TensorRT needs e.g. a Slice's axes as a constant; the weight
+    initializers, which hold no data yet, are never read (``fold_constants`` skips values without data)."""
+    from onnxscript.optimizer import optimize_ir
+
+    saved = {name: value.const_value for name, value in model.graph.initializers.items()}
+    try:
+        for value in model.graph.initializers.values():
+            value.const_value = None  # fake tensors: never fold through a weight
+        optimize_ir(model)
+    finally:
+        for name, const in saved.items():
+            if name in model.graph.initializers:
+                model.graph.initializers[name].const_value = const
 
 
 def weight_bytes(model, storage: torch.dtype) -> int:
@@ -204,8 +222,11 @@ def write_weights(model, module: torch.nn.Module, folder: Path, data_name: str |
     try:
         for name, value in list(graph.initializers.items()):
             source = named.get(name)
-            if source is None:  # a constant the exporter lifted: it holds the (real) tensor itself
-                source = getattr(value.const_value, "raw", None)
+            if source is None:  # a constant the exporter lifted, or one folded (fold_small_constants): real data
+                const_value = value.const_value
+                source = getattr(const_value, "raw", None)
+                if not isinstance(source, torch.Tensor) and const_value is not None:
+                    source = torch.from_numpy(np.array(const_value.numpy()))
                 if not isinstance(source, torch.Tensor):
                     raise RuntimeError(f"initializer {name} is neither a module tensor nor a lifted constant")
             tensor = real(source)
@@ -214,7 +235,7 @@ def write_weights(model, module: torch.nn.Module, folder: Path, data_name: str |
             convert = tensor.dtype == torch.float32 and storage != torch.float32
             if convert:
                 tensor = tensor.to(storage)
-            if handle is not None:
+            if handle is not None and name in named:  # constants (axes, shapes) stay inline: shape inference reads them
                 offset = -handle.tell() % EXTERNAL_ALIGNMENT
                 handle.write(b"\0" * offset)
                 start = handle.tell()

@@ -433,7 +433,7 @@ def test_build_plan_without_tensorrt(bundle, tmp_path):
 
     key, settings = plan_build(bundle, "llm", 4, device=H100)
     assert key.precision == "fp32" and key.build["strongly_typed"] and key.build["flags"] == []
-    assert [p.name for p in settings["profiles"]] == ["prefill", "decode"]
+    assert [p.name for p in settings["profiles"]] == ["prefill", "decode", "batch_prefill"]
     assert key.graph_sha256 == bundle.component("llm")["sha256"] and key.build["opt_level"] == 4
     streaming, _ = plan_build(bundle, "llm", 4, device=H100,
                               options=BuildOptions(weight_streaming=True, refittable=True))
