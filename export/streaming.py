@@ -156,14 +156,22 @@ def fold_small_constants(model) -> None:
     """Fold the subgraphs that compute only from Constant nodes (axes, shapes, scalars: what the exporter's
     optimiser folds, which cannot run on fake weights). TensorRT needs e.g. a Slice's axes as a constant; the weight
     initializers, which hold no data yet, are never read (``fold_constants`` skips values without data)."""
+    import logging
+
     from onnxscript.optimizer import optimize_ir
 
+    # With the weights held out, the optimiser's initializer deduplication warns once per weight that it has no
+    # value. That is expected here, and it would bury the CLI's one-line errors under a page of warnings.
+    dedup_log = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    saved_level = dedup_log.level
     saved = {name: value.const_value for name, value in model.graph.initializers.items()}
     try:
+        dedup_log.setLevel(logging.ERROR)
         for value in model.graph.initializers.values():
             value.const_value = None  # fake tensors: never fold through a weight
         optimize_ir(model)
     finally:
+        dedup_log.setLevel(saved_level)
         for name, const in saved.items():
             if name in model.graph.initializers:
                 model.graph.initializers[name].const_value = const
