@@ -47,6 +47,8 @@ def add_arguments(p) -> None:
                    "hours, tens of GB of disk under --scale-work)")
     p.add_argument("--scale-work", metavar="DIR", help="folder for --scale's checkpoints and bundles")
     p.add_argument("--scale-generate", action="store_true", help="with --scale: generate one 256x256 image per bundle")
+    p.add_argument("--scale-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="with --scale: how the exported weights are stored")
 
 
 def run_from_args(args) -> Path:
@@ -55,7 +57,7 @@ def run_from_args(args) -> Path:
 
         if not args.scale_work:
             raise SystemExit("illume-rt bench: --scale needs --scale-work DIR (tens of GB)")
-        argv = [*args.scale.split(","), "--work", args.scale_work]
+        argv = [*args.scale.split(","), "--work", args.scale_work, "--dtype", args.scale_dtype]
         argv += ["--generate"] if args.scale_generate else []
         argv += ["-o", args.output] if args.output else []
         scale.main(argv)

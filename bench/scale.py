@@ -5,9 +5,15 @@
 For each preset: a random-weight checkpoint in the official layout is written once under ``--work``
 (export/synthetic.py), then ``illume-rt export --checkpoint`` runs in a child process, which is what the
 figures time: wall time and peak resident set (the child's ``ru_maxrss``, the same figure ``/usr/bin/time -v``
-prints). ``--generate`` then runs ``illume-rt generate`` on the bundle (FP32, ort-cpu, 256x256, greedy) in another
-child and records its time and peak. These runs take minutes to hours: they are a bench, never CI.
-Results: ``results.json`` and ``results.md`` with the command, machine and versions.
+prints). A step probe then opens the bundle in another child (``--probe``): the prefill of a 256x256 prompt, then
+``--probe-steps`` semantic decode steps (body and semantic head, guidance batched), timed one by one; the median
+step is set against the memory-bandwidth floor, the bytes one step must read (the body's weights and the semantic
+head slice) over the read bandwidth measured in the same run (bench/measure.py). ``--generate`` also runs
+``illume-rt generate`` on the bundle (ort-cpu, 256x256, greedy) in another child and records its time and peak.
+A bundle whose weights do not fit in this machine's memory in float32 is not opened (the row says so). These runs
+take minutes to hours: they are a bench, never CI. ``--bundle PRESET=DIR`` reuses a bundle already exported (its
+export figures are then not measured). Results: ``results.json`` and ``results.md`` with the command, machine and
+versions.
 """
 
 from __future__ import annotations
@@ -53,30 +59,84 @@ def _parameters(preset_name: str) -> dict:
     return count
 
 
-def run(presets: list[str], work: Path, out: Path, generate: bool, dtype: str) -> dict:
-    from illume_rt.bench.measure import machine, versions
+def probe(bundle: Path, steps: int) -> dict:
+    """In this process: open ``bundle`` (ort-cpu), prefill a 256x256 prompt, time ``steps`` semantic decode steps
+    one by one (ImageGenerator.generate_next: one body call and one semantic head call, guidance batched)."""
+    from illume_rt.runtime.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(str(bundle), "ort-cpu")
+    opened = time.perf_counter() - t0
+    generator = pipe.image_generator("a cat", (256, 256), seed=0)
+    t0 = time.perf_counter()
+    generator.generate_next()  # the prefill and the first code
+    prefill = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        generator.generate_next()
+        times.append(time.perf_counter() - t0)
+    comps = pipe.bundle.manifest["components"]
+    return {"open_s": round(opened, 2), "prefill_s": round(prefill, 3), "step_s": [round(t, 4) for t in times],
+            "median_step_s": float(sorted(times)[len(times) // 2]),
+            "step_bytes": comps["llm"]["bytes"] + comps["lm_head_semantic"]["bytes"]}
+
+
+def _weights_fit(bundle: Path) -> tuple[bool, int]:
+    """Whether the bundle's graphs, held in float32 by onnxruntime (16-bit weights are cast when loaded), leave
+    room on this machine: at most 80% of physical memory."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    scale = {"fp32": 1, "fp16": 2, "bf16": 2}[manifest.get("export", {}).get("weight_dtype", "fp32")]
+    need = sum(e["bytes"] for e in manifest["components"].values()) * scale
+    return need <= 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), need
+
+
+def run(presets: list[str], work: Path, out: Path, generate: bool, dtype: str, probe_steps: int = 8,
+        bundles: dict[str, Path] | None = None) -> dict:
+    from illume_rt.bench.measure import machine, read_bandwidth, versions
     from illume_rt.export.synthetic import write_checkpoint
 
     out.mkdir(parents=True, exist_ok=False)
     exe = [sys.executable, "-m", "illume_rt.cli"]
     nice = ["nice", "-n", "10"]
     results: dict = {"command": "python -m illume_rt.bench.scale " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                     "machine": machine(), "versions": versions(), "rows": []}
+                     "machine": machine(), "versions": versions(), "bandwidth": read_bandwidth(), "rows": []}
+    bandwidth = results["bandwidth"]["best"]["bytes_per_s"]
     for name in presets:
-        ckpt = work / f"ckpt-{name}"
-        if not ckpt.exists():
-            write_checkpoint(ckpt, name)
-        bundle = work / f"bundle-{name}-{dtype}"
-        row: dict = {"preset": name, "parameters": _parameters(name), "weight_dtype": dtype,
-                     "checkpoint_bytes": _bytes(ckpt)}
-        cmd = nice + exe + ["export", "--checkpoint", str(ckpt / "mllm"), "--tokenizer-checkpoint",
-                            str(ckpt / "dualvitok.bin"), "--dtype", dtype, "-o", str(bundle), "--overwrite"]
-        row["export"] = _child(cmd, out / f"export-{name}.log")
-        if row["export"]["exit_code"] == 0:
+        row: dict = {"preset": name, "parameters": _parameters(name), "weight_dtype": dtype}
+        if bundles and name in bundles:
+            bundle = bundles[name]
+            row["export"] = None  # reused: not measured in this run
+            row["weight_dtype"] = json.loads((bundle / "manifest.json").read_text()).get("export", {}).get(
+                "weight_dtype", "fp32")
+        else:
+            ckpt = work / f"ckpt-{name}"
+            if not ckpt.exists():
+                write_checkpoint(ckpt, name)
+            bundle = work / f"bundle-{name}-{dtype}"
+            row["checkpoint_bytes"] = _bytes(ckpt)
+            cmd = nice + exe + ["export", "--checkpoint", str(ckpt / "mllm"), "--tokenizer-checkpoint",
+                                str(ckpt / "dualvitok.bin"), "--dtype", dtype, "-o", str(bundle), "--overwrite"]
+            row["export"] = _child(cmd, out / f"export-{name}.log")
+        row["bundle"] = str(bundle)
+        if (bundle / "manifest.json").exists() and (row["export"] is None or row["export"]["exit_code"] == 0):
             row["bundle_bytes"] = _bytes(bundle)
             manifest = json.loads((bundle / "manifest.json").read_text())
             row["verification"] = {c: e["accuracy"].get("method") for c, e in manifest["components"].items()}
-            if generate:
+            fits, need = _weights_fit(bundle)
+            if not fits:
+                row["probe"] = {"skipped": f"needs {need / 1e9:.1f} GB of float32 weights in memory"}
+            else:
+                cmd = nice + [sys.executable, "-m", "illume_rt.bench.scale", "--probe", str(bundle),
+                              "--probe-steps", str(probe_steps), "--work", str(work)]
+                probe_run = _child(cmd, out / f"probe-{name}.log")
+                row["probe"] = probe_run
+                if probe_run["exit_code"] == 0:
+                    figures = json.loads((out / f"probe-{name}.log").read_text().strip().splitlines()[-1])
+                    figures["floor_s"] = figures["step_bytes"] / bandwidth
+                    figures["floor_fraction"] = figures["floor_s"] / figures["median_step_s"]
+                    probe_run.update(figures)
+            if generate and fits:
                 cmd = nice + exe + ["generate", "a cat", "--bundle", str(bundle), "--resolution", "256x256",
                                     "--greedy", "--seed", "0", "-q", "-o", str(out / f"{name}-256.png")]
                 row["generate_256"] = _child(cmd, out / f"generate-{name}.log")
@@ -87,32 +147,59 @@ def run(presets: list[str], work: Path, out: Path, generate: bool, dtype: str) -
 
 
 def table(results: dict) -> str:
+    bw = results["bandwidth"]["best"]["bytes_per_s"]
     lines = [f"command: `{results['command']}`", "",
-             "| preset | LLM params | vision params | checkpoint | bundle | export time | export peak RSS | "
-             "256x256 image time | image peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+             f"read bandwidth (same run): {bw / 1e9:.1f} GB/s", "",
+             "| preset | LLM params | vision params | weights stored | bundle | export time | export peak RSS | "
+             "step bytes | median step | floor | fraction of floor | 256x256 image | image peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         gen = r.get("generate_256") or {}
-        exp = r["export"]
-        ok = "" if exp["exit_code"] == 0 else f" (exit {exp['exit_code']})"
+        exp = r.get("export")
+        if exp is None:
+            export_cells = "not measured (bundle reused) | |"
+        else:
+            ok = "" if exp["exit_code"] == 0 else f" (exit {exp['exit_code']})"
+            export_cells = f"{exp['seconds'] / 60:.1f} min{ok} | {exp['peak_rss_bytes'] / 1e9:.2f} GB |"
+        p = r.get("probe") or {}
+        if "median_step_s" in p:
+            probe_cells = (f"{p['step_bytes'] / 1e9:.2f} GB | {p['median_step_s'] * 1e3:.0f} ms | "
+                           f"{p['floor_s'] * 1e3:.0f} ms | {100 * p['floor_fraction']:.0f}% |")
+        else:
+            probe_cells = f"{p.get('skipped', 'not run')} | | | |"
         lines.append(
-            f"| {r['preset']} | {r['parameters']['llm'] / 1e9:.2f} B | {r['parameters']['vision'] / 1e9:.2f} B | "
-            f"{r['checkpoint_bytes'] / 1e9:.1f} GB | {r.get('bundle_bytes', 0) / 1e9:.1f} GB | "
-            f"{exp['seconds'] / 60:.1f} min{ok} | {exp['peak_rss_bytes'] / 1e9:.2f} GB | "
+            f"| {r['preset']} | {r['parameters']['llm'] / 1e9:.3f} B | {r['parameters']['vision'] / 1e9:.3f} B | "
+            f"{r['weight_dtype']} | {r.get('bundle_bytes', 0) / 1e9:.2f} GB | {export_cells} {probe_cells} "
             + (f"{gen['seconds'] / 60:.1f} min | {gen['peak_rss_bytes'] / 1e9:.2f} GB |" if gen else "not run | |"))
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m illume_rt.bench.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="+", help="3b, 7b (or bench)")
+    parser.add_argument("presets", nargs="*", help="tiny, bench, 3b, 7b")
     parser.add_argument("--work", required=True, help="folder for the synthetic checkpoints and bundles (tens of GB)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--generate", action="store_true", help="also generate one 256x256 image per bundle")
+    parser.add_argument("--probe-steps", type=int, default=8, help="semantic decode steps timed per bundle")
+    parser.add_argument("--bundle", action="append", default=[], metavar="PRESET=DIR",
+                        help="reuse this exported bundle for PRESET (no export measured)")
+    parser.add_argument("--probe", metavar="BUNDLE", help=argparse.SUPPRESS)  # the child: print probe figures
     parser.add_argument("-o", "--output", help="results folder (default bench/results/<time>-scale)")
     args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(Path(args.probe), args.probe_steps)))
+        return
+    if not args.presets:
+        parser.error("name at least one preset")
+    bundles = {}
+    for item in args.bundle:
+        name, sep, folder = item.partition("=")
+        if not sep or not (Path(folder) / "manifest.json").is_file():
+            parser.error(f"--bundle takes PRESET=DIR with a bundle in DIR, got {item!r}")
+        bundles[name] = Path(folder)
     out = Path(args.output) if args.output else (Path(__file__).resolve().parent / "results" /
                                                  time.strftime("%Y%m%d-%H%M%S-scale"))
-    print(table(run(args.presets, Path(args.work), out, args.generate, args.dtype)))
+    print(table(run(args.presets, Path(args.work), out, args.generate, args.dtype, args.probe_steps, bundles)))
 
 
 if __name__ == "__main__":
