@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 
+OFFICIAL = ("3b", "7b")  # presets with the official checkpoint layout (export/synthetic.py writes them)
+
+
 def _child(cmd: list[str], log_path: Path) -> dict:
     """Run ``cmd`` (niced) and return its wall time, exit code and peak RSS; output goes to ``log_path``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -76,18 +79,25 @@ def probe(bundle: Path, steps: int) -> dict:
         t0 = time.perf_counter()
         generator.generate_next()
         times.append(time.perf_counter() - t0)
-    comps = pipe.bundle.manifest["components"]
+    held = _held_bytes(pipe.bundle.manifest, "llm") + _held_bytes(pipe.bundle.manifest, "lm_head_semantic")
     return {"open_s": round(opened, 2), "prefill_s": round(prefill, 3), "step_s": [round(t, 4) for t in times],
             "median_step_s": float(sorted(times)[len(times) // 2]),
-            "step_bytes": comps["llm"]["bytes"] + comps["lm_head_semantic"]["bytes"]}
+            "step_bytes": held}
+
+
+def _held_bytes(manifest: dict, name: str) -> int:
+    """Bytes of graph ``name`` as onnxruntime holds it: its file and its external data, with 16-bit weights at
+    twice their stored size (onnxruntime folds the Cast after each one to float32 when it loads the graph)."""
+    entry = manifest["components"][name]
+    stored = entry["bytes"] + manifest["files"].get(f"{name}_external_data", {}).get("bytes", 0)
+    return stored * {"fp32": 1, "fp16": 2, "bf16": 2}[entry.get("weight_dtype", "fp32")]
 
 
 def _weights_fit(bundle: Path) -> tuple[bool, int]:
     """Whether the bundle's graphs, held in float32 by onnxruntime (16-bit weights are cast when loaded), leave
     room on this machine: at most 80% of physical memory."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    scale = {"fp32": 1, "fp16": 2, "bf16": 2}[manifest.get("export", {}).get("weight_dtype", "fp32")]
-    need = sum(e["bytes"] for e in manifest["components"].values()) * scale
+    need = sum(_held_bytes(manifest, name) for name in manifest["components"])
     return need <= 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), need
 
 
@@ -101,22 +111,33 @@ def run(presets: list[str], work: Path, out: Path, generate: bool, dtype: str, p
     nice = ["nice", "-n", "10"]
     results: dict = {"command": "python -m illume_rt.bench.scale " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                      "machine": machine(), "versions": versions(), "bandwidth": read_bandwidth(), "rows": []}
-    bandwidth = results["bandwidth"]["best"]["bytes_per_s"]
-    for name in presets:
-        row: dict = {"preset": name, "parameters": _parameters(name), "weight_dtype": dtype}
+    bandwidth = results["bandwidth"]["bytes_per_s"]
+    for spec in presets:
+        name, _, own_dtype = spec.partition(":")  # PRESET or PRESET:DTYPE (e.g. 7b:bf16)
+        dtype_here = own_dtype or dtype
+        row: dict = {"preset": name, "parameters": _parameters(name), "weight_dtype": dtype_here}
         if bundles and name in bundles:
             bundle = bundles[name]
             row["export"] = None  # reused: not measured in this run
+            row["source"] = f"reused bundle {bundle}"
             row["weight_dtype"] = json.loads((bundle / "manifest.json").read_text()).get("export", {}).get(
                 "weight_dtype", "fp32")
+        elif name not in OFFICIAL:
+            # no official checkpoint layout (its vocabulary is not ILLUME+'s): exported from the preset's random
+            # weights, built in memory, through the same streaming writer
+            bundle = work / f"bundle-{name}-{dtype_here}"
+            row["source"] = "--preset (random weights in memory)"
+            cmd = nice + exe + ["export", "--preset", name, "--dtype", dtype_here, "-o", str(bundle), "--overwrite"]
+            row["export"] = _child(cmd, out / f"export-{name}.log")
         else:
             ckpt = work / f"ckpt-{name}"
             if not ckpt.exists():
                 write_checkpoint(ckpt, name)
-            bundle = work / f"bundle-{name}-{dtype}"
+            bundle = work / f"bundle-{name}-{dtype_here}"
+            row["source"] = "--checkpoint (synthetic, official layout)"
             row["checkpoint_bytes"] = _bytes(ckpt)
             cmd = nice + exe + ["export", "--checkpoint", str(ckpt / "mllm"), "--tokenizer-checkpoint",
-                                str(ckpt / "dualvitok.bin"), "--dtype", dtype, "-o", str(bundle), "--overwrite"]
+                                str(ckpt / "dualvitok.bin"), "--dtype", dtype_here, "-o", str(bundle), "--overwrite"]
             row["export"] = _child(cmd, out / f"export-{name}.log")
         row["bundle"] = str(bundle)
         if (bundle / "manifest.json").exists() and (row["export"] is None or row["export"]["exit_code"] == 0):
@@ -146,8 +167,12 @@ def run(presets: list[str], work: Path, out: Path, generate: bool, dtype: str, p
     return results
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def table(results: dict) -> str:
-    bw = results["bandwidth"]["best"]["bytes_per_s"]
+    bw = results["bandwidth"]["bytes_per_s"]
     lines = [f"command: `{results['command']}`", "",
              f"read bandwidth (same run): {bw / 1e9:.1f} GB/s", "",
              "| preset | LLM params | vision params | weights stored | bundle | export time | export peak RSS | "
@@ -168,7 +193,7 @@ def table(results: dict) -> str:
         else:
             probe_cells = f"{p.get('skipped', 'not run')} | | | |"
         lines.append(
-            f"| {r['preset']} | {r['parameters']['llm'] / 1e9:.3f} B | {r['parameters']['vision'] / 1e9:.3f} B | "
+            f"| {r['preset']} | {_count(r['parameters']['llm'])} | {_count(r['parameters']['vision'])} | "
             f"{r['weight_dtype']} | {r.get('bundle_bytes', 0) / 1e9:.2f} GB | {export_cells} {probe_cells} "
             + (f"{gen['seconds'] / 60:.1f} min | {gen['peak_rss_bytes'] / 1e9:.2f} GB |" if gen else "not run | |"))
     return "\n".join(lines) + "\n"
@@ -176,7 +201,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m illume_rt.bench.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="*", help="tiny, bench, 3b, 7b")
+    parser.add_argument("presets", nargs="*", help="tiny, bench, 3b, 7b; PRESET:DTYPE overrides --dtype for one")
     parser.add_argument("--work", required=True, help="folder for the synthetic checkpoints and bundles (tens of GB)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--generate", action="store_true", help="also generate one 256x256 image per bundle")
