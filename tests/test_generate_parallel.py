@@ -151,7 +151,9 @@ def check_calls(model: Model, prompts: list[tuple], codes: list[list[int]], wind
 def test_greedy_parallel_decoding_is_the_plain_loop(window, scale):
     model = Model()
     sampling = SamplingConfig(greedy=True, guidance_scale=scale, parallel_window=window)
-    got = generate_image_tokens(model.lm, GRID, COND, UNCOND, sampling, np.random.default_rng(3))
+    seen: list[int] = []
+    got = generate_image_tokens(model.lm, GRID, COND, UNCOND, sampling, np.random.default_rng(3), seen.append)
+    assert seen == CODE_LEVEL  # once per code, several per call
     semantic, pixel = oracle_image(model, COND, UNCOND, replace(sampling, parallel_window=0), None)
     np.testing.assert_array_equal(got.semantic, semantic)
     np.testing.assert_array_equal(got.pixel, pixel)
@@ -239,6 +241,74 @@ def test_a_rejection_rewinds_the_cache_and_later_steps_equal_the_oracle():
             looked = True
     assert rejected > 0
     assert g.decided == N_CODES and len(g.result().pixel.ravel()) == GRID.pixel_rows * GRID.pixel_cols
+
+
+def test_a_verify_call_feeds_the_drafts_and_redrafts_the_undecided_codes():
+    """Greedy, with drafts the test chooses (the scripted uniform draws): the first two drafts are the argmax codes,
+    the third is not. The call feeds the previous code and the drafts, keeps the two, replaces the third by the
+    argmax, and the codes it did not decide get the argmax of this call's scores there (stale context) as drafts."""
+    model = Model()
+    scale = 2.0
+
+    def argmax(codes):
+        return int(np.argmax(oracle_scores(model, COND, UNCOND, scale, codes)))
+
+    c0 = argmax([])
+    a1 = argmax([c0])
+    a2 = argmax([c0, a1])
+    a3 = argmax([c0, a1, a2])
+    d3 = (a3 + 1) % 12
+    rng = ScriptedRng(integers=[a1, a2, d3, 5])
+    g = ImageGenerator(model.lm, GRID, COND, UNCOND, SamplingConfig(greedy=True, guidance_scale=scale,
+                                                                    parallel_window=5), rng)
+    assert g.rng is rng and g.rngs == [rng]
+    assert g.generate_next() == c0 and rng.sizes == [] and g._drafts == [{}]  # the prefill decides code 0
+    assert g.generate_next() == a3  # codes 1..5 in one call: drafts of 1..4 fed
+    assert rng.sizes == [12] * 4 and rng.ints == []
+    s = VOCAB.semantic_code_offset
+    assert fed_ids(model, model.body.calls[-1]["inputs_embeds"][0]) == [s + c0, s + a1, s + a2, VOCAB.end_of_line_id,
+                                                                          s + d3, s + 5]
+    assert g.codes[SEMANTIC] == [c0, a1, a2, a3] and g.decided == 4
+    assert g.levels["semantic"] == {"calls": 2, "codes": 4, "drafted": 3, "accepted": 2}
+    b4, b5 = argmax([c0, a1, a2, d3]), argmax([c0, a1, a2, d3, 5])
+    assert sorted(g._drafts[0]) == [4, 5]  # decided codes leave no draft behind
+    assert g._drafts[0][4][0] == b4 and g._drafts[0][5][0] == b5
+    np.testing.assert_array_equal(g._drafts[0][4][1], np.eye(12)[b4])
+    assert g.cache.length == len(COND) + CODE_POS[3]  # up to the last decided code (fed next)
+    g.generate_next()  # codes 4, 5: the last code and the stale draft of 4
+    assert fed_ids(model, model.body.calls[-1]["inputs_embeds"][0]) == [s + a3, s + b4]
+    a4 = argmax([c0, a1, a2, a3])
+    assert g.codes[SEMANTIC][4] == a4 and g.decided == (6 if b4 == a4 else 5)
+    assert rng.sizes == [12] * 4  # no new uniform drafts
+
+
+def test_redrafts_take_this_calls_distribution_as_their_q():
+    """Sampled: after each verify call the undecided codes of the window hold drafts whose q is the warped softmax
+    of the oracle's scores after the codes decided before the call and the drafts fed (read back from the call)."""
+    model = Model()
+    sampling = SamplingConfig(guidance_scale=1.5, top_k=0, temperature=0.8, parallel_window=6)
+    g = ImageGenerator(model.lm, GRID, COND, UNCOND, sampling, np.random.default_rng(4))
+    redrafted = 0
+    while not g.done:
+        first, count = g.decided, g._window()
+        before = g.codes[SEMANTIC] + g.codes[PIXEL]
+        g.generate_next()
+        if count == 1:
+            assert g._drafts == [{}]
+            continue
+        fed = fed_ids(model, model.body.calls[-1]["inputs_embeds"][0])
+        drafts = [t - offset(CODE_LEVEL[first]) for j, t in enumerate(fed)
+                  if j and not isinstance(TEMPLATE[CODE_POS[first - 1] + j], int)]
+        assert len(drafts) == count - 1
+        assert sorted(g._drafts[0]) == list(range(g.decided, first + count))
+        for index in range(g.decided, first + count):
+            code, q = g._drafts[0][index]
+            scores = oracle_scores(model, COND, UNCOND, 1.5, before + drafts[:index - first]).astype(np.float64) / 0.8
+            want = np.exp(scores - scores.max())
+            np.testing.assert_allclose(q, want / want.sum(), rtol=1e-3, atol=1e-6)
+            assert 0 <= code < CODEBOOK[CODE_LEVEL[index]]
+            redrafted += 1
+    assert redrafted > 3
 
 
 def test_parallel_levels_stats_are_consistent():
@@ -709,7 +779,7 @@ def test_results_before_and_calls_after_the_end():
 
 
 def test_parallel_timings_count_each_levels_engine_calls(monkeypatch):
-    ticks = [0.0]
+    ticks = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: ticks[0])
     model = Model()
     for engine in (model.body, model.heads["semantic"], model.heads["pixel"]):
