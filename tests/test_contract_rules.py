@@ -11,8 +11,9 @@ import pytest
 
 import host_reader
 from illume_rt.contract import (EDIT_ANCHORS, IMAGE_GRAMMAR, PIXEL, SEMANTIC, DecodeStep, ImageGrid,
-                                compact_vocab_layout, component_io, decode_plan, host_contract, image_grid,
-                                image_slots, official_vocab_layout, semantic_size, supported_resolutions)
+                                cache_input_names, compact_vocab_layout, component_io, decode_plan, head_component,
+                                host_contract, image_grid, image_slots, official_vocab_layout, semantic_size,
+                                supported_resolutions)
 
 OFFICIAL = official_vocab_layout(283047)
 # (height, width) -> (semantic grid, pixel grid): the facts table (illume-plus-facts.md section 4)
@@ -160,6 +161,20 @@ def test_component_io_is_the_documented_interface():
         assert component_io(name) == io and component_io(name, 3) == io
     for unknown in ("lm_head_image", "tokenizer", "LLM", ""):
         assert component_io(unknown) is None
+    assert [head_component(w) for w in ("text", "semantic", "pixel")] == ["lm_head_text", "lm_head_semantic",
+                                                                         "lm_head_pixel"]
+    assert cache_input_names(2) == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert cache_input_names(0) == []
+
+
+def test_structure_tokens_by_name_only():
+    v = compact_vocab_layout(text_vocab_size=100, semantic_codebook_size=10, pixel_codebook_size=20)
+    assert [v.token_id(n) for n in ("start_of_image", "end_of_level1")] == [103, 109]
+    for name in ("pad", "im_start", "first_height_tag", "semantic_code_offset", "Start_of_image"):
+        with pytest.raises(ValueError) as info:  # other fields of the layout are not structure tokens
+            v.token_id(name)
+        assert str(info.value) == f"unknown structure token {name!r}"
+    assert v.structure_ids == tuple(range(103, 110))
 
 
 def test_semantic_size_of_anchors_and_other_sizes():
