@@ -165,8 +165,8 @@ def test_greedy_parallel_decoding_is_the_plain_loop(window, scale):
 
 
 def test_a_window_is_cut_at_decode_max_seq():
-    """One code per line: every code but the first of the window brings a draft and an end-of-line, so a window
-    of 12 feeds 2 tokens a code and stops at 8 codes (16 tokens)."""
+    """One code per line: after the previous code, each code of the window brings the end-of-line before it and
+    (but the last) its draft, so a window of 12 feeds 2 tokens a code and stops at 8 codes (16 tokens)."""
     grid = ImageGrid(0, 0, 12, 1, 2, 1)
     model = Model()
     sampling = SamplingConfig(greedy=True, guidance_scale=1.0, parallel_window=12)
