@@ -431,6 +431,9 @@ def test_probabilities_are_what_choose_draws_from():
     p = _probabilities(scores, 1.0, 0, 0.5, False)  # top-p 0.5: the largest alone crosses it
     np.testing.assert_array_equal(p, [0.0, 1.0, 0.0, 0.0])
     assert _probabilities(scores, 1.0, 0, 1.0, False).dtype == np.float64
+    for shift in (1000.0, -1000.0):  # softmax shifted by the largest score: no overflow or underflow
+        np.testing.assert_allclose(_probabilities(scores + np.float32(shift), 1.0, 0, 1.0, False),
+                                   _probabilities(scores, 1.0, 0, 1.0, False), rtol=1e-4)
     # choose's inverse CDF over these probabilities: the same code for the same uniform
     from illume_rt.runtime.sampler import choose
 
@@ -453,7 +456,7 @@ def test_redraft_couples_a_new_draft_to_the_old_one():
     p = np.array([0.5, 0.25, 0.25, 0.0])
     q_old = np.array([0.25, 0.5, 0.125, 0.125])
     last = np.array([0.0, 1.0, 3.0, 0.0])
-    rng = ScriptedRng([0.49, 0.5, 0.4, 0.9, 0.75])
+    rng = ScriptedRng([0.49, 0.5, 0.9, 0.9, 0.75])
     g = scripted(SamplingConfig(parallel_window=5), rng)
     g._drafts[0] = {4: (1, q_old), 5: (1, q_old), 6: (2, None), 9: (0, None)}
     targets = [[None, p, p, p, last, p]]  # targets[image][index - first], first = 3
@@ -461,9 +464,9 @@ def test_redraft_couples_a_new_draft_to_the_old_one():
     d = g._drafts[0]
     # 4: u = 0.49, 0.49 * 1/2 < 1/4: code 1 stays, with q = this call's p
     assert d[4][0] == 1 and d[4][1] is p
-    # 5: u = 0.5, 0.5 * 1/2 = 1/4 is not below p(1) = 1/4: a draw (u = 0.4) from max(0, p - q_old) = (1/4, 0, 1/8, 0):
-    # 0.4 * 3/8 = 0.15 -> id 0
-    assert d[5][0] == 0 and d[5][1] is p
+    # 5: u = 0.5, 0.5 * 1/2 = 1/4 is not below p(1) = 1/4: a draw (u = 0.9) from max(0, p - q_old) = (1/4, 0, 1/8, 0):
+    # 0.9 * 3/8 = 0.3375 -> id 2 (a uniform q_old's residual (1/4, 0, 0, 0) would give 0)
+    assert d[5][0] == 2 and d[5][1] is p
     # 6: uniform old draft (q = 1/4), p(2) = 1/4: u = 0.9 * 1/4 < 1/4 stays
     assert d[6][0] == 2 and d[6][1] is p
     # 7: no draft yet (the window's last code): a draw from p itself, u = 0.75 on (0, 1/4, 3/4, 0) -> id 2
@@ -737,6 +740,12 @@ def test_a_batch_appends_one_code_per_image():
     g.append(np.array([7, 8, 9]))
     assert [g.image_codes(i)[SEMANTIC] for i in range(3)] == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
     assert g.codes is g.image_codes(0)
+    two = ImageGenerator.batch(Model().lm, GRID, BATCH[:2], SamplingConfig(), [None, None])
+    two.append([3, 4])
+    two.append(np.array([5, 6]))
+    assert two.image_codes(0)[SEMANTIC] == [3, 5] and two.image_codes(1)[SEMANTIC] == [4, 6]
+    with pytest.raises(LayoutError, match=r"^append takes one code per image \(2\), got 1$"):
+        two.append(3)
 
 
 def test_a_batchs_scores_are_each_images_own():
@@ -778,23 +787,45 @@ def test_results_before_and_calls_after_the_end():
     assert [r.pixel.tolist() for r in g.results()] == [g.result().pixel.tolist()]
 
 
-def test_parallel_timings_count_each_levels_engine_calls(monkeypatch):
+def test_parallel_timings_count_each_levels_engine_calls_and_sampling(monkeypatch):
+    """A clock that moves 1 per engine call and 1000 per sampling call (choose, or the window's probabilities):
+    each level's time is exactly its calls, whichever path (compute_logits, plain, verify) decided its codes."""
+    from illume_rt.runtime import generate
+
     ticks = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: ticks[0])
     model = Model()
     for engine in (model.body, model.heads["semantic"], model.heads["pixel"]):
         inner = engine.run
         engine.run = lambda *a, _inner=inner, **k: (ticks.__setitem__(0, ticks[0] + 1), _inner(*a, **k))[1]
+    sampled = {SEMANTIC: 0, PIXEL: 0}
+    g = None
+
+    def ticking(inner):
+        def run(*args, **kwargs):
+            sampled[g.next_level] += 1
+            ticks[0] += 1000
+            return inner(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(generate, "choose", ticking(generate.choose))
+    monkeypatch.setattr(generate, "_probabilities", ticking(generate._probabilities))
     g = ImageGenerator(model.lm, GRID, COND, UNCOND, SamplingConfig(top_k=3, parallel_window=4),
                        np.random.default_rng(1))
     g.compute_logits()  # the host looks at the first code: prefill, then one head call
     assert g.timings == {"prefill": 1.0, "semantic": 1.0, "pixel": 0.0}
+    g.generate_next()
+    g.compute_logits()  # and at the second: a body call and a head call, added to the level's time
+    assert g.timings == {"prefill": 1.0, "semantic": 3.0 + 1000 * sampled[SEMANTIC], "pixel": 0.0}
     while not g.done:
         g.generate_next()
     levels = g.result().levels
+    assert levels["semantic"]["calls"] < levels["semantic"]["codes"]  # verify calls among them
     # one body call and one head call per call; the prefill's body call counts as the prefill
-    assert g.timings == {"prefill": 1.0, "semantic": float(2 * levels["semantic"]["calls"] - 1),
-                         "pixel": float(2 * levels["pixel"]["calls"])}
+    assert g.timings == {"prefill": 1.0,
+                         "semantic": 2 * levels["semantic"]["calls"] - 1 + 1000.0 * sampled[SEMANTIC],
+                         "pixel": 2 * levels["pixel"]["calls"] + 1000.0 * sampled[PIXEL]}
+    assert sampled[PIXEL] > levels["pixel"]["calls"]  # windows sample several positions
 
 
 def test_the_logits_processor_sees_guided_scores_and_decides():
@@ -847,6 +878,11 @@ def test_the_text_generator_steps_as_generate_text():
     with pytest.raises(LayoutError, match=r"^the text is complete \(length limit or stop token\)$"):
         g.append(1)
     assert g.tokens == want and len(model.body.calls) == 6
+    default = TextGenerator(model.lm, PROMPT, 10, greedy=False, rng=np.random.default_rng(5))
+    while not default.done:
+        default.generate_next()
+    assert default.tokens == oracle_text(model, PROMPT, 10, 1.0, np.random.default_rng(5))  # temperature 1
+    assert default.tokens != oracle_text(model, PROMPT, 10, 2.0, np.random.default_rng(5))
 
 
 def test_text_done_stop_and_host_tokens():
@@ -861,7 +897,7 @@ def test_text_done_stop_and_host_tokens():
     assert TextGenerator(model.lm, PROMPT, 0).done
     capped = TextGenerator(Model(max_context=len(PROMPT) + 1).lm, PROMPT, 0)  # a cache of at least one
     assert capped.cache.capacity == len(PROMPT) + 1
-    h = TextGenerator(model.lm, PROMPT, 4)
+    h = TextGenerator(model.lm, PROMPT, 5)
     h.append(5)  # a host's token, fed without looking
     h.append(np.int64(23))
     assert h.tokens == [5, 23] and type(h.tokens[1]) is int
@@ -873,8 +909,11 @@ def test_text_done_stop_and_host_tokens():
         with pytest.raises(LayoutError) as info:
             h.append(bad)
         assert str(info.value) == f"a text token is a whole number from 0 to {rows - 1}, got {bad!r}"
-    h.append(rows - 1)
-    assert h.done and len(h.tokens) == 4
+    h.append(0)  # the first and last text ids are tokens
+    assert h.tokens[-1] == 0 and not h.done
+    h2 = TextGenerator(model.lm, PROMPT, 1)
+    h2.append(rows - 1)
+    assert h2.done and h2.tokens == [rows - 1]
 
 
 def test_text_bans_then_the_processor():
