@@ -565,7 +565,7 @@ def test_sampled_parallel_decoding_keeps_the_plain_distribution():
 
 def test_the_distribution_test_has_power(monkeypatch):
     """The same test (400 runs) rejects a rejection step that redraws from p instead of the residual
-    max(0, p - q): the classic slip, which leans the codes towards the drafts (p-values about 1e-8 here)."""
+    max(0, p - q): the classic slip, which leans the codes towards the drafts (p = 2e-6 here)."""
     from illume_rt.runtime import generate
 
     def redraw_from_p(self, image, targets):
