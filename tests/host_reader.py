@@ -5,7 +5,8 @@
 Prints what a C++ host would rebuild from the manifest: the id of every position of an image (codes as
 {"level": L}), the decode plan (the prefix and, per code, the forced tokens fed before it), and the
 text-to-image prompt ids (conditional and unconditional) for PROMPT. tests/test_contract.py compares it with the
-runtime's own. Only byte-level tokenizers ("kind": "bytes") are handled here: a host brings its own BPE.
+runtime's own (tests/test_contract_rules.py: its functions on the contract alone, without a bundle). Only
+byte-level tokenizers ("kind": "bytes") are handled here: a host brings its own BPE.
 """
 
 from __future__ import annotations

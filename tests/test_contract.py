@@ -1,5 +1,7 @@
 """The contract between build and run (illume_rt/contract.py, docs/bundle-format.md): one description, read by
-every stage, carried by the manifest, followed by a host that does not import illume-rt, and checked on load."""
+every stage, carried by the manifest, followed by a host that does not import illume-rt, and checked on load.
+The bundle-free tests (the grammar, host_contract, component_io, a host's reading of the contract alone) are in
+tests/test_contract_rules.py."""
 
 import ast
 import json
@@ -10,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from illume_rt.contract import (IMAGE_GRAMMAR, PIXEL, SEMANTIC, decode_plan, image_grid, image_slots,
-                                supported_resolutions)
+from illume_rt.contract import decode_plan, image_grid, image_slots
 from illume_rt.runtime.bundle import BundleError, load_bundle
 from illume_rt.runtime.prompts import text_to_image_ids
 from illume_rt.runtime.tokenizer import ByteTokenizer
@@ -37,23 +38,6 @@ def test_a_host_rebuilds_the_schedule_and_prompts_from_the_manifest_alone(tiny_b
                                       for s in plan.steps]}
     cond, uncond = text_to_image_ids(ByteTokenizer(vocab), vocab, prompt, grid.height, grid.width)
     assert (host["cond"], host["uncond"]) == (cond, uncond)
-
-
-def test_the_grammar_is_one_description():
-    """image_slots expands IMAGE_GRAMMAR; the plan feeds every slot between two codes exactly once."""
-    for h, w in supported_resolutions():
-        grid = image_grid(h, w)
-        slots = image_slots(grid)
-        assert sum(s.level == SEMANTIC for s in slots) == grid.semantic_rows * grid.semantic_cols
-        assert sum(s.level == PIXEL for s in slots) == grid.pixel_rows * grid.pixel_cols
-        assert [s.token for s in slots if s.level is None and s.token != "end_of_line"] == \
-            [item for item in IMAGE_GRAMMAR if isinstance(item, str)]
-        plan = decode_plan(grid)
-        first = next(i for i, s in enumerate(slots) if s.level is not None)
-        last = max(i for i, s in enumerate(slots) if s.level is not None)
-        fed = len(plan.prefix) + sum(len(s.forced) for s in plan.steps) + len(plan.steps)
-        assert fed == last + 1 and len(plan.prefix) == first  # everything up to the last code, nothing after
-        assert max(len(s.forced) for s in plan.steps) + 1 <= 8  # contract.DECODE_MAX_SEQ
 
 
 def _copy_manifest_only(src: Path, dst: Path) -> Path:

@@ -278,12 +278,13 @@ def test_prefill_and_steps_equal_whole_sequences():
     for i, row in enumerate(rows):
         np.testing.assert_allclose(hidden[i], model.last_hidden(row), rtol=1e-5, atol=1e-5)
     assert cache.length == 5 and cache.next_position.tolist() == [5, 2]
+    assert cache.next_position.dtype == cache.mask.dtype == np.int64  # positions stay whole numbers
     assert cache.mask[:, :6].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]]
     hidden = model.lm.step(cache, [12, 13])
     for i, row in enumerate(rows):
         np.testing.assert_allclose(hidden[i], model.last_hidden(row + [12, 13]), rtol=1e-5, atol=1e-5)
     assert model.body.calls[-1]["position_ids"].tolist() == [[5, 6], [2, 3]]
-    assert cache.length == 7 and cache.next_position.tolist() == [7, 4]
+    assert cache.length == 7 and cache.next_position.tolist() == [7, 4] and cache.next_position.dtype == np.int64
     hidden = model.lm.step(cache, [14])
     np.testing.assert_allclose(hidden[1], model.last_hidden(rows[1] + [12, 13, 14]), rtol=1e-5, atol=1e-5)
     written = cache.kv.any(axis=(0, 1, 3, 5))
@@ -345,6 +346,17 @@ def test_context_and_capacity_limits():
     assert cache.length == 4
     with pytest.raises(LayoutError, match=r"KV cache full \(4 positions\)"):
         model.lm.step(cache, [5])
+
+
+def test_the_language_models_context_and_float32_embeddings():
+    model = Model(max_context=300)
+    assert model.lm.max_context == 300  # what the pipeline checks prompts against
+    half = LanguageModel(model.body, model.heads, model.embed.astype(np.float16),
+                         {"num_hidden_layers": LAYERS, "num_key_value_heads": 1, "head_dim": HIDDEN,
+                          "max_context": 64}, VOCAB)
+    rows = half.embed([1, 2, 3])
+    assert rows.dtype == np.float32 and rows.shape == (3, HIDDEN)  # a float16 table is read as float32
+    np.testing.assert_array_equal(rows, model.embed[[1, 2, 3]].astype(np.float16).astype(np.float32))
 
 
 def test_extend_keeps_the_rows_form():
