@@ -256,3 +256,39 @@ def test_semantic_encoder_sample_catches_a_wrong_graph(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming, "export_structure", traced_with_gelu)
     with pytest.raises(ExportError, match="semantic_encoder: exported graph differs"):
         export_onnx(comp, comp.build_module(), tmp_path / "semantic_encoder.onnx", external_data=True)
+
+
+def test_lazy_head_verifies_sampled_rows_and_catches_wrong_ones(tmp_path, monkeypatch):
+    """Over the budget (the 7B text head), an LM head is checked on row ranges (first, middle, last), each as a head
+    graph vs PyTorch, and those rows of the stored (transposed) weight byte for byte; wrong stored rows fail."""
+    from illume_rt.export import llm as llm_module
+
+    preset = get_preset("tiny")
+    real = build_llm(preset)
+    lazy = _lazy_copy(real, [])
+    monkeypatch.setattr(components_module, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(llm_module, "SAMPLE_ROWS", 16)
+    comp = head_component(preset, lazy, "semantic")
+    start, stop = preset.vocab.head_range("semantic")
+    report = export_onnx(comp, comp.build_module(), tmp_path / "head.onnx", external_data=True, storage="fp16")
+    middle = start + (stop - start - 16) // 2
+    assert report["method"] == "sampled" and report["rows"] == [[start, start + 16], [middle, middle + 16],
+                                                                [stop - 16, stop]]
+    assert report["bytes_compared"] == 3 * 16 * preset.llm.hidden_size * 2  # fp16 as stored
+    assert report["worst_cosine"] > 0.99999 and len(report["cases"]) == 6
+    assert llm_module.sample_row_ranges(20, 16) == [(0, 20)]  # overlapping ranges merge
+
+    weight = lazy.lm_head.weight
+    original, calls = getattr(weight, streaming.LAZY_READER), []
+
+    def drifting():
+        calls.append(1)
+        value = original()
+        if len(calls) > 1:
+            value = value.clone()
+            value[stop - 1, 0] += 1.0  # the last row of the range only
+        return value
+
+    streaming.lazy(weight, drifting)
+    with pytest.raises(ExportError, match=rf"rows {stop - start - 16}\.\.{stop - start - 1} of initializer weight"):
+        export_onnx(comp, comp.build_module(), tmp_path / "again" / "head.onnx", external_data=True)

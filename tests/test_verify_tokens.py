@@ -85,6 +85,12 @@ def test_checkpoint_export_records_sampled_checks(checkpoint_bundle):
     encoder = accuracy["semantic_encoder"]
     assert encoder["method"] == "sampled" and encoder["blocks"] == [0, 1] and encoder["bytes_compared"] > 0
     assert encoder["worst_cosine"] > 0.99999 and "ViT blocks" in encoder["sample"]
+    for which in ("text", "semantic", "pixel"):
+        head = accuracy[f"lm_head_{which}"]
+        assert head["method"] == "sampled" and head["rows"] and head["bytes_compared"] > 0
+    # no sampled check for these (under the budget at 3B and 7B): said in a note
+    assert accuracy["pixel_decoder"]["method"] == accuracy["pixel_embedder"]["method"] == "none"
+    assert "no sampled check" in accuracy["pixel_decoder"]["note"]
 
 
 def test_cli_from_a_checkpoint_records_the_result(checkpoint_bundle, tiny_bundle, tmp_path):
