@@ -178,11 +178,17 @@ def _reference_in_child(kwargs: dict) -> dict:
     """``reference_from_checkpoint`` in a fresh process (spawned: no torch state or heap shared with this one)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from illume_rt.export import verify_tokens as this  # by its import name, also when run as __main__
+    from illume_rt.export.components import ExportError
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(this.reference_from_checkpoint, **kwargs).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(this.reference_from_checkpoint, **kwargs).result()
+    except BrokenProcessPool:
+        raise ExportError("the PyTorch reference process died before it finished (killed for memory? it holds the "
+                          "LLM in float32: 4 bytes per parameter)") from None
 
 
 def verify_tokens(checkpoint: str | Path | None, bundle: str | Path, prompt: str = DEFAULT_PROMPT,
@@ -277,17 +283,19 @@ def write_result(path: str | Path, result: dict) -> Path:
 
 
 def add_arguments(parser) -> None:
-    from illume_rt.cli import resolution
+    from illume_rt.cli import ranged, resolution, thread_count
 
     parser.add_argument("--checkpoint", required=True, metavar="MLLM_DIR",
                         help="the MLLM folder the bundle was exported from (only the LLM is read)")
     parser.add_argument("--bundle", required=True, help="the bundle to check")
-    parser.add_argument("--codes", type=int, default=DEFAULT_CODES,
+    parser.add_argument("--codes", type=ranged(int, 1), default=DEFAULT_CODES,
                         help=f"image codes to compare (default {DEFAULT_CODES}: the first semantic codes)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text-to-image prompt (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION, help="HEIGHTxWIDTH (256x256)")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="guidance scale (default 2.0)")
-    parser.add_argument("--threads", type=int, default=None, help="threads of each side (default: all cores)")
+    parser.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=DEFAULT_GUIDANCE,
+                        help="guidance scale (default 2.0)")
+    parser.add_argument("--threads", type=thread_count, default=None,
+                        help="threads of each side, 1 to the number of cores (default: all cores)")
     parser.add_argument("--preset", default=None,
                         help="as for export --checkpoint: the preset whose vision/MoVQ shapes the checkpoint has "
                              "(default: the official ones)")
@@ -315,13 +323,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> None:
-    import argparse
+    """``python -m illume_rt.export.verify_tokens ...`` = ``illume-rt verify-tokens ...`` (same errors, exit codes)."""
+    from illume_rt.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m illume_rt.export.verify_tokens",
-                                     description="compare the first image codes of a prompt: PyTorch reference "
-                                                 "(from the checkpoint) vs the bundle (onnxruntime CPU)")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args(argv)))
+    sys.exit(cli_main(["verify-tokens", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
