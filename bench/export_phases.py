@@ -4,8 +4,8 @@
 
 Loads the checkpoint lazily as ``illume-rt export --checkpoint`` does, exports the named components with the same
 ``export_onnx`` into a scratch folder (deleted after), optionally writes the tables, and prints the process's peak
-RSS (``ru_maxrss``) after each phase. For re-measuring one phase after a change, in minutes instead of the
-export's half hour.
+RSS (``ru_maxrss``) after each phase, with the verification figures (and, for a sampled check, what was sampled).
+For re-measuring or re-verifying one phase after a change, in minutes instead of the export's half hour.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from illume_rt.export.bundle import components_for, tables_for
+    from illume_rt.export.bundle import SAMPLED_KEYS, components_for, tables_for
     from illume_rt.export.checkpoints import load_reference_models
     from illume_rt.export.components import export_onnx
 
@@ -51,7 +51,9 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             report = export_onnx(comp, comp.build_module(), scratch / f"{comp.name}.onnx", seed=models.preset.seed)
             phases.append({"phase": comp.name, "method": report["method"], "seconds": round(time.perf_counter() - t0, 1),
-                           "peak_rss_bytes": peak_rss_bytes()})
+                           "peak_rss_bytes": peak_rss_bytes(), "worst_cosine": report["worst_cosine"],
+                           "worst_max_abs_err": report["worst_max_abs_err"],
+                           **{k: report[k] for k in SAMPLED_KEYS if k in report}})
             print(json.dumps(phases[-1]), flush=True)
             for f in scratch.iterdir():
                 f.unlink()

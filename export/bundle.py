@@ -22,6 +22,12 @@ from illume_rt.export.configs import Preset
 from illume_rt.files import check_output_dir, publish_dir, scratch_dir, sha256_file
 
 
+# What a sampled check (export/sampled.py) records besides the figures: the units it sampled (LLM ``layers``, ViT
+# ``blocks``, LM-head ``rows`` ranges), the stored bytes it compared, a sentence saying what was sampled; or why a
+# graph was not verified (``note``).
+SAMPLED_KEYS = ("layers", "blocks", "rows", "bytes_compared", "sample", "note")
+
+
 @dataclass
 class ReferenceModels:
     """The PyTorch reference networks of one model (random or loaded from a checkpoint)."""
@@ -169,13 +175,13 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             entry["accuracy"] = {"reference": "pytorch fp32" + (f", weights rounded to {weight_dtype}"
                                                                  if weight_dtype != "fp32" else ""),
                                  **{k: report[k] for k in ("method", "worst_cosine", "worst_max_abs_err", "cases")},
-                                 **{k: report[k] for k in ("layers", "bytes_compared", "note") if k in report}}
+                                 **{k: report[k] for k in SAMPLED_KEYS if k in report}}
             manifest["components"][comp.name] = entry
             if report["worst_cosine"] is None:
                 log(f"exported {comp.name:<18} not verified ({report.get('note', '')})  "
                     f"{time.perf_counter() - t0:.1f}s{_peak_rss()}")
             else:
-                sampled = f" (layers {report['layers']})" if report["method"] == "sampled" else ""
+                sampled = "".join(f" ({k} {report[k]})" for k in ("layers", "blocks", "rows") if k in report)
                 log(f"exported {comp.name:<18} cos {report['worst_cosine']:.8f}  max|err| "
                     f"{report['worst_max_abs_err']:.2e}{sampled}  {time.perf_counter() - t0:.1f}s{_peak_rss()}")
         for name, table in tables_for(models):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -130,8 +131,15 @@ def _extend(model, prompt, ids: list[int]):
 
 @torch.no_grad()
 def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids: list[int],
-                           uncond_ids: list[int], sampling: SamplingConfig, rng: np.random.Generator
-                           ) -> ReferenceImage:
+                           uncond_ids: list[int], sampling: SamplingConfig, rng: np.random.Generator,
+                           max_codes: int | None = None,
+                           on_scores: Callable[[int, np.ndarray], None] | None = None) -> ReferenceImage:
+    """The image's tokens, decoded the official way (module docstring).
+
+    ``max_codes``: stop once that many codes (of either level) are decided; ``semantic`` and ``pixel`` are then
+    the flat codes so far (the grids are incomplete). ``on_scores(level, scores)``: called before each code is
+    decided with the guided scores over that level's codebook (float64; the official full-vocabulary
+    log-softmax form, so they differ from the runtime's raw-logit guidance by one constant per step)."""
     timings = {"prefill": 0.0, "semantic": 0.0, "pixel": 0.0}
     guided = sampling.guidance_scale != 1.0
     t0 = time.perf_counter()
@@ -141,7 +149,8 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
     state = _ImageState(vocab, grid)
     generated = [vocab.start_of_image_id]
     phase = "semantic"
-    while not state.done:
+    codes = 0
+    while not state.done and (max_codes is None or codes < max_codes):
         t0 = time.perf_counter()
         level = state.level
         start, stop = state.allowed(generated[-1])
@@ -152,6 +161,8 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
             if guided:
                 u = F.log_softmax(uncond.logits.double(), dim=-1)
                 scores = sampling.guidance_scale * (scores - u) + u
+            if on_scores is not None:
+                on_scores(level, scores[0, start:stop].numpy().copy())
             masked = torch.full_like(scores, -float("inf"))
             masked[:, start:stop] = scores[:, start:stop]
             if sampling.greedy:
@@ -163,8 +174,9 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
                 target = torch.tensor([float(rng.random()) * float(cdf[-1])], dtype=cdf.dtype)
                 token = min(int(torch.searchsorted(cdf, target, right=True)), probs.numel() - 1)
         generated.append(token)
+        codes += any(lo <= token < hi for lo, hi in (vocab.semantic_range, vocab.pixel_range))
         state.update(token)
-        if not state.done:
+        if not state.done and (max_codes is None or codes < max_codes):
             cond.feed(token)
             if guided:
                 uncond.feed(token)
@@ -175,11 +187,11 @@ def reference_image_tokens(model, vocab: VocabLayout, grid: ImageGrid, cond_ids:
     pix_lo, pix_hi = vocab.pixel_range
     semantic = [t - sem_lo for t in generated if sem_lo <= t < sem_hi]
     pixel = [t - pix_lo for t in generated if pix_lo <= t < pix_hi]
-    return ReferenceImage(
-        np.asarray(semantic, dtype=np.int64).reshape(grid.semantic_rows, grid.semantic_cols),
-        np.asarray(pixel, dtype=np.int64).reshape(grid.pixel_rows, grid.pixel_cols),
-        generated, timings,
-    )
+    semantic, pixel = np.asarray(semantic, dtype=np.int64), np.asarray(pixel, dtype=np.int64)
+    if state.done:
+        semantic = semantic.reshape(grid.semantic_rows, grid.semantic_cols)
+        pixel = pixel.reshape(grid.pixel_rows, grid.pixel_cols)
+    return ReferenceImage(semantic, pixel, generated, timings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

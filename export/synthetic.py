@@ -44,8 +44,18 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.
 
 def mllm_config(preset: Preset) -> dict:
     """``config.json`` of an ILLUME+ MLLM with the preset's LLM and vocabulary (the fields the loader reads)."""
+    from illume_rt.contract import official_vocab_layout
+    from illume_rt.export.checkpoints import COMPACT_VOCAB_KEY
+
     llm = preset.llm
+    try:
+        official = preset.vocab == official_vocab_layout(preset.vocab.vocab_rows)
+    except ValueError:  # fewer rows than the official layout needs
+        official = False
+    # a test preset's small vocabulary (tiny) is described in config.json, as illume-nano's is
+    compact = {} if official else {COMPACT_VOCAB_KEY: preset.vocab.to_dict()}
     return {
+        **compact,
         "architectures": ["IllumeQwen2ForCausalLM"], "model_type": "illume_qwen2",
         "hidden_size": llm.hidden_size, "num_hidden_layers": llm.num_hidden_layers,
         "num_attention_heads": llm.num_attention_heads, "num_key_value_heads": llm.num_key_value_heads,
@@ -125,7 +135,12 @@ def write_mllm(folder: Path, preset: Preset, seed: int = 0, log: Callable[[str],
 
     folder.mkdir(parents=True, exist_ok=False)
     (folder / "config.json").write_text(json.dumps(mllm_config(preset), indent=1))
-    (folder / "tokenizer.json").write_text(json.dumps(stand_in_tokenizer(preset.vocab)))
+    if preset.vocab.text_vocab_size == 256:  # byte-level text ids (tiny): the tokenizer must be byte-level too
+        from illume_rt.nano.checkpoint import write_byte_tokenizer
+
+        write_byte_tokenizer(folder / "tokenizer.json", preset.vocab)
+    else:
+        (folder / "tokenizer.json").write_text(json.dumps(stand_in_tokenizer(preset.vocab)))
     shapes = mllm_shapes(preset)
     groups = list(_shards(shapes, 2))
     weight_map, total = {}, 0

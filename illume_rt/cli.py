@@ -302,6 +302,15 @@ def _notice(pipe, size) -> str | None:
     return line
 
 
+def cmd_verify_tokens(args) -> None:
+    try:
+        from illume_rt.export import verify_tokens
+    except ImportError as exc:
+        raise UsageError(f"verify-tokens needs the export extra ({exc}); pip install 'illume-rt[export]'") from None
+    if verify_tokens.run(args):
+        raise SystemExit(1)
+
+
 def cmd_generate(args) -> None:
     from illume_rt.files import image_target
     from illume_rt.contract import image_grid
@@ -481,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "inside each graph, so inputs, outputs and arithmetic stay float32 and the bundle is "
                           "half the size on disk (onnxruntime on a CPU holds them as float32 once loaded)")
     exp.set_defaults(func=cmd_export)
+
+    ver = sub.add_parser("verify-tokens", help="first image codes of a prompt: PyTorch reference from the checkpoint "
+                                               "vs the bundle (exit 1 when they differ)")
+    from illume_rt.export.verify_tokens import add_arguments as verify_tokens_arguments
+
+    verify_tokens_arguments(ver)
+    ver.set_defaults(func=cmd_verify_tokens)
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("prompt", type=utf8_text)

@@ -188,3 +188,107 @@ def test_checkpoint_reads_rows_and_whole_tensors_alike(tmp_path):
         assert torch.equal(source.get(name), tensor) and source.get(name).dtype == tensor.dtype
     assert torch.equal(source.get_rows("lm_head.weight", 13, 41), want["lm_head.weight"][13:41])
     assert source.get_rows("lm_head.weight", 50, 60).shape == (0, 8)
+
+
+def _lazy_semantic_encoder(preset, reads: list):
+    """The tiny semantic encoder with lazy weights (readers of real tensors), and its real twin."""
+    from illume_rt.export.networks.vision import build_projectors, build_vision_tower, vision_tower_component
+
+    tower, projectors = build_vision_tower(preset), build_projectors(preset)
+    lazy_tower, lazy_projectors = _lazy_copy(tower, reads), _lazy_copy(projectors, reads)
+    lazy_tower.rotary_pos_emb = tower.rotary_pos_emb  # non-persistent, recomputed by loaders (real here)
+    return vision_tower_component(preset, lazy_tower, lazy_projectors), lazy_tower
+
+
+def test_lazy_semantic_encoder_verifies_a_stated_sample_of_blocks(tmp_path, monkeypatch):
+    """Over the budget, the semantic encoder is checked on a sample of ViT blocks, each as a one-block encoder with
+    the real ends, and the stored weights of those blocks and ends byte for byte; recorded in the report."""
+    preset = get_preset("tiny")
+    reads: list = []
+    comp, _ = _lazy_semantic_encoder(preset, reads)
+    monkeypatch.setattr(components_module, "FULL_VERIFY_BYTES", 0)
+    report = export_onnx(comp, comp.build_module(), tmp_path / "semantic_encoder.onnx", external_data=True)
+    assert report["ok"] and report["method"] == "sampled" and report["blocks"] == [0, 1]
+    assert {case["block"] for case in report["cases"]} == {0, 1} and len(report["cases"]) == 4
+    assert report["worst_cosine"] > 0.99999 and "ViT blocks [0, 1]" in report["sample"]
+    stored = sum(t.numel() * 4 for t in comp.build_module().parameters())
+    assert report["bytes_compared"] == stored  # tiny: both blocks sampled, so every weight was compared
+
+
+def test_semantic_encoder_sample_catches_wrong_stored_weights(tmp_path, monkeypatch):
+    """A sampled block whose stored weights differ from the checkpoint's (here: a reader that returns other values
+    after the big graph was written) fails the export, naming the tensor."""
+    preset = get_preset("tiny")
+    comp, tower = _lazy_semantic_encoder(preset, [])
+    monkeypatch.setattr(components_module, "FULL_VERIFY_BYTES", 0)
+    weight = tower.blocks[1].mlp.fc1.weight
+    original, calls = getattr(weight, streaming.LAZY_READER), []
+
+    def drifting():
+        calls.append(1)
+        value = original()
+        return value if len(calls) == 1 else value + 1e-3
+
+    streaming.lazy(weight, drifting)
+    with pytest.raises(ExportError, match=r"blocks\.1\.mlp\.fc1\.weight"):
+        export_onnx(comp, comp.build_module(), tmp_path / "semantic_encoder.onnx", external_data=True)
+    assert not (tmp_path / "semantic_encoder.onnx").exists()
+
+
+def test_semantic_encoder_sample_catches_a_wrong_graph(tmp_path, monkeypatch):
+    """A graph that computes something else than the reference (here: traced with GELU where the ViT MLP has
+    quick_gelu) fails on the sampled blocks, though each stored weight is right."""
+    from illume_rt.export.networks import vision
+
+    preset = get_preset("tiny")
+    comp, _ = _lazy_semantic_encoder(preset, [])
+    monkeypatch.setattr(components_module, "FULL_VERIFY_BYTES", 0)
+    trace = streaming.export_structure
+
+    def traced_with_gelu(*args, **kwargs):
+        saved = vision.quick_gelu
+        vision.quick_gelu = torch.nn.functional.gelu
+        try:
+            return trace(*args, **kwargs)
+        finally:
+            vision.quick_gelu = saved
+
+    monkeypatch.setattr(streaming, "export_structure", traced_with_gelu)
+    with pytest.raises(ExportError, match="semantic_encoder: exported graph differs"):
+        export_onnx(comp, comp.build_module(), tmp_path / "semantic_encoder.onnx", external_data=True)
+
+
+def test_lazy_head_verifies_sampled_rows_and_catches_wrong_ones(tmp_path, monkeypatch):
+    """Over the budget (the 7B text head), an LM head is checked on row ranges (first, middle, last), each as a head
+    graph vs PyTorch, and those rows of the stored (transposed) weight byte for byte; wrong stored rows fail."""
+    from illume_rt.export import llm as llm_module
+
+    preset = get_preset("tiny")
+    real = build_llm(preset)
+    lazy = _lazy_copy(real, [])
+    monkeypatch.setattr(components_module, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(llm_module, "SAMPLE_ROWS", 16)
+    comp = head_component(preset, lazy, "semantic")
+    start, stop = preset.vocab.head_range("semantic")
+    report = export_onnx(comp, comp.build_module(), tmp_path / "head.onnx", external_data=True, storage="fp16")
+    middle = start + (stop - start - 16) // 2
+    assert report["method"] == "sampled" and report["rows"] == [[start, start + 16], [middle, middle + 16],
+                                                                [stop - 16, stop]]
+    assert report["bytes_compared"] == 3 * 16 * preset.llm.hidden_size * 2  # fp16 as stored
+    assert report["worst_cosine"] > 0.99999 and len(report["cases"]) == 6
+    assert llm_module.sample_row_ranges(20, 16) == [(0, 20)]  # overlapping ranges merge
+
+    weight = lazy.lm_head.weight
+    original, calls = getattr(weight, streaming.LAZY_READER), []
+
+    def drifting():
+        calls.append(1)
+        value = original()
+        if len(calls) > 1:
+            value = value.clone()
+            value[stop - 1, 0] += 1.0  # the last row of the range only
+        return value
+
+    streaming.lazy(weight, drifting)
+    with pytest.raises(ExportError, match=rf"rows {stop - start - 16}\.\.{stop - start - 1} of initializer weight"):
+        export_onnx(comp, comp.build_module(), tmp_path / "again" / "head.onnx", external_data=True)
