@@ -33,7 +33,7 @@ from illume_rt.files import sha256_file
 from illume_rt.runtime.bundle import load_bundle
 from illume_rt.files import check_output_dir, publish_dir, scratch_dir
 
-from illume_rt.calibration import accuracy, datasets, recipes
+from illume_rt.calibration import accuracy, datasets, recipes, streamed
 
 
 class QuantizationError(ExportError):
@@ -78,6 +78,48 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def _release_engines(pipe) -> None:
+    """Close every FP32 session of ``pipe`` except the LM head slices (they are small and the teacher-forced
+    figures need them); the pipeline is not used to generate after this."""
+    import gc
+
+    from illume_rt.contract import HEADS, head_component
+
+    keep = {head_component(w) for w in HEADS}
+    for name in list(pipe.engines._open):
+        if name not in keep:
+            pipe.replace_engine(name, None)
+    gc.collect()
+
+
+def _ignore_top_level(root: Path, names: set[str]):
+    """copytree ``ignore`` that leaves out ``names`` at the top of ``root`` only."""
+    def ignore(folder, entries):
+        return [e for e in entries if e in names] if Path(folder) == root else []
+    return ignore
+
+
+def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
+    """Before any run: a graph with external data must be one the streamed recipe reproduces (calibration/
+    streamed.py: ort-cpu INT8 of MatMul weights); else one line saying why and what it needs."""
+    import onnx
+
+    from illume_rt.calibration import streamed
+
+    size = (src / entry["external_data"]).stat().st_size / 1e9
+    if recipe.precision != "int8" or recipe.target != "ort-cpu":
+        raise QuantizationError(
+            f"{name}: its weights are in external data ({size:.1f} GB); graphs that size are quantized streamed, "
+            f"which reproduces --precision int8 --target ort-cpu only: {recipe.name} needs modelopt's quantizer and "
+            "AutoCast, which load the whole graph several times over (about 4x its size in memory); quantize it "
+            "on a machine with that much memory, or leave it FP32 (--components without it)")
+    try:
+        streamed.Plan(onnx.load(str(src / entry["file"]), load_external_data=False), recipe.exclude)
+    except streamed.StreamingUnsupported as exc:
+        raise QuantizationError(f"{name} ({size:.1f} GB of external data): {exc}; leave it FP32 (--components "
+                                "without it)") from None
+
+
 def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: str, keep_failed: bool = False,
                     threads: int | None = None, calibration: datasets.CalibrationPlan | None = None,
                     evaluation: datasets.CalibrationPlan | None = None, thresholds: dict | None = None,
@@ -112,7 +154,15 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     random = bool(manifest["model"].get("random_weights"))
     thresholds_key = preset if preset in recipes.THRESHOLDS else ("tiny" if random else "default")
     limits = dict(thresholds or recipes.thresholds_for(preset, precision, random))
+    unknown = [n for n in (components or []) if n not in recipes.QUANTIZED or n not in manifest["components"]]
+    if unknown:
+        raise QuantizationError(f"cannot quantize {', '.join(unknown)}: choose among the bundle's "
+                                + ", ".join(n for n in recipes.QUANTIZED if n in manifest["components"]))
     names = [n for n in (components or recipes.QUANTIZED) if n in manifest["components"]]
+    for name in names:  # refuse what cannot be done before the long calibration
+        if manifest["components"][name].get("external_data"):
+            _check_external(name, manifest["components"][name],
+                            recipes.recipe_for(name, precision, target, high_precision), src)
     calibration = calibration or datasets.default_plan("calibration")
     evaluation = evaluation or datasets.default_plan("evaluation")
 
@@ -126,6 +176,13 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     evals = accuracy.record_eval(pipe, evaluation)
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
     log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s")
+    prompt_accuracy = {}
+    for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
+        prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
+    # The FP32 sessions are done with: close them before any graph is calibrated or measured, so that at most one
+    # big session is alive at a time (at 3B the FP32 LLM alone holds 11 GB). The LM head slices stay open: the
+    # teacher-forced figures map the quantized body's hidden states through them.
+    _release_engines(pipe)
 
     scratch, work = scratch_dir(dst), scratch_dir(dst)
     try:
@@ -134,14 +191,17 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
         for name in names:
             t2 = time.perf_counter()
             entry = manifest["components"][name]
-            if entry.get("external_data"):
-                raise QuantizationError(f"{name}: graphs with external data (over 2 GiB) are not handled by "
-                                        "quantize_bundle yet")
             if not feeds.get(name):
                 raise QuantizationError(f"{name}: no calibration inputs were captured (is the component used?)")
             recipe = recipes.recipe_for(name, precision, target, high_precision)
             out = scratch / entry["file"]
-            info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads, scratch)
+            if entry.get("external_data"):  # weights beside the graph (over 2 GiB): structure + one tensor at a time
+                info = streamed.quantize_external(recipe, src / entry["file"], out, feeds[name], threads,
+                                                  lambda m, n=name: log(f"{n}:{m}"))
+            else:
+                info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads,
+                                              scratch)
+            feeds.pop(name, None)  # this graph's calibration feeds are no longer needed
             if info["custom_domains"]:
                 raise QuantizationError(f"{name}: quantized graph uses custom op domains {info['custom_domains']}")
             measured, evaluated_on = out, "onnxruntime CPU"
@@ -177,22 +237,27 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             timings[f"quantize_and_measure_{name}"] = round(time.perf_counter() - t2, 1)
             del engine
 
-        prompt_accuracy = {}
-        for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
-            prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
         status = "passed" if not failures else "failed"
         if failures and not keep_failed:
             raise QuantizationError("quantized graphs miss their accuracy gates (pass --keep-failed to write the "
                                     "bundle anyway, marked failed):\n  " + "\n  ".join(failures))
 
-        # new bundle: copy (no engines: they were built from the FP32 graphs), replace graphs, manifest last
+        # new bundle: copy (no engines: they were built from the FP32 graphs; not the files about to be replaced),
+        # replace graphs, manifest last
         shutil.rmtree(work)
-        shutil.copytree(src, work, ignore=shutil.ignore_patterns("engines", MANIFEST))
+        replaced = {f for n in results for f in (manifest["components"][n]["file"],
+                                                 manifest["components"][n].get("external_data")) if f}
+        shutil.copytree(src, work, ignore=_ignore_top_level(src, {"engines", MANIFEST, *replaced}))
         for name, res in results.items():
             entry = manifest["components"][name]
             os.replace(scratch / entry["file"], work / entry["file"])
             entry["bytes"] = (work / entry["file"]).stat().st_size
             entry["sha256"] = sha256_file(work / entry["file"])
+            if entry.get("external_data"):  # its own data file, written with the graph (calibration/streamed.py)
+                os.replace(scratch / entry["external_data"], work / entry["external_data"])
+                manifest["files"][f"{name}_external_data"] = {
+                    "file": entry["external_data"], "bytes": (work / entry["external_data"]).stat().st_size,
+                    "sha256": sha256_file(work / entry["external_data"])}
             entry["precision"] = precision
             export_figures = entry.get("accuracy")
             entry["accuracy"] = {**res["figures"], "export": export_figures}
