@@ -122,6 +122,7 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
             assert np.abs(x.astype(np.int32) - y.astype(np.int32)).max(initial=0) <= 1, name
         else:  # scales, norms folded by SmoothQuant: float rounding only
             np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-12, err_msg=name)
+    onnx.checker.check_model(str(out))  # by path: reads the new data file as onnxruntime will
     structure = onnx.load(str(out), load_external_data=False)
     weights = [i for i in structure.graph.initializer if i.name.endswith("_quantized")]
     assert len(weights) == 14 and all(i.data_type == onnx.TensorProto.INT8 and streamed.external_info(i)
@@ -133,6 +134,86 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
     for feed in feeds:
         for x, y in zip(sa.run(None, feed), sb.run(None, feed)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+
+
+def store_16bit(path: Path, dtype: str) -> None:
+    """Rewrite the external FP32 weights of ``path`` the way ``export --dtype fp16|bf16`` stores them
+    (export/streaming.py ``_store_as``): a 16-bit initializer of the same name, read through a Cast to float32."""
+    import onnx
+    from onnx import helper
+
+    from illume_rt.calibration.streamed import Weights
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = Weights(model, path.parent)
+    data_name = f"{path.name}.data"
+    cast_nodes = []
+    new_data = path.parent / (data_name + ".16")
+    with open(new_data, "wb") as f:
+        for t in model.graph.initializer:
+            if not streamed.external_info(t):
+                continue
+            value = weights.float32(t.name)
+            if not t.name.startswith("body."):  # not a module tensor: kept in FP32 (moved to the new file)
+                raw, dt = value.tobytes(), onnx.TensorProto.FLOAT
+            elif dtype == "fp16":
+                raw, dt = value.astype(np.float16).tobytes(), onnx.TensorProto.FLOAT16
+            else:  # round to nearest even, as torch does
+                u = value.view(np.uint32).astype(np.uint64)
+                raw, dt = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes(), onnx.TensorProto.BFLOAT16
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            f.write(raw)
+            del t.external_data[:]
+            for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = key, val
+            if dt == onnx.TensorProto.FLOAT:
+                continue
+            t.data_type = dt
+            for node in model.graph.node:
+                for k, i in enumerate(node.input):
+                    if i == t.name:
+                        node.input[k] = f"{t.name}__f32"
+            cast_nodes.append(helper.make_node("Cast", [t.name], [f"{t.name}__f32"], name=f"{t.name}__cast",
+                                               to=onnx.TensorProto.FLOAT))
+    nodes = cast_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    new_data.replace(path.parent / data_name)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_streamed_llm_with_16bit_stored_weights(dtype, tiny_bundle, tiny_external, tmp_path):
+    """``export --dtype fp16|bf16`` stores weights in 16 bits behind a Cast (the in-memory recipe sees no constant
+    weight there and quantizes nothing); the streamed path reads them through the Cast, quantizes every Linear
+    weight and folds SmoothQuant into the 16-bit norm weights (stored FP32 after the fold)."""
+    import onnx
+    import onnxruntime as ort
+
+    from illume_rt.calibration.accuracy import _cos
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(tiny_external / "llm.onnx", src / "llm.onnx")
+    shutil.copy(tiny_external / "llm.onnx.data", src / "llm.onnx.data")
+    store_16bit(src / "llm.onnx", dtype)
+    feeds = _feeds()
+    (tmp_path / "out").mkdir()
+    info = streamed.quantize_external(recipes.recipe_for("llm", "int8", "ort-cpu"), src / "llm.onnx",
+                                      tmp_path / "out" / "llm.onnx", feeds, TEST_THREADS)
+    assert info["qdq_nodes"] == {"QuantizeLinear": 22, "DequantizeLinear": 36}
+    assert len(info["smoothquant"]["smoothed"]) == 6
+    model = onnx.load(str(tmp_path / "out" / "llm.onnx"), load_external_data=False)
+    casts = [n.name for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("__cast")]
+    assert casts and all(name.endswith(".bias__cast") or name == "body.norm.weight__cast" for name in casts), casts
+    fp32 = ort.InferenceSession(str(tiny_bundle / "llm.onnx"), providers=["CPUExecutionProvider"])
+    quant = ort.InferenceSession(str(tmp_path / "out" / "llm.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for want, got in zip(fp32.run(None, feed), quant.run(None, feed)):
+            assert _cos(got, want) > 0.99
 
 
 def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_external, tiny_pipe, tmp_path):
