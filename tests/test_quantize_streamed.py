@@ -265,6 +265,11 @@ def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys):
     assert main(["quantize", str(tiny_external), "--precision", "int8", "--target", "ort-cpu",
                  "--components", "llm,lm_head_text", "-o", str(tmp_path / "x")]) == 2
     assert "cannot quantize lm_head_text" in capsys.readouterr().err
+    from illume_rt.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "B", "--precision", "int8", "--target", "ort-cpu", "--components",
+                                      "llm", "--plan", "quick", "-o", "O"])
+    assert (args.components, args.plan) == ("llm", "quick")
 
 
 PROBE_LAYERS, PROBE_WIDTH = 24, 1024  # 24 x 4 MiB of FP32 weights (+ norms): about 100 MB
