@@ -86,7 +86,7 @@ def _release_engines(pipe) -> None:
     from illume_rt.contract import HEADS, head_component
 
     keep = {head_component(w) for w in HEADS}
-    for name in list(pipe.engines._open):
+    for name in pipe.engines.opened():
         if name not in keep:
             pipe.replace_engine(name, None)
     gc.collect()
@@ -104,15 +104,13 @@ def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
     streamed.py: ort-cpu INT8 of MatMul weights); else one line saying why and what it needs."""
     import onnx
 
-    from illume_rt.calibration import streamed
-
     size = (src / entry["external_data"]).stat().st_size / 1e9
     if recipe.precision != "int8" or recipe.target != "ort-cpu":
         raise QuantizationError(
             f"{name}: its weights are in external data ({size:.1f} GB); graphs that size are quantized streamed, "
             f"which reproduces --precision int8 --target ort-cpu only: {recipe.name} needs modelopt's quantizer and "
-            "AutoCast, which load the whole graph several times over (about 4x its size in memory); quantize it "
-            "on a machine with that much memory, or leave it FP32 (--components without it)")
+            "AutoCast, which load the whole graph several times over; quantize it on a machine with several times "
+            "its size in memory, or leave it FP32 (--components without it)")
     try:
         streamed.Plan(onnx.load(str(src / entry["file"]), load_external_data=False), recipe.exclude)
     except streamed.StreamingUnsupported as exc:
@@ -184,6 +182,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     # teacher-forced figures map the quantized body's hidden states through them.
     _release_engines(pipe)
 
+    samples = {name: len(v) for name, v in feeds.items()}  # feeds are dropped as each graph is done with them
     scratch, work = scratch_dir(dst), scratch_dir(dst)
     try:
         results: dict[str, dict] = {}
@@ -197,7 +196,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             out = scratch / entry["file"]
             if entry.get("external_data"):  # weights beside the graph (over 2 GiB): structure + one tensor at a time
                 info = streamed.quantize_external(recipe, src / entry["file"], out, feeds[name], threads,
-                                                  lambda m, n=name: log(f"{n}:{m}"))
+                                                  lambda m, n=name: log(f"{n}:{m}"), entry["external_data"])
             else:
                 info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads,
                                               scratch)
@@ -264,7 +263,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             entry["quantization"] = {
                 "recipe": res["recipe"].name, "details": res["recipe"].to_dict(), "target": target,
                 "tool": res["recipe"].tool, "graph": res["info"], "accuracy": res["figures"],
-                "calibration_samples": len(feeds.get(name, [])), "passed": res["passed"],
+                "calibration_samples": samples.get(name, 0), "passed": res["passed"],
                 "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }
         for name, why in recipes.KEEP_FP32.items():

@@ -335,10 +335,10 @@ def weight_params(w: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.nda
 # The streamed recipe
 # ---------------------------------------------------------------------------------------------------------------
 def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: int | None = None,
-                      log=None) -> dict:
+                      log=None, data_name: str | None = None) -> dict:
     """``recipes.quantize_graph`` for an ort-cpu INT8 ``recipe`` on a graph ``src`` with external data, in bounded
-    memory: writes ``dst`` and its data file (``dst``'s folder, the source's data file name). Returns the same
-    information as quantize_graph, plus ``streamed`` (bytes written, seconds per step)."""
+    memory: writes ``dst`` and its data file ``data_name`` beside it (default: the source's data file name).
+    Returns the same information as quantize_graph, plus ``streamed`` (bytes written, seconds per step)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -356,7 +356,7 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     if len(locations) > 1:
         raise StreamingUnsupported(f"{src.name}: external data in {len(locations)} files; the streamed quantizer "
                                    "expects one (as the exporter writes)")
-    data_name = next(iter(locations), f"{dst.name}.data")
+    data_name = data_name or next(iter(locations), f"{dst.name}.data")
     weights = Weights(model, src.parent)
     plan = Plan(model, recipe.exclude)
     g = model.graph
