@@ -78,6 +78,16 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def _memory() -> str:
+    """'  (RSS x.x GB, peak y.y GB)' of this process (Linux /proc), or '' where unknown."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        rss, peak = (int(status[k].split()[0]) * 1024 / 1e9 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return ""
+    return f"  (RSS {rss:.1f} GB, peak {peak:.1f} GB)"
+
+
 def _release_engines(pipe) -> None:
     """Close every FP32 session of ``pipe`` except the LM head slices (they are small and the teacher-forced
     figures need them); the pipeline is not used to generate after this."""
@@ -169,11 +179,11 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     # int8/fp8: calibration; fp16/bf16: AutoCast's reference run (which nodes see values out of FP16/BF16 range)
     feeds, cal_record = datasets.capture(pipe, calibration, log)
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
-    log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s")
+    log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s{_memory()}")
     t1 = time.perf_counter()
     evals = accuracy.record_eval(pipe, evaluation)
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
-    log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s")
+    log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s{_memory()}")
     prompt_accuracy = {}
     for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
         prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
@@ -232,7 +242,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 + (f"  PSNR {figures['psnr_db']:.1f} dB" if "psnr_db" in figures else "")
                 + ("".join(f"  {k} top-1 {v['top1_agreement']:.3f} KL {v['kl_mean']:.4f}"
                            for k, v in figures.get("teacher_forced", {}).items()))
-                + f"  {'ok' if not fails else 'FAIL'}  {time.perf_counter() - t2:.1f}s")
+                + f"  {'ok' if not fails else 'FAIL'}  {time.perf_counter() - t2:.1f}s{_memory()}")
             timings[f"quantize_and_measure_{name}"] = round(time.perf_counter() - t2, 1)
             del engine
 

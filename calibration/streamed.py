@@ -396,7 +396,9 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     t1 = time.perf_counter()
     stats = channel_ranges(model, src.parent, needed, feeds, threads, say)
     timings["calibration"] = round(time.perf_counter() - t1, 1)
-    say(f"  calibrated {len(needed)} tensors on {len(feeds)} feeds in {timings['calibration']:.1f}s")
+    peak = peak_rss_bytes()
+    say(f"  calibrated {len(needed)} tensors on {len(feeds)} feeds in {timings['calibration']:.1f}s"
+        + (f" (peak RSS so far {peak / 1e9:.1f} GB)" if peak else ""))
 
     # -- SmoothQuant scales: weights read one at a time; transforms recorded, applied when the weight is written --
     ops: dict[str, list] = {}  # initializer (or new initializer) -> [(kind, s)] in order
