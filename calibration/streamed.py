@@ -405,7 +405,8 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     new_from: dict[str, str] = {}  # new initializer -> the initializer it copies (unshared norm weights)
     rewire: list[tuple] = []  # (node, old input, new input)
     divided: dict[str, np.ndarray] = {}  # tensor -> s: its channels are divided by s after smoothing
-    report = {"alpha": recipe.smoothquant_alpha, "smoothed": [], "skipped": []} if groups else None
+    report = ({"alpha": recipe.smoothquant_alpha, "smoothed": [], "skipped": []}
+              if recipe.smoothquant_alpha is not None else None)
 
     def current(name: str) -> np.ndarray:
         value = weights.float32(new_from.get(name, name))
@@ -489,13 +490,16 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     for t in activations:  # graph inputs quantized: their Q/DQ come first
         if t in plan.graph_inputs:
             nodes += act_nodes(t)
+    emitted = set()
     for node in g.node:
         if node.name in quantized_names:
             src_name = plan.source(node.input[1])
-            nodes.append(helper.make_node("DequantizeLinear", [f"{src_name}_quantized", f"{src_name}_scale",
-                                                               f"{src_name}_zero_point"],
-                                          [f"{src_name}_DequantizeLinear_Output"], f"{src_name}_DequantizeLinear",
-                                          axis=1))
+            if src_name not in emitted:  # one DQ per weight, before its first reader (a tied weight has several)
+                emitted.add(src_name)
+                nodes.append(helper.make_node("DequantizeLinear", [f"{src_name}_quantized", f"{src_name}_scale",
+                                                                   f"{src_name}_zero_point"],
+                                              [f"{src_name}_DequantizeLinear_Output"], f"{src_name}_DequantizeLinear",
+                                              axis=1))
             node.input[1] = f"{src_name}_DequantizeLinear_Output"
         for k, i in enumerate(node.input):
             if i in dq_of_act and i not in renamed_out:
