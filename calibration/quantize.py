@@ -191,6 +191,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     # big session is alive at a time (at 3B the FP32 LLM alone holds 11 GB). The LM head slices stay open: the
     # teacher-forced figures map the quantized body's hidden states through them.
     _release_engines(pipe)
+    log(f"FP32 sessions closed (the LM head slices stay open){_memory()}")
 
     samples = {name: len(v) for name, v in feeds.items()}  # feeds are dropped as each graph is done with them
     scratch, work = scratch_dir(dst), scratch_dir(dst)

@@ -280,7 +280,7 @@ PROBE_LAYERS, PROBE_WIDTH = 24, 1024  # 24 x 4 MiB of FP32 weights (+ norms): ab
 def test_memory_stays_near_one_copy_of_the_weights(mode, tmp_path):
     """Peak resident set of quantizing an LLM-like graph (norm, MatMul, residual; 100 MB of external FP32 weights)
     in a fresh process, measured from after the imports (VmHWM reset through /proc/self/clear_refs). Streamed: the
-    calibration session's one copy of the weights plus small change (measured 1.17x here). The in-memory recipe
+    calibration session's one copy of the weights plus small change (measured 1.06x here). The in-memory recipe
     is the control that shows the probe catches a whole-graph load (measured 6.3x)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc (peak RSS reset)")
