@@ -25,8 +25,8 @@ from the external-data file:
    asymmetric, MinMax range) on each input and output of the quantized MatMuls, with onnxruntime's names.
 
 Peak memory: the calibration session (one copy of the FP32 weights in onnxruntime) while it runs; afterwards the
-largest single weight a few times over (read, scaled, quantized) and the graph structure. tests/test_quantize_streamed.py
-checks the result against the in-memory recipe and the memory bound.
+largest single weight a few times over (read, scaled, quantized) and the graph structure.
+tests/test_quantize_streamed.py checks the result against the in-memory recipe and the memory bound.
 
 Only the ort-cpu INT8 recipe is reproduced; the TensorRT flavour (modelopt Q/DQ + AutoCast) and FP8 refuse such
 graphs (``quantize_bundle`` says what is missing).

@@ -109,8 +109,10 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
     assert len(info["smoothquant"]["smoothed"]) == 6 and info["smoothquant"]["skipped"]  # o_proj not smoothed
 
     a, b = onnx.load(str(tmp_path / "memory.onnx")), onnx.load(str(out))
-    nodes = lambda m: {n.name: (n.op_type, list(n.input), list(n.output), [(x.name, x.i) for x in n.attribute])  # noqa: E731
-                       for n in m.graph.node}
+    def nodes(m):
+        return {n.name: (n.op_type, list(n.input), list(n.output), [(x.name, x.i) for x in n.attribute])
+                for n in m.graph.node}
+
     assert nodes(a) == nodes(b)  # same nodes, names, wiring, axes
     ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
     ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
@@ -327,10 +329,11 @@ def _memory_probe(folder: Path, layers: int, width: int, mode: str) -> dict:
                               opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
     onnx.save(model, str(src / "g.onnx"))
-    del model, inits
+    del model
     weights = (src / "g.onnx.data").stat().st_size
     import onnxruntime  # noqa: F401  (imported before the peak is reset)
 
+    assert onnxruntime
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 16, width)).astype(np.float32)} for i in range(3)]
     recipe = recipes.recipe_for("llm", "int8", "ort-cpu")
     out = folder / "out"
