@@ -91,6 +91,11 @@ class EngineSet:
         with self._lock:
             return list(self._open)
 
+    def close(self, name: str) -> Engine | None:
+        """Forget engine ``name`` (it is opened again on next use); returns it. Not while calls run."""
+        with self._lock:
+            return self._open.pop(name, None)
+
     def replace(self, name: str, engine: Engine) -> Engine | None:
         with self._lock:
             previous, self._open[name] = self._open.get(name), engine
