@@ -244,6 +244,9 @@ def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_extern
     assert data["bytes"] == (dst / "llm.onnx.data").stat().st_size
     src = json.loads((tiny_external / "manifest.json").read_text())
     assert data["sha256"] != src["files"]["llm_external_data"]["sha256"]  # its own data file, not the source's
+    for kept in ("lm_head_text.onnx", "embed_tokens.npy"):  # unchanged files share the source's bytes (hard links)
+        assert (dst / kept).stat().st_ino == (tiny_external / kept).stat().st_ino
+    assert (dst / "llm.onnx.data").stat().st_ino != (tiny_external / "llm.onnx.data").stat().st_ino
     bundle = load_bundle(dst)  # verifies every file's size and hash, the data file included
     assert bundle.manifest["components"]["llm"]["precision"] == "int8"
     pipe = Pipeline.from_bundle(dst, threads=TEST_THREADS)
