@@ -218,9 +218,33 @@ def test_streamed_llm_with_16bit_stored_weights(dtype, tiny_bundle, tiny_externa
             assert _cos(got, want) > 0.99
 
 
-def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_external, tiny_pipe, tmp_path):
+def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_external, tiny_pipe, tmp_path,
+                                                                      monkeypatch):
+    import gc
+    import weakref
+
+    from illume_rt.engines.ort import OrtEngine
     from illume_rt.runtime.bundle import load_bundle
     from illume_rt.runtime.pipeline import Pipeline
+
+    opened = []  # (weak reference, graph path) of every onnxruntime engine opened from now on
+    init = OrtEngine.__init__
+
+    def recording_init(self, name, path, *args, **kwargs):
+        init(self, name, path, *args, **kwargs)
+        opened.append((weakref.ref(self), Path(path)))
+
+    monkeypatch.setattr(OrtEngine, "__init__", recording_init)
+    alive_at_calibration = []
+    calibrate = streamed.channel_ranges
+
+    def watched(*args, **kwargs):  # the FP32 pipeline's sessions must be closed before the calibration session opens
+        gc.collect()
+        alive_at_calibration.extend(path.name for ref, path in opened
+                                    if ref() is not None and path.parent == tiny_external)
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(streamed, "channel_ranges", watched)
 
     cal = datasets.CalibrationPlan(generate=[("a cat with a hat", (256, 256), 0)], understand=[(0, "What is it?")],
                                    llm_samples_per_run=8, decoder_samples=0, max_images=2, max_new_tokens=6)
@@ -231,6 +255,7 @@ def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_extern
     lines = []
     manifest = quantize_bundle(tiny_external, dst, "int8", "ort-cpu", threads=TEST_THREADS, calibration=cal,
                                evaluation=ev, components=["llm"], log=lines.append)
+    assert opened and alive_at_calibration == []  # (tiny_pipe's engines are another bundle's: not counted)
     entry = manifest["components"]["llm"]
     assert manifest["quantization"]["status"] == "passed" and entry["precision"] == "int8"
     q = entry["quantization"]
