@@ -122,12 +122,14 @@ def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
     import onnx
 
     size = (src / entry["external_data"]).stat().st_size / 1e9
-    if recipe.precision != "int8" or recipe.target != "ort-cpu":
+    if streamed.streamable(recipe) is None:
+        what = ("the FP16/BF16 remainder is made by AutoCast" if recipe.precision == "int8"
+                else f"{recipe.precision} is made by modelopt's quantizer and AutoCast")
         raise QuantizationError(
             f"{name}: its weights are in external data ({size:.1f} GB); graphs that size are quantized streamed, "
-            f"which reproduces --precision int8 --target ort-cpu only: {recipe.name} needs modelopt's quantizer and "
-            "AutoCast, which load the whole graph several times over; quantize it on a machine with several times "
-            "its size in memory, or leave it FP32 (--components without it)")
+            "which reproduces --precision int8 with --target ort-cpu, or --target tensorrt --high-precision fp32, "
+            f"only: {what}, which load the whole graph several times over; quantize it on a machine with several "
+            "times its size in memory, or leave it FP32 (--components without it)")
     try:
         streamed.Plan(onnx.load(str(src / entry["file"]), load_external_data=False), recipe.exclude)
     except streamed.StreamingUnsupported as exc:

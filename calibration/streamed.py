@@ -28,8 +28,10 @@ Peak memory: the calibration session (one copy of the FP32 weights in onnxruntim
 largest single weight a few times over (read, scaled, quantized) and the graph structure.
 tests/test_quantize_streamed.py checks the result against the in-memory recipe and the memory bound.
 
-Only the ort-cpu INT8 recipe is reproduced; the TensorRT flavour (modelopt Q/DQ + AutoCast) and FP8 refuse such
-graphs (``quantize_bundle`` says what is missing).
+Reproduced: the ort-cpu INT8 recipe, and the TensorRT INT8 recipe with an FP32 remainder (``--high-precision
+fp32``: modelopt's Q/DQ pattern, symmetric int8, scales amax/127, FP32 weights behind Q/DQ as modelopt leaves them).
+Not reproduced: the FP16/BF16 remainder of the TensorRT flavour (AutoCast) and FP8; ``quantize_bundle`` refuses
+those for graphs with external data and says what they need.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ import numpy as np
 
 ALIGNMENT = 4096  # as export/streaming.py writes external data
 COPY_CHUNK = 64 << 20
+
+
+STREAMED = ("int8 ort-cpu (onnxruntime quantize_static's QDQ)",
+            "int8 tensorrt with --high-precision fp32 (modelopt's Q/DQ)")
+
+
+def streamable(recipe) -> str | None:
+    """Which reproduction a recipe takes ("ort-cpu", "tensorrt"), or None: FP8 and the FP16/BF16 remainder (AutoCast)
+    are not reproduced."""
+    if recipe.precision != "int8":
+        return None
+    if recipe.target == "ort-cpu":
+        return "ort-cpu"
+    return "tensorrt" if recipe.high_precision == "fp32" else None
 
 
 class StreamingUnsupported(ValueError):
@@ -309,6 +325,17 @@ def activation_params(rmin: np.float32, rmax: np.float32) -> tuple[np.ndarray, n
     return np.asarray(zero, np.uint8).reshape(()), np.asarray(scale, np.float32).reshape(())
 
 
+def symmetric_activation_params(rmin: np.float32, rmax: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """modelopt INT8 (max calibration): int8 symmetric per-tensor, scale amax / 127, zero point 0."""
+    amax = np.maximum(np.abs(np.float32(rmin)), np.abs(np.float32(rmax)))
+    return np.array(0, np.int8), np.asarray(np.float32(amax) / np.float32(127), np.float32)
+
+
+def symmetric_weight_scales(w: np.ndarray) -> np.ndarray:
+    """modelopt INT8 weights: per output channel (axis 1) amax / 127."""
+    return (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)
+
+
 def weight_params(w: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-channel (axis 1) symmetric int8: (quantized, scale, zero point), vectorised from quantize_static's
     per-channel loop (compute_data_quant_params -> compute_scale_zp -> quantize_nparray)."""
@@ -344,8 +371,11 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
 
     from illume_rt.calibration.recipes import REDUCE_RANGE, _ensure_names
 
-    if recipe.precision != "int8" or recipe.target != "ort-cpu":
-        raise StreamingUnsupported(f"the streamed quantizer reproduces the ort-cpu INT8 recipe only, not {recipe.name}")
+    flavour = streamable(recipe)
+    if flavour is None:
+        raise StreamingUnsupported(f"the streamed quantizer reproduces {' and '.join(STREAMED)} only, not "
+                                   f"{recipe.name}")
+    trt = flavour == "tensorrt"
     src, dst = Path(src), Path(dst)
     say = log or (lambda m: None)
     timings: dict[str, float] = {}
@@ -388,8 +418,8 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
 
     # -- calibration: per-channel min/max of every tensor needed, one FP32 session -----------------------------
     activations: list[str] = []
-    for node in plan.quantized:
-        for t in (node.input[0], node.output[0]):
+    for node in plan.quantized:  # quantize_static: inputs and outputs; modelopt: inputs
+        for t in (node.input[0],) if trt else (node.input[0], node.output[0]):
             if t not in activations:
                 activations.append(t)
     needed = list(dict.fromkeys([*groups, *[f[2] for f in folds.values() if f[0] == "columns"], *activations]))
@@ -467,7 +497,8 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
         mn, mx = stats[t]
         if t in divided:
             mn, mx = mn.astype(np.float64) / divided[t], mx.astype(np.float64) / divided[t]
-        act_params[t] = activation_params(np.float32(mn.min()), np.float32(mx.max()))
+        act_params[t] = (symmetric_activation_params if trt else activation_params)(np.float32(mn.min()),
+                                                                                   np.float32(mx.max()))
 
     # -- nodes: the original ones rewired, weight DQs before their MatMul, activation Q/DQ after the producer -----
     quant_weights = {plan.source(n.input[1]): n.input[1] for n in plan.quantized}  # source -> MatMul input name
@@ -494,6 +525,15 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     for node in g.node:
         if node.name in quantized_names:
             src_name = plan.source(node.input[1])
+            if src_name not in emitted and trt:  # modelopt: the FP32 weight, Q then DQ (TensorRT folds them)
+                emitted.add(src_name)
+                nodes += [helper.make_node("QuantizeLinear", [src_name, f"{src_name}_scale", f"{src_name}_zero_point"],
+                                           [f"{src_name}_QuantizeLinear_Output"], f"{src_name}_QuantizeLinear",
+                                           axis=1),
+                          helper.make_node("DequantizeLinear", [f"{src_name}_QuantizeLinear_Output",
+                                                                f"{src_name}_scale", f"{src_name}_zero_point"],
+                                           [f"{src_name}_DequantizeLinear_Output"], f"{src_name}_DequantizeLinear",
+                                           axis=1)]
             if src_name not in emitted:  # one DQ per weight, before its first reader (a tied weight has several)
                 emitted.add(src_name)
                 nodes.append(helper.make_node("DequantizeLinear", [f"{src_name}_quantized", f"{src_name}_scale",
@@ -527,6 +567,13 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     try:
         for src_name in quant_weights:
             w = current(src_name)
+            if trt:
+                scale = symmetric_weight_scales(w)
+                zero = np.zeros(w.shape[1], np.int8)
+                new_inits.append(writer.array(src_name, w, TensorProto.FLOAT))  # stored FP32, as modelopt leaves it
+                inline += [numpy_helper.from_array(scale, f"{src_name}_scale"),
+                           numpy_helper.from_array(zero, f"{src_name}_zero_point")]
+                continue
             q, scale, zero = weight_params(w, REDUCE_RANGE)
             del w
             new_inits.append(writer.array(f"{src_name}_quantized", q, TensorProto.INT8))
@@ -568,7 +615,10 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
                  "streamed": {"external_data": data_name, "data_bytes": (dst.parent / data_name).stat().st_size,
                               "source_data_bytes": sum((src.parent / x).stat().st_size for x in locations),
                               "seconds": timings,
-                              "method": "streamed (calibration/streamed.py): structure + one tensor at a time"}})
+                              "method": "streamed (calibration/streamed.py): structure + one tensor at a time",
+                              "reproduces": ("modelopt.onnx.quantization.quantize INT8 (max), high_precision_dtype "
+                                             "fp32" if trt else "onnxruntime.quantization.quantize_static QDQ U8S8 "
+                                             "(MinMax, per-channel, reduce_range)")}})
     return info
 
 

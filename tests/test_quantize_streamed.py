@@ -84,11 +84,50 @@ def _feeds():
     return [comp.make_inputs(comp.sample_dims(i), np.random.default_rng(i)) for i in (0, 1)]
 
 
+def _same_graph(a, b, int_steps: int = 1, rtol: float = 1e-5, constants_by_value: bool = False) -> None:
+    """Same nodes (names, types, wiring, attributes) and initializers (names, dtypes, shapes; integers within
+    ``int_steps``, floats within ``rtol``). ``constants_by_value``: small constants that are not Q/DQ parameters
+    are compared by value, not name (modelopt gives each reader of a shared constant its own copy, ``val_92_3``)."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+
+    def small(name, inits):
+        return (constants_by_value and name in inits and inits[name].size <= 64
+                and not name.endswith(("_scale", "_zero_point")))
+
+    def key(name, inits):
+        if not small(name, inits):
+            return name
+        v = inits[name]
+        return ("const", str(v.dtype), v.shape, hashlib.sha256(v.tobytes()).hexdigest())
+
+    def nodes(m, inits):
+        return {n.name: (n.op_type, [key(i, inits) for i in n.input], list(n.output),
+                         [(x.name, x.i) for x in n.attribute]) for n in m.graph.node}
+
+    assert nodes(a, ia) == nodes(b, ib)
+    ia = {k: v for k, v in ia.items() if not small(k, ia)}
+    ib = {k: v for k, v in ib.items() if not small(k, ib)}
+    assert set(ia) == set(ib)
+    for name, x in ia.items():
+        y = ib[name]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), name
+        if x.dtype in (np.int8, np.uint8):  # quantized weights, zero points
+            assert np.abs(x.astype(np.int32) - y.astype(np.int32)).max(initial=0) <= int_steps, name
+        elif x.dtype.kind == "f":  # scales, weights and norms scaled by SmoothQuant: float rounding only
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(y, x, err_msg=name)
+
+
 def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_path, monkeypatch):
     import onnx
     import onnx.external_data_helper as edh
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     feeds = _feeds()
     recipe = recipes.recipe_for("llm", "int8", "ort-cpu")
@@ -109,21 +148,7 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
     assert len(info["smoothquant"]["smoothed"]) == 6 and info["smoothquant"]["skipped"]  # o_proj not smoothed
 
     a, b = onnx.load(str(tmp_path / "memory.onnx")), onnx.load(str(out))
-    def nodes(m):
-        return {n.name: (n.op_type, list(n.input), list(n.output), [(x.name, x.i) for x in n.attribute])
-                for n in m.graph.node}
-
-    assert nodes(a) == nodes(b)  # same nodes, names, wiring, axes
-    ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
-    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
-    assert set(ia) == set(ib)
-    for name, x in ia.items():
-        y = ib[name]
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), name
-        if x.dtype in (np.int8, np.uint8):  # quantized weights, zero points: within one step
-            assert np.abs(x.astype(np.int32) - y.astype(np.int32)).max(initial=0) <= 1, name
-        else:  # scales, norms folded by SmoothQuant: float rounding only
-            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-12, err_msg=name)
+    _same_graph(a, b)  # quantize_static's nodes, names, wiring, axes, weights
     onnx.checker.check_model(str(out))  # by path: reads the new data file as onnxruntime will
     structure = onnx.load(str(out), load_external_data=False)
     weights = [i for i in structure.graph.initializer if i.name.endswith("_quantized")]
@@ -136,6 +161,39 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
     for feed in feeds:
         for x, y in zip(sa.run(None, feed), sb.run(None, feed)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_tensorrt_int8_with_fp32_remainder_is_modelopts(tiny_bundle, tiny_external, tmp_path):
+    """(After the ort-cpu comparison: modelopt patches onnxruntime's quantizer in the process, and quantize_static
+    run after it misses its activation ranges.)
+
+    --target tensorrt --high-precision fp32: modelopt's graph (symmetric int8 Q/DQ on the MatMul inputs, FP32
+    weights behind a per-channel Q/DQ, scales amax/127), streamed."""
+    import onnx
+    import onnxruntime as ort
+
+    feeds = _feeds()
+    recipe = recipes.recipe_for("llm", "int8", "tensorrt", "fp32")
+    (tmp_path / "work").mkdir()
+    recipes.quantize_graph(recipe, tiny_bundle / "llm.onnx", tmp_path / "modelopt.onnx", feeds, TEST_THREADS,
+                           tmp_path / "work")
+    (tmp_path / "streamed").mkdir()
+    out = tmp_path / "streamed" / "llm.onnx"
+    info = streamed.quantize_external(recipe, tiny_external / "llm.onnx", out, feeds, TEST_THREADS)
+    assert info["qdq_nodes"] == {"QuantizeLinear": 22, "DequantizeLinear": 22}  # 14 weights + 8 activations
+    assert "modelopt" in info["streamed"]["reproduces"]
+    a, b = onnx.load(str(tmp_path / "modelopt.onnx")), onnx.load(str(out))
+    _same_graph(a, b, constants_by_value=True)
+    zero_points = {i.data_type for i in b.graph.initializer if i.name.endswith("_zero_point")}
+    assert zero_points == {onnx.TensorProto.INT8}
+    sa = ort.InferenceSession(str(tmp_path / "modelopt.onnx"), providers=["CPUExecutionProvider"])
+    sb = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for x, y in zip(sa.run(None, feed), sb.run(None, feed)):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    with pytest.raises(streamed.StreamingUnsupported, match="not int8-smoothquant0.5-max-fp16-tensorrt"):
+        streamed.quantize_external(recipes.recipe_for("llm", "int8", "tensorrt"), tiny_external / "llm.onnx",
+                                   tmp_path / "streamed" / "x.onnx", feeds)
 
 
 def store_16bit(path: Path, dtype: str) -> None:
@@ -281,13 +339,31 @@ def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_extern
     assert np.mean(got.tokens.pixel == want.tokens.pixel) > 0.5
 
 
+def test_tensorrt_int8_fp32_remainder_bundle_with_external_llm_passes_the_engine_check(tiny_external, tmp_path,
+                                                                                          capsys):
+    from illume_rt.cli import main
+
+    cal = datasets.CalibrationPlan(generate=[("a cat with a hat", (256, 256), 0)], llm_samples_per_run=6,
+                                   decoder_samples=0)
+    ev = datasets.CalibrationPlan(generate=[("a quiet lake", (256, 256), 101)], llm_samples_per_run=10 ** 9,
+                                  decoder_samples=0, seed=100)
+    dst = tmp_path / "int8-trt"
+    manifest = quantize_bundle(tiny_external, dst, "int8", "tensorrt", threads=TEST_THREADS, calibration=cal,
+                               evaluation=ev, components=["llm"], high_precision="fp32", log=lambda m: None)
+    q = manifest["components"]["llm"]["quantization"]
+    assert manifest["quantization"]["status"] == "passed" and q["high_precision"] == "fp32"
+    assert "modelopt" in q["graph"]["streamed"]["reproduces"]
+    assert main(["build-engines", str(dst), "--check-only", "--precision", "int8"]) == 0
+    assert "checks passed" in capsys.readouterr().out
+
+
 def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys):
     import onnx
 
     from illume_rt.cli import main
 
     cal = datasets.CalibrationPlan(generate=[("a cat", (256, 256), 0)], llm_samples_per_run=2, decoder_samples=0)
-    with pytest.raises(QuantizationError, match=r"int8 --target ort-cpu only.*--components"):
+    with pytest.raises(QuantizationError, match=r"high-precision fp32, only: the FP16/BF16 remainder.*--components"):
         quantize_bundle(tiny_external, tmp_path / "trt", "int8", "tensorrt", threads=TEST_THREADS, calibration=cal,
                         evaluation=cal, components=["llm"], log=lambda m: None)
     assert not (tmp_path / "trt").exists()
