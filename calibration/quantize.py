@@ -284,7 +284,8 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             entry["accuracy"] = {**res["figures"], "export": export_figures}
             entry["quantization"] = {
                 "recipe": res["recipe"].name, "details": res["recipe"].to_dict(), "target": target,
-                "tool": res["recipe"].tool, "graph": res["info"], "accuracy": res["figures"],
+                "tool": res["info"].get("streamed", {}).get("tool", res["recipe"].tool), "graph": res["info"],
+                "accuracy": res["figures"],
                 "calibration_samples": samples.get(name, 0), "passed": res["passed"],
                 "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }

@@ -616,6 +616,7 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
                               "source_data_bytes": sum((src.parent / x).stat().st_size for x in locations),
                               "seconds": timings,
                               "method": "streamed (calibration/streamed.py): structure + one tensor at a time",
+                              "tool": f"illume_rt.calibration.streamed (the {recipe.tool} graph, reproduced)",
                               "reproduces": ("modelopt.onnx.quantization.quantize INT8 (max), high_precision_dtype "
                                              "fp32" if trt else "onnxruntime.quantization.quantize_static QDQ U8S8 "
                                              "(MinMax, per-channel, reduce_range)")}})

@@ -318,6 +318,7 @@ def test_quantize_bundle_with_external_llm_loads_generates_and_gates(tiny_extern
     assert manifest["quantization"]["status"] == "passed" and entry["precision"] == "int8"
     q = entry["quantization"]
     assert q["graph"]["streamed"]["external_data"] == "llm.onnx.data" == entry["external_data"]
+    assert q["tool"].startswith("illume_rt.calibration.streamed") and "onnxruntime.quantization" in q["tool"]
     assert q["calibration_samples"] > 0 and q["graph"]["calibration_samples"] == q["calibration_samples"]
     assert q["graph"]["qdq_nodes"]["QuantizeLinear"] == 22 and len(q["graph"]["smoothquant"]["smoothed"]) == 6
     assert set(q["accuracy"]["teacher_forced"]) == {"semantic", "pixel", "answer"}
