@@ -124,6 +124,23 @@ def _same_graph(a, b, int_steps: int = 1, rtol: float = 1e-5, constants_by_value
             np.testing.assert_array_equal(y, x, err_msg=name)
 
 
+def _in_memory_recipe_in_a_fresh_process(src: Path, dst: Path, work: Path, target: str = "ort-cpu",
+                                         high_precision: str | None = None) -> None:
+    """recipes.quantize_graph (INT8) on ``src`` with ``_feeds()``, in its own process: modelopt patches onnxruntime's
+    quantizer classes for the whole process when it runs (modelopt/onnx/quantization/ort_patching.py), and
+    quantize_static run after that in the same process misses its activation ranges ("Quantization parameters are
+    not specified"). So this file runs neither in the pytest process, and leaves it as it found it."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]);"
+            "import test_quantize_streamed as t; from illume_rt.calibration import recipes;"
+            "r = recipes.recipe_for('llm', 'int8', sys.argv[5], sys.argv[6] or None);"
+            "recipes.quantize_graph(r, Path(sys.argv[1]), Path(sys.argv[2]), t._feeds(), 1, Path(sys.argv[3]))")
+    (work / "work").mkdir()
+    run = subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(work / "work"),
+                          str(Path(__file__).parent), target, high_precision or ""],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_path, monkeypatch):
     import onnx
     import onnx.external_data_helper as edh
@@ -131,9 +148,7 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
 
     feeds = _feeds()
     recipe = recipes.recipe_for("llm", "int8", "ort-cpu")
-    (tmp_path / "work").mkdir()
-    recipes.quantize_graph(recipe, tiny_bundle / "llm.onnx", tmp_path / "memory.onnx", feeds, TEST_THREADS,
-                           tmp_path / "work")
+    _in_memory_recipe_in_a_fresh_process(tiny_bundle / "llm.onnx", tmp_path / "memory.onnx", tmp_path)
     (tmp_path / "streamed").mkdir()
     out = tmp_path / "streamed" / "llm.onnx"
 
@@ -164,19 +179,15 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
 
 
 def test_streamed_tensorrt_int8_with_fp32_remainder_is_modelopts(tiny_bundle, tiny_external, tmp_path):
-    """(After the ort-cpu comparison: modelopt patches onnxruntime's quantizer in the process, and quantize_static
-    run after it misses its activation ranges.)
-
-    --target tensorrt --high-precision fp32: modelopt's graph (symmetric int8 Q/DQ on the MatMul inputs, FP32
+    """--target tensorrt --high-precision fp32: modelopt's graph (symmetric int8 Q/DQ on the MatMul inputs, FP32
     weights behind a per-channel Q/DQ, scales amax/127), streamed."""
     import onnx
     import onnxruntime as ort
 
     feeds = _feeds()
     recipe = recipes.recipe_for("llm", "int8", "tensorrt", "fp32")
-    (tmp_path / "work").mkdir()
-    recipes.quantize_graph(recipe, tiny_bundle / "llm.onnx", tmp_path / "modelopt.onnx", feeds, TEST_THREADS,
-                           tmp_path / "work")
+    _in_memory_recipe_in_a_fresh_process(tiny_bundle / "llm.onnx", tmp_path / "modelopt.onnx", tmp_path,
+                                         "tensorrt", "fp32")
     (tmp_path / "streamed").mkdir()
     out = tmp_path / "streamed" / "llm.onnx"
     info = streamed.quantize_external(recipe, tiny_external / "llm.onnx", out, feeds, TEST_THREADS)
