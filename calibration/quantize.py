@@ -33,7 +33,7 @@ from illume_rt.files import sha256_file
 from illume_rt.runtime.bundle import load_bundle
 from illume_rt.files import check_output_dir, publish_dir, scratch_dir
 
-from illume_rt.calibration import accuracy, datasets, recipes
+from illume_rt.calibration import accuracy, datasets, recipes, streamed
 
 
 class QuantizationError(ExportError):
@@ -78,6 +78,65 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def _memory() -> str:
+    """'  (RSS x.x GB, peak y.y GB)' of this process (Linux /proc), or '' where unknown."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        rss, peak = (int(status[k].split()[0]) * 1024 / 1e9 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return ""
+    return f"  (RSS {rss:.1f} GB, peak {peak:.1f} GB)"
+
+
+def _release_engines(pipe) -> None:
+    """Close every FP32 session of ``pipe``; the LM head slices open again when the teacher-forced figures use them.
+    The pipeline does not generate after this."""
+    import gc
+
+    pipe.replace_engine("llm", None)  # the loop's reference to the body goes too
+    for name in pipe.engines.opened():
+        pipe.engines.close(name)
+    gc.collect()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Files kept as they are share the source's bytes (a hard link: no disk used; at 3B the rest of the bundle is
+    over 15 GB) where the file system allows, else are copied. Neither bundle's files are ever written in place
+    (every writer here makes a new folder and renames it), so the link is never seen through."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _ignore_top_level(root: Path, names: set[str]):
+    """copytree ``ignore`` that leaves out ``names`` at the top of ``root`` only."""
+    def ignore(folder, entries):
+        return [e for e in entries if e in names] if Path(folder) == root else []
+    return ignore
+
+
+def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
+    """Before any run: a graph with external data must be one the streamed recipe reproduces (calibration/
+    streamed.py: ort-cpu INT8 of MatMul weights); else one line saying why and what it needs."""
+    import onnx
+
+    size = (src / entry["external_data"]).stat().st_size / 1e9
+    if streamed.streamable(recipe) is None:
+        what = ("the FP16/BF16 remainder is made by AutoCast" if recipe.precision == "int8"
+                else f"{recipe.precision} is made by modelopt's quantizer and AutoCast")
+        raise QuantizationError(
+            f"{name}: its weights are in external data ({size:.1f} GB); graphs that size are quantized streamed, "
+            "which reproduces --precision int8 with --target ort-cpu, or --target tensorrt --high-precision fp32, "
+            f"only: {what}, which load the whole graph several times over; quantize it on a machine with several "
+            "times its size in memory, or leave it FP32 (--components without it)")
+    try:
+        streamed.Plan(onnx.load(str(src / entry["file"]), load_external_data=False), recipe.exclude)
+    except streamed.StreamingUnsupported as exc:
+        raise QuantizationError(f"{name} ({size:.1f} GB of external data): {exc}; leave it FP32 (--components "
+                                "without it)") from None
+
+
 def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: str, keep_failed: bool = False,
                     threads: int | None = None, calibration: datasets.CalibrationPlan | None = None,
                     evaluation: datasets.CalibrationPlan | None = None, thresholds: dict | None = None,
@@ -112,7 +171,15 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     random = bool(manifest["model"].get("random_weights"))
     thresholds_key = preset if preset in recipes.THRESHOLDS else ("tiny" if random else "default")
     limits = dict(thresholds or recipes.thresholds_for(preset, precision, random))
+    unknown = [n for n in (components or []) if n not in recipes.QUANTIZED or n not in manifest["components"]]
+    if unknown:
+        raise QuantizationError(f"cannot quantize {', '.join(unknown)}: choose among the bundle's "
+                                + ", ".join(n for n in recipes.QUANTIZED if n in manifest["components"]))
     names = [n for n in (components or recipes.QUANTIZED) if n in manifest["components"]]
+    for name in names:  # refuse what cannot be done before the long calibration
+        if manifest["components"][name].get("external_data"):
+            _check_external(name, manifest["components"][name],
+                            recipes.recipe_for(name, precision, target, high_precision), src)
     calibration = calibration or datasets.default_plan("calibration")
     evaluation = evaluation or datasets.default_plan("evaluation")
 
@@ -121,12 +188,21 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     # int8/fp8: calibration; fp16/bf16: AutoCast's reference run (which nodes see values out of FP16/BF16 range)
     feeds, cal_record = datasets.capture(pipe, calibration, log)
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
-    log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s")
+    log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s{_memory()}")
     t1 = time.perf_counter()
     evals = accuracy.record_eval(pipe, evaluation)
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
-    log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s")
+    log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s{_memory()}")
+    prompt_accuracy = {}
+    for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
+        prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
+    # The FP32 sessions are done with: close them before any graph is calibrated or measured, so that at most one
+    # big session is alive at a time (at 3B the FP32 LLM alone holds 11 GB, the LM head slices 2.3 GB; these open
+    # again, FP32, when the teacher-forced figures map the quantized body's hidden states through them).
+    _release_engines(pipe)
+    log(f"FP32 sessions closed{_memory()}")
 
+    samples = {name: len(v) for name, v in feeds.items()}  # feeds are dropped as each graph is done with them
     scratch, work = scratch_dir(dst), scratch_dir(dst)
     try:
         results: dict[str, dict] = {}
@@ -134,14 +210,17 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
         for name in names:
             t2 = time.perf_counter()
             entry = manifest["components"][name]
-            if entry.get("external_data"):
-                raise QuantizationError(f"{name}: graphs with external data (over 2 GiB) are not handled by "
-                                        "quantize_bundle yet")
             if not feeds.get(name):
                 raise QuantizationError(f"{name}: no calibration inputs were captured (is the component used?)")
             recipe = recipes.recipe_for(name, precision, target, high_precision)
             out = scratch / entry["file"]
-            info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads, scratch)
+            if entry.get("external_data"):  # weights beside the graph (over 2 GiB): structure + one tensor at a time
+                info = streamed.quantize_external(recipe, src / entry["file"], out, feeds[name], threads,
+                                                  lambda m, n=name: log(f"{n}:{m}"), entry["external_data"])
+            else:
+                info = recipes.quantize_graph(recipe, src / entry["file"], out, feeds.get(name, []), threads,
+                                              scratch)
+            feeds.pop(name, None)  # this graph's calibration feeds are no longer needed
             if info["custom_domains"]:
                 raise QuantizationError(f"{name}: quantized graph uses custom op domains {info['custom_domains']}")
             measured, evaluated_on = out, "onnxruntime CPU"
@@ -164,6 +243,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 figures["psnr_db"] = accuracy.image_psnr(engine, calls)
             if name == "llm":
                 figures["teacher_forced"] = accuracy.llm_teacher_forced(engine, pipe, evals)
+                _release_engines(pipe)  # the head slices it opened
             figures["reference"] = "fp32 graph of the source bundle, held-out evaluation runs"
             figures["evaluated_on"] = evaluated_on
             fails = _gate(name, figures, limits)
@@ -173,33 +253,40 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 + (f"  PSNR {figures['psnr_db']:.1f} dB" if "psnr_db" in figures else "")
                 + ("".join(f"  {k} top-1 {v['top1_agreement']:.3f} KL {v['kl_mean']:.4f}"
                            for k, v in figures.get("teacher_forced", {}).items()))
-                + f"  {'ok' if not fails else 'FAIL'}  {time.perf_counter() - t2:.1f}s")
+                + f"  {'ok' if not fails else 'FAIL'}  {time.perf_counter() - t2:.1f}s{_memory()}")
             timings[f"quantize_and_measure_{name}"] = round(time.perf_counter() - t2, 1)
             del engine
 
-        prompt_accuracy = {}
-        for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
-            prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
         status = "passed" if not failures else "failed"
         if failures and not keep_failed:
             raise QuantizationError("quantized graphs miss their accuracy gates (pass --keep-failed to write the "
                                     "bundle anyway, marked failed):\n  " + "\n  ".join(failures))
 
-        # new bundle: copy (no engines: they were built from the FP32 graphs), replace graphs, manifest last
+        # new bundle: copy (no engines: they were built from the FP32 graphs; not the files about to be replaced),
+        # replace graphs, manifest last
         shutil.rmtree(work)
-        shutil.copytree(src, work, ignore=shutil.ignore_patterns("engines", MANIFEST))
+        replaced = {f for n in results for f in (manifest["components"][n]["file"],
+                                                 manifest["components"][n].get("external_data")) if f}
+        shutil.copytree(src, work, ignore=_ignore_top_level(src, {"engines", MANIFEST, *replaced}),
+                        copy_function=_link_or_copy)
         for name, res in results.items():
             entry = manifest["components"][name]
             os.replace(scratch / entry["file"], work / entry["file"])
             entry["bytes"] = (work / entry["file"]).stat().st_size
             entry["sha256"] = sha256_file(work / entry["file"])
+            if entry.get("external_data"):  # its own data file, written with the graph (calibration/streamed.py)
+                os.replace(scratch / entry["external_data"], work / entry["external_data"])
+                manifest["files"][f"{name}_external_data"] = {
+                    "file": entry["external_data"], "bytes": (work / entry["external_data"]).stat().st_size,
+                    "sha256": sha256_file(work / entry["external_data"])}
             entry["precision"] = precision
             export_figures = entry.get("accuracy")
             entry["accuracy"] = {**res["figures"], "export": export_figures}
             entry["quantization"] = {
                 "recipe": res["recipe"].name, "details": res["recipe"].to_dict(), "target": target,
-                "tool": res["recipe"].tool, "graph": res["info"], "accuracy": res["figures"],
-                "calibration_samples": len(feeds.get(name, [])), "passed": res["passed"],
+                "tool": res["info"].get("streamed", {}).get("tool", res["recipe"].tool), "graph": res["info"],
+                "accuracy": res["figures"],
+                "calibration_samples": samples.get(name, 0), "passed": res["passed"],
                 "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }
         for name, why in recipes.KEEP_FP32.items():

@@ -411,9 +411,16 @@ def cmd_quantize(args) -> None:
     except ImportError as exc:
         raise UsageError(f"quantize needs the export and quant extras ({exc}); "
                          "pip install -e '.[export,quant]'") from None
+    plans = {}
+    if args.plan == "quick":  # one 256x256 image to calibrate on, one held out (bench/int8.py quick_plans)
+        from illume_rt.bench.int8 import quick_plans
+
+        plans["calibration"], plans["evaluation"] = quick_plans()
     manifest = quantize_bundle(args.bundle, args.output, args.precision, args.target, keep_failed=args.keep_failed,
+                               **plans,
                                threads=args.threads, log=lambda m: print(m, file=sys.stderr),
-                               high_precision=args.high_precision, overwrite=args.overwrite)
+                               high_precision=args.high_precision, overwrite=args.overwrite,
+                               components=args.components.split(",") if args.components else None)
     print("\n".join(summary_lines(manifest)))
     status = manifest["quantization"]["status"]
     print(f"bundle written to {args.output}" + (" (marked FAILED: --keep-failed)" if status != "passed" else ""))
@@ -558,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--keep-failed", action="store_true",
                        help="write the bundle even when a gate is missed (marked failed in the manifest; exit 2)")
     quant.add_argument("--threads", type=thread_count, default=None, help="onnxruntime intra-op threads")
+    quant.add_argument("--components", default=None,
+                       help="comma-separated graphs to quantize (default: every one the recipes cover); the others "
+                            "stay FP32, e.g. --components llm")
+    quant.add_argument("--plan", default="default", choices=["default", "quick"],
+                       help="calibration/evaluation runs: default (docs/quantization.md) or quick (one 256x256 "
+                            "image each, no understanding or refinement: for the big presets on a small machine)")
     quant.set_defaults(func=cmd_quantize)
 
     from illume_rt.bench.cli import add_arguments as add_bench_arguments

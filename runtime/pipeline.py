@@ -86,6 +86,16 @@ class EngineSet:
     def is_open(self, name: str) -> bool:
         return name in self._open
 
+    def opened(self) -> list[str]:
+        """Names of the engines opened (or replaced) so far."""
+        with self._lock:
+            return list(self._open)
+
+    def close(self, name: str) -> Engine | None:
+        """Forget engine ``name`` (it is opened again on next use); returns it. Not while calls run."""
+        with self._lock:
+            return self._open.pop(name, None)
+
     def replace(self, name: str, engine: Engine) -> Engine | None:
         with self._lock:
             previous, self._open[name] = self._open.get(name), engine
