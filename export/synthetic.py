@@ -136,7 +136,7 @@ def write_mllm(folder: Path, preset: Preset, seed: int = 0, log: Callable[[str],
     folder.mkdir(parents=True, exist_ok=False)
     (folder / "config.json").write_text(json.dumps(mllm_config(preset), indent=1))
     if preset.vocab.text_vocab_size == 256:  # byte-level text ids (tiny): the tokenizer must be byte-level too
-        from illume_rt.nano.checkpoint import write_byte_tokenizer
+        from illume_rt.export.tokenizer_files import write_byte_tokenizer
 
         write_byte_tokenizer(folder / "tokenizer.json", preset.vocab)
     else:

@@ -303,11 +303,23 @@ def _notice(pipe, size) -> str | None:
 
 
 def cmd_verify_tokens(args) -> None:
+    """0 when the codes are equal, exit 1 when they differ (calibration/verify_tokens.py)."""
     try:
-        from illume_rt.export import verify_tokens
+        from illume_rt.calibration.verify_tokens import record_in_manifest, verify_tokens, write_result
     except ImportError as exc:
         raise UsageError(f"verify-tokens needs the export extra ({exc}); pip install 'illume-rt[export]'") from None
-    if verify_tokens.run(args):
+    result = verify_tokens(args.checkpoint, args.bundle, prompt=args.prompt, codes=args.codes,
+                           resolution=tuple(args.resolution), guidance=args.guidance, threads=args.threads,
+                           verify_bundle=not args.no_verify_bundle, base=args.preset)
+    out = write_result(args.output or f"{Path(args.bundle).resolve().name}-tokens.json", result)
+    worst = (f"worst cosine {result['worst_cosine']:.8f}, max|err| {result['worst_max_abs_err']:.2e}"
+             if result["worst_cosine"] is not None else "no scores compared")
+    print(f"{'codes equal' if result['ok'] else 'CODES DIFFER'}: {result['codes_equal']}/{result['codes_compared']}"
+          f" ({worst}); reference peak RSS {result['reference']['peak_rss_gb'] or 0:.1f} GB, runtime "
+          f"{result['runtime']['peak_rss_gb'] or 0:.1f} GB; wrote {out}")
+    if args.record:
+        print(f"recorded in {record_in_manifest(args.bundle, result)}")
+    if not result["ok"]:
         raise SystemExit(1)
 
 
@@ -500,9 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify-tokens", help="first image codes of a prompt: PyTorch reference from the checkpoint "
                                                "vs the bundle (exit 1 when they differ)")
-    from illume_rt.export.verify_tokens import add_arguments as verify_tokens_arguments
+    from illume_rt.calibration import verify_tokens as vt  # its defaults (numpy only at import)
 
-    verify_tokens_arguments(ver)
+    ver.add_argument("--checkpoint", required=True, metavar="MLLM_DIR",
+                     help="the MLLM folder the bundle was exported from (only the LLM is read)")
+    ver.add_argument("--bundle", required=True, help="the bundle to check")
+    ver.add_argument("--codes", type=ranged(int, 1), default=vt.DEFAULT_CODES,
+                     help=f"image codes to compare (default {vt.DEFAULT_CODES}: the first semantic codes)")
+    ver.add_argument("--prompt", default=vt.DEFAULT_PROMPT, help=f"text-to-image prompt (default {vt.DEFAULT_PROMPT!r})")
+    ver.add_argument("--resolution", type=resolution, default=vt.DEFAULT_RESOLUTION,
+                     help="HEIGHTxWIDTH (default %dx%d)" % vt.DEFAULT_RESOLUTION)
+    ver.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=vt.DEFAULT_GUIDANCE,
+                     help=f"guidance scale (default {vt.DEFAULT_GUIDANCE})")
+    ver.add_argument("--threads", type=thread_count, default=None,
+                     help="threads of each side, 1 to the number of cores (default: all cores)")
+    ver.add_argument("--preset", default=None,
+                     help="as for export --checkpoint: the preset whose vision/MoVQ shapes the checkpoint has "
+                          "(default: the official ones)")
+    ver.add_argument("--no-verify-bundle", action="store_true",
+                     help="skip the sha256 check of the bundle's files when the runtime opens it")
+    ver.add_argument("-o", "--output", default=None, help="JSON result (default: BUNDLE_NAME-tokens.json here)")
+    ver.add_argument("--record", action="store_true",
+                     help="also record the summary in the bundle's manifest (components.llm.accuracy.end_to_end)")
     ver.set_defaults(func=cmd_verify_tokens)
 
     gen = sub.add_parser("generate", help="text to image")

@@ -1,4 +1,4 @@
-"""The end-to-end token check at size (export/verify_tokens.py) on the tiny preset: the same weights give the same
+"""The end-to-end token check at size (calibration/verify_tokens.py) on the tiny preset: the same weights give the same
 codes, other weights are caught; from a synthetic checkpoint through the CLI (child process, JSON, manifest
 record); and the reference's code limit (``max_codes``) is a prefix of the full run."""
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import TEST_THREADS
 from illume_rt.contract import MANIFEST, image_grid
 from illume_rt.export.configs import get_preset
-from illume_rt.export.verify_tokens import verify_tokens
+from illume_rt.calibration.verify_tokens import verify_tokens
 
 
 def test_same_weights_give_the_same_codes(tiny_models, tiny_bundle):

@@ -17,16 +17,16 @@ guides full-vocabulary log-probabilities, the runtime raw logits of the level's 
 per step), as a cosine and a max abs error, with the reference's margin between its best and second-best code (a
 margin near the error would make a differing code a tie, not a fault).
 
-``python -m illume_rt.export.verify_tokens --checkpoint MLLM_DIR --bundle BUNDLE --codes 8 -o result.json
-[--record]`` (also ``illume-rt verify-tokens``): ``--record`` adds the result to the manifest under the LLM's
-``accuracy.end_to_end`` (the manifest is replaced atomically; nothing else in the bundle changes).
+``illume-rt verify-tokens --checkpoint MLLM_DIR --bundle BUNDLE --codes 8 -o result.json [--record]``:
+``--record`` adds the result to the manifest under the LLM's ``accuracy.end_to_end`` (the manifest is replaced
+atomically; nothing else in the bundle changes). It lives in calibration/ (the layer above export and runtime:
+it drives both), not in export/, which imports neither runtime nor the CLI.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -180,7 +180,7 @@ def _reference_in_child(kwargs: dict) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from illume_rt.export import verify_tokens as this  # by its import name, also when run as __main__
+    from illume_rt.calibration import verify_tokens as this  # by its import name, also when run as __main__
     from illume_rt.export.components import ExportError
 
     try:
@@ -280,54 +280,3 @@ def write_result(path: str | Path, result: dict) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def add_arguments(parser) -> None:
-    from illume_rt.cli import ranged, resolution, thread_count
-
-    parser.add_argument("--checkpoint", required=True, metavar="MLLM_DIR",
-                        help="the MLLM folder the bundle was exported from (only the LLM is read)")
-    parser.add_argument("--bundle", required=True, help="the bundle to check")
-    parser.add_argument("--codes", type=ranged(int, 1), default=DEFAULT_CODES,
-                        help=f"image codes to compare (default {DEFAULT_CODES}: the first semantic codes)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text-to-image prompt (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION, help="HEIGHTxWIDTH (256x256)")
-    parser.add_argument("--guidance", type=ranged(float, 1.0, 1e4), default=DEFAULT_GUIDANCE,
-                        help="guidance scale (default 2.0)")
-    parser.add_argument("--threads", type=thread_count, default=None,
-                        help="threads of each side, 1 to the number of cores (default: all cores)")
-    parser.add_argument("--preset", default=None,
-                        help="as for export --checkpoint: the preset whose vision/MoVQ shapes the checkpoint has "
-                             "(default: the official ones)")
-    parser.add_argument("--no-verify-bundle", action="store_true",
-                        help="skip the sha256 check of the bundle's files when the runtime opens it")
-    parser.add_argument("-o", "--output", default=None, help="JSON result (default: BUNDLE_NAME-tokens.json here)")
-    parser.add_argument("--record", action="store_true",
-                        help="also record the summary in the bundle's manifest (components.llm.accuracy.end_to_end)")
-
-
-def run(args) -> int:
-    """Run the check from parsed arguments; 0 when the codes are equal, 1 when they differ."""
-    result = verify_tokens(args.checkpoint, args.bundle, prompt=args.prompt, codes=args.codes,
-                           resolution=tuple(args.resolution), guidance=args.guidance, threads=args.threads,
-                           verify_bundle=not args.no_verify_bundle, base=args.preset)
-    out = write_result(args.output or f"{Path(args.bundle).resolve().name}-tokens.json", result)
-    worst = (f"worst cosine {result['worst_cosine']:.8f}, max|err| {result['worst_max_abs_err']:.2e}"
-             if result["worst_cosine"] is not None else "no scores compared")
-    print(f"{'codes equal' if result['ok'] else 'CODES DIFFER'}: {result['codes_equal']}/{result['codes_compared']}"
-          f" ({worst}); reference peak RSS {result['reference']['peak_rss_gb'] or 0:.1f} GB, runtime "
-          f"{result['runtime']['peak_rss_gb'] or 0:.1f} GB; wrote {out}")
-    if args.record:
-        print(f"recorded in {record_in_manifest(args.bundle, result)}")
-    return 0 if result["ok"] else 1
-
-
-def main(argv=None) -> None:
-    """``python -m illume_rt.export.verify_tokens ...`` = ``illume-rt verify-tokens ...`` (same errors, exit codes)."""
-    from illume_rt.cli import main as cli_main
-
-    sys.exit(cli_main(["verify-tokens", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    main()
