@@ -16,7 +16,7 @@ import pytest
 
 from illume_rt.runtime.bundle import (MAX_DIM, Bundle, BundleError, RowTable, load_bundle, member_path, sha256_file,
                                       validate_manifest)
-from illume_rt.contract import compact_vocab_layout, component_io, host_contract
+from illume_rt.contract import BUNDLE_FORMAT_VERSION, compact_vocab_layout, component_io, host_contract
 
 VOCAB = compact_vocab_layout(text_vocab_size=8, semantic_codebook_size=4, pixel_codebook_size=4, row_multiple=8)
 HIDDEN = 6
@@ -329,6 +329,9 @@ BAD = {
     "embed columns": (_set("tables", "embed_tokens", "shape", value=[VOCAB.vocab_rows, HIDDEN - 1]),
                       "tables.embed_tokens.shape"),
     "embed vs hidden size": (_set("llm", "hidden_size", value=HIDDEN + 1), "does not match vocab.vocab_rows"),
+    "no contract": (_set("contract", value=KeyError), "manifest field contract is missing; re-export the bundle"),
+    "contract a list": (_set("contract", value=[]),
+                        "manifest field contract must be an object, not list; re-export the bundle"),
 }
 
 
@@ -496,3 +499,112 @@ def test_row_table_closes_its_file(tmp_path):
     del rows
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+# -- the format version, the contract and the graph interfaces -----------------------------------------------------
+
+@pytest.mark.parametrize("model,how", [
+    ({"preset": "3b", "random_weights": False}, "--checkpoint MLLM_DIR --tokenizer-checkpoint dualvitok.bin"),
+    ({"random_weights": False}, "--checkpoint MLLM_DIR --tokenizer-checkpoint dualvitok.bin"),
+    ({"preset": "nano", "random_weights": False}, "--preset nano"),  # the trained miniature has its own preset
+    ({"preset": "3b", "random_weights": True}, "--preset 3b"),
+    ({"preset": "3b"}, "--preset 3b"),  # no flag: not known to be a checkpoint
+    ({"preset": "3b", "random_weights": None}, "--preset 3b"),
+    ({"preset": 3, "random_weights": True}, "--preset PRESET"),
+    ([], "--preset PRESET"),
+    (KeyError, "--preset PRESET"),
+])
+def test_another_format_version_is_refused_with_the_export_command_that_remakes_it(bundle, model, how):
+    manifest = manifest_of(bundle)
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION - 1
+    if model is KeyError:
+        del manifest["model"]
+    else:
+        manifest["model"] = model
+    write(bundle, manifest)
+    assert refused(bundle) == (f"bundle format {BUNDLE_FORMAT_VERSION - 1} is not supported by this runtime (reads "
+                               f"format {BUNDLE_FORMAT_VERSION}); re-export it: `illume-rt export {how} -o NEW_BUNDLE`")
+
+
+def _contract_differs(key: str) -> str:
+    return (f"manifest field contract.{key} differs from what this runtime implements; the bundle was made by another "
+            "illume-rt version: re-export it with this one")
+
+
+@pytest.mark.parametrize("key,change", [
+    ("decode_max_seq", lambda c: c.pop("decode_max_seq")),  # a rule the bundle lacks
+    ("a_rule_of_another_version", lambda c: c.update(a_rule_of_another_version=1)),  # one this runtime lacks
+    ("decode_max_seq", lambda c: c.update(decode_max_seq=c["decode_max_seq"] + 1)),
+    ("prompts", lambda c: c["prompts"].update(system=c["prompts"]["system"] + " ")),
+    ("structure_tokens", lambda c: c["structure_tokens"].update({k: v + 1 for k, v in
+                                                                 list(c["structure_tokens"].items())[:1]})),
+    ("image_grammar", lambda c: c["image_grammar"].reverse()),
+    ("grids", lambda c: c["grids"].pop(sorted(c["grids"])[0])),
+])
+def test_the_contract_must_be_the_one_this_runtime_implements(bundle, key, change):
+    manifest = manifest_of(bundle)
+    assert manifest["contract"] == CONTRACT
+    change(manifest["contract"])
+    assert manifest["contract"] != CONTRACT
+    write(bundle, manifest)
+    assert refused(bundle) == _contract_differs(key)
+
+
+def _add_component(root: Path, manifest: dict, name: str, first: bool = False, **fields) -> None:
+    (root / f"{name}.onnx").write_bytes(name.encode())
+    entry = {**_entry(root / f"{name}.onnx"), **fields}
+    others = manifest["components"]
+    manifest["components"] = {name: entry, **others} if first else {**others, name: entry}
+
+
+def test_a_component_the_runtime_does_not_run_may_list_any_interface(bundle):
+    manifest = manifest_of(bundle)
+    _add_component(bundle, manifest, "a_tool_graph", first=True)  # no inputs or outputs at all
+    _add_component(bundle, manifest, "another_tool", inputs="x", outputs=[1])
+    write(bundle, manifest)
+    assert list(load_bundle(bundle).manifest["components"]) == ["a_tool_graph", "llm", "lm_head_text",
+                                                                "another_tool"]
+
+
+def _io_differs(name: str, have: tuple, want: tuple) -> str:
+    return (f"component {name} has inputs {list(have[0])} and outputs {list(have[1])}; this runtime expects "
+            f"{list(want[0])} -> {list(want[1])} (illume_rt/contract.py): re-export the bundle")
+
+
+def test_components_the_runtime_runs_have_exactly_the_contracts_inputs_and_outputs(bundle):
+    llm_io, head_io = component_io("llm", 2), component_io("lm_head_text")
+    good = manifest_of(bundle)
+    cases = [
+        ("llm", component_io("llm", 3)),  # the graph of a 3-layer body in a manifest of 2 layers
+        ("llm", component_io("llm", 1)),
+        ("llm", (llm_io[0][::-1], llm_io[1])),  # the same names in another order
+        ("llm", (llm_io[0], llm_io[1][:1])),
+        ("llm", (llm_io[0], (*llm_io[1], "extra"))),
+        ("lm_head_text", (head_io[1], head_io[0])),  # inputs and outputs swapped
+        ("lm_head_text", (("hidden_states",), head_io[1])),
+    ]
+    for name, have in cases:
+        manifest = copy.deepcopy(good)
+        _add_component(bundle, manifest, "a_tool_graph", first=True)  # checked past a graph it does not run
+        manifest["components"][name].update(inputs=[{"name": n} for n in have[0]],
+                                            outputs=[{"name": n} for n in have[1]])
+        write(bundle, manifest)
+        assert refused(bundle) == _io_differs(name, have, component_io(name, 2)), (name, have)
+    manifest = copy.deepcopy(good)
+    manifest["components"]["lm_head_text"]["inputs"] = [{"shape": [1, 6]}]  # an entry without a name
+    write(bundle, manifest)
+    assert refused(bundle) == _io_differs("lm_head_text", ([None], head_io[1]), head_io)
+
+
+@pytest.mark.parametrize("inputs", [KeyError, None, "hidden", ["hidden"], [{"name": "hidden"}, "logits"], {}])
+def test_a_component_the_runtime_runs_must_list_its_inputs_and_outputs(bundle, inputs):
+    good = manifest_of(bundle)
+    for field in ("inputs", "outputs"):
+        manifest = copy.deepcopy(good)
+        if inputs is KeyError:
+            del manifest["components"]["lm_head_text"][field]
+        else:
+            manifest["components"]["lm_head_text"][field] = inputs
+        write(bundle, manifest)
+        assert refused(bundle) == ("manifest field components.lm_head_text must list its inputs and outputs; "
+                                   "re-export the bundle")
