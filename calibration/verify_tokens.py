@@ -180,12 +180,11 @@ def _reference_in_child(kwargs: dict) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from illume_rt.calibration import verify_tokens as this  # by its import name, also when run as __main__
     from illume_rt.export.components import ExportError
 
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(this.reference_from_checkpoint, **kwargs).result()
+            return pool.submit(reference_from_checkpoint, **kwargs).result()
     except BrokenProcessPool:
         raise ExportError("the PyTorch reference process died before it finished (killed for memory? it holds the "
                           "LLM in float32: 4 bytes per parameter)") from None
