@@ -286,6 +286,18 @@ class Pipeline:
 
         make_scheduler(self._diffusion()["scheduler"]).set_timesteps(refine.steps)  # SchedulerError names the limit
 
+    @property
+    def bundle_notices(self) -> list[str]:
+        """Lines every result of this bundle carries: a quantized bundle that missed its accuracy gates (written
+        with ``quantize --keep-failed`` for inspection) still runs, but its output is not what its FP32 source
+        gives, and a product embedding the runtime would otherwise not know."""
+        quantization = self.bundle.manifest.get("quantization") or {}
+        if quantization.get("status", "passed") == "passed":
+            return []
+        return [f"this bundle missed its {quantization.get('precision', 'quantization')} accuracy gates (written "
+                "with --keep-failed; its manifest's quantization.failures says which): expect output unlike its "
+                "FP32 source's; re-quantize or use the FP32 bundle"]
+
     def resolution_notice(self, resolution: tuple[int, int]) -> str | None:
         """A line for a size the weights were not trained at (illume-nano records its sizes), else None."""
         trained = self.bundle.manifest["model"].get("trained_resolutions")
@@ -321,7 +333,7 @@ class Pipeline:
             results = [self._finish(tokens, grid, refine, rng, start, s)
                        for tokens, rng, s in zip(all_tokens, rngs, seeds)]
         for result in results:
-            result.notices += [notice] if notice else []
+            result.notices += self.bundle_notices + ([notice] if notice else [])
         return results[0] if isinstance(prompt, str) and num_images == 1 else results
 
     def edit(self, image, instruction: str, seed: int | None = 0, sampling: SamplingConfig | None = None,
@@ -352,7 +364,7 @@ class Pipeline:
         if result.refined:  # the padding scales with the 2x output
             out = out.resize((padding.anchor[1], padding.anchor[0]), Image.LANCZOS)
         result.image = np.asarray(unpad_and_resize_back(out, padding))
-        result.notices += [notice] if notice else []
+        result.notices += self.bundle_notices + ([notice] if notice else [])
         return result
 
     def fit_understanding(self, image, prompt_positions: int, max_new_tokens: int
@@ -416,7 +428,7 @@ class Pipeline:
             on_text(answer[len(printed):])
         timings = {"image_encode": t_encode, "total": time.perf_counter() - start}
         timings["decode"] = timings["total"] - t_encode
-        return UnderstandingResult(answer, ids_out, timings, notices)
+        return UnderstandingResult(answer, ids_out, timings, self.bundle_notices + notices)
 
 
 @dataclass

@@ -463,6 +463,22 @@ def test_untrained_resolution_gets_a_notice(bundle_copy, tmp_path, capsys):
     assert code == 0 and "note: this model was trained at 256x256 only" in err
 
 
+def test_a_bundle_that_missed_its_quantization_gates_says_so_in_every_result(bundle_copy, tmp_path, capsys):
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    assert pipe.bundle_notices == []  # an FP32 bundle (no quantization entry) carries none
+    _mutate(bundle_copy, _set(["quantization"], {"precision": "int8", "status": "failed", "failures": ["llm"]}))
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    tiny_image = Image.new("RGB", (32, 32), (200, 30, 30))
+    results = [pipe.generate("a cat", sampling=SamplingConfig(greedy=True)),
+               pipe.edit(tiny_image, "make it blue", sampling=SamplingConfig(greedy=True)),
+               pipe.understand(tiny_image, "What colour is it?", max_new_tokens=2)]
+    for result in results:
+        assert any("missed its int8 accuracy gates" in line for line in result.notices), result.notices
+    code, _, err = run_cli(capsys, "generate", "a cat", "--bundle", bundle_copy, "-o", tmp_path / "x.png", "-q",
+                           "--threads", "1")
+    assert code == 0 and "note: this bundle missed its int8 accuracy gates" in err
+
+
 def test_cli_refuses_writing_an_image_over_a_folder_or_device(tiny_bundle, tmp_path, capsys):
     for target, needle in ((tmp_path, "a folder"), ("/dev/null", "a device")):
         code, _, err = run_cli(capsys, "generate", "a cat", "--bundle", tiny_bundle, "-o", target)
