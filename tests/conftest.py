@@ -95,6 +95,38 @@ def nano_bundle():
 
 
 @pytest.fixture(scope="session")
+def official_ckpt(tmp_path_factory):
+    """Synthetic checkpoints in the official layout at tiny shapes (tests/official_checkpoint.py): MLLM untied and
+    sharded, MLLM tied in one file, a DualViTok bin with model and EMA weights, a diffusers decoder folder."""
+    from official_checkpoint import write_official_checkpoints
+
+    return write_official_checkpoints(tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="session")
+def official_ckpt_bundle(official_ckpt, tmp_path_factory):
+    """(exit code, stderr, bundle folder) of `illume-rt export --checkpoint mllm --tokenizer-checkpoint dualvitok.bin
+    --tokenizer-ema --diffusion decoder --preset tiny` on ``official_ckpt``, with the verification budget at 0:
+    every lazy graph takes its sampled check (or none), as the 3B and 7B do. Exported once per session (the
+    export is the slowest step of the suite): tests/test_checkpoints.py checks what the CLI recorded and loaded,
+    tests/test_verify_tokens.py the sampled checks and the token check on it. Tests must not change the folder
+    (copy it first)."""
+    import contextlib
+    import io
+
+    from illume_rt.cli import main
+    from illume_rt.export import components
+
+    root, out = official_ckpt["root"], tmp_path_factory.mktemp("official-bundle") / "bundle"
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(components, "FULL_VERIFY_BYTES", 0)
+        rc = main(["export", "--checkpoint", str(root / "mllm"), "--tokenizer-checkpoint", str(root / "dualvitok.bin"),
+                   "--tokenizer-ema", "--diffusion", str(root / "decoder"), "--preset", "tiny", "-o", str(out)])
+    return rc, err.getvalue(), out
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_bundle):
     from illume_rt.runtime.pipeline import Pipeline
 
