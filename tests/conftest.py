@@ -83,6 +83,20 @@ def tiny_bundle(request, tmp_path_factory):
                         log=lambda m: None)
 
 
+def export_report(bundle: Path, name: str) -> tuple[dict, Path]:
+    """(verification report, graph file) of component ``name`` as the export of ``bundle`` recorded them: the manifest's
+    accuracy entry (method, cases, worst figures: export/bundle.py keeps them from export_onnx's report), with
+    ``ok`` as verify_onnx computes it (every output of every case within tolerance). For tests that check a tiny graph
+    the session's export already wrote (``tiny_bundle``: same preset, same seed) instead of exporting it again."""
+    import json
+
+    entry = json.loads((Path(bundle) / "manifest.json").read_text())["components"][name]
+    report = dict(entry["accuracy"])
+    report["ok"] = bool(report["cases"]) and all(out["ok"] for case in report["cases"]
+                                                 for out in case["outputs"].values())
+    return report, Path(bundle) / entry["file"]
+
+
 @pytest.fixture(scope="session")
 def nano_bundle():
     """illume-nano's bundle: the built-in model's, exported on first use (cached), or ILLUME_RT_TEST_NANO_BUNDLE."""
