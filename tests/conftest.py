@@ -83,6 +83,20 @@ def tiny_bundle(request, tmp_path_factory):
                         log=lambda m: None)
 
 
+def export_report(bundle: Path, name: str) -> tuple[dict, Path]:
+    """(verification report, graph file) of component ``name`` as the export of ``bundle`` recorded them: the manifest's
+    accuracy entry (method, cases, worst figures: export/bundle.py keeps them from export_onnx's report), with
+    ``ok`` as verify_onnx computes it (every output of every case within tolerance). For tests that check a tiny graph
+    the session's export already wrote (``tiny_bundle``: same preset, same seed) instead of exporting it again."""
+    import json
+
+    entry = json.loads((Path(bundle) / "manifest.json").read_text())["components"][name]
+    report = dict(entry["accuracy"])
+    report["ok"] = bool(report["cases"]) and all(out["ok"] for case in report["cases"]
+                                                 for out in case["outputs"].values())
+    return report, Path(bundle) / entry["file"]
+
+
 @pytest.fixture(scope="session")
 def nano_bundle():
     """illume-nano's bundle: the built-in model's, exported on first use (cached), or ILLUME_RT_TEST_NANO_BUNDLE."""
@@ -92,6 +106,38 @@ def nano_bundle():
     from illume_rt.cli import ensure_default_bundle
 
     return ensure_default_bundle("nano", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def official_ckpt(tmp_path_factory):
+    """Synthetic checkpoints in the official layout at tiny shapes (tests/official_checkpoint.py): MLLM untied and
+    sharded, MLLM tied in one file, a DualViTok bin with model and EMA weights, a diffusers decoder folder."""
+    from official_checkpoint import write_official_checkpoints
+
+    return write_official_checkpoints(tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="session")
+def official_ckpt_bundle(official_ckpt, tmp_path_factory):
+    """(exit code, stderr, bundle folder) of `illume-rt export --checkpoint mllm --tokenizer-checkpoint dualvitok.bin
+    --tokenizer-ema --diffusion decoder --preset tiny` on ``official_ckpt``, with the verification budget at 0:
+    every lazy graph takes its sampled check (or none), as the 3B and 7B do. Exported once per session (the
+    export is the slowest step of the suite): tests/test_checkpoints.py checks what the CLI recorded and loaded,
+    tests/test_verify_tokens.py the sampled checks and the token check on it. Tests must not change the folder
+    (copy it first)."""
+    import contextlib
+    import io
+
+    from illume_rt.cli import main
+    from illume_rt.export import components
+
+    root, out = official_ckpt["root"], tmp_path_factory.mktemp("official-bundle") / "bundle"
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(components, "FULL_VERIFY_BYTES", 0)
+        rc = main(["export", "--checkpoint", str(root / "mllm"), "--tokenizer-checkpoint", str(root / "dualvitok.bin"),
+                   "--tokenizer-ema", "--diffusion", str(root / "decoder"), "--preset", "tiny", "-o", str(out)])
+    return rc, err.getvalue(), out
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from illume_rt.bench.run import merge_rounds
 from illume_rt.engines.ort import OrtEngine
 from illume_rt.export.components import export_onnx
 from illume_rt.export.configs import get_preset
-from illume_rt.export.llm import build_llm, head_component, llm_component
+from illume_rt.export.llm import build_llm, head_component
 from illume_rt.runtime.generate import LanguageModel, generate_image_tokens, generate_text
 from illume_rt.contract import image_grid
 from illume_rt.runtime.options import SamplingConfig
@@ -23,13 +23,12 @@ HEADS = ("text", "semantic", "pixel")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_bundle):
+    """The tiny LLM and its graphs: the LLM and head graphs of the session's tiny export (conftest.py tiny_bundle:
+    export_onnx of these components on this model's weights, the preset's seed), not exported again here."""
     preset = get_preset("tiny")
     model = build_llm(preset)
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    comps = [llm_component(preset, model)] + [head_component(preset, model, w) for w in HEADS]
-    for comp in comps:
-        export_onnx(comp, comp.build_module(), folder / f"{comp.name}.onnx", seed=preset.seed)
+    folder = tiny_bundle
     embed = model.get_input_embeddings().weight.detach().numpy().copy()
     llm_info = {"num_hidden_layers": preset.llm.num_hidden_layers, "num_key_value_heads": preset.llm.num_key_value_heads,
                 "head_dim": preset.llm.head_dim, "max_context": preset.llm.max_position_embeddings}

@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch", reason="the diffusion reference needs the export extra (torch)")
 diffusers = pytest.importorskip("diffusers", reason="the diffusion reference needs the export extra (diffusers)")
 
-from illume_rt.export.components import export_onnx  # noqa: E402
 from illume_rt.export.configs import SDXL_EULER_SCHEDULER, get_preset  # noqa: E402
 from illume_rt.export.networks import diffusion as D  # noqa: E402
 from illume_rt.contract import DIFFUSION_SIZES, image_grid  # noqa: E402
@@ -201,13 +200,16 @@ def test_folded_unet_matches_official_call(tiny):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
+def exported(tiny, tiny_bundle):
+    """The UNet and VAE decoder graphs as the session's tiny export wrote them (conftest.py tiny_bundle: export_onnx
+    of these components on these modules' weights, the preset's seed), with their verification reports; not
+    exported again here."""
+    from conftest import export_report
+
     preset, unet, vae = tiny
-    out = tmp_path_factory.mktemp("diffusion")
     reports = {}
-    for component, path in ((D.unet_component(preset, unet), out / "diffusion_unet.onnx"),
-                            (D.vae_decoder_component(preset, vae), out / "vae_decoder.onnx")):
-        reports[component.name] = (export_onnx(component, component.build_module(), path), path, component)
+    for component in (D.unet_component(preset, unet), D.vae_decoder_component(preset, vae)):
+        reports[component.name] = (*export_report(tiny_bundle, component.name), component)
     return reports
 
 

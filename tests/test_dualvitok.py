@@ -16,6 +16,8 @@ from illume_rt.export.configs import MoVQConfig, get_preset
 from illume_rt.export.networks import dualvitok as dvt
 from illume_rt.contract import image_grid, supported_resolutions
 
+from conftest import export_report
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
@@ -403,10 +405,11 @@ def _ort_run(path, feeds):
     return sess.run(None, feeds)[0]
 
 
-def test_export_pixel_decoder_onnx(model, tiny, tmp_path):
+def test_export_pixel_decoder_onnx(model, tiny, tiny_bundle):
+    """The pixel decoder graph as the session's tiny export wrote it (conftest.py tiny_bundle: export_onnx of this
+    component on this module's weights, the preset's seed), not exported again here: its trace is the slowest."""
     comp = dvt.pixel_decoder_component(tiny, model)
-    path = tmp_path / "pixel_decoder.onnx"
-    report = export_onnx(comp, comp.build_module(), path)
+    report, path = export_report(tiny_bundle, "pixel_decoder")
     assert report["ok"] and len(report["cases"]) == 2
     dims, ops = _onnx_dim_params(path)
     import onnx

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import export_report
 from illume_rt.engines.ort import OrtEngine
-from illume_rt.export.components import export_onnx
 from illume_rt.export.configs import get_preset
 from illume_rt.export.llm import HEAD_RANGES, LLMStep, build_llm, head_component, head_range, llm_component
 from illume_rt.runtime.generate import LanguageModel
@@ -18,13 +18,16 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
+def exported(tiny, tiny_bundle):
+    """The LLM and LM-head graphs as the session's tiny export wrote them (conftest.py tiny_bundle: export_onnx of
+    these components on this model's weights, the preset's seed), with their verification reports; not exported
+    again here."""
     preset, model = tiny
-    out = tmp_path_factory.mktemp("llm")
     reports = {}
     for comp in [llm_component(preset, model)] + [head_component(preset, model, w) for w in HEAD_RANGES]:
-        reports[comp.name] = export_onnx(comp, comp.build_module(), out / f"{comp.name}.onnx")
-    return out, reports
+        reports[comp.name], path = export_report(tiny_bundle, comp.name)
+        assert path == tiny_bundle / f"{comp.name}.onnx"
+    return tiny_bundle, reports
 
 
 def empty_past(preset, batch, columns=0):

@@ -12,7 +12,7 @@ pytest.importorskip("modelopt.onnx.quantization", reason="quantization needs the
 
 from conftest import TEST_THREADS  # noqa: E402
 
-from illume_rt.calibration import datasets, recipes  # noqa: E402
+from illume_rt.calibration import accuracy, datasets, recipes  # noqa: E402
 from illume_rt.calibration.quantize import QuantizationError, quantize_bundle, summary_lines  # noqa: E402
 from illume_rt.runtime.options import SamplingConfig  # noqa: E402
 
@@ -24,7 +24,27 @@ def calibration_images_made_here(tmp_path_factory):
     calibration/datasets.py, made in code."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets, "EXAMPLES", tmp_path_factory.mktemp("no-example-photos"))
+        patch.setattr(datasets, "capture", _once_per_plan(datasets.capture))
+        patch.setattr(accuracy, "record_eval", _once_per_plan(accuracy.record_eval))
         yield
+
+
+def _once_per_plan(run):
+    """``run(pipe, plan, ...)`` (the FP32 calibration capture, the held-out evaluation record) done once per source
+    bundle and plan in this file, a deep copy of that result for each quantization: every quantization here starts
+    from the same FP32 tiny bundle with the same small plans, on one thread, so each would capture exactly the same
+    feeds and outputs again (quantize_bundle consumes its copy)."""
+    import copy
+
+    done = {}
+
+    def once(pipe, plan, *args, **kwargs):
+        key = (str(pipe.bundle.path), json.dumps(plan.to_dict(), sort_keys=True))
+        if key not in done:
+            done[key] = run(pipe, plan, *args, **kwargs)
+        return copy.deepcopy(done[key])
+
+    return once
 
 
 def small_plans():

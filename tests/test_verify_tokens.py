@@ -8,7 +8,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pytest
 
 from conftest import TEST_THREADS
 from illume_rt.contract import MANIFEST, image_grid
@@ -59,26 +58,11 @@ def test_reference_code_limit_is_a_prefix_of_the_full_run(tiny_models):
     assert seen == [(0, vocab.semantic_codebook_size)] * (limit - 3) + [(1, vocab.pixel_codebook_size)] * 3
 
 
-@pytest.fixture(scope="module")
-def checkpoint_bundle(tmp_path_factory):
-    """A synthetic tiny checkpoint in the official layout, and its bundle exported with the verification budget
-    at 0: every lazy graph takes its sampled check (or none), as the 3B and 7B do."""
-    from illume_rt.export import components
-    from illume_rt.export.bundle import write_bundle
-    from illume_rt.export.checkpoints import load_reference_models
-    from illume_rt.export.synthetic import write_checkpoint
-
-    root = tmp_path_factory.mktemp("verify-tokens")
-    paths = write_checkpoint(root / "ckpt", "tiny", log=lambda m: None)
-    models = load_reference_models(paths["mllm"], paths["dualvitok"], base="tiny", lazy=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(components, "FULL_VERIFY_BYTES", 0)
-        bundle = write_bundle(models, root / "bundle", log=lambda m: None)
-    return paths, bundle
-
-
-def test_checkpoint_export_records_sampled_checks(checkpoint_bundle):
-    _, bundle = checkpoint_bundle
+def test_checkpoint_export_records_sampled_checks(official_ckpt_bundle):
+    """A synthetic checkpoint in the official layout (tiny shapes, the official vocabulary), exported through the
+    CLI with the verification budget at 0 (conftest.py official_ckpt_bundle, the session's one export of it)."""
+    rc, err, bundle = official_ckpt_bundle
+    assert rc == 0, err
     accuracy = {name: entry["accuracy"] for name, entry in
                 json.loads((bundle / MANIFEST).read_text())["components"].items()}
     assert accuracy["llm"]["method"] == "sampled" and accuracy["llm"]["layers"] == [0, 1]
@@ -93,17 +77,23 @@ def test_checkpoint_export_records_sampled_checks(checkpoint_bundle):
     assert "no sampled check" in accuracy["pixel_decoder"]["note"]
 
 
-def test_cli_from_a_checkpoint_records_the_result(checkpoint_bundle, tiny_bundle, tmp_path):
+def test_cli_from_a_checkpoint_records_the_result(official_ckpt, official_ckpt_bundle, tmp_path):
+    import shutil
+
     from illume_rt.cli import main
     from illume_rt.runtime.bundle import load_bundle
 
-    paths, bundle = checkpoint_bundle
+    rc, err, shared = official_ckpt_bundle
+    assert rc == 0, err
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shared, bundle)  # --record writes into it: not into the session's bundle
+    mllm = str(official_ckpt["root"] / "mllm")
     out = tmp_path / "tokens.json"
-    args = ["verify-tokens", "--checkpoint", paths["mllm"], "--preset", "tiny", "--codes", "6",
+    args = ["verify-tokens", "--bundle", str(bundle), "--preset", "tiny", "--codes", "6",
             "--threads", str(TEST_THREADS)]
-    assert main([*args, "--bundle", str(bundle), "-o", str(out), "--record"]) == 0
+    assert main([*args, "--checkpoint", mllm, "-o", str(out), "--record"]) == 0
     result = json.loads(out.read_text())
-    assert result["ok"] and result["codes_equal"] == 6 and result["reference"]["checkpoint"] == paths["mllm"]
+    assert result["ok"] and result["codes_equal"] == 6 and result["reference"]["checkpoint"] == mllm
     assert result["reference"]["peak_rss_gb"] > 0 and result["runtime"]["peak_rss_gb"] > 0
     recorded = json.loads((bundle / MANIFEST).read_text())["components"]["llm"]["accuracy"]
     assert recorded["method"] == "sampled"  # the export's figures are kept
@@ -111,8 +101,13 @@ def test_cli_from_a_checkpoint_records_the_result(checkpoint_bundle, tiny_bundle
     load_bundle(bundle, verify=True)  # still a valid bundle: every listed file unchanged
     assert not list(bundle.glob(".manifest.json.*"))
 
-    # the random-weight tiny bundle is not this checkpoint's: the codes differ, exit 1, nothing recorded
-    before = (tiny_bundle / MANIFEST).read_bytes()
-    assert main([*args, "--bundle", str(tiny_bundle), "-o", str(tmp_path / "other.json")]) == 1
+    # a checkpoint of the same layout with other weights is not this bundle's: the codes differ, exit 1, nothing
+    # recorded
+    from official_checkpoint import mllm_config, mllm_state, write_mllm
+
+    other = str(write_mllm(tmp_path / "other", mllm_state(official_ckpt["preset"], tie=False, seed=5),
+                           mllm_config(tie=False), shards=1))
+    before = (bundle / MANIFEST).read_bytes()
+    assert main([*args, "--checkpoint", other, "-o", str(tmp_path / "other.json")]) == 1
     assert not json.loads((tmp_path / "other.json").read_text())["ok"]
-    assert (tiny_bundle / MANIFEST).read_bytes() == before
+    assert (bundle / MANIFEST).read_bytes() == before

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from illume_rt.export.components import export_onnx
 from illume_rt.export.configs import get_preset
 from illume_rt.export.networks import vision as V
 
@@ -256,11 +255,14 @@ def test_component_descriptor(tiny):
         comp.make_inputs({"height": 60, "width": 56}, np.random.default_rng(0))
 
 
-def test_onnx_export_verifies(tiny, tmp_path):
+def test_onnx_export_verifies(tiny, tiny_bundle):
+    """The semantic encoder graph as the session's tiny export wrote it (conftest.py tiny_bundle: export_onnx of this
+    component on these modules' weights, the preset's seed), with its verification report; not exported again."""
+    from conftest import export_report
+
     preset, tower, projectors = tiny
     comp = V.vision_tower_component(preset, tower, projectors)
-    path = tmp_path / "semantic_encoder.onnx"
-    report = export_onnx(comp, comp.build_module(), path)
+    report, path = export_report(tiny_bundle, comp.name)
     assert report["ok"] and path.exists()
     assert [c["dims"] for c in report["cases"]] == [comp.sample_dims(0), comp.sample_dims(1)]
     import onnxruntime as ort
