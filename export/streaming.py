@@ -123,8 +123,13 @@ def materialized(module: torch.nn.Module, storage: torch.dtype = torch.float32) 
             value = value.to(storage).to(torch.float32)
         return value
 
-    swaps = {name: rounded(t) for name, t in module_tensors(module).items()
-             if is_fake(t) or (storage != torch.float32 and t.dtype == torch.float32)}
+    # A shared tensor (tied embeddings: lm_head.weight is model.embed_tokens.weight) is read once, under its first
+    # name: torch refuses a value for each name of a tied pair, and tie_weights=True gives the others the same one.
+    swaps, seen = {}, set()
+    for name, t in module_tensors(module).items():
+        if id(t) not in seen and (is_fake(t) or (storage != torch.float32 and t.dtype == torch.float32)):
+            seen.add(id(t))
+            swaps[name] = rounded(t)
     if not swaps:
         yield module
         return

@@ -111,3 +111,21 @@ def test_cli_from_a_checkpoint_records_the_result(official_ckpt, official_ckpt_b
     assert main([*args, "--checkpoint", other, "-o", str(tmp_path / "other.json")]) == 1
     assert not json.loads((tmp_path / "other.json").read_text())["ok"]
     assert (bundle / MANIFEST).read_bytes() == before
+
+
+def test_a_checkpoint_with_tied_embeddings_gives_the_codes_of_its_eager_load(official_ckpt, official_ckpt_bundle):
+    """Tied embeddings (lm_head.weight is model.embed_tokens.weight, one tensor under two names) are read once when
+    the lazy checkpoint is materialised; this was an internal error ("functional_call got multiple values for keys
+    ... which are tied"). The codes equal those of the same checkpoint loaded eagerly."""
+    from illume_rt.calibration.verify_tokens import prompt_ids, reference_from_checkpoint, reference_steps
+    from illume_rt.export.checkpoints import load_mllm
+
+    rc, err, bundle = official_ckpt_bundle
+    assert rc == 0, err
+    tied = official_ckpt["root"] / "mllm_tied"
+    lazy = reference_from_checkpoint(tied, bundle, "a cat", (256, 256), 2.0, 4, threads=TEST_THREADS, base="tiny")
+    cond, uncond, vocab = prompt_ids(bundle, "a cat", (256, 256))
+    eager = reference_steps(load_mllm(tied, base="tiny").llm, vocab, cond, uncond, (256, 256), 2.0, 4)
+    assert len(lazy["codes"]) == 4 and lazy["codes"] == eager["codes"]
+    for a, b in zip(lazy["scores"], eager["scores"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
