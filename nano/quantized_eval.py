@@ -71,6 +71,23 @@ def _runs_directly(path: Path, threads: int) -> str:
     return "yes"
 
 
+def _commit() -> str | None:
+    """The checkout's commit (and '+changes' when it has uncommitted ones), None outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _graph_summary(manifest: dict) -> dict:
     out = {}
     for name, entry in manifest["components"].items():
@@ -93,7 +110,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
     scorer = PromptScorer(limit, limit, log=log)
     result = {"command": " ".join(["python -m illume_rt.nano.quantized_eval", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
-              "versions": _versions(), "bundle": str(bundle),
+              "versions": _versions(), "code_commit": _commit(), "bundle": str(bundle),
               "weights": {part: info.get("files") for part, info in source.get("source", {}).items()
                           if isinstance(info, dict) and "files" in info},
               "scored_on": scorer.describe(), "max_drop": accuracy.MAX_PROMPT_ACCURACY_DROP,
@@ -145,8 +162,12 @@ def main(argv=None) -> int:
     if not chosen or None in chosen:
         ap.error(f"--flavours: choose among {', '.join(known)}")
     from illume_rt.cli import ensure_default_bundle
+    from illume_rt.errors import IllumeError
 
-    bundle = Path(args.bundle or ensure_default_bundle("nano")).resolve()
+    try:
+        bundle = Path(args.bundle or ensure_default_bundle("nano")).resolve()
+    except IllumeError as exc:  # e.g. no torch to export the built-in bundle: the message names the fix
+        ap.error(str(exc))
     if not (bundle / "manifest.json").is_file():
         ap.error(f"--bundle {bundle}: no manifest.json there; pass an exported nano bundle folder")
     if json.loads((bundle / "manifest.json").read_text())["model"].get("preset") != "nano":
@@ -157,6 +178,10 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
 
+    try:
+        import illume_rt.calibration.quantize  # noqa: F401 -- the quant extra, checked before any work
+    except ImportError as exc:
+        ap.error(f"needs the export and quant extras ({exc}); pip install -e '.[export,quant]'")
     result = run(bundle, chosen, args.limit, args.threads, Path(args.keep) if args.keep else None, write,
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=1))
