@@ -6,6 +6,9 @@ Three kinds of data:
   crosses subjects, styles and resolutions (seeded, so a manifest can name it exactly);
 - **images**: the example understanding and editing images plus synthetic ones of varied sizes and content
   (gradients, shapes, noise: seeded);
+- for an **illume-nano** bundle (``plan_for``: the manifest's ``model.preset``), prompts and pictures of nano's own
+  grammar instead (nano/data.py): calibration on training-split scenes only, evaluation on held-out ones, so that
+  nothing the prompt scorer (nano/evaluate.py, held-out scenes) asks about was calibrated on;
 - **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` with guidance, so both rows and
   both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
   that keeps a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service:
@@ -49,6 +52,7 @@ class CalibrationPlan:
     decoder_samples: int = 4  # random code grids per resolution for the pixel decoder
     seed: int = 0
     max_images: int | None = None  # cap on images (examples first, then synthetic) for understanding/encoders
+    images: str = "examples"  # the picture pool (``plan_images``): "examples", or nano's "nano-train" / "nano-held"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +117,81 @@ def images(seed: int, synthetic: int = 2) -> dict[str, "object"]:
         h, w = SYNTHETIC_SIZES[(seed + i) % len(SYNTHETIC_SIZES)]
         found[f"synthetic/{h}x{w}-seed{seed + i}"] = synthetic_image(h, w, seed + i)
     return found
+
+
+NANO_POOLS = ("nano-train", "nano-held")
+
+
+def nano_scenes(split: str) -> list:
+    """nano's scenes for a plan: 'nano-train' those whose captions, full and short, never name a held-out scene
+    (a short caption fits both sizes, and the scorer asks the held-out scenes' short captions too); 'nano-held'
+    the held-out scenes."""
+    from illume_rt.nano import data
+
+    train, held = data.split()
+    if split == "nano-held":
+        return held
+    held_short = {s.short_caption for s in held}
+    return [s for s in train if s.short_caption not in held_short]
+
+
+def plan_images(plan: CalibrationPlan) -> dict[str, "object"]:
+    """name -> PIL image of the plan's pool: the examples + synthetic images, or renders of nano scenes (one picture
+    per scene, in a fixed spread over the split; a few at other sizes, as users pass them)."""
+    if plan.images not in NANO_POOLS:
+        return images(plan.seed)
+    from PIL import Image
+
+    from illume_rt.nano import data
+
+    scenes = nano_scenes(plan.images)
+    count = min(len(scenes), plan.max_images or NANO_POOL_IMAGES)
+    rng = np.random.default_rng(plan.seed)
+    chosen = [scenes[i] for i in sorted(rng.choice(len(scenes), count, replace=False))]
+    found = {}
+    for i, scene in enumerate(chosen):
+        size = NANO_IMAGE_SIZES[i % len(NANO_IMAGE_SIZES)]
+        found[f"{plan.images}/{size}/{scene.caption}"] = Image.fromarray(data.render(scene, size=size))
+    return found
+
+
+# Pictures per nano plan when max_images is not set. With 6, INT8's activation ranges of the pixel embedder missed
+# the held-out pictures (worst cosine 0.976 for ort-cpu, 0.989 for tensorrt, under the 0.99 gate); 16 gave 0.9995.
+NANO_POOL_IMAGES = 16
+NANO_IMAGE_SIZES = (256, 256, 256, 256, 384, 192)  # nano is trained at 256; understanding takes other sizes too
+
+
+def nano_plan(role: str = "calibration", seed: int | None = None,
+              resolution: tuple[int, int] | None = None) -> CalibrationPlan:
+    """illume-nano: captions of its grammar at ``resolution`` (default the size its pictures are rendered and trained
+    at, nano/data.py IMAGE_SIZE), full and short form; nano's questions on renders of its scenes. Calibration: eight
+    training-split captions, four questions on training scenes. Evaluation (graph figures): three held-out captions,
+    two questions on held-out scenes. Seeds as in ``default_plan``; no refinement (nano has no diffusion decoder)."""
+    from illume_rt.nano import data
+
+    calibrating = role == "calibration"
+    seed = (0 if calibrating else 1000) if seed is None else seed
+    scenes = nano_scenes("nano-train" if calibrating else "nano-held")
+    rng = np.random.default_rng(seed)
+    count = 8 if calibrating else 3
+    picks = [scenes[i] for i in rng.choice(len(scenes), count, replace=False)]
+    prompts = [s.caption if i % 2 == 0 else s.short_caption for i, s in enumerate(picks)]
+    resolution = tuple(resolution or (data.IMAGE_SIZE, data.IMAGE_SIZE))
+    gen = [(p, resolution, seed + i) for i, p in enumerate(prompts)]
+    questions = [(i, data.QUESTIONS[(i + seed) % len(data.QUESTIONS)]) for i in range(4 if calibrating else 2)]
+    return CalibrationPlan(generate=gen, understand=questions, refine=[], seed=seed,
+                           images="nano-train" if calibrating else "nano-held",
+                           **({} if calibrating else {"llm_samples_per_run": 10 ** 9, "decoder_samples": 2}))
+
+
+def plan_for(model: dict | None, role: str = "calibration", seed: int | None = None) -> CalibrationPlan:
+    """The plan for a bundle, from its manifest's ``model``: nano's grammar for illume-nano (``nano_plan``), the
+    generic example prompts otherwise (``default_plan``)."""
+    model = model or {}
+    if model.get("preset") == "nano":
+        trained = model.get("trained_resolutions")  # recorded by the nano export (nano/checkpoint.py)
+        return nano_plan(role, seed, tuple(trained[0]) if trained else None)
+    return default_plan(role, seed)
 
 
 def default_plan(role: str = "calibration", seed: int | None = None) -> CalibrationPlan:
@@ -229,7 +308,7 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
             feeds["pixel_decoder"].append({"semantic_embed": s, "pixel_embed": p})
         del result
 
-    pool = images(plan.seed) if plan.understand else {}
+    pool = plan_images(plan) if plan.understand else {}
     names = list(pool)[:plan.max_images]
     record["images"] = {n: [pool[n].height, pool[n].width] for n in names}
     has_encoders = has("semantic_encoder") and has("pixel_embedder")

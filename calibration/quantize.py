@@ -73,9 +73,30 @@ def summary_lines(manifest: dict) -> list[str]:
         for key, fig in a.get("teacher_forced", {}).items():
             lines.append(f"    teacher-forced {key:<8} top-1 {fig['top1_agreement']:.4f}  KL {fig['kl_mean']:.2e} "
                          f"(max {fig['kl_max']:.2e}, {fig['positions']} positions)")
+    if isinstance(q.get("prompt_accuracy"), dict):
+        for scorer_name, fig in q["prompt_accuracy"].items():
+            lines.append(f"  prompt accuracy ({scorer_name}) FP32:      {_figures_text(fig['fp32'])}")
+            if "quantized" in fig:
+                lines.append(f"  prompt accuracy ({scorer_name}) quantized: {_figures_text(fig['quantized'])}")
     for line in q.get("failures", []):
         lines.append(f"  miss: {line}")
     return lines
+
+
+def _figures_text(figures: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
+
+
+def _measured_pipeline(path: Path, measured: dict[str, Path], threads: int | None):
+    """The quantized bundle at ``path`` on onnxruntime CPU, each graph opened from the file its figures were
+    measured on (``measured``): the bundle's own, or for BF16 the BF16-emulating FP32 copy (onnxruntime CPU has no
+    BF16 kernels: recipes.emulate_bf16), so the prompt scorer runs every precision the graph figures run."""
+    from illume_rt.runtime.pipeline import Pipeline
+
+    bundle = load_bundle(path)
+    own = bundle.component_path
+    bundle.component_path = lambda name: Path(measured[name]) if name in measured else own(name)
+    return Pipeline(bundle, "ort-cpu", threads)
 
 
 def _memory() -> str:
@@ -141,15 +162,19 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                     threads: int | None = None, calibration: datasets.CalibrationPlan | None = None,
                     evaluation: datasets.CalibrationPlan | None = None, thresholds: dict | None = None,
                     components: list[str] | None = None, log: Callable[[str], None] = print,
-                    high_precision: str | None = None, overwrite: bool = False) -> dict:
+                    high_precision: str | None = None, overwrite: bool = False,
+                    prompt_scorers: dict[str, Callable] | None = None) -> dict:
     """Quantize the FP32 bundle ``src`` into a new bundle ``dst`` (a new or empty folder, or with ``overwrite`` a
     bundle, replaced atomically: illume_rt/files.py); return its manifest.
 
     ``precision`` int8|fp8|fp16|bf16, ``target`` tensorrt|ort-cpu (see recipes; fp16/bf16 are tensorrt only).
     ``high_precision`` (int8/fp8): the type of the layers left unquantized, default fp16 for tensorrt, fp32 for
     ort-cpu. ``calibration`` and ``evaluation`` replace
-    the default plans (``datasets.default_plan``; e.g. one short 256x256 run each where calibrating on a small
-    machine: bench/int8.py ``quick_plans``); both plans are recorded in the manifest with the figures.
+    the plans chosen for the bundle's model (``datasets.plan_for``: nano's grammar for illume-nano, else the default
+    plans; e.g. one short 256x256 run each where calibrating on a small machine: bench/int8.py ``quick_plans``);
+    both plans are recorded in the manifest with the figures. ``prompt_scorers`` replaces the end-to-end scorers
+    chosen for the bundle's model (``accuracy.prompt_scorers``; ``{}``: none): the FP32 and the quantized bundle are
+    scored on the same prompts and each figure gated (``accuracy.prompt_gate``).
     ``components`` limits which graphs are quantized (default: every graph in recipes.QUANTIZED that the bundle
     has); the others stay FP32, marked ``kept_fp32`` in the manifest. Gates apply to every quantized graph."""
     from illume_rt.engines.ort import OrtEngine
@@ -180,8 +205,9 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
         if manifest["components"][name].get("external_data"):
             _check_external(name, manifest["components"][name],
                             recipes.recipe_for(name, precision, target, high_precision), src)
-    calibration = calibration or datasets.default_plan("calibration")
-    evaluation = evaluation or datasets.default_plan("evaluation")
+    calibration = calibration or datasets.plan_for(manifest["model"], "calibration")
+    evaluation = evaluation or datasets.plan_for(manifest["model"], "evaluation")
+    scorers = accuracy.prompt_scorers(manifest["model"]) if prompt_scorers is None else dict(prompt_scorers)
 
     t0 = time.perf_counter()
     pipe = Pipeline(bundle, "ort-cpu", threads)
@@ -194,8 +220,13 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
     log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s{_memory()}")
     prompt_accuracy = {}
-    for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():  # hook: none registered in this repository
-        prompt_accuracy[scorer_name] = {"fp32": float(scorer(pipe))}
+    for scorer_name, scorer in scorers.items():  # end-to-end: FP32 now, the quantized bundle once it is written
+        t1 = time.perf_counter()
+        prompt_accuracy[scorer_name] = {"fp32": accuracy.score_prompts(scorer, pipe)}
+        if hasattr(scorer, "describe"):
+            prompt_accuracy[scorer_name]["scored_on"] = scorer.describe()
+        timings[f"prompt_accuracy_fp32_{scorer_name}"] = round(time.perf_counter() - t1, 1)
+        log(f"prompt accuracy ({scorer_name}), FP32: {_figures_text(prompt_accuracy[scorer_name]['fp32'])}")
     # The FP32 sessions are done with: close them before any graph is calibrated or measured, so that at most one
     # big session is alive at a time (at 3B the FP32 LLM alone holds 11 GB, the LM head slices 2.3 GB; these open
     # again, FP32, when the teacher-forced figures map the quantized body's hidden states through them).
@@ -248,7 +279,9 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             figures["evaluated_on"] = evaluated_on
             fails = _gate(name, figures, limits)
             failures += fails
-            results[name] = {"recipe": recipe, "info": info, "figures": figures, "passed": not fails}
+            results[name] = {"recipe": recipe, "info": info, "figures": figures, "passed": not fails,
+                             # the graph is moved into the bundle below; a separate measured copy (BF16) is not
+                             "measured": measured if measured != out else None, "evaluated_on": evaluated_on}
             log(f"quantized {name:<17} cos {figures['worst_cosine']:.5f}"
                 + (f"  PSNR {figures['psnr_db']:.1f} dB" if "psnr_db" in figures else "")
                 + ("".join(f"  {k} top-1 {v['top1_agreement']:.3f} KL {v['kl_mean']:.4f}"
@@ -310,19 +343,27 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                                         for r in evals["generate"]],
                            "understand": [{k: r[k] for k in ("image", "question", "answer_tokens")}
                                           for r in evals["understand"]]},
-            "prompt_accuracy": prompt_accuracy or "no scorer registered (accuracy.register_prompt_scorer)",
+            "prompt_accuracy": prompt_accuracy or "no prompt scorer for this model (accuracy.prompt_scorers)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.perf_counter() - t0, 1), "timings": timings,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if prompt_accuracy:  # end-to-end hook: score the quantized bundle too, gate the drop
-            qpipe = Pipeline.from_bundle(work, "ort-cpu", threads)
-            for scorer_name, scorer in accuracy.PROMPT_SCORERS.items():
+        if prompt_accuracy:  # end-to-end: score the quantized bundle on the same prompts, gate each figure
+            qpipe = _measured_pipeline(work, {n: r["measured"] for n, r in results.items() if r["measured"]},
+                                       threads)
+            for scorer_name, scorer in scorers.items():
+                t1 = time.perf_counter()
                 fig = prompt_accuracy[scorer_name]
-                fig["quantized"] = float(scorer(qpipe))
-                if fig["fp32"] - fig["quantized"] > accuracy.MAX_PROMPT_ACCURACY_DROP:
-                    failures.append(f"prompt accuracy ({scorer_name}) {fig['quantized']:.3f} vs FP32 "
-                                    f"{fig['fp32']:.3f}: drop > {accuracy.MAX_PROMPT_ACCURACY_DROP}")
+                fig["quantized"] = accuracy.score_prompts(scorer, qpipe)
+                fig["evaluated_on"] = sorted({r["evaluated_on"] for r in results.values()})
+                fig["max_drop"] = accuracy.MAX_PROMPT_ACCURACY_DROP
+                fig["failures"] = accuracy.prompt_gate(scorer_name, fig["fp32"], fig["quantized"],
+                                                       tuple(getattr(scorer, "informational", ())))
+                failures += fig["failures"]
+                timings[f"prompt_accuracy_quantized_{scorer_name}"] = round(time.perf_counter() - t1, 1)
+                log(f"prompt accuracy ({scorer_name}), {precision}: {_figures_text(fig['quantized'])}"
+                    f"  {'ok' if not fig['failures'] else 'FAIL'}")
+            del qpipe
             if failures and not keep_failed:
                 raise QuantizationError("end-to-end prompt accuracy misses its gate:\n  " + "\n  ".join(failures))
             manifest["quantization"].update(status="passed" if not failures else "failed", failures=failures)

@@ -5,6 +5,10 @@ over held-out pictures, for the PyTorch reference and for the runtime, on the sa
 built-in nano bundle (exported from ``nano/weights/`` once) is used. Greedy decoding with guidance 2.0 (the
 text-to-image default) for generation; greedy answers for understanding. The runtime must match the reference
 (token-identical under greedy), so both columns should agree exactly.
+
+``PromptScorer``: the same runtime scoring as a prompt scorer of ``illume-rt quantize`` (calibration/accuracy.py picks
+it for nano bundles), so a quantized nano bundle is scored exactly like the FP32 one. numpy only at import: the
+runtime (and quantization's prompt gate) does not need torch for it.
 """
 
 from __future__ import annotations
@@ -131,6 +135,52 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
     if same_answers:
         out["runtime_answer_identical"] = float(np.mean(same_answers))
     return out
+
+
+# Figures a prompt scorer returns, in the README's column order; "all" (every attribute right) is reported but
+# not gated on its own: it is the conjunction of the gated ones.
+SCORED = ("background", "position", "colour", "shape", "size", "answers")
+
+
+class PromptScorer:
+    """callable(pipeline) -> {attribute: fraction right} over held-out prompts (greedy, as ``evaluate``), plus
+    'answers' (fraction of held-out questions answered right) and 'all'. Results are kept per bundle (path and
+    manifest bytes), so scoring one FP32 bundle against several quantized ones runs it once."""
+
+    informational = ("all",)  # reported, not gated (calibration/accuracy.py prompt_gate)
+
+    def __init__(self, prompt_limit: int | None = None, question_limit: int | None = None, which: str = "held",
+                 log=None) -> None:
+        self.prompt_limit, self.question_limit, self.which, self.log = prompt_limit, question_limit, which, log
+        self._done: dict = {}
+
+    def describe(self) -> dict:
+        return {"scorer": "illume_rt.nano.evaluate.PromptScorer", "split": self.which, "decoding": "greedy",
+                "guidance": GUIDANCE, "prompts": len(eval_prompts(self.prompt_limit, self.which)),
+                "questions": len(eval_questions(self.question_limit, self.which))}
+
+    def __call__(self, pipe) -> dict[str, float]:
+        import hashlib
+
+        from illume_rt.contract import MANIFEST
+
+        path = pipe.bundle.path
+        key = (str(path), hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest())
+        if key not in self._done:
+            t0 = time.time()
+            marks = [score.score_picture(runtime_generate(pipe, prompt)[0], wanted)
+                     for prompt, wanted in eval_prompts(self.prompt_limit, self.which)]
+            answers = [score.answer_correct(runtime_answer(pipe, scene, q), a)
+                       for scene, q, a in eval_questions(self.question_limit, self.which)]
+            summary = score.summarize(marks)
+            figures = {a: summary[a] for a in SCORED if a in summary}
+            figures["answers"] = float(np.mean(answers)) if answers else float("nan")
+            figures["all"] = summary["all"]
+            self._done[key] = figures
+            if self.log:
+                self.log(f"nano prompt scorer: {len(marks)} prompts, {len(answers)} questions in "
+                         f"{time.time() - t0:.0f}s")
+        return dict(self._done[key])
 
 
 def main(argv=None) -> int:
