@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ort_state import ort_quantization_state_kept
+
 # Graphs quantized, and those kept in FP32 with the reason (stored in the manifest).
 QUANTIZED = ("llm", "pixel_decoder", "semantic_encoder", "pixel_embedder", "diffusion_unet", "vae_decoder")
 KEEP_FP32 = {
@@ -310,9 +312,10 @@ def convert_float(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], work:
     used = feeds[::step][:AUTOCAST_REFERENCE_FEEDS]
     for i, feed in enumerate(used):
         np.savez(reference / f"{i:03d}.npz", **{k: np.asarray(feed[k]) for k in names})
-    model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=recipe.precision, keep_io_types=True,
-                                       op_types_to_exclude=list(recipe.keep_fp32_ops), providers=["cpu"],
-                                       calibration_data=str(reference) if used else None)
+    with ort_quantization_state_kept():  # a ModelOpt call: see calibration/ort_state.py
+        model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=recipe.precision,
+                                           keep_io_types=True, op_types_to_exclude=list(recipe.keep_fp32_ops),
+                                           providers=["cpu"], calibration_data=str(reference) if used else None)
     del model.graph.value_info[:]
     onnx.save(model, str(dst))
     want = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[recipe.precision]
@@ -430,11 +433,16 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
         # high_precision_dtype="fp16" conversion (no reference data) gave the LLM worst cosine 0.979 and answer
         # top-1 0.80 (gates missed); this two-step 0.992 and 1.00 (FP32 remainder: 0.992 and 1.00).
         fp32_qdq = work / f"{recipe.component}.qdq-fp32.onnx" if recipe.high_precision != "fp32" else dst
-        mo_quantize(str(graph), quantize_mode=recipe.precision, calibration_data_reader=FeedReader(feeds, input_names),
-                    calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
-                    op_types_to_quantize=[o for o in WEIGHTED_OPS if recipe.precision != "fp8" or o != "ConvTranspose"],
-                    nodes_to_exclude=exclude or None, disable_mha_qdq=True,
-                    high_precision_dtype="fp32", output_path=str(fp32_qdq), log_level="ERROR")
+        # ModelOpt patches onnxruntime.quantization process-wide on each call; put it back after, so a later
+        # ort-cpu quantize_static in this process gets onnxruntime's own (calibration/ort_state.py)
+        with ort_quantization_state_kept():
+            mo_quantize(str(graph), quantize_mode=recipe.precision,
+                        calibration_data_reader=FeedReader(feeds, input_names),
+                        calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
+                        op_types_to_quantize=[o for o in WEIGHTED_OPS
+                                              if recipe.precision != "fp8" or o != "ConvTranspose"],
+                        nodes_to_exclude=exclude or None, disable_mha_qdq=True,
+                        high_precision_dtype="fp32", output_path=str(fp32_qdq), log_level="ERROR")
         if recipe.high_precision != "fp32":
             info["high_precision_conversion"] = convert_float(
                 replace(recipe, precision=recipe.high_precision), fp32_qdq, dst, feeds, work)
