@@ -189,6 +189,66 @@ def test_missed_gate_fails_unless_keep_failed(tiny_bundle, tmp_path):
     assert zps == {onnx.TensorProto.INT8}  # tensorrt flavour: signed symmetric
 
 
+def _registries_as_shipped():
+    """onnxruntime.quantization.registry executed afresh under another name: the op registries as onnxruntime
+    defines them, whatever any quantization earlier in this process did to the loaded module."""
+    import importlib.util
+
+    import onnxruntime.quantization.registry as loaded
+
+    spec = importlib.util.spec_from_file_location("onnxruntime.quantization._registry_as_shipped", loaded.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return fresh
+
+
+def test_tensorrt_then_ort_cpu_in_one_process(tiny_bundle, tmp_path):
+    """ModelOpt (tensorrt target) patches onnxruntime.quantization process-wide; an ort-cpu INT8 quantization
+    after it in the same process failed ("Quantization parameters are not specified for param layer_norm") until
+    each ModelOpt call put onnxruntime.quantization back (calibration/ort_state.py)."""
+    import onnxruntime.quantization.calibrate as calibrate
+    import onnxruntime.quantization.registry as registry
+
+    comp = ["semantic_encoder"]  # has LayerNormalization, which ModelOpt re-registers; small and fast
+    trt = _quantize(tiny_bundle, tmp_path / "trt", "int8", "tensorrt", components=comp, keep_failed=True)
+    shipped = _registries_as_shipped()
+    for name in ("QDQRegistry", "QLinearOpsRegistry", "IntegerOpsRegistry"):
+        assert getattr(registry, name) == getattr(shipped, name), name
+    patched = [f"{owner.__name__}.{key}" for owner in (calibrate, calibrate.CalibraterBase, calibrate.MinMaxCalibrater,
+                                                      calibrate.HistogramCalibrater, calibrate.HistogramCollector)
+               for key, value in vars(owner).items() if getattr(value, "__module__", "").startswith("modelopt")]
+    assert not patched
+    cpu = _quantize(tiny_bundle, tmp_path / "cpu", "int8", "ort-cpu", components=comp, keep_failed=True)
+    for manifest in (trt, cpu):
+        assert manifest["components"]["semantic_encoder"]["quantization"]["accuracy"]["worst_cosine"] > 0.9
+    _, zps = _qdq(tmp_path / "cpu" / cpu["components"]["semantic_encoder"]["file"])
+    import onnx
+
+    assert onnx.TensorProto.UINT8 in zps  # onnxruntime's own U8S8, not ModelOpt's signed activations
+
+
+def test_ort_quantization_state_kept_undoes_patches_also_on_error():
+    """What ModelOpt's configure_ort does, by hand: the context puts it all back even when the call raises."""
+    import onnxruntime.quantization.calibrate as calibrate
+    import onnxruntime.quantization.registry as registry
+
+    from illume_rt.calibration.ort_state import ort_quantization_state_kept
+
+    qdq, qlinear = dict(registry.QDQRegistry), dict(registry.QLinearOpsRegistry)
+    create, collect = calibrate.create_calibrator, calibrate.MinMaxCalibrater.collect_data
+    with pytest.raises(RuntimeError, match="modelopt failed"):
+        with ort_quantization_state_kept():
+            registry.QDQRegistry["LayerNormalization"] = object
+            del registry.QLinearOpsRegistry["Relu"]
+            calibrate.create_calibrator = lambda *a, **k: None
+            calibrate.MinMaxCalibrater.collect_data = lambda self, reader: None
+            calibrate.MinMaxCalibrater.added_by_the_call = 1
+            raise RuntimeError("modelopt failed")
+    assert registry.QDQRegistry == qdq and registry.QLinearOpsRegistry == qlinear
+    assert calibrate.create_calibrator is create and calibrate.MinMaxCalibrater.collect_data is collect
+    assert not hasattr(calibrate.MinMaxCalibrater, "added_by_the_call")
+
+
 def test_smoothquant_keeps_the_function(tiny_bundle, tmp_path):
     """The migration of scales must not change the FP32 graph's outputs (it only moves range around)."""
     import onnxruntime as ort
