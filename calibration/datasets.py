@@ -8,7 +8,7 @@ Three kinds of data:
   (gradients, shapes, noise: seeded);
 - for an **illume-nano** bundle (``plan_for``: the manifest's ``model.preset``), prompts and pictures of nano's own
   grammar instead (nano/data.py): calibration on training-split scenes only, evaluation on held-out ones, so that
-  nothing the prompt scorer (nano/evaluate.py, held-out scenes) asks about was calibrated on;
+  nothing the prompt scorer (nano/heldout.py, held-out scenes) asks about was calibrated on;
 - **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` with guidance, so both rows and
   both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
   that keeps a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service:

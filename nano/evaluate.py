@@ -6,9 +6,8 @@ built-in nano bundle (exported from ``nano/weights/`` once) is used. Greedy deco
 text-to-image default) for generation; greedy answers for understanding. The runtime must match the reference
 (token-identical under greedy), so both columns should agree exactly.
 
-``PromptScorer``: the same runtime scoring as a prompt scorer of ``illume-rt quantize`` (calibration/accuracy.py picks
-it for nano bundles), so a quantized nano bundle is scored exactly like the FP32 one. numpy only at import: the
-runtime (and quantization's prompt gate) does not need torch for it.
+The runtime side (prompts, questions, ``PromptScorer``) lives in ``nano/heldout.py``, a library module the
+quantizer's prompt gate imports; this script adds the PyTorch reference and the command line.
 """
 
 from __future__ import annotations
@@ -20,36 +19,7 @@ import time
 import numpy as np
 
 from illume_rt.nano import data, score
-
-GUIDANCE = 2.0
-
-
-def eval_scenes(which: str = "held") -> list[data.Scene]:
-    """'held': the 45 held-out combinations; 'train': every 9th training combination (45), to show how much of
-    the held-out figure is generalisation and how much is fitting."""
-    train, held = data.split()
-    return held if which == "held" else train[::9]
-
-
-def eval_prompts(limit: int | None = None, which: str = "held") -> list[tuple[str, dict]]:
-    """Prompts of ``eval_scenes``: each scene's full caption, then its short (size-free) one."""
-    scenes = eval_scenes(which)
-    out = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
-    out += [(s.short_caption, {a: getattr(s, a) for a in data.ATTRIBUTES if a != "size"}) for s in scenes]
-    return out[:limit] if limit else out
-
-
-def eval_questions(limit: int | None = None, which: str = "held") -> list[tuple[data.Scene, str, str]]:
-    items = [(s, q, a) for s in eval_scenes(which) for q, a in s.qa()]
-    return items[:limit] if limit else items
-
-
-def runtime_generate(pipe, prompt: str, seed: int = 0):
-    from illume_rt.runtime.options import SamplingConfig
-
-    res = pipe.generate(prompt, resolution=(256, 256), seed=seed,
-                        sampling=SamplingConfig(guidance_scale=GUIDANCE, greedy=True))
-    return res.image, res.tokens.semantic, res.tokens.pixel
+from illume_rt.nano.heldout import GUIDANCE, eval_prompts, eval_questions, runtime_answer, runtime_generate
 
 
 def reference_generate(models, prompt: str, seed: int = 0):
@@ -69,12 +39,6 @@ def reference_generate(models, prompt: str, seed: int = 0):
     with torch.no_grad():
         img = models.dualvitok.decode_code(torch.from_numpy(ref.semantic)[None], torch.from_numpy(ref.pixel)[None])
     return to_uint8(img[0].numpy()), ref.semantic, ref.pixel
-
-
-def runtime_answer(pipe, scene: data.Scene, question: str) -> str:
-    from PIL import Image
-
-    return pipe.understand(Image.fromarray(data.render(scene)), question, max_new_tokens=16).text
 
 
 def reference_answer_text(models, scene: data.Scene, question: str) -> str:
@@ -139,50 +103,6 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
 
 # Figures a prompt scorer returns, in the README's column order; "all" (every attribute right) is reported but
 # not gated on its own: it is the conjunction of the gated ones.
-SCORED = ("background", "position", "colour", "shape", "size", "answers")
-
-
-class PromptScorer:
-    """callable(pipeline) -> {attribute: fraction right} over held-out prompts (greedy, as ``evaluate``), plus
-    'answers' (fraction of held-out questions answered right) and 'all'. Results are kept per bundle (path and
-    manifest bytes), so scoring one FP32 bundle against several quantized ones runs it once."""
-
-    informational = ("all",)  # reported, not gated (calibration/accuracy.py prompt_gate)
-
-    def __init__(self, prompt_limit: int | None = None, question_limit: int | None = None, which: str = "held",
-                 log=None) -> None:
-        self.prompt_limit, self.question_limit, self.which, self.log = prompt_limit, question_limit, which, log
-        self._done: dict = {}
-
-    def describe(self) -> dict:
-        return {"scorer": "illume_rt.nano.evaluate.PromptScorer", "split": self.which, "decoding": "greedy",
-                "guidance": GUIDANCE, "prompts": len(eval_prompts(self.prompt_limit, self.which)),
-                "questions": len(eval_questions(self.question_limit, self.which))}
-
-    def __call__(self, pipe) -> dict[str, float]:
-        import hashlib
-
-        from illume_rt.contract import MANIFEST
-
-        path = pipe.bundle.path
-        key = (str(path), hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest())
-        if key not in self._done:
-            t0 = time.time()
-            marks = [score.score_picture(runtime_generate(pipe, prompt)[0], wanted)
-                     for prompt, wanted in eval_prompts(self.prompt_limit, self.which)]
-            answers = [score.answer_correct(runtime_answer(pipe, scene, q), a)
-                       for scene, q, a in eval_questions(self.question_limit, self.which)]
-            summary = score.summarize(marks)
-            figures = {a: summary[a] for a in SCORED if a in summary}
-            figures["answers"] = float(np.mean(answers)) if answers else float("nan")
-            figures["all"] = summary["all"]
-            self._done[key] = figures
-            if self.log:
-                self.log(f"nano prompt scorer: {len(marks)} prompts, {len(answers)} questions in "
-                         f"{time.time() - t0:.0f}s")
-        return dict(self._done[key])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="illume-nano quality gates (reference vs runtime)")
     ap.add_argument("--bundle", default=None, help="runtime bundle (default: the built-in nano bundle)")

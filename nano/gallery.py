@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from illume_rt.nano import data, score
-from illume_rt.nano.evaluate import GUIDANCE, eval_scenes
+from illume_rt.nano.heldout import GUIDANCE, eval_scenes
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CELL = 128  # each picture is shown at half size: the grid stays under 500 KB

@@ -4,7 +4,7 @@
 
 For each flavour (INT8 for onnxruntime CPU, INT8 / FP8 / FP16 / BF16 for TensorRT) the FP32 nano bundle is quantized
 by ``quantize_bundle`` with the plans and scorer it picks for a nano bundle (calibration on training captions of
-nano's grammar, datasets.nano_plan; nano/evaluate.py PromptScorer on the held-out scenes, greedy), and the gate's
+nano's grammar, datasets.nano_plan; nano/heldout.py PromptScorer on the held-out scenes, greedy), and the gate's
 figures are collected: per attribute (background, position, colour, shape, size), answers, and 'all', FP32 vs
 quantized on the same prompts, drop, pass or fail at accuracy.MAX_PROMPT_ACCURACY_DROP. The FP32 bundle is scored
 once (the scorer keeps its result per bundle). The quantized bundles go to a temporary folder (``--keep DIR`` keeps
@@ -60,7 +60,7 @@ def _machine() -> dict:
 def _runs_directly(path: Path, threads: int) -> str:
     """'yes' when the bundle as written opens on onnxruntime CPU and draws one picture, else the error's first
     line."""
-    from illume_rt.nano.evaluate import runtime_generate
+    from illume_rt.nano.heldout import runtime_generate
     from illume_rt.runtime.pipeline import Pipeline
 
     try:
@@ -104,7 +104,7 @@ def _graph_summary(manifest: dict) -> dict:
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:
     from illume_rt.calibration import accuracy
     from illume_rt.calibration.quantize import QuantizationError, quantize_bundle
-    from illume_rt.nano.evaluate import PromptScorer
+    from illume_rt.nano.heldout import PromptScorer
 
     source = json.loads((bundle / "manifest.json").read_text())["model"]
     scorer = PromptScorer(limit, limit, log=log)

@@ -80,13 +80,16 @@ ALLOWED = {
     "runtime": {"base", "engines"},
     "export": {"base"},
     "cli": {"base", "runtime", "engines", "export", "calibration", "bench", "nano", "top"},
-    "calibration": {"base", "runtime", "engines", "export"},
+    # the built-in model's grammar gives a nano bundle its calibration prompts and its prompt scorer (nano imports
+    # neither calibration nor the CLI: its scripts that do are tools)
+    "calibration": {"base", "runtime", "engines", "export", "nano"},
     "bench": {"base", "runtime", "engines", "export", "calibration", "nano"},
     "nano": {"base", "runtime", "engines", "export"},  # illume-nano's definition and checkpoint
     "tools": {"base", "runtime", "engines", "export", "calibration", "bench", "nano", "cli", "top"},
     "top": {"base", "runtime", "engines"},
 }
 TOOLS = ("illume_rt.nano.train", "illume_rt.nano.evaluate", "illume_rt.nano.diagnose", "illume_rt.nano.gallery",  # scripts
+         "illume_rt.nano.quantized_eval",
          "illume_rt.bench.device_check")
 
 

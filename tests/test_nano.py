@@ -93,7 +93,7 @@ def nano_pipe(nano_bundle):
 @needs_weights
 @pytest.mark.parametrize("which", ["train", "held"])
 def test_runtime_draws_what_it_is_asked(nano_pipe, which):
-    from illume_rt.nano.evaluate import eval_prompts, runtime_generate
+    from illume_rt.nano.heldout import eval_prompts, runtime_generate
 
     marks = []
     for prompt, wanted in eval_prompts(RUNTIME_PROMPTS, which):
@@ -107,7 +107,7 @@ def test_runtime_draws_what_it_is_asked(nano_pipe, which):
 @pytest.mark.runtime
 @needs_weights
 def test_runtime_answers_held_out_pictures(nano_pipe):
-    from illume_rt.nano.evaluate import eval_questions, runtime_answer
+    from illume_rt.nano.heldout import eval_questions, runtime_answer
 
     items = eval_questions(RUNTIME_QUESTIONS)
     right = [score.answer_correct(runtime_answer(nano_pipe, s, q), a) for s, q, a in items]

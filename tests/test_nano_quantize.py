@@ -16,7 +16,7 @@ import pytest
 from conftest import TEST_THREADS
 
 from illume_rt.calibration import accuracy, datasets
-from illume_rt.nano import data, evaluate
+from illume_rt.nano import data, heldout
 
 FP32 = {"background": 0.90, "position": 0.80, "colour": 0.80, "shape": 0.50, "size": 0.50, "answers": 0.85}
 
@@ -53,7 +53,7 @@ def test_gate_fails_on_one_attribute_while_the_mean_holds():
 def test_nano_bundle_calibrates_in_its_grammar_on_training_scenes_only(nano_bundle):
     model = _manifest_model(nano_bundle)
     held = _held_out_captions()
-    scored = {p for p, _ in evaluate.eval_prompts()}  # what the prompt scorer asks
+    scored = {p for p, _ in heldout.eval_prompts()}  # what the prompt scorer asks
     pool = datasets.nano_scenes("nano-train")  # every scene calibration may draw from
     assert pool and not {c for sc in pool for c in (sc.caption, sc.short_caption)} & held
     cal = datasets.plan_for(model, "calibration")
@@ -111,14 +111,14 @@ class _Drawer:
 @pytest.mark.runtime
 def test_nano_scorer_reads_each_attribute_from_the_pictures(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    scorer = evaluate.PromptScorer(prompt_limit=6, question_limit=5)
+    scorer = heldout.PromptScorer(prompt_limit=6, question_limit=5)
     right = scorer(_Drawer(tmp_path))
-    assert set(right) == {*evaluate.SCORED, "all"} and all(v == 1.0 for v in right.values()), right
+    assert set(right) == {*heldout.SCORED, "all"} and all(v == 1.0 for v in right.values()), right
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text("{}")
     red = scorer(_Drawer(other, colour="red"))  # every object red: only colour (and so 'all') can be wrong
-    wanted_red = np.mean([w["colour"] == "red" for _, w in evaluate.eval_prompts(6)])
+    wanted_red = np.mean([w["colour"] == "red" for _, w in heldout.eval_prompts(6)])
     assert red["colour"] == pytest.approx(wanted_red) and red["colour"] < 1.0
     assert all(red[k] == 1.0 for k in ("background", "position", "shape", "size", "answers"))
 

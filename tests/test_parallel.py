@@ -246,26 +246,26 @@ def test_sampled_parallel_decoding_keeps_nanos_distribution(nano_pipe):
 
 
 def test_nanos_scorer_accuracy_is_equal_with_parallel_decoding(nano_pipe):
-    """The held-out prompts (nano/evaluate.py) with default sampling, plain and parallel (different seeds): the share
+    """The held-out prompts (nano/heldout.py) with default sampling, plain and parallel (different seeds): the share
     of pictures the scorer (nano/score.py) reads right, per attribute and all together, does not differ (Fisher's
     exact test, family-wise alpha 0.01 over the 6 rates). 90 pictures a side: this finds a gap of about 0.25 in a
     rate near 0.5, not a small one; the per-position tests above are the sharp check.
     The plain side runs in batches of the prompts: picture i is the one a call for prompt i alone with seed i gives
     (Pipeline.generate; test_image_i_of_a_batch_is_a_single_run_with_seed_plus_i). The parallel side stays one call
     per prompt: in a batch, parallel decoding keeps only the codes every image reached, which would hide its drafts."""
-    from illume_rt.nano import data, evaluate, score
+    from illume_rt.nano import data, heldout, score
 
-    prompts = evaluate.eval_prompts()
+    prompts = heldout.eval_prompts()
     plain = []
     for start in range(0, len(prompts), MAX_IMAGES):
         plain += nano_pipe.generate([prompt for prompt, _ in prompts[start:start + MAX_IMAGES]], (256, 256),
-                                    seed=start, sampling=SamplingConfig(guidance_scale=evaluate.GUIDANCE))
+                                    seed=start, sampling=SamplingConfig(guidance_scale=heldout.GUIDANCE))
     assert [r.seed for r in plain] == list(range(len(prompts)))
     marks = {"plain": [score.score_picture(r.image, wanted) for r, (_, wanted) in zip(plain, prompts)],
              "parallel": []}
     for i, (prompt, wanted) in enumerate(prompts):
         image = nano_pipe.generate(prompt, (256, 256), seed=1000 + i,
-                                   sampling=SamplingConfig(guidance_scale=evaluate.GUIDANCE, parallel_window=12)).image
+                                   sampling=SamplingConfig(guidance_scale=heldout.GUIDANCE, parallel_window=12)).image
         marks["parallel"].append(score.score_picture(image, wanted))
     rates = {name: score.summarize(m) for name, m in marks.items()}
     for key in ["all", *data.ATTRIBUTES]:
