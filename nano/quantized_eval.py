@@ -161,9 +161,6 @@ def main(argv=None) -> int:
     chosen = [known.get(n.strip()) for n in args.flavours.split(",") if n.strip()]
     if not chosen or None in chosen:
         ap.error(f"--flavours: choose among {', '.join(known)}")
-    # ort-cpu first: onnxruntime's INT8 quantizer fails in a process where ModelOpt has quantized before
-    # ("Quantization parameters are not specified for param ...")
-    chosen.sort(key=lambda f: f[2] != "ort-cpu")
     from illume_rt.cli import ensure_default_bundle
     from illume_rt.errors import IllumeError
 
