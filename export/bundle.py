@@ -39,6 +39,8 @@ class ReferenceModels:
     source: dict = field(default_factory=dict)  # checkpoint paths and hashes
     # (height, width) pairs the weights were trained at, when known (illume-nano): other sizes get a notice
     trained_resolutions: list | None = None
+    # {task: {sampling field: value}} the model's own sampling defaults, when it declares them (illume-nano)
+    sampling_defaults: dict | None = None
     # Filled by the checkpoint loaders (export/checkpoints.py); None for the random-weight presets.
     vision_tower: object = None  # Qwen2VisionTransformer (the MLLM's fine-tuned semantic ViT + merger)
     projectors: object = None  # Projectors (projector_1 semantic, projector_2 pixel)
@@ -140,6 +142,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                       "source": models.source, "config": preset.to_dict(),
                       "trained_resolutions": ([list(r) for r in models.trained_resolutions]
                                               if models.trained_resolutions else None),
+                      **({"sampling_defaults": models.sampling_defaults} if models.sampling_defaults else {}),
                       **(model_info or {})},
             "export": {"exporter": "streaming: structure traced on fake tensors, weights written one tensor at a "
                                    "time (export/streaming.py)", "weight_dtype": weight_dtype},

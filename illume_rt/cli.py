@@ -229,10 +229,15 @@ def cmd_export(args) -> None:
     print(f"bundle written to {out}")
 
 
-def _sampling(args, defaults):
-    """Sampling from the command line; options left unset keep the task's defaults."""
+def _sampling(args, task: str, pipe=None):
+    """Sampling from the command line; options left unset keep the task's defaults: the model's when its bundle
+    declares them (``pipe``), else the official ones. Called once before the model loads (bad options are refused
+    up front) and again with ``pipe``."""
     from dataclasses import replace
 
+    from illume_rt.runtime.options import OFFICIAL_SAMPLING
+
+    defaults = pipe.default_sampling(task) if pipe is not None else OFFICIAL_SAMPLING[task]
     given = {"guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "pixel_top_k": args.pixel_top_k, "parallel_window": args.parallel_decoding}
     sampling = replace(defaults, greedy=args.greedy, **{k: v for k, v in given.items() if v is not None})
@@ -326,13 +331,14 @@ def cmd_verify_tokens(args) -> None:
 def cmd_generate(args) -> None:
     from illume_rt.files import image_target
     from illume_rt.contract import image_grid
-    from illume_rt.runtime.options import SamplingConfig
 
     outputs = numbered_outputs(args.output, args.num_images)
     for output in outputs:
         image_target(output)  # an unwritable target is refused before the model is loaded
-    sampling, refine = _sampling(args, SamplingConfig()), _refine(args)
+    _sampling(args, "text_to_image")
+    refine = _refine(args)
     pipe = _open_pipeline(args, refine)
+    sampling = _sampling(args, "text_to_image", pipe)
     printed = _notice(pipe, args.resolution)
     _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
         args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token,
@@ -351,13 +357,14 @@ def cmd_edit(args) -> None:
     from illume_rt.files import image_target
     from illume_rt.runtime.images import load_image, nearest_anchor
     from illume_rt.contract import image_grid
-    from illume_rt.runtime.pipeline import EDIT_SAMPLING
 
     image_target(args.output)
-    sampling, refine = _sampling(args, EDIT_SAMPLING), _refine(args)
+    _sampling(args, "editing")
+    refine = _refine(args)
     source = load_image(args.image)
     pipe = _open_pipeline(args, refine)
-    anchor = nearest_anchor(source.height, source.width)
+    sampling = _sampling(args, "editing", pipe)
+    anchor = nearest_anchor(source.height, source.width, pipe.edit_anchors)
     printed = _notice(pipe, anchor)
     grid = image_grid(*anchor)
     _draw(args, grid, lambda on_token: pipe.edit(source, args.instruction, seed=args.seed, sampling=sampling,

@@ -51,6 +51,18 @@ EDIT_ANCHORS: tuple[tuple[int, int], ...] = (
     (512, 512), (384, 512), (512, 384), (384, 768), (768, 384), (384, 576), (576, 384),
     (320, 960), (960, 320), (256, 1024), (1024, 256))
 
+
+
+def edit_anchors(trained_resolutions=None) -> tuple[tuple[int, int], ...]:
+    """The sizes a model edits at: the official anchors, or of a model that records the sizes it was trained at
+    (a bundle's ``model.trained_resolutions``), the anchors among them; a model trained at none of the anchors
+    (illume-nano: 256x256 only) edits at the sizes it was trained at, since anywhere else it draws noise."""
+    if not trained_resolutions:
+        return EDIT_ANCHORS
+    trained = tuple((int(h), int(w)) for h, w in trained_resolutions)
+    return tuple(a for a in EDIT_ANCHORS if a in trained) or trained
+
+
 # Output sizes (W, H) of the diffusion decoder, in the order of its resolution index (add_time_ids[-1]).
 DIFFUSION_SIZES: tuple[tuple[int, int], ...] = (
     (1024, 1024), (768, 1024), (1024, 768), (512, 2048), (2048, 512), (640, 1920),

@@ -26,6 +26,9 @@ DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
 # The output sizes (height, width) the committed weights were trained to draw; the runtime prints a notice for
 # any other (recorded in the bundle manifest as model.trained_resolutions).
 TRAINED_RESOLUTIONS = ((256, 256),)
+# The sampling a call gets when it passes none (manifest model.sampling_defaults; the official defaults otherwise):
+# None until chosen on the training split (nano/README.md, "Sampling defaults").
+SAMPLING_DEFAULTS: dict | None = None
 
 
 def available() -> bool:
@@ -38,6 +41,7 @@ def load_models():
 
     models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, base="nano")
     models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
+    models.sampling_defaults = SAMPLING_DEFAULTS
     return models
 
 

@@ -27,7 +27,7 @@ LABEL = 26
 def draw(pipe, prompt: str, greedy: bool, seed: int = 0) -> np.ndarray:
     from illume_rt.runtime.options import SamplingConfig
 
-    sampling = SamplingConfig(guidance_scale=GUIDANCE, greedy=True) if greedy else SamplingConfig()
+    sampling = SamplingConfig(guidance_scale=GUIDANCE, greedy=True) if greedy else None  # None: the README's
     return pipe.generate(prompt, resolution=(256, 256), seed=seed, sampling=sampling).image
 
 

@@ -12,8 +12,9 @@ import numpy as np
 from illume_rt.errors import IllumeError
 from illume_rt.contract import BUNDLE_FORMAT_NAME as FORMAT_NAME
 from illume_rt.contract import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
-from illume_rt.contract import MANIFEST, VocabLayout, component_io, host_contract
+from illume_rt.contract import MANIFEST, LayoutError, VocabLayout, component_io, host_contract
 from illume_rt.files import sha256_file
+from illume_rt.runtime.options import model_sampling_defaults
 
 
 class BundleError(IllumeError, RuntimeError):
@@ -198,6 +199,10 @@ def validate_manifest(manifest, root: Path) -> None:
         if not (isinstance(res, list) and len(res) == 2 and all(type(v) is int and 0 < v < MAX_DIM for v in res)):
             raise BundleError(f"manifest field model.trained_resolutions[{i}] must be [height, width]; "
                               "re-export the bundle")
+    try:
+        model_sampling_defaults(_field(model, "sampling_defaults", dict, "model.", optional=True))
+    except LayoutError as exc:
+        raise BundleError(f"manifest field model.{exc}; re-export the bundle") from None
     vocab = _field(manifest, "vocab", dict, "")
     try:
         layout = VocabLayout.from_dict(vocab)

@@ -148,16 +148,18 @@ class Padding:
     anchor: tuple[int, int]  # (height, width) generated
 
 
-def nearest_anchor(height: int, width: int) -> tuple[int, int]:
+def nearest_anchor(height: int, width: int, anchors=EDIT_ANCHORS) -> tuple[int, int]:
+    """The anchor (height, width) an image is edited at: closest aspect ratio, then closest size. ``anchors``: a
+    model's (``Pipeline.edit_anchors``), by default the official ones."""
     aspect = width / height
-    diffs = [abs(w / h - aspect) for h, w in EDIT_ANCHORS]
+    diffs = [abs(w / h - aspect) for h, w in anchors]
     best = min(diffs)
-    candidates = [a for a, d in zip(EDIT_ANCHORS, diffs) if d == best]
+    candidates = [a for a, d in zip(anchors, diffs) if d == best]
     return min(candidates, key=lambda a: (height - a[0]) ** 2 + (width - a[1]) ** 2)
 
 
-def pad_to_anchor(img: Image.Image) -> tuple[Image.Image, Padding]:
-    anchor_h, anchor_w = nearest_anchor(img.height, img.width)
+def pad_to_anchor(img: Image.Image, anchors=EDIT_ANCHORS) -> tuple[Image.Image, Padding]:
+    anchor_h, anchor_w = nearest_anchor(img.height, img.width, anchors)
     ratio = min(anchor_w / img.width, anchor_h / img.height)
     new_w, new_h = max(1, int(img.width * ratio)), max(1, int(img.height * ratio))  # a thin image keeps a row
     resized = img.resize((new_w, new_h), Image.LANCZOS)

@@ -109,3 +109,36 @@ class SamplingConfig:
                 not (window == 0 or 2 <= window <= MAX_PARALLEL_WINDOW):
             raise LayoutError(f"parallel_window must be 0 (off) or a whole number from 2 to {MAX_PARALLEL_WINDOW} "
                               f"(codes per body call; {DEFAULT_PARALLEL_WINDOW} is a good start), got {window!r}")
+
+
+# The official defaults of each task (ILLUME/app.py, facts section 5): text to image 1.0 / 2048 (pixel 3x) / 1.0,
+# CFG 2.0; editing 0.7 / 512 (pixel 3x) / 0.8, CFG 1.5. A bundle may declare its model's own
+# (manifest ``model.sampling_defaults``, as a checkpoint's generation config): model_sampling_defaults.
+OFFICIAL_SAMPLING = {"text_to_image": SamplingConfig(),
+                     "editing": SamplingConfig(guidance_scale=1.5, temperature=0.7, top_k=512, top_p=0.8)}
+# What a model may declare: the sampler's knobs, not the decoding mode (greedy, parallel_window stay per call).
+DECLARABLE_SAMPLING = ("guidance_scale", "temperature", "top_k", "top_p", "pixel_temperature", "pixel_top_k",
+                       "pixel_top_p")
+
+
+def model_sampling_defaults(declared: dict | None) -> dict[str, SamplingConfig]:
+    """{task: SamplingConfig}: the official defaults with a model's declared fields (``{task: {field: value}}``)
+    in their place. Raises LayoutError naming the bad field."""
+    from dataclasses import replace
+
+    out = dict(OFFICIAL_SAMPLING)
+    for task, fields in (declared or {}).items():
+        if task not in OFFICIAL_SAMPLING or not isinstance(fields, dict):
+            raise LayoutError(f"sampling_defaults.{task}: expected one of {sorted(OFFICIAL_SAMPLING)} with a "
+                              "{field: value} table")
+        unknown = sorted(set(fields) - set(DECLARABLE_SAMPLING))
+        if unknown:
+            raise LayoutError(f"sampling_defaults.{task}: {unknown} cannot be declared; fields: "
+                              f"{', '.join(DECLARABLE_SAMPLING)}")
+        config = replace(OFFICIAL_SAMPLING[task], **fields)
+        try:
+            config.validate()
+        except LayoutError as exc:
+            raise LayoutError(f"sampling_defaults.{task}: {exc}") from None
+        out[task] = config
+    return out

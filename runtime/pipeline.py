@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from illume_rt.contract import GRAPH_IO, HEADS, PIXEL, SEMANTIC, LayoutError, head_component, image_grid
+from illume_rt.contract import (GRAPH_IO, HEADS, PIXEL, SEMANTIC, LayoutError, edit_anchors, head_component,
+                                image_grid)
 from illume_rt.engines.base import BackendError, Engine
 from illume_rt.files import save_image
 from illume_rt.runtime.bundle import Bundle, BundleError, load_bundle
@@ -25,14 +26,14 @@ from illume_rt.runtime.generate import (ImageGenerator, ImageTokens, LanguageMod
                                         generate_image_tokens, generate_images_tokens, generate_text)
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
-from illume_rt.runtime.options import SamplingConfig, check_prompts, check_seed, check_threads
+from illume_rt.runtime.options import (OFFICIAL_SAMPLING, SamplingConfig, check_prompts, check_seed, check_threads,
+                                      model_sampling_defaults)
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
 from illume_rt.runtime.tokenizer import load_tokenizer
 
-# Editing defaults (facts section 5 / ILLUME/app.py): temperature 0.7, top-k 512 (pixel 3x), top-p 0.8, CFG 1.5.
-EDIT_SAMPLING = SamplingConfig(guidance_scale=1.5, temperature=0.7, top_k=512, top_p=0.8)
+EDIT_SAMPLING = OFFICIAL_SAMPLING["editing"]  # the official editing defaults (runtime/options.py)
 UNDERSTAND_MAX_NEW_TOKENS = 1024
 # understand() shrinks the image until this many answer tokens fit the context after the prompt
 UNDERSTAND_MIN_ANSWER_TOKENS = 32
@@ -224,7 +225,7 @@ class Pipeline:
         ``generate_next()`` (or ``compute_logits()`` and ``append(code)``) until ``done``, may call
         ``preview(generator)`` on the way, and ``image(generator)`` at the end. On the GPU backends, one generator
         of a Pipeline steps at a time (they share device buffers)."""
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.default_sampling("text_to_image")
         sampling.validate()
         grid = image_grid(*resolution)
         cond, uncond = text_to_image_ids(self.tokenizer, self.vocab, prompt, *resolution)
@@ -298,6 +299,18 @@ class Pipeline:
                 "with --keep-failed; its manifest's quantization.failures says which): expect output unlike its "
                 "FP32 source's; re-quantize or use the FP32 bundle"]
 
+    def default_sampling(self, task: str) -> SamplingConfig:
+        """The sampling a call of ``task`` ('text_to_image', 'editing') gets when it passes none: the official
+        defaults, or those the bundle's model declares (manifest ``model.sampling_defaults``; illume-nano's are
+        chosen on its training split, nano/README.md)."""
+        return model_sampling_defaults(self.bundle.manifest["model"].get("sampling_defaults"))[task]
+
+    @property
+    def edit_anchors(self) -> tuple[tuple[int, int], ...]:
+        """The sizes ``edit`` pads an image to (contract.edit_anchors: the official anchors, or those a model
+        that records its trained sizes was trained at)."""
+        return edit_anchors(self.bundle.manifest["model"].get("trained_resolutions"))
+
     def resolution_notice(self, resolution: tuple[int, int]) -> str | None:
         """A line for a size the weights were not trained at (illume-nano records its sizes), else None."""
         trained = self.bundle.manifest["model"].get("trained_resolutions")
@@ -317,7 +330,7 @@ class Pipeline:
         Several images: ``num_images`` per prompt, or a list of prompts (each ``num_images`` times), decode in one
         batch (2 rows per image with guidance) and come back as a list of results; image i (prompts in order,
         each prompt's images together) has seed ``seed + i`` and equals a call for it alone with that seed."""
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.default_sampling("text_to_image")
         sampling.validate()
         seed = check_seed(seed)
         prompts = check_prompts(prompt, num_images, seed)
@@ -342,12 +355,12 @@ class Pipeline:
         reconstruct prompt with the same image), then unpad and resize back to the input size. Thread-safe."""
         from PIL import Image
 
-        sampling = sampling or EDIT_SAMPLING
+        sampling = sampling or self.default_sampling("editing")
         sampling.validate()
         seed = check_seed(seed)
         self.check_refine(refine)
         source = load_image(image)
-        padded, padding = pad_to_anchor(source)
+        padded, padding = pad_to_anchor(source, self.edit_anchors)
         grid = image_grid(*padding.anchor)
         cond_ids, uncond_ids = editing_ids(self.tokenizer, self.vocab, instruction, *padding.anchor)
         notice = self.resolution_notice(padding.anchor)

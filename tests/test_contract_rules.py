@@ -192,4 +192,15 @@ def test_grids_and_diffusion_sizes():
         assert grid.level_shape(SEMANTIC) == sem and grid.level_shape(PIXEL) == pix
         assert grid.diffusion_size == (2 * h, 2 * w)
     assert set(EDIT_ANCHORS) == set(FACTS_GRIDS) - {(256, 256)}
+
+
+def test_a_model_edits_at_the_anchors_it_was_trained_at():
+    from illume_rt.contract import edit_anchors
+    from illume_rt.runtime.images import nearest_anchor
+
+    assert edit_anchors(None) == edit_anchors([]) == EDIT_ANCHORS  # the released models: every official anchor
+    assert edit_anchors([[256, 256], [512, 512], [384, 512]]) == ((512, 512), (384, 512))
+    assert edit_anchors([[256, 256]]) == ((256, 256),)  # illume-nano: trained at no official anchor
+    assert nearest_anchor(256, 192) == (512, 384)
+    assert nearest_anchor(256, 192, edit_anchors([[256, 256]])) == (256, 256)
     assert official_vocab_layout(283047).structure_ids == tuple(range(151665, 151672))

@@ -558,3 +558,39 @@ def test_without_a_bundle_a_runtime_only_install_names_the_export_extra(tmp_path
                              timeout=120)
         assert_one_line_error(run.returncode, run.stderr, "pip install 'illume-rt[export]'", "--bundle")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # no image, no cache, no half-exported bundle
+
+
+def test_a_model_declared_sampling_default_is_what_a_call_without_sampling_gets(bundle_copy, tmp_path, capsys):
+    """A bundle may declare its model's sampling defaults (manifest model.sampling_defaults, as illume-nano's);
+    the API and the CLI use them when the caller gives none, and a CLI option replaces only its own field."""
+    from dataclasses import replace
+
+    from illume_rt.runtime.options import OFFICIAL_SAMPLING
+
+    declared = {"text_to_image": {"temperature": 0.4, "top_p": 0.5}, "editing": {"guidance_scale": 1.2}}
+    _mutate(bundle_copy, _set(["model", "sampling_defaults"], declared))
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    want = replace(OFFICIAL_SAMPLING["text_to_image"], temperature=0.4, top_p=0.5)
+    assert pipe.default_sampling("text_to_image") == want
+    assert pipe.default_sampling("editing") == replace(OFFICIAL_SAMPLING["editing"], guidance_scale=1.2)
+
+    def codes(result):
+        return np.concatenate([result.tokens.semantic.ravel(), result.tokens.pixel.ravel()])
+
+    plain = codes(pipe.generate("a cat", seed=3))
+    assert np.array_equal(plain, codes(pipe.generate("a cat", seed=3, sampling=want)))
+    assert not np.array_equal(plain, codes(pipe.generate("a cat", seed=3, sampling=OFFICIAL_SAMPLING["text_to_image"])))
+    code, _, err = run_cli(capsys, "generate", "a cat", "--bundle", bundle_copy, "--seed", "3", "--top-p", "1.0",
+                           "-o", tmp_path / "x.png", "-q", "--threads", "1")
+    assert code == 0, err
+    cli_image = np.asarray(Image.open(tmp_path / "x.png").convert("RGB"))
+    assert np.array_equal(cli_image, pipe.generate("a cat", seed=3, sampling=replace(want, top_p=1.0)).image)
+
+
+def test_a_model_trained_at_no_official_anchor_edits_at_its_own_size(bundle_copy):
+    _mutate(bundle_copy, _set(["model", "trained_resolutions"], [[256, 256]]))
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    assert pipe.edit_anchors == ((256, 256),)
+    result = pipe.edit(Image.new("RGB", (40, 30), (200, 30, 30)), "make it blue", sampling=SamplingConfig(greedy=True))
+    assert result.tokens.semantic.shape == (9, 9) and result.image.shape == (30, 40, 3)
+    assert not any("trained at" in line for line in result.notices)
