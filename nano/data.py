@@ -39,6 +39,9 @@ class Scene:
         """The caption without the size (either size fits it), e.g. the quick start's prompt."""
         return f"a {self.colour} {self.shape} at the {self.position} on a {self.background} background"
 
+    def with_(self, attribute: str, value: str) -> "Scene":
+        return Scene(**{**self.__dict__, attribute: value})
+
     def qa(self) -> list[tuple[str, str]]:
         """(question, answer) pairs: what colour, which shape, where, what background, how big."""
         return [("What colour is the shape?", self.colour), ("Which shape is it?", self.shape),
@@ -86,6 +89,23 @@ def attributes_of_caption(caption: str) -> dict[str, str] | None:
         if s.short_caption == caption.strip():
             return {a: getattr(s, a) for a in ATTRIBUTES if a != "size"}
     return None
+
+
+# Editing: one instruction per attribute, in the issue's words; the edited scene changes that attribute only.
+EDIT_INSTRUCTIONS = {"colour": "make the shape {}", "position": "move it to the {}", "shape": "make it a {}",
+                     "background": "make the background {}", "size": "make it {}"}
+
+
+def edits(scene: Scene) -> list[tuple[str, Scene]]:
+    """(instruction, edited scene) for every valid single-attribute change of ``scene`` (the shape's colour stays
+    unlike the background's, as in every scene), in a fixed order."""
+    out = []
+    for attribute, template in EDIT_INSTRUCTIONS.items():
+        for value in CHOICES[attribute]:
+            target = scene.with_(attribute, value)
+            if value != getattr(scene, attribute) and target.colour != target.background:
+                out.append((template.format(value), target))
+    return out
 
 
 def shape_mask(shape: str, centre: tuple[float, float], half: float, size: int = IMAGE_SIZE) -> np.ndarray:

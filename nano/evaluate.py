@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from illume_rt.nano import data, score
-from illume_rt.nano.heldout import GUIDANCE, eval_prompts, eval_questions, runtime_answer, runtime_generate
+from illume_rt.nano.heldout import (GUIDANCE, eval_edits, eval_prompts, eval_questions, runtime_answer,
+                                    runtime_generate, score_edits)
 
 
 def reference_generate(models, prompt: str, seed: int = 0):
@@ -60,8 +61,10 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
 
 
 def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_limit: int | None = None,
-             log=print, which: str = "held") -> dict:
-    """{'generation': {engine: summary}, 'understanding': {engine: accuracy}, 'token_identical': ...}."""
+             log=print, which: str = "held", edits: bool = True, sampled: bool = False) -> dict:
+    """{'generation': {engine: summary}, 'understanding': {engine: accuracy}, 'token_identical': ...}; with the
+    runtime, 'editing' (greedy; with ``sampled`` also at the editing defaults) and, with ``sampled``,
+    'generation_default_sampling'."""
     engines = {k: v for k, v in (("reference", models), ("runtime", pipe)) if v is not None}
     gen = {name: [] for name in engines}
     same_tokens = []
@@ -94,6 +97,19 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
                [1 / len(data.CHOICES[a]) for a in data.ATTRIBUTES]))},
            "guidance": GUIDANCE, "decoding": "greedy", "split": which,
            "prompts": len(eval_prompts(prompt_limit, which)), "questions": len(eval_questions(question_limit, which))}
+    if pipe is not None and edits:
+        # Runtime only: its editing is token-identical to the reference (tests/test_nano_parity.py).
+        t0 = time.time()
+        out["editing"] = {"greedy": score_edits(pipe, eval_edits(prompt_limit, which))}
+        if sampled:
+            out["editing"]["default_sampling"] = score_edits(pipe, eval_edits(prompt_limit, which),
+                                                             pipe.default_sampling("editing"))
+        log(f"editing: {out['editing']['greedy']['edits']} edits in {time.time() - t0:.0f}s")
+    if pipe is not None and sampled:
+        # The README command's settings (the bundle's defaults), seed 0: what a newcomer sees.
+        marks = [score.score_picture(pipe.generate(prompt, resolution=(256, 256), seed=0).image, wanted)
+                 for prompt, wanted in eval_prompts(prompt_limit, which)]
+        out["generation_default_sampling"] = score.summarize(marks)
     if same_tokens:
         out["runtime_token_identical"] = float(np.mean(same_tokens))
     if same_answers:
@@ -111,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts and questions")
     ap.add_argument("--split", nargs="+", default=["held", "train"], choices=["held", "train"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-edits", action="store_true", help="skip the editing figures")
+    ap.add_argument("--sampled", nargs="*", default=["held"], choices=["held", "train"],
+                    help="splits also scored at the default sampling settings (generation and editing)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     import torch
@@ -127,7 +146,8 @@ def main(argv=None) -> int:
 
         bundle = args.bundle or ensure_default_bundle("nano")
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
-    result = {which: evaluate(pipe, models, args.limit, args.limit, which=which) for which in args.split}
+    result = {which: evaluate(pipe, models, args.limit, args.limit, which=which, edits=not args.no_edits,
+                              sampled=which in args.sampled) for which in args.split}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

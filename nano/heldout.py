@@ -36,6 +36,56 @@ def eval_questions(limit: int | None = None, which: str = "held") -> list[tuple[
     return items[:limit] if limit else items
 
 
+def eval_edits(limit: int | None = None, which: str = "held") -> list[tuple[data.Scene, str, data.Scene]]:
+    """(source scene, instruction, edited scene): for each scene of ``eval_scenes``, one edit of each kind
+    ('held': all five; 'train': one, the kinds in turn), the new value chosen in turn among the valid ones, so
+    every kind and value is asked about. Held out: the source picture's combination was never trained on."""
+    out = []
+    for n, scene in enumerate(eval_scenes(which)):
+        by_kind: dict[str, list] = {}
+        for instruction, target in data.edits(scene):
+            kind = next(a for a in data.ATTRIBUTES if getattr(target, a) != getattr(scene, a))
+            by_kind.setdefault(kind, []).append((instruction, target))
+        kinds = list(data.EDIT_INSTRUCTIONS)
+        for kind in kinds if which == "held" else [kinds[n % len(kinds)]]:
+            choices = by_kind[kind]
+            instruction, target = choices[n % len(choices)]
+            out.append((scene, instruction, target))
+    return out[:limit] if limit else out
+
+
+def edit_kind(source: data.Scene, target: data.Scene) -> str:
+    return next(a for a in data.ATTRIBUTES if getattr(target, a) != getattr(source, a))
+
+
+def runtime_edit(pipe, scene: data.Scene, instruction: str, sampling=None, seed: int = 0) -> np.ndarray:
+    """The edited picture of ``scene``'s canonical render; ``sampling`` None: greedy with the model's editing
+    guidance."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    sampling = sampling or replace(pipe.default_sampling("editing"), greedy=True)
+    return pipe.edit(Image.fromarray(data.render(scene)), instruction, seed=seed, sampling=sampling).image
+
+
+def score_edits(pipe, edits, sampling=None) -> dict:
+    """Over ``edits`` (eval_edits): 'right' (the attribute asked for changed to its value and every other one kept:
+    the issue's measure), 'asked' (the attribute asked for right), 'kept' (the others all right), and 'right' by
+    kind of edit."""
+    rows = []
+    for scene, instruction, target in edits:
+        marks = score.score_picture(runtime_edit(pipe, scene, instruction, sampling),
+                                    {a: getattr(target, a) for a in data.ATTRIBUTES})
+        kind = edit_kind(scene, target)
+        rows.append((kind, marks[kind], all(marks[a] for a in data.ATTRIBUTES if a != kind)))
+    out = {"right": float(np.mean([a and k for _, a, k in rows])), "asked": float(np.mean([a for _, a, _ in rows])),
+           "kept": float(np.mean([k for _, _, k in rows])), "edits": len(rows)}
+    out["right_by_kind"] = {kind: float(np.mean([a and k for c, a, k in rows if c == kind]))
+                            for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _, _ in rows)}
+    return out
+
+
 def runtime_generate(pipe, prompt: str, seed: int = 0):
     from illume_rt.runtime.options import SamplingConfig
 

@@ -43,7 +43,7 @@ from illume_rt.nano import data
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "work"
-STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "export")
+STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "export")
 SEED = 1234
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
@@ -65,6 +65,21 @@ MLLM_STEPS, T2I_BATCH, UND_BATCH = 1100, 8, 4
 # Understanding goes on with a smaller batch (it is learned already; it keeps the shared body from drifting).
 # 3000 steps: at 1100 the caption's shape word was only starting to move the deciding code (nano/README.md).
 FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 3000, 2e-3, 20.0, 0.6, 2
+# Stage ``edit``: the MLLM goes on from ``focus`` and learns editing in nano's grammar (data.EDIT_INSTRUCTIONS) on
+# the ILLUME+ editing prompt, at nano's one size (256x256: the runtime edits at a model's trained sizes when it was
+# trained at none of the official anchors). Each step: EDIT_BATCH edits, EDIT_T2I_BATCH captions and
+# FOCUS_UND_BATCH understanding chats, so drawing and answering go on while editing is learned.
+# - An edit's input is the source picture's features spliced into the prompt (as understanding sees them), its
+#   labels the edited scene's codes; its fed codes are erased as in ``focus``, so that each output code is read
+#   from the instruction and the input picture, not copied from the codes already drawn.
+# - The unconditional row (the official "Reconstruct the image according to the given image", UNCOND_P of the
+#   edits) is trained to give back the source picture: at inference the guidance then pushes the output away from
+#   the unchanged picture, toward the instruction.
+# - Captions here are in full form (with the size word) EDIT_FULL_CAPTION_P of the time (``mllm``/``focus``: half),
+#   and pixel codes are erased up to EDIT_PIXEL_ERASE_MAX (semantic: ERASE_MAX): size and shape are drawn mostly
+#   at the pixel level and were still near chance after ``focus`` (nano/README.md, "Diagnosis").
+EDIT_STEPS, EDIT_LR, EDIT_BATCH, EDIT_T2I_BATCH = 1500, 1e-3, 4, 6
+EDIT_FULL_CAPTION_P, EDIT_PIXEL_ERASE_MAX = 0.7, 0.9
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -399,23 +414,51 @@ def erase_codes(codes: torch.Tensor, empty: torch.Tensor, share: float, rng: np.
 SEM_SLOT, PIX_SLOT = -1, -2
 
 
+def splice_image_slots(v, ids: list[int]) -> list[int]:
+    """``ids`` with IMAGE_PLACEHOLDER replaced by a 256x256 picture's input block as the runtime lays it out
+    (``contract.image_slots`` of ``multimodal.understanding_grid``), its features as slots (SEM_SLOT: ViT merger
+    output per 28 px, PIX_SLOT: pixel-encoder output per 16 px; filled by embed_with_features)."""
+    from illume_rt.contract import SEMANTIC, image_slots
+    from illume_rt.runtime.multimodal import understanding_grid
+    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER
+
+    block = [v.token_id(slot.token) if slot.level is None else (SEM_SLOT if slot.level == SEMANTIC else PIX_SLOT)
+             for slot in image_slots(understanding_grid(256, 256))]
+    at = ids.index(IMAGE_PLACEHOLDER)
+    return ids[:at] + block + ids[at + 1:]
+
+
+def embed_with_features(embed, proj, ids: torch.Tensor, vit: torch.Tensor, pixel_features: torch.Tensor):
+    """Token embeddings of ``ids`` with each row's slots filled by its picture's projected features."""
+    emb = embed(ids.clamp(min=0)).clone()
+    sem_feat = proj.projector_1(vit)  # [B, 81, H]
+    pix_feat = proj.projector_2(pixel_features)  # [B, 256, H]
+    emb[ids == SEM_SLOT] = sem_feat.reshape(-1, sem_feat.shape[-1])
+    emb[ids == PIX_SLOT] = pix_feat.reshape(-1, pix_feat.shape[-1])
+    return emb
+
+
+def edit_example(preset, tok, instruction: str | None, sem: torch.Tensor, pix: torch.Tensor):
+    """(ids with the input picture's slots, labels): the editing prompt (``None``: the unconditional one), then the
+    output codes ``sem``/``pix`` and <|im_end|>, built by the runtime's own prompt builder (``editing_ids``)."""
+    from illume_rt.contract import image_grid
+    from illume_rt.runtime.prompts import editing_ids
+
+    v = preset.vocab
+    cond, uncond = editing_ids(tok, v, instruction or "x", 256, 256)
+    prefix = splice_image_slots(v, cond if instruction is not None else uncond)
+    image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
+    return prefix + image, [-100] * len(prefix) + image
+
+
 def und_example(preset, tok, scene: data.Scene, rng: np.random.Generator):
     """(ids with feature slots, labels): the image, then the five questions in a random order as turns."""
-    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER, understanding_ids
+    from illume_rt.runtime.prompts import understanding_ids
 
     v = preset.vocab
     qa = scene.qa()
     order = rng.permutation(len(qa))
-    block = [v.start_of_image_id, v.start_of_level0_id]
-    for _ in range(9):
-        block += [SEM_SLOT] * 9 + [v.end_of_line_id]
-    block += [v.end_of_level0_id, v.start_of_level1_id]
-    for _ in range(16):
-        block += [PIX_SLOT] * 16 + [v.end_of_line_id]
-    block += [v.end_of_level1_id, v.end_of_image_id]
-    first = understanding_ids(tok, v, qa[order[0]][0])
-    at = first.index(IMAGE_PLACEHOLDER)
-    ids = first[:at] + block + first[at + 1:]
+    ids = splice_image_slots(v, understanding_ids(tok, v, qa[order[0]][0]))
     labels = [-100] * len(ids)
     for n, k in enumerate(order):
         q, a = qa[k]
@@ -482,15 +525,35 @@ def stage_focus(work: Path) -> None:
                     und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX)
 
 
+def stage_edit(work: Path) -> None:
+    stage = Stage(work, "edit")
+    if not stage.done:
+        _train_mllm(work, stage, EDIT_STEPS, EDIT_LR, init=work / "focus.pt", hard_weight=HARD_WEIGHT,
+                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX, t2i_batch=EDIT_T2I_BATCH,
+                    edit_batch=EDIT_BATCH, full_caption_p=EDIT_FULL_CAPTION_P,
+                    pixel_erase_max=EDIT_PIXEL_ERASE_MAX)
+
+
+def edit_pairs(scenes: list[data.Scene]) -> list[tuple[int, str, int]]:
+    """(source index, instruction, edited index) for every edit of ``scenes`` whose result is among them too."""
+    index = {s: i for i, s in enumerate(scenes)}
+    return [(i, instruction, index[target]) for i, s in enumerate(scenes) for instruction, target in data.edits(s)
+            if target in index]
+
+
 def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path | None, hard_weight: float,
-                und_batch: int, erase_max: float = 0.0) -> None:
+                und_batch: int, erase_max: float = 0.0, t2i_batch: int = T2I_BATCH, edit_batch: int = 0,
+                full_caption_p: float = 0.5, pixel_erase_max: float | None = None) -> None:
     """Teacher forcing of the LLM + projectors from a fresh init or from ``init`` (a finished MLLM stage);
-    ``hard_weight``: see lm_loss; ``erase_max``: see FOCUS_STEPS."""
+    ``hard_weight``: see lm_loss; ``erase_max`` / ``pixel_erase_max`` (default: the same): see FOCUS_STEPS;
+    ``edit_batch``, ``full_caption_p``: see EDIT_STEPS."""
     preset = nano_preset()
     tok = nano_tokenizer(preset)
     toks = torch.load(work / "tokens.pt", weights_only=True)["train"]
     scenes = [data.Scene(**s) for s in toks["scenes"]]
     empty = empty_codes(toks, scenes)
+    pairs = edit_pairs(scenes) if edit_batch else []
+    pixel_erase_max = erase_max if pixel_erase_max is None else pixel_erase_max
     llm, proj = build_mllm(preset)
     if init is not None:
         state = torch.load(init, weights_only=True)["modules"]
@@ -502,35 +565,54 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
     embed = llm.get_input_embeddings()
     pad = preset.vocab.pad_id
 
+    def erased(i: int, rng):
+        """Scene ``i``'s (semantic, pixel) codes as fed (see FOCUS_STEPS), drawn from ``rng``."""
+        sem, pix = toks["semantic"][i], toks["pixel"][i]
+        if erase_max:
+            background = empty[scenes[i].background]
+            share = rng.uniform(0, 1)
+            sem = erase_codes(sem, background[0], share * erase_max, rng)
+            pix = erase_codes(pix, background[1], share * pixel_erase_max, rng)
+        return sem, pix
+
     def step_fn(step, rng):
         seqs, fed = [], []
-        for i in rng.integers(0, len(scenes), T2I_BATCH):
+        for i in rng.integers(0, len(scenes), t2i_batch):
             s = scenes[i]
             r = rng.random()
-            prompt = None if r < UNCOND_P else (s.caption if r < (1 + UNCOND_P) / 2 else s.short_caption)
-            sem, pix = toks["semantic"][i], toks["pixel"][i]
-            seqs.append(t2i_example(preset, tok, s, sem, pix, prompt))
-            if erase_max:
-                share = rng.uniform(0, erase_max)
-                sem = erase_codes(sem, empty[s.background][0], share, rng)
-                pix = erase_codes(pix, empty[s.background][1], share, rng)
-            fed.append(t2i_example(preset, tok, s, sem, pix, prompt))  # same length and layout: only codes differ
+            prompt = None if r < UNCOND_P else (
+                s.caption if r < UNCOND_P + (1 - UNCOND_P) * full_caption_p else s.short_caption)
+            seqs.append(t2i_example(preset, tok, s, toks["semantic"][i], toks["pixel"][i], prompt))
+            fed.append(t2i_example(preset, tok, s, *erased(i, rng), prompt))  # same layout: only codes differ
         ids, labels, mask = pad_batch(seqs, pad)
         inputs = pad_batch(fed, pad)[0]
         loss_t2i = lm_loss(llm, embed(inputs), labels, mask, hard_weight)
+        info = f"t2i {loss_t2i.item():.3f}"
+        loss = loss_t2i
+        if edit_batch:
+            seqs, fed, sources = [], [], []
+            for k in rng.integers(0, len(pairs), edit_batch):
+                src, instruction, dst = pairs[k]
+                if rng.random() < UNCOND_P:  # the reconstruct prompt: the source picture back
+                    instruction, dst = None, src
+                seqs.append(edit_example(preset, tok, instruction, toks["semantic"][dst], toks["pixel"][dst]))
+                fed.append(edit_example(preset, tok, instruction, *erased(dst, rng)))
+                sources.append(src)
+            ids, labels, mask = pad_batch(seqs, pad)
+            inputs = pad_batch(fed, pad)[0]
+            sources = torch.tensor(sources)
+            emb = embed_with_features(embed, proj, inputs, toks["vit"][sources], toks["pixel_features"][sources])
+            loss_edit = lm_loss(llm, emb, labels, mask, hard_weight)
+            info += f" edit {loss_edit.item():.3f}"
+            loss = loss + loss_edit
         und = []
         feats = rng.integers(0, len(toks["und_scene"]), und_batch)
         for f in feats:
             und.append(und_example(preset, tok, scenes[int(toks["und_scene"][f])], rng))
         ids, labels, mask = pad_batch(und, pad)
-        emb = embed(ids.clamp(min=0))
-        sem_feat = proj.projector_1(toks["vit"][feats])  # [B, 81, H]
-        pix_feat = proj.projector_2(toks["pixel_features"][feats])  # [B, 256, H]
-        emb = emb.clone()
-        emb[ids == SEM_SLOT] = sem_feat.reshape(-1, sem_feat.shape[-1])
-        emb[ids == PIX_SLOT] = pix_feat.reshape(-1, pix_feat.shape[-1])
+        emb = embed_with_features(embed, proj, ids, toks["vit"][feats], toks["pixel_features"][feats])
         loss_und = lm_loss(llm, emb, labels, mask)
-        return loss_t2i + loss_und, f"t2i {loss_t2i.item():.3f} und {loss_und.item():.3f}"
+        return loss + loss_und, f"{info} und {loss_und.item():.3f}"
 
     params = list(llm.parameters()) + list(proj.parameters())
     extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, steps, peak_lr, step_fn, every=10)
@@ -543,7 +625,7 @@ def stage_export(work: Path, out: Path) -> None:
     enc, dec, pixel = load_tokenizer_state(work)
     preset = nano_preset()
     llm, proj = build_mllm(preset)
-    state = torch.load(work / "focus.pt", weights_only=True)["modules"]
+    state = torch.load(work / "edit.pt", weights_only=True)["modules"]
     llm.load_state_dict(state["llm"])
     proj.load_state_dict(state["projectors"])
     log = json.loads((work / "log.json").read_text())
@@ -595,7 +677,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     if SMOKE:
         g = globals()
-        for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS", "FOCUS_STEPS"):
+        for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS", "FOCUS_STEPS",
+                     "EDIT_STEPS"):
             g[name] = 2
     if args.focus_steps:
         globals()["FOCUS_STEPS"] = args.focus_steps

@@ -146,3 +146,48 @@ def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
     resumed, _ = run(tmp_path / "b", 6)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_training_edits_are_the_runtime_editing_prompt_with_the_edited_scene_as_labels():
+    """Stage ``edit`` trains on exactly what ``Pipeline.edit`` feeds at 256x256: the official editing prompt
+    (the reconstruct prompt for the unconditional row) with the picture's block where the runtime splices it, and
+    the edited scene's codes as the only labels."""
+    import torch
+
+    from illume_rt.contract import image_grid
+    from illume_rt.nano import train
+    from illume_rt.runtime.multimodal import image_block_length
+    from illume_rt.runtime.prompts import IMAGE_PLACEHOLDER, editing_ids
+
+    preset = train.nano_preset()
+    v, tok = preset.vocab, train.nano_tokenizer(preset)
+    sem, pix = (torch.arange(81) % 7).reshape(9, 9), (torch.arange(256) % 5).reshape(16, 16)
+    image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
+    for instruction, template in (("make it a square", 0), (None, 1)):
+        ids, labels = train.edit_example(preset, tok, instruction, sem, pix)
+        prompt = editing_ids(tok, v, instruction or "unused", 256, 256)[template]
+        at = prompt.index(IMAGE_PLACEHOLDER)
+        block = ids[at:at + image_block_length(256, 256)]
+        assert (block.count(train.SEM_SLOT), block.count(train.PIX_SLOT)) == (81, 256)
+        assert ids[:at] == prompt[:at] and ids[at + len(block):] == prompt[at + 1:] + image
+        assert labels == [-100] * (len(ids) - len(image)) + image
+    assert "Reconstruct" in tok.decode([i for i in ids if i >= 0 and i < 256])
+
+    scenes = data.split()[0]
+    pairs = train.edit_pairs(scenes)
+    src, instruction, dst = pairs[0]
+    assert (instruction, scenes[dst]) in data.edits(scenes[src]) and scenes[dst] != scenes[src]
+    held = set(data.split()[1])
+    assert not any(scenes[a] in held or scenes[b] in held for a, _, b in pairs)  # held-out scenes stay unseen
+
+
+def test_every_edit_changes_the_attribute_it_names_and_nothing_else():
+    s = data.Scene("circle", "red", "small", "top left", "blue")
+    edits = data.edits(s)
+    assert ("make the background black", s.with_("background", "black")) in edits
+    assert ("make it large", s.with_("size", "large")) in edits
+    assert all(t.colour != t.background for _, t in edits)
+    assert not any(t.background == "red" for _, t in edits)  # the shape is red: a red background would hide it
+    for instruction, target in edits:
+        changed = [a for a in data.ATTRIBUTES if getattr(target, a) != getattr(s, a)]
+        assert len(changed) == 1 and getattr(target, changed[0]) in instruction
