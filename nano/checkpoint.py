@@ -26,9 +26,29 @@ DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
 # The output sizes (height, width) the committed weights were trained to draw; the runtime prints a notice for
 # any other (recorded in the bundle manifest as model.trained_resolutions).
 TRAINED_RESOLUTIONS = ((256, 256),)
-# The sampling a call gets when it passes none (manifest model.sampling_defaults; the official defaults otherwise):
-# None until chosen on the training split (nano/README.md, "Sampling defaults").
-SAMPLING_DEFAULTS: dict | None = None
+# The sampling a call gets when it passes none (manifest model.sampling_defaults; the official defaults otherwise),
+# chosen on the training split by nano/choose_sampling.py, which writes this file (part of the weights' folder, so
+# the built-in bundle's key covers it).
+SAMPLING_FILE = MLLM_DIR / "illume_rt_sampling.json"
+
+
+def weights_digest() -> str:
+    """sha256 of the MLLM weights: what a choice of sampling defaults was measured on."""
+    import hashlib
+
+    return hashlib.sha256((MLLM_DIR / "model.safetensors").read_bytes()).hexdigest()
+
+
+def sampling_defaults() -> dict | None:
+    """{task: {field: value}} from SAMPLING_FILE, or None (the official defaults) when it is absent, chose them, or
+    was chosen for other weights (a retrained nano keeps the official defaults until choose_sampling reruns)."""
+    if not SAMPLING_FILE.is_file():
+        return None
+    record = json.loads(SAMPLING_FILE.read_text())
+    if record.get("weights_sha256") != weights_digest():
+        return None
+    chosen = record.get("text_to_image") or {}
+    return {"text_to_image": chosen} if chosen else None
 
 
 def available() -> bool:
@@ -41,7 +61,7 @@ def load_models():
 
     models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, base="nano")
     models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
-    models.sampling_defaults = SAMPLING_DEFAULTS
+    models.sampling_defaults = sampling_defaults()
     return models
 
 

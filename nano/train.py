@@ -43,7 +43,7 @@ from illume_rt.nano import data
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "work"
-STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "export")
+STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "export", "sampling")
 SEED = 1234
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
@@ -692,6 +692,13 @@ def main(argv=None) -> int:
     for name in args.stages or STAGES:
         if name == "export":
             stage_export(args.work, args.out)
+        elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py)
+            if args.out.resolve() != (HERE / "weights").resolve():
+                print(f"[sampling] skipped: it chooses for the committed weights folder, not {args.out}")
+                continue
+            from illume_rt.nano import choose_sampling
+
+            choose_sampling.main(["--limit", "2"] if SMOKE else [])
         else:
             globals()[f"stage_{name}"](args.work)
     return 0

@@ -191,3 +191,27 @@ def test_every_edit_changes_the_attribute_it_names_and_nothing_else():
     for instruction, target in edits:
         changed = [a for a in data.ATTRIBUTES if getattr(target, a) != getattr(s, a)]
         assert len(changed) == 1 and getattr(target, changed[0]) in instruction
+
+
+def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_their_weights(tmp_path, monkeypatch):
+    from illume_rt.nano import checkpoint, choose_sampling
+
+    def result(temperature, **scores):
+        full = {a: 0.9 for a in data.ATTRIBUTES}
+        full.update(scores)
+        return {"temperature": temperature, "top_p": 1.0, "scores": {**full, "all": scores.get("all", 0.5)}}
+
+    # the best mean (0.94) loses to the best weakest attribute (0.8 vs 0.7)
+    picked = choose_sampling.choose([result(1.0, size=0.7, colour=1.0, shape=1.0), result(0.7, size=0.8)])
+    assert picked["temperature"] == 0.7
+    assert choose_sampling.choose([result(1.0, all=0.4), result(0.7, all=0.6)])["temperature"] == 0.7  # tie: all
+
+    if not available():
+        return
+    monkeypatch.setattr(checkpoint, "SAMPLING_FILE", tmp_path / "sampling.json")
+    assert checkpoint.sampling_defaults() is None  # no file: the official defaults
+    record = {"text_to_image": {"top_p": 0.8}, "weights_sha256": checkpoint.weights_digest()}
+    checkpoint.SAMPLING_FILE.write_text(json.dumps(record))
+    assert checkpoint.sampling_defaults() == {"text_to_image": {"top_p": 0.8}}
+    checkpoint.SAMPLING_FILE.write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
+    assert checkpoint.sampling_defaults() is None  # chosen for other weights: not used
