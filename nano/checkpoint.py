@@ -47,8 +47,8 @@ def sampling_defaults() -> dict | None:
     record = json.loads(SAMPLING_FILE.read_text())
     if record.get("weights_sha256") != weights_digest():
         return None
-    chosen = record.get("text_to_image") or {}
-    return {"text_to_image": chosen} if chosen else None
+    chosen = {task: record[task] for task in ("text_to_image", "editing") if record.get(task)}
+    return chosen or None
 
 
 def available() -> bool:

@@ -1,6 +1,9 @@
-"""illume-nano's own text-to-image sampling defaults, chosen on its training split.
+"""illume-nano's own sampling defaults (text to image, editing), chosen on its training split.
 
     python -m illume_rt.nano.choose_sampling        # -> nano/weights/mllm/illume_rt_sampling.json
+
+Editing: the guidance, chosen the same way on edits of the training sample (``heldout.eval_edits('train')``) by
+the share of edits right.
 
 A model's sampling defaults are part of the model (a checkpoint's generation config); illume-nano's go into its
 bundle as ``model.sampling_defaults`` (nano/checkpoint.py reads the file written here), and a call or a command
@@ -23,12 +26,27 @@ from illume_rt.nano.checkpoint import SAMPLING_FILE, weights_digest
 
 # (temperature, top_p): the sampler knobs of the official defaults; top-k stays the official 2048 (6144 pixel)
 CANDIDATES = ((1.0, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.8), (0.7, 1.0), (0.7, 0.6))
+# Editing: the guidance (official 1.5) at the official editing sampler (0.7 / 512 / 0.8), since nano's
+# unconditional row gives back the source picture (nano/train.py EDIT_STEPS) and the guidance sets how far from it
+EDIT_GUIDANCE_CANDIDATES = (1.5, 1.0, 2.0, 3.0)
 
 
 def score_candidate(pipe, sampling, scenes, seed: int = 0) -> dict:
     marks = [score.score_picture(pipe.generate(s.caption, resolution=(256, 256), seed=seed, sampling=sampling).image,
                                  {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
     return score.summarize(marks)
+
+
+def score_edit_candidate(pipe, sampling, edits) -> dict:
+    from illume_rt.nano.heldout import score_edits
+
+    return score_edits(pipe, edits, sampling)
+
+
+def choose_edit(results: list[dict]) -> dict:
+    """The editing candidate with the most edits right (the asked attribute changed, the others kept); ties: the
+    asked attribute more often right."""
+    return max(results, key=lambda r: (r["scores"]["right"], r["scores"]["asked"]))
 
 
 def choose(results: list[dict]) -> dict:
@@ -63,12 +81,27 @@ def main(argv=None) -> int:
     best = choose(results)
     chosen = {k: best[k] for k in ("temperature", "top_p")
               if best[k] != getattr(official, k)}  # only what differs from the official defaults
-    record = {"text_to_image": chosen, "chosen": "the candidate whose weakest attribute is best (ties: all)",
+    from illume_rt.nano.heldout import eval_edits
+
+    official_edit = OFFICIAL_SAMPLING["editing"]
+    edits = eval_edits(args.limit, which="train")
+    edit_results = []
+    for guidance in EDIT_GUIDANCE_CANDIDATES:
+        t0 = time.time()
+        scores = score_edit_candidate(pipe, replace(official_edit, guidance_scale=guidance), edits)
+        edit_results.append({"guidance_scale": guidance, "scores": scores})
+        print(f"editing guidance {guidance}: {scores} ({time.time() - t0:.0f}s)", flush=True)
+    best_edit = choose_edit(edit_results)
+    chosen_edit = ({"guidance_scale": best_edit["guidance_scale"]}
+                   if best_edit["guidance_scale"] != official_edit.guidance_scale else {})
+    record = {"text_to_image": chosen, "editing": chosen_edit, "edit_candidates": edit_results,
+              "edits": len(edits), "chosen": "the candidate whose weakest attribute is best (ties: all)",
               "split": "train sample (heldout.eval_scenes('train'), full captions)", "scenes": len(scenes),
               "seed": 0, "guidance": official.guidance_scale, "top_k": official.top_k, "candidates": results,
               "weights_sha256": weights_digest(), "command": "python -m illume_rt.nano.choose_sampling"}
     args.json.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"chose {chosen or 'the official defaults'} -> {args.json}")
+    print(f"chose text to image {chosen or 'the official defaults'}, editing {chosen_edit or 'the official defaults'}"
+          f" -> {args.json}")
     return 0
 
 
