@@ -637,6 +637,9 @@ def stage_export(work: Path, out: Path) -> None:
     enc, dec, pixel = load_tokenizer_state(work)
     preset = nano_preset()
     llm, proj = build_mllm(preset)
+    if not (work / "polish.pt").is_file():
+        raise SystemExit(f"nano.train: {work} has no finished stage polish (the weights export from it): run "
+                         "`python -m illume_rt.nano.train` (it skips the finished stages) or name the missing ones")
     state = torch.load(work / "polish.pt", weights_only=True)["modules"]
     llm.load_state_dict(state["llm"])
     proj.load_state_dict(state["projectors"])
@@ -670,6 +673,14 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     print(f"[seed] semantic, pixel and mllm states from {weights}")
 
 
+def redo_stages(redo: list[str]) -> list[str]:
+    """The stages whose states ``--redo`` must drop: those named and every training stage after the first of them
+    (each starts from the state before it; `export` and `sampling` keep no state)."""
+    trained = [s for s in STAGES if s not in ("export", "sampling")]
+    first = min((trained.index(s) for s in redo if s in trained), default=len(trained))
+    return sorted(set(redo) | set(trained[first:]), key=STAGES.index)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("stages", nargs="*", help=f"any of {', '.join(STAGES)} (default: all, in order)")
@@ -698,7 +709,9 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.seed_from is not None:
         seed_from_weights(args.work, args.seed_from)
-    for name in args.redo:
+    for name in redo_stages(args.redo):
+        if name not in args.redo and (args.work / f"{name}.pt").is_file():
+            print(f"[redo] {name} too: it was trained on a stage that is redone")
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
     for name in args.stages or STAGES:

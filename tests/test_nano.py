@@ -232,3 +232,11 @@ def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_thei
     assert checkpoint.sampling_defaults() == {"text_to_image": {"top_p": 0.8}}
     checkpoint.SAMPLING_FILE.write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
     assert checkpoint.sampling_defaults() is None  # chosen for other weights: not used
+
+
+def test_redoing_a_stage_redoes_every_stage_built_on_it():
+    from illume_rt.nano import train
+
+    assert train.redo_stages(["focus"]) == ["focus", "edit", "polish"]
+    assert train.redo_stages(["tokens", "export"]) == ["tokens", "mllm", "focus", "edit", "polish", "export"]
+    assert train.redo_stages(["polish"]) == ["polish"] and train.redo_stages([]) == []
