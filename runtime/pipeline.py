@@ -26,14 +26,13 @@ from illume_rt.runtime.generate import (ImageGenerator, ImageTokens, LanguageMod
                                         generate_image_tokens, generate_images_tokens, generate_text)
 from illume_rt.runtime.images import (UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, load_image, pad_to_anchor,
                                       smart_resize, understanding_image, unpad_and_resize_back)
-from illume_rt.runtime.options import (OFFICIAL_SAMPLING, SamplingConfig, check_prompts, check_seed, check_threads,
+from illume_rt.runtime.options import (SamplingConfig, check_prompts, check_seed, check_threads,
                                       model_sampling_defaults)
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
 from illume_rt.runtime.refine import RefineConfig, Refiner
 from illume_rt.runtime.tokenizer import load_tokenizer
 
-EDIT_SAMPLING = OFFICIAL_SAMPLING["editing"]  # the official editing defaults (runtime/options.py)
 UNDERSTAND_MAX_NEW_TOKENS = 1024
 # understand() shrinks the image until this many answer tokens fit the context after the prompt
 UNDERSTAND_MIN_ANSWER_TOKENS = 32

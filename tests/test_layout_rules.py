@@ -245,7 +245,7 @@ def test_invalid_settings_are_refused_by_name(change, message):
 
 
 def test_layouts_grids_and_settings_are_immutable_values():
-    """Shared defaults (the pipeline's EDIT_SAMPLING, a bundle's layout) cannot be changed by one caller for the next;
+    """Shared defaults (options.OFFICIAL_SAMPLING, a bundle's layout) cannot be changed by one caller for the next;
     equal values hash alike (usable as cache keys)."""
     import dataclasses
 
