@@ -166,7 +166,9 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     """illume-nano: captions of its grammar at ``resolution`` (default the size its pictures are rendered and trained
     at, nano/data.py IMAGE_SIZE), full and short form; nano's questions on renders of its scenes. Calibration: eight
     training-split captions, four questions on training scenes. Evaluation (graph figures): three held-out captions,
-    two questions on held-out scenes. Seeds as in ``default_plan``; no refinement (nano has no diffusion decoder)."""
+    two questions on held-out scenes. Seeds as in ``default_plan``. The first caption of each also runs the
+    diffusion decoder (nano/decoder.py), so that its graphs are calibrated and measured; the others go through the
+    pixel decoder."""
     from illume_rt.nano import data
 
     calibrating = role == "calibration"
@@ -179,7 +181,7 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     resolution = tuple(resolution or (data.IMAGE_SIZE, data.IMAGE_SIZE))
     gen = [(p, resolution, seed + i) for i, p in enumerate(prompts)]
     questions = [(i, data.QUESTIONS[(i + seed) % len(data.QUESTIONS)]) for i in range(4 if calibrating else 2)]
-    return CalibrationPlan(generate=gen, understand=questions, refine=[], seed=seed,
+    return CalibrationPlan(generate=gen, understand=questions, refine=[0], seed=seed,
                            images="nano-train" if calibrating else "nano-held",
                            **({} if calibrating else {"llm_samples_per_run": 10 ** 9, "decoder_samples": 2}))
 

@@ -113,12 +113,10 @@ def builtin_key(preset: str) -> str:
         digest.update(file.read_bytes())
     if preset == "nano":  # the trained weights are part of the key
         from illume_rt.nano import checkpoint
-        from illume_rt.nano.checkpoint import DUALVITOK_FILE, MLLM_DIR
 
         # the weights, and the loader that records facts about them (e.g. the trained resolutions)
-        for file in [*sorted(MLLM_DIR.iterdir()), DUALVITOK_FILE, Path(checkpoint.__file__)]:
-            if file.is_file():
-                digest.update(file.name.encode() + file.read_bytes())
+        for file in [*checkpoint.weight_files(), Path(checkpoint.__file__)]:
+            digest.update(file.name.encode() + file.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -9,7 +9,10 @@ nano text vocabulary is 256 bytes, not Qwen2.5's BPE), ``model.safetensors`` (st
 ``weights/dualvitok/pytorch_model.bin``: the DualViTok state dict with official top-level names (the inference part
 plus the training-only ``semantic_encoder.*`` / ``semantic_decoder.*``, which the loader ignores).
 
-Both load through ``illume_rt.export.checkpoints.load_reference_models`` like the released checkpoints.
+``weights/dualvitok_sdxl_decoder/``: the diffusion decoder as the official one is published (a diffusers pipeline
+folder: ``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``; see ``nano/decoder.py``).
+
+All three load through ``illume_rt.export.checkpoints.load_reference_models`` like the released checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
 MLLM_DIR = WEIGHTS / "mllm"
 DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
+DECODER_DIR = WEIGHTS / "dualvitok_sdxl_decoder"
 # The output sizes (height, width) the committed weights were trained to draw; the runtime prints a notice for
 # any other (recorded in the bundle manifest as model.trained_resolutions).
 TRAINED_RESOLUTIONS = ((256, 256),)
@@ -51,6 +55,14 @@ def sampling_defaults() -> dict | None:
     return chosen or None
 
 
+def weight_files() -> list[Path]:
+    """Every file of the committed weights a built bundle depends on (the built-in bundle's key covers them)."""
+    files = sorted(MLLM_DIR.iterdir()) + [DUALVITOK_FILE]
+    if DECODER_DIR.is_dir():
+        files += sorted(p for p in DECODER_DIR.rglob("*") if p.is_file())
+    return [f for f in files if f.is_file()]
+
+
 def available() -> bool:
     return (MLLM_DIR / "config.json").is_file() and DUALVITOK_FILE.is_file()
 
@@ -59,7 +71,8 @@ def load_models():
     """The committed illume-nano as ``ReferenceModels``, through the official-checkpoint loaders."""
     from illume_rt.export.checkpoints import load_reference_models
 
-    models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, base="nano")
+    decoder = DECODER_DIR if (DECODER_DIR / "model_index.json").is_file() else None
+    models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, decoder, base="nano")
     models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
     models.sampling_defaults = sampling_defaults()
     return models
@@ -118,3 +131,24 @@ def write_checkpoint(out: Path, preset, llm, projectors, semantic_encoder, seman
     torch.save(tok_state, out / "dualvitok" / "pytorch_model.bin")
     if training is not None:
         (out / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+
+
+def write_decoder(out: Path, unet, vae, scaling_factor: float, scheduler_config: dict) -> None:
+    """Write ``out`` as a diffusers pipeline folder in the official decoder's layout (``model_index.json``; unet, vae
+    and scheduler subfolders). ``scaling_factor``: the VAE's, as training measured it (goes to vae/config.json)."""
+    import diffusers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.register_to_config(scaling_factor=float(scaling_factor))
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": "StableDiffusionXLDecoderPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", scheduler_config["_class_name"]]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for file in out.rglob("*"):
+        if file.is_file():
+            file.chmod(0o644)  # safetensors files are created owner-only

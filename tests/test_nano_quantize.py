@@ -57,7 +57,7 @@ def test_nano_bundle_calibrates_in_its_grammar_on_training_scenes_only(nano_bund
     pool = datasets.nano_scenes("nano-train")  # every scene calibration may draw from
     assert pool and not {c for sc in pool for c in (sc.caption, sc.short_caption)} & held
     cal = datasets.plan_for(model, "calibration")
-    assert cal.images == "nano-train" and cal.generate and cal.understand and not cal.refine
+    assert cal.images == "nano-train" and cal.generate and cal.understand and cal.refine == [0]
     for prompt, resolution, _ in cal.generate:
         assert data.attributes_of_caption(prompt) is not None, prompt  # nano's grammar, not the generic prompts
         assert prompt not in held and prompt not in scored, prompt

@@ -67,7 +67,7 @@ import math
 import numpy as np
 
 from illume_rt.export.components import Component, TensorSpec, Tolerance
-from illume_rt.contract import DIFFUSION_SIZES, GRAPH_IO, LATENT_CHANNELS, MAP_TO_LATENT
+from illume_rt.contract import DIFFUSION_SIZES, GRAPH_IO, LATENT_CHANNELS, MAP_TO_LATENT, image_grid
 from illume_rt.export.configs import NUM_ADD_TIME_IDS, Preset
 
 TEXT_SEQ_LEN = 77  # length of the zero prompt embeddings (pipe:365); only the unfolded reference uses it
@@ -251,8 +251,9 @@ def _is_tiny(preset: Preset) -> bool:
 
 def _map_profiles(preset: Preset) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(min, opt, max) of the token-map rows and columns over the supported output sizes."""
-    if _is_tiny(preset):
-        return (1, 2, 8), (1, 2, 8)
+    if _is_tiny(preset):  # toy decoders: up to the 16x16 map of a 256x256 picture (illume-nano's size)
+        side = image_grid(256, 256).pixel_rows
+        return (1, 2, side), (1, 2, side)
     f = vae_scale_factor(preset) * MAP_TO_LATENT
     hs = sorted({h // f for _, h in DIFFUSION_SIZES})
     ws = sorted({w // f for w, _ in DIFFUSION_SIZES})
