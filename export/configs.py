@@ -193,6 +193,24 @@ def _tiny_diffusion(map_channels: int) -> DiffusionConfig:
     return DiffusionConfig(unet=unet, vae=vae, scheduler=dict(SDXL_EULER_SCHEDULER))
 
 
+def _nano_diffusion(map_channels: int) -> DiffusionConfig:
+    """illume-nano's decoder (nano/decoder.py): the official structure (text_time embedding, a cross-attention level,
+    8x VAE) at a width a CPU trains in minutes, for nano's flat-colour 512x512 pictures. The VAE has no mid-block
+    attention (it trains on crops; attention over a crop is not attention over the picture). Its scaling_factor
+    here is a placeholder: training measures it, and the checkpoint's vae/config.json carries it."""
+    tiny = _tiny_diffusion(map_channels)
+    unet = {**tiny.unet, "sample_size": 64}
+    # One normalization group in the VAE: nano's pictures are flat colours, and GroupNorm over few channels per group
+    # (the decoder's last norm before conv_out) erased their absolute colour (a red disc came out orange). (The UNet
+    # keeps 8 groups: with one, it learned slower in the one run that tried it.)
+    vae = {**tiny.vae, "block_out_channels": [8, 16, 32, 32], "norm_num_groups": 1, "sample_size": 512,
+           "mid_block_add_attention": False}
+    # The UNet predicts the clean latent ("sample"): nano's picture is all but fixed by its token map, so the
+    # denoiser is close to a regression, which x0-prediction learns far faster on a CPU than epsilon-prediction
+    # (same sampler; the runtime's Euler scheduler implements all three prediction types).
+    return DiffusionConfig(unet=unet, vae=vae, scheduler={**SDXL_EULER_SCHEDULER, "prediction_type": "sample"})
+
+
 def _tiny() -> Preset:
     codebook = CodebookConfig(dim=8, semantic_size=128, pixel_size=384)
     return Preset(
@@ -223,7 +241,7 @@ def _nano() -> Preset:
         pixel_decoder=MoVQConfig(ch=8, num_res_blocks=1, z_channels=2 * codebook.dim, embed_dim=2 * codebook.dim,
                                  norm_groups=4),
         codebook=codebook,
-        diffusion=DiffusionConfig(),  # no diffusion decoder was trained (see nano/README.md)
+        diffusion=_nano_diffusion(2 * codebook.dim),
     )
 
 

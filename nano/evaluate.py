@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from illume_rt.nano import data, score
-from illume_rt.nano.heldout import (GUIDANCE, eval_edits, eval_prompts, eval_questions, runtime_answer,
-                                    runtime_generate, score_edits)
+from illume_rt.nano.heldout import (GUIDANCE, eval_edits, eval_prompts, eval_questions, eval_scenes,
+                                    runtime_answer, runtime_generate, score_edits)
 
 
 def reference_generate(models, prompt: str, seed: int = 0):
@@ -61,10 +61,11 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
 
 
 def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_limit: int | None = None,
-             log=print, which: str = "held", edits: bool = True, sampled: bool = False) -> dict:
+             log=print, which: str = "held", edits: bool = True, sampled: bool = False, refine: bool = False
+             ) -> dict:
     """{'generation': {engine: summary}, 'understanding': {engine: accuracy}, 'token_identical': ...}; with the
     runtime, 'editing' (greedy; with ``sampled`` also at the editing defaults) and, with ``sampled``,
-    'generation_default_sampling'."""
+    'generation_default_sampling'; with ``refine`` and a bundle with a diffusion decoder, 'refinement'."""
     engines = {k: v for k, v in (("reference", models), ("runtime", pipe)) if v is not None}
     gen = {name: [] for name in engines}
     same_tokens = []
@@ -110,6 +111,16 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
         marks = [score.score_picture(pipe.generate(prompt, resolution=(256, 256), seed=0).image, wanted)
                  for prompt, wanted in eval_prompts(prompt_limit, which)]
         out["generation_default_sampling"] = score.summarize(marks)
+    if pipe is not None and refine and pipe.bundle.manifest.get("diffusion"):
+        # The diffusion decoder (--refine, 2x) against Lanczos upscaling of the pixel decoder, from the codes of
+        # each scene's ground-truth picture: the decoders compared on the same codes (nano/decoder.py).
+        from illume_rt.nano import decoder
+        from illume_rt.nano.checkpoint import DUALVITOK_FILE
+
+        t0 = time.time()
+        out["refinement"] = decoder.refinement_scores(pipe, eval_scenes(which)[:prompt_limit],
+                                                      *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+        log(f"refinement: {out['refinement']['scenes']} pictures in {time.time() - t0:.0f}s")
     if same_tokens:
         out["runtime_token_identical"] = float(np.mean(same_tokens))
     if same_answers:
@@ -130,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-edits", action="store_true", help="skip the editing figures")
     ap.add_argument("--sampled", nargs="*", default=["held"], choices=["held", "train"],
                     help="splits also scored at the default sampling settings (generation and editing)")
+    ap.add_argument("--refine", nargs="*", default=["held"], choices=["held", "train"],
+                    help="splits whose pictures are also scored through the diffusion decoder (PSNR at 2x)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     import torch
@@ -147,7 +160,7 @@ def main(argv=None) -> int:
         bundle = args.bundle or ensure_default_bundle("nano")
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
     result = {which: evaluate(pipe, models, args.limit, args.limit, which=which, edits=not args.no_edits,
-                              sampled=which in args.sampled) for which in args.split}
+                              sampled=which in args.sampled, refine=which in args.refine) for which in args.split}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

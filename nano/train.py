@@ -18,7 +18,12 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
                  (a) caption -> image tokens (semantic then pixel, the official layout; 10% of captions replaced by the
                  unconditional prompt as cfg_text_dropout does) and (b) image -> answers (the five questions as one
                  multi-turn chat in a random order, so each question is also seen first).
-5. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
+5. ``focus``, ``edit``, ``polish``   The MLLM goes on from ``mllm``: erased context and hard-token weighting,
+                 then editing, then a short low-LR pass (see the comments at their constants below).
+6. ``vae``, ``decoder``   The diffusion decoder (``nano/decoder.py``): its autoencoder on 512x512 renders, then its
+                 UNet on (token map, latent) pairs; built on the tokenizer only, not on the MLLM.
+7. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
+8. ``sampling``  Choose nano's sampling defaults on the training split (``nano/choose_sampling.py``).
 
 Everything is seeded. One thread by default (``--threads``): on a busy 2-core machine, two OpenMP threads spin
 against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the
@@ -43,7 +48,7 @@ from illume_rt.nano import data
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "work"
-STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "export", "sampling")
+STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "vae", "decoder", "export", "sampling")
 SEED = 1234
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
@@ -85,6 +90,16 @@ EDIT_FULL_CAPTION_P, EDIT_PIXEL_ERASE_MAX = 0.7, 0.9
 # MLLM goes on briefly at a low learning rate with ``focus``'s caption recipe (captions half full form, codes erased
 # up to ERASE_MAX at both levels, T2I_BATCH), keeping a few edits per step (POLISH_EDIT_BATCH) so editing stays.
 POLISH_STEPS, POLISH_LR, POLISH_EDIT_BATCH = 400, 3e-4, 2
+# Stages ``vae`` and ``decoder``: the diffusion decoder (nano/decoder.py). The VAE trains on VAE_CROP-px crops of
+# 512x512 renders, then whole pictures (where its normalization statistics are the picture's: after crops alone,
+# colours came out shifted). The UNet trains on DECODER_PAIRS (token map, latent) pairs of jittered training scenes:
+# on LATENT_CROP crops of the 64x64 latent (the map cropped with them; half around the shape), then on whole
+# latents; each latent cell's loss weighs 1 + OBJECT_WEIGHT x the share of the shape in it, as the background's
+# cells would otherwise drown the shape's (the first runs drew the shape in the wrong colour).
+VAE_CROP_STEPS, VAE_FULL_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 150, 8, 128, 2e-3
+DECODER_PAIRS, DECODER_CROP_STEPS, DECODER_FULL_STEPS, DECODER_BATCH, LATENT_CROP, DECODER_LR = (
+    600, 1100, 150, 16, 32, 1e-3)
+OBJECT_WEIGHT = 10.0
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
@@ -631,8 +646,101 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
     stage.finish({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()}}, extra)
 
 
+# -- diffusion decoder ---------------------------------------------------------------------------------------------
+def stage_vae(work: Path) -> None:
+    stage = Stage(work, "vae")
+    if stage.done:
+        return
+    from illume_rt.export.networks.diffusion import build_diffusion
+    from illume_rt.nano import decoder
+
+    _, vae = build_diffusion(nano_preset())
+    vae.train()
+    train, _ = data.split()
+
+    def pictures(rng, n):
+        scenes = [train[i] for i in rng.integers(0, len(train), n)]
+        x = np.concatenate([data.to_model_input(data.render(s, rng, size=decoder.OUTPUT_SIZE)) for s in scenes])
+        return torch.from_numpy(x), scenes
+
+    def step_fn(step, rng):
+        full = step >= VAE_CROP_STEPS
+        x, scenes = pictures(rng, 2 if full else VAE_BATCH)
+        if not full:
+            x = decoder.object_crops(x, scenes, VAE_CROP, rng)
+        loss, l1 = decoder.vae_loss(vae, x)
+        return loss, f"l1 {l1:.4f}{' full' if full else ''}"
+
+    extra = _train_loop(stage, {"vae": vae}, list(vae.parameters()), VAE_CROP_STEPS + VAE_FULL_STEPS, VAE_LR,
+                        step_fn)
+    vae.eval()
+    x, _ = pictures(np.random.default_rng(SEED + 1), 4 if SMOKE else 32)
+    scaling_factor = 1.0 / float(decoder.latents(vae, x, 1.0).std())
+    print(f"[vae] scaling_factor {scaling_factor:.4f}")
+    stage.finish({"modules": {"vae": vae.state_dict()}, "scaling_factor": scaling_factor},
+                 {**extra, "scaling_factor": scaling_factor})
+
+
+def load_decoder_state(work: Path, with_unet: bool = True):
+    """(unet, vae, scaling_factor) with the finished stages' weights (eval mode)."""
+    from illume_rt.export.networks.diffusion import build_diffusion
+
+    unet, vae = build_diffusion(nano_preset())
+    state = torch.load(work / "vae.pt", weights_only=True)
+    vae.load_state_dict(state["modules"]["vae"])
+    if with_unet:
+        unet.load_state_dict(torch.load(work / "decoder.pt", weights_only=True)["modules"]["unet"])
+    return unet.eval(), vae.eval(), float(state["scaling_factor"])
+
+
+def stage_decoder(work: Path) -> None:
+    stage = Stage(work, "decoder")
+    if stage.done:
+        return
+    from illume_rt.export.networks.diffusion import build_scheduler
+    from illume_rt.nano import decoder
+
+    enc, _, pixel = load_tokenizer_state(work)
+    unet, vae, scaling_factor = load_decoder_state(work, with_unet=False)
+    train, _ = data.split()
+    pairs = 32 if SMOKE else DECODER_PAIRS
+    maps, lats, shares = [], [], []
+    for k0 in range(0, pairs, 16):  # the pairs are a pure function of SEED: a resumed stage recomputes them
+        chunk = [train[k % len(train)] for k in range(k0, min(pairs, k0 + 16))]
+        small, large = zip(*[decoder.jittered_pair(scene, SEED + k0 + i) for i, scene in enumerate(chunk)])
+        maps.append(decoder.token_maps(enc, pixel, torch.from_numpy(np.concatenate([data.to_model_input(i)
+                                                                                   for i in small]))))
+        lats.append(decoder.latents(vae, torch.from_numpy(np.concatenate([data.to_model_input(i) for i in large])),
+                                    scaling_factor))
+        shares.append(torch.stack([decoder.object_share(img, scene) for img, scene in zip(large, chunk)]))
+        print(f"[decoder] pairs {k0 + len(small)}/{pairs} cpu {stage.cpu_s():.0f}s", flush=True)
+    maps, lats, weights = torch.cat(maps), torch.cat(lats), 1.0 + OBJECT_WEIGHT * torch.cat(shares)
+    scenes = [train[k % len(train)] for k in range(pairs)]
+    scheduler = build_scheduler(nano_preset())
+    unet.train()
+    cells = LATENT_CROP // 4  # map cells per crop side: the latent grid is 4x the map's (MAP_TO_LATENT)
+
+    def step_fn(step, rng):
+        full = step >= DECODER_CROP_STEPS
+        idx = rng.integers(0, pairs, 4 if full else DECODER_BATCH)
+        x0, m, w = lats[idx], maps[idx].clone(), weights[idx]
+        if not full:
+            corners = [decoder.crop_corner(scenes[i], m.shape[-1], cells, rng) for i in idx]
+            x0 = torch.stack([x0[i, :, 4 * r:4 * (r + cells), 4 * c:4 * (c + cells)] for i, (r, c) in enumerate(corners)])
+            w = torch.stack([w[i, :, 4 * r:4 * (r + cells), 4 * c:4 * (c + cells)] for i, (r, c) in enumerate(corners)])
+            m = torch.stack([m[i, :, r:r + cells, c:c + cells] for i, (r, c) in enumerate(corners)])
+        m[torch.from_numpy(rng.random(len(idx)) < decoder.MAP_DROP_P)] = 0.0
+        x_t, t, eps = decoder.noised(scheduler, x0, rng)
+        err = (decoder.unet_call(unet, x_t, t, m) - decoder.training_target(scheduler, x0, eps, t)) ** 2
+        return (err * w).sum() / (w.sum() * err.shape[1]), "full" if full else ""
+
+    extra = _train_loop(stage, {"unet": unet}, list(unet.parameters()), DECODER_CROP_STEPS + DECODER_FULL_STEPS,
+                        DECODER_LR, step_fn)
+    stage.finish({"modules": {"unet": unet.state_dict()}}, extra)
+
+
 def stage_export(work: Path, out: Path) -> None:
-    from illume_rt.nano.checkpoint import write_checkpoint
+    from illume_rt.nano.checkpoint import DECODER_DIR, write_checkpoint, write_decoder
 
     enc, dec, pixel = load_tokenizer_state(work)
     preset = nano_preset()
@@ -640,11 +748,16 @@ def stage_export(work: Path, out: Path) -> None:
     if not (work / "polish.pt").is_file():
         raise SystemExit(f"nano.train: {work} has no finished stage polish (the weights export from it): run "
                          "`python -m illume_rt.nano.train` (it skips the finished stages) or name the missing ones")
+    if not (work / "decoder.pt").is_file():
+        raise SystemExit(f"nano.train: {work} has no finished stage decoder (the diffusion decoder exports from it): "
+                         "run `python -m illume_rt.nano.train vae decoder export`")
     state = torch.load(work / "polish.pt", weights_only=True)["modules"]
     llm.load_state_dict(state["llm"])
     proj.load_state_dict(state["projectors"])
     log = json.loads((work / "log.json").read_text())
     write_checkpoint(out, preset, llm.eval(), proj.eval(), enc, dec, pixel, training=log)
+    unet, vae, scaling_factor = load_decoder_state(work)
+    write_decoder(out / DECODER_DIR.name, unet, vae, scaling_factor, preset.diffusion.scheduler)
     print(f"[export] wrote {out}")
 
 
@@ -673,12 +786,21 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     print(f"[seed] semantic, pixel and mllm states from {weights}")
 
 
+# The state each training stage starts from (export and sampling keep no state of their own).
+BUILT_ON = {"semantic": (), "pixel": ("semantic",), "tokens": ("pixel",), "mllm": ("tokens",), "focus": ("mllm",),
+            "edit": ("focus",), "polish": ("edit",), "vae": (), "decoder": ("vae", "pixel")}
+
+
 def redo_stages(redo: list[str]) -> list[str]:
-    """The stages whose states ``--redo`` must drop: those named and every training stage after the first of them
-    (each starts from the state before it; `export` and `sampling` keep no state)."""
-    trained = [s for s in STAGES if s not in ("export", "sampling")]
-    first = min((trained.index(s) for s in redo if s in trained), default=len(trained))
-    return sorted(set(redo) | set(trained[first:]), key=STAGES.index)
+    """The stages whose states ``--redo`` must drop: those named and every training stage built on them, directly
+    or not (redoing ``focus`` redoes ``edit`` and ``polish``; the diffusion decoder is built on the tokenizer
+    only, so it is not retrained when the MLLM is)."""
+    out = set(redo)
+    changed = True
+    while changed:
+        grown = out | {s for s, bases in BUILT_ON.items() if out.intersection(bases)}
+        changed, out = grown != out, grown
+    return sorted(out, key=STAGES.index)
 
 
 def main(argv=None) -> int:
@@ -701,7 +823,8 @@ def main(argv=None) -> int:
     if SMOKE:
         g = globals()
         for name in ("SEMANTIC_STEPS", "PIXEL_CROP_STEPS", "PIXEL_FULL_STEPS", "MLLM_STEPS", "FOCUS_STEPS",
-                     "EDIT_STEPS", "POLISH_STEPS"):
+                     "EDIT_STEPS", "POLISH_STEPS", "VAE_CROP_STEPS", "VAE_FULL_STEPS", "DECODER_CROP_STEPS",
+                     "DECODER_FULL_STEPS"):
             g[name] = 2
     if args.focus_steps:
         globals()["FOCUS_STEPS"] = args.focus_steps

@@ -30,6 +30,13 @@ MIN_SHAPE_ACCURACY = 0.4
 RUNTIME_EDITS = 20
 MIN_EDIT_ASKED = 0.5
 MIN_EDIT_RIGHT = 0.05
+# Refinement (stages ``vae`` and ``decoder``): PSNR of the diffusion decoder's 2x picture against the scene rendered at
+# 2x, from the codes of the first held-out pictures. These weights: 25.6 dB on these four (Lanczos upscaling of the
+# pixel decoder's picture: 28.0 dB: the issue's target, refinement above Lanczos, is not met; over all 45:
+# nano/weights/eval.json "refinement"); an untrained decoder scores about 12.5 dB.
+RUNTIME_REFINES = 4
+MIN_REFINED_PSNR_DB = 24.0
+MIN_REFINE_SAME = 0.75  # pictures whose refined version reads as the same scene (every attribute)
 RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-out pictures
 MIN_ANSWER_ACCURACY = 0.85  # measured 1.00 over all 225 held-out questions; chance ~0.31
 
@@ -83,7 +90,9 @@ def test_committed_checkpoint_loads_through_the_official_loaders():
     models = load_models()
     assert models.random_weights is False and models.dualvitok is not None
     assert models.source["dualvitok"]["ignored_training_only"] > 0  # semantic encoder/decoder kept, ignored
-    assert load_mllm(MLLM_DIR, "nano").preset == models.preset
+    assert load_mllm(MLLM_DIR, "nano").preset.llm == models.preset.llm
+    assert models.unet is not None and models.vae is not None  # the diffusion decoder, from its diffusers folder
+    assert models.source["diffusion"]["path"].endswith("dualvitok_sdxl_decoder")
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert size < 30 * 2 ** 20
 
@@ -129,6 +138,43 @@ def test_runtime_edits_held_out_pictures(nano_pipe):
 
     figures = score_edits(nano_pipe, eval_edits(RUNTIME_EDITS))
     assert figures["asked"] >= MIN_EDIT_ASKED and figures["right"] >= MIN_EDIT_RIGHT, figures
+
+
+@needs_weights
+def test_refine_works_out_of_the_box_on_the_built_in_model(nano_pipe):
+    """``--refine`` on the built-in model: its bundle carries nano's diffusion decoder, and the 2x picture it draws
+    from a held-out picture's codes is close to the scene rendered at 2x (PSNR; Lanczos upscaling of the pixel
+    decoder's picture is reported beside it: it is still ahead, see RUNTIME_REFINES)."""
+    from illume_rt.nano import decoder
+    from illume_rt.nano.checkpoint import DUALVITOK_FILE
+    from illume_rt.nano.heldout import eval_scenes
+
+    assert nano_pipe.bundle.manifest.get("diffusion"), "the built-in bundle has no diffusion decoder"
+    figures = decoder.refinement_scores(nano_pipe, eval_scenes("held")[:RUNTIME_REFINES],
+                                        *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+    assert figures["refined_psnr_db"] >= MIN_REFINED_PSNR_DB, figures
+
+
+@pytest.mark.runtime
+@needs_weights
+def test_a_refined_picture_shows_what_the_pixel_decoder_drew(nano_pipe):
+    """``generate --refine`` on the built-in model, where the runtime is installed without torch: the 512x512
+    picture the diffusion decoder draws from generated codes shows the scene the pixel decoder's 256x256 picture
+    of the same codes shows (read back by the same scorer)."""
+    from illume_rt.nano.heldout import GUIDANCE, eval_prompts
+    from illume_rt.runtime.options import SamplingConfig
+    from illume_rt.runtime.pipeline import to_uint8
+    from illume_rt.runtime.refine import RefineConfig
+
+    same = []
+    for prompt, _ in eval_prompts(RUNTIME_REFINES, "train"):
+        result = nano_pipe.generate(prompt, (256, 256), seed=0, refine=RefineConfig(),
+                                    sampling=SamplingConfig(guidance_scale=GUIDANCE, greedy=True))
+        assert result.refined and result.image.shape == (512, 512, 3)
+        drawn = to_uint8(nano_pipe.decode_image(result.tokens.semantic, result.tokens.pixel))
+        wanted = score.read_scene(drawn)
+        same.append(score.read_scene(result.image) == wanted)
+    assert np.mean(same) >= MIN_REFINE_SAME, same
 
 
 def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path):
@@ -240,3 +286,6 @@ def test_redoing_a_stage_redoes_every_stage_built_on_it():
     assert train.redo_stages(["focus"]) == ["focus", "edit", "polish"]
     assert train.redo_stages(["tokens", "export"]) == ["tokens", "mllm", "focus", "edit", "polish", "export"]
     assert train.redo_stages(["polish"]) == ["polish"] and train.redo_stages([]) == []
+    assert train.redo_stages(["vae"]) == ["vae", "decoder"]
+    assert train.redo_stages(["pixel"]) == ["pixel", "tokens", "mllm", "focus", "edit", "polish", "decoder"]
+    assert set(train.BUILT_ON) == {s for s in train.STAGES if s not in ("export", "sampling")}
