@@ -37,33 +37,31 @@ def jittered_pair(scene: data.Scene, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 @torch.no_grad()
+def codes(encoder, pixel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 3, 256, 256] in [-1, 1] -> (semantic [B, 9, 9], pixel [B, 16, 16]) code grids of the nano tokenizer."""
+    semantic = pixel.semantic_quantizer.nearest_indices(encoder(images))
+    return semantic, pixel.pixel_quantizer.nearest_indices(pixel.pixel_quant_conv(pixel.pixel_encoder(images)))
+
+
+@torch.no_grad()
 def token_maps(encoder, pixel, images: torch.Tensor) -> torch.Tensor:
     """[B, 3, 256, 256] in [-1, 1] -> the runtime's token map [B, 2 x dim, 16, 16]: merge_quants of the codebook
     vectors of the pictures' semantic and pixel codes (what ``Pipeline.refine_image`` feeds the UNet)."""
     from illume_rt.export.networks.dualvitok import merge_quants
 
-    semantic = pixel.semantic_quantizer.nearest_indices(encoder(images))
-    pixel_codes = pixel.pixel_quantizer.nearest_indices(pixel.pixel_quant_conv(pixel.pixel_encoder(images)))
+    semantic, pixel_codes = codes(encoder, pixel, images)
     return merge_quants(pixel.semantic_quantizer.indices_to_codes(semantic),
                         pixel.pixel_quantizer.indices_to_codes(pixel_codes))
 
 
-def unet_call(unet, latent_in: torch.Tensor, timestep: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
-    """The UNet as the official pipeline calls it for nano's output size (zero text, text_time ids)."""
+def unet_call(preset, unet, latent_in: torch.Tensor, timestep: torch.Tensor, token_map: torch.Tensor
+              ) -> torch.Tensor:
+    """The UNet as the official pipeline calls it for nano's output size (zero text, text_time ids); ``preset``:
+    the nano preset the UNet was built from (its pooled width)."""
     from illume_rt.export.networks.diffusion import unet_reference_call
 
     index = torch.full((latent_in.shape[0],), RESOLUTION_INDEX, dtype=torch.int64)
-    return unet_reference_call(_preset(unet), unet, latent_in, timestep, token_map, index)
-
-
-def _preset(unet):
-    """The nano preset with this UNet's config (pooled width and map channels are read from it)."""
-    from dataclasses import replace
-
-    from illume_rt.export.configs import get_preset
-
-    preset = get_preset("nano")
-    return replace(preset, diffusion=replace(preset.diffusion, unet=dict(unet.config)))
+    return unet_reference_call(preset, unet, latent_in, timestep, token_map, index)
 
 
 def object_crops(images: torch.Tensor, scenes: list[data.Scene], size: int, rng: np.random.Generator
@@ -159,13 +157,10 @@ def tokenizer_from_weights(dualvitok_file):
     return encoder.eval(), pixel.eval()
 
 
-@torch.no_grad()
 def picture_codes(encoder, pixel, picture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [256, 256, 3] -> (semantic [9, 9], pixel [16, 16]) code grids."""
-    x = torch.from_numpy(data.to_model_input(picture))
-    semantic = pixel.semantic_quantizer.nearest_indices(encoder(x))
-    codes = pixel.pixel_quantizer.nearest_indices(pixel.pixel_quant_conv(pixel.pixel_encoder(x)))
-    return semantic[0].numpy(), codes[0].numpy()
+    semantic, pixel_codes = codes(encoder, pixel, torch.from_numpy(data.to_model_input(picture)))
+    return semantic[0].numpy(), pixel_codes[0].numpy()
 
 
 def refinement_scores(pipe, scenes: list[data.Scene], encoder, pixel, config=None, seed: int = 0) -> dict:

@@ -716,7 +716,8 @@ def stage_decoder(work: Path) -> None:
         print(f"[decoder] pairs {k0 + len(small)}/{pairs} cpu {stage.cpu_s():.0f}s", flush=True)
     maps, lats, weights = torch.cat(maps), torch.cat(lats), 1.0 + OBJECT_WEIGHT * torch.cat(shares)
     scenes = [train[k % len(train)] for k in range(pairs)]
-    scheduler = build_scheduler(nano_preset())
+    preset = nano_preset()
+    scheduler = build_scheduler(preset)
     unet.train()
     cells = LATENT_CROP // 4  # map cells per crop side: the latent grid is 4x the map's (MAP_TO_LATENT)
 
@@ -726,12 +727,13 @@ def stage_decoder(work: Path) -> None:
         x0, m, w = lats[idx], maps[idx].clone(), weights[idx]
         if not full:
             corners = [decoder.crop_corner(scenes[i], m.shape[-1], cells, rng) for i in idx]
-            x0 = torch.stack([x0[i, :, 4 * r:4 * (r + cells), 4 * c:4 * (c + cells)] for i, (r, c) in enumerate(corners)])
-            w = torch.stack([w[i, :, 4 * r:4 * (r + cells), 4 * c:4 * (c + cells)] for i, (r, c) in enumerate(corners)])
+            latent_window = [(slice(4 * r, 4 * (r + cells)), slice(4 * c, 4 * (c + cells))) for r, c in corners]
+            x0 = torch.stack([x0[i, :, rows, cols] for i, (rows, cols) in enumerate(latent_window)])
+            w = torch.stack([w[i, :, rows, cols] for i, (rows, cols) in enumerate(latent_window)])
             m = torch.stack([m[i, :, r:r + cells, c:c + cells] for i, (r, c) in enumerate(corners)])
         m[torch.from_numpy(rng.random(len(idx)) < decoder.MAP_DROP_P)] = 0.0
         x_t, t, eps = decoder.noised(scheduler, x0, rng)
-        err = (decoder.unet_call(unet, x_t, t, m) - decoder.training_target(scheduler, x0, eps, t)) ** 2
+        err = (decoder.unet_call(preset, unet, x_t, t, m) - decoder.training_target(scheduler, x0, eps, t)) ** 2
         return (err * w).sum() / (w.sum() * err.shape[1]), "full" if full else ""
 
     extra = _train_loop(stage, {"unet": unet}, list(unet.parameters()), DECODER_CROP_STEPS + DECODER_FULL_STEPS,
