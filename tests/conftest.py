@@ -28,6 +28,28 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+# The suite runs on two pytest-xdist workers (pyproject.toml addopts: -n 2): each test file's tests go to one worker,
+# so a file's module fixtures (quantized bundles, exports) are built once, and the files that share the session's
+# export of the official checkpoints (conftest official_ckpt_bundle, the suite's slowest step) go together, so it
+# is built once too. (xdist's own --dist loadgroup cannot do this under pytest 9.2: it renames test ids through an
+# attribute pytest no longer reads.)
+SHARED_EXPORT_FILES = {"test_checkpoints.py": "official checkpoints", "test_verify_tokens.py": "official checkpoints"}
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a hook of pytest-xdist, absent when it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        """One scope per test file, files that share a session export merged."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return SHARED_EXPORT_FILES.get(Path(file).name, file)
+
+    return FileGroups(config, log)
+
+
 # The runtime as users install it (.ci/run's second environment): only the default install, no torch, and the
 # package from site-packages, not this source tree. ILLUME_RT_RUNTIME_ONLY=1 makes sure of both before any test runs,
 # so that environment cannot silently have torch (pytest -m "runtime and not export"; bundles from the env vars).
@@ -191,3 +213,4 @@ def examples(tmp_path_factory):
                                                                        "value": f"<image>{instruction}"}]}))
     (root / "edit" / "edit_test_examples.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
