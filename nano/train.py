@@ -21,13 +21,14 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 5. ``focus``, ``edit``, ``polish``   The MLLM goes on from ``mllm``: erased context and hard-token weighting,
                  then editing, then a short low-LR pass (see the comments at their constants below).
 6. ``vae``, ``decoder``   The diffusion decoder (``nano/decoder.py``): its autoencoder on 512x512 renders, then its
-                 UNet on (token map, latent) pairs; built on the tokenizer only, not on the MLLM.
+                 UNet on (token map, latent) pairs; built on the tokenizer only, not on the MLLM, so a run that has
+                 both to do trains them in a second process beside stages 3-5 (``--jobs``, default 2: one per core).
 7. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
 8. ``sampling``  Choose nano's sampling defaults on the training split (``nano/choose_sampling.py``).
 
-Everything is seeded. One thread by default (``--threads``): on a busy 2-core machine, two OpenMP threads spin
-against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the
-weights' ``training.json``.
+Everything is seeded. One thread per process by default (``--threads``): on a busy 2-core machine, two OpenMP threads
+spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds
+per stage go to ``WORK/log.json`` and into the weights' ``training.json``.
 """
 
 from __future__ import annotations
@@ -224,12 +225,24 @@ class Stage:
         torch.save(state, tmp)
         os.replace(tmp, self.path)
         self.partial.unlink(missing_ok=True)
-        log_path = self.work / "log.json"
+        entry = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
+                 **(extra or {})}
+        update_log(self.work, {self.name: entry})
+        print(f"[{self.name}] done: {entry}")
+
+
+def update_log(work: Path, entries: dict) -> None:
+    """Merge ``entries`` into ``work/log.json``: under a lock, as the side chain's process (SIDE_CHAIN) finishes
+    its stages while this one does, and replaced whole, so that a reader never sees half a file."""
+    from illume_rt.files import exclusive_lock
+
+    log_path = work / "log.json"
+    with exclusive_lock(work / "log.lock"):
         log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-        log[self.name] = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
-                          **(extra or {})}
-        log_path.write_text(json.dumps(log, indent=1))
-        print(f"[{self.name}] done: {log[self.name]}")
+        log.update(entries)
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(log, indent=1))
+        os.replace(tmp, log_path)
 
 
 def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int, peak_lr: float, step_fn,
@@ -783,11 +796,16 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     for name, modules in (("semantic", part), ("pixel", {"pixel": pixel}), ("mllm", {"llm": llm, "projectors": proj})):
         torch.save({"modules": modules, "cpu_s": log.get(name, {}).get("cpu_s", 0.0)}, work / f"{name}.pt")
         (work / f"{name}.partial.pt").unlink(missing_ok=True)
-    (work / "log.json").write_text(json.dumps({k: {**v, "seeded_from": str(weights)} for k, v in log.items()
-                                               if k in ("semantic", "pixel", "mllm")}, indent=1))
+    update_log(work, {k: {**v, "seeded_from": str(weights)} for k, v in log.items()
+                      if k in ("semantic", "pixel", "mllm")})
     print(f"[seed] semantic, pixel and mllm states from {weights}")
 
 
+# The stages a second process trains while this one trains the MLLM's (``--jobs 2``): built on the tokenizer only
+# (BUILT_ON), they can start once it is trained, and they finish well before ``polish`` (about 80 of the MLLM
+# chain's 137 CPU minutes), so the whole recipe takes the MLLM chain's time instead of the sum of both.
+SIDE_CHAIN = ("vae", "decoder")
+TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
 # The state each training stage starts from (export and sampling keep no state of their own).
 BUILT_ON = {"semantic": (), "pixel": ("semantic",), "tokens": ("pixel",), "mllm": ("tokens",), "focus": ("mllm",),
             "edit": ("focus",), "polish": ("edit",), "vae": (), "decoder": ("vae", "pixel")}
@@ -818,6 +836,8 @@ def main(argv=None) -> int:
                     help=f"steps of stage focus (default {FOCUS_STEPS}); pass the same value again to resume it, "
                          "the learning-rate schedule depends on it")
     ap.add_argument("--threads", type=int, default=1)  # 2 threads spin against each other on a busy 2-core box
+    ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                    help="processes: 2 trains the diffusion decoder's stages beside the MLLM's (one core each)")
     args = ap.parse_args(argv)
     bad = [s for s in args.stages if s not in STAGES]
     if bad:
@@ -839,19 +859,66 @@ def main(argv=None) -> int:
             print(f"[redo] {name} too: it was trained on a stage that is redone")
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
-    for name in args.stages or STAGES:
-        if name == "export":
-            stage_export(args.work, args.out)
-        elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py)
-            if args.out.resolve() != (HERE / "weights").resolve():
-                print(f"[sampling] skipped: it chooses for the committed weights folder, not {args.out}")
+    stages = [name for name in STAGES if name in (args.stages or STAGES)]  # in dependency order
+    side = side_chain(stages, {name for name in STAGES if (args.work / f"{name}.pt").is_file()}, args.jobs)
+    side_process, side_started = None, False
+    try:
+        for name in stages:
+            if side and not side_started and name not in TOKENIZER_STAGES:
+                side_process, side_started = start_side_chain(args, side), True
+            if name in side:
                 continue
-            from illume_rt.nano import choose_sampling
-
-            choose_sampling.main(["--limit", "2"] if SMOKE else [])
-        else:
-            globals()[f"stage_{name}"](args.work)
+            if side_process is not None and (name in ("export", "sampling") or side_process.poll() is not None):
+                finish_side_chain(side_process)  # before what reads its states, or as soon as it has failed
+                side_process = None
+            run_stage(name, args)
+        if side_process is not None:
+            finish_side_chain(side_process)
+            side_process = None
+    finally:
+        if side_process is not None and side_process.poll() is None:  # this process failed or was interrupted
+            side_process.terminate()  # its stage resumes from its last checkpoint next time
+            side_process.wait()
     return 0
+
+
+def side_chain(stages: list[str], done: set[str], jobs: int) -> list[str]:
+    """The SIDE_CHAIN stages of ``stages`` that a second process trains: those not ``done``, when there are MLLM
+    stages to do beside them and ``jobs`` allows two processes (else none: one process runs everything in order)."""
+    side = [name for name in SIDE_CHAIN if name in stages and name not in done]
+    mllm_chain = [name for name in stages if name in BUILT_ON and name not in SIDE_CHAIN and name not in done]
+    return side if jobs >= 2 and mllm_chain else []
+
+
+def start_side_chain(args, side: list[str]):
+    """A second process training the SIDE_CHAIN stages ``side`` on the same work folder, one thread."""
+    import subprocess
+    import sys
+
+    print(f"[side] {', '.join(side)} in a second process", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "illume_rt.nano.train", *side, "--work", str(args.work),
+                             "--threads", str(args.threads), "--jobs", "1"])
+
+
+def finish_side_chain(process) -> None:
+    if process.wait() != 0:
+        raise SystemExit(f"nano.train: the diffusion decoder's stages ({', '.join(SIDE_CHAIN)}) failed (exit code "
+                         f"{process.returncode}, their output is above); run `python -m illume_rt.nano.train` again: "
+                         "finished stages are skipped and an interrupted one resumes")
+
+
+def run_stage(name: str, args) -> None:
+    if name == "export":
+        stage_export(args.work, args.out)
+    elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py)
+        if args.out.resolve() != (HERE / "weights").resolve():
+            print(f"[sampling] skipped: it chooses for the committed weights folder, not {args.out}")
+            return
+        from illume_rt.nano import choose_sampling
+
+        choose_sampling.main(["--limit", "2"] if SMOKE else [])
+    else:
+        globals()[f"stage_{name}"](args.work)
 
 
 if __name__ == "__main__":

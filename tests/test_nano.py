@@ -289,3 +289,42 @@ def test_redoing_a_stage_redoes_every_stage_built_on_it():
     assert train.redo_stages(["vae"]) == ["vae", "decoder"]
     assert train.redo_stages(["pixel"]) == ["pixel", "tokens", "mllm", "focus", "edit", "polish", "decoder"]
     assert set(train.BUILT_ON) == {s for s in train.STAGES if s not in ("export", "sampling")}
+
+
+def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
+    from illume_rt.nano import train
+
+    every = list(train.STAGES)
+    assert train.side_chain(every, set(), jobs=2) == ["vae", "decoder"]
+    assert train.side_chain(every, set(), jobs=1) == []
+    assert train.side_chain(every, {"vae"}, jobs=2) == ["decoder"]
+    done_mllm = {"semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish"}
+    assert train.side_chain(every, done_mllm, jobs=2) == []  # nothing to overlap with: in order, one process
+    assert train.side_chain(["vae", "decoder", "export"], set(), jobs=2) == []
+    assert train.side_chain(["polish", "decoder"], set(), jobs=2) == ["decoder"]
+    # what the side chain is built on is trained before it starts, by the first process
+    for stage in train.SIDE_CHAIN:
+        assert set(train.BUILT_ON[stage]) <= set(train.SIDE_CHAIN) | set(train.TOKENIZER_STAGES)
+
+
+def _log_many(work, prefix, n):
+    from illume_rt.nano import train
+
+    for i in range(n):
+        train.update_log(work, {f"{prefix}{i}": {"cpu_s": float(i)}})
+
+
+def test_two_training_processes_finishing_stages_keep_each_others_log_entries(tmp_path):
+    """The side chain's process and the first one both write log.json (the CPU seconds in training.json): neither
+    may lose the other's entries."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_log_many, args=(tmp_path, prefix, 40)) for prefix in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert set(log) == {f"{p}{i}" for p in "ab" for i in range(40)}
