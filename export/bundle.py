@@ -41,6 +41,8 @@ class ReferenceModels:
     trained_resolutions: list | None = None
     # {task: {sampling field: value}} the model's own sampling defaults, when it declares them (illume-nano)
     sampling_defaults: dict | None = None
+    # {field: value} the model's own refinement defaults (its diffusion decoder's guidance), when declared
+    refine_defaults: dict | None = None
     # Filled by the checkpoint loaders (export/checkpoints.py); None for the random-weight presets.
     vision_tower: object = None  # Qwen2VisionTransformer (the MLLM's fine-tuned semantic ViT + merger)
     projectors: object = None  # Projectors (projector_1 semantic, projector_2 pixel)
@@ -143,6 +145,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                       "trained_resolutions": ([list(r) for r in models.trained_resolutions]
                                               if models.trained_resolutions else None),
                       **({"sampling_defaults": models.sampling_defaults} if models.sampling_defaults else {}),
+                      **({"refine_defaults": models.refine_defaults} if models.refine_defaults else {}),
                       **(model_info or {})},
             "export": {"exporter": "streaming: structure traced on fake tensors, weights written one tensor at a "
                                    "time (export/streaming.py)", "weight_dtype": weight_dtype},

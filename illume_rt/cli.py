@@ -243,12 +243,18 @@ def _sampling(args, task: str, pipe=None):
     return sampling
 
 
-def _refine(args):
-    from illume_rt.runtime.refine import RefineConfig
+def _refine(args, pipe=None):
+    """--refine's RefineConfig: the options given, the rest the model's own defaults (``pipe``) or the official ones
+    (before the pipeline is open: to refuse bad options first)."""
+    from dataclasses import replace
+
+    from illume_rt.runtime.refine import OFFICIAL_REFINE
 
     if not args.refine:
         return None
-    config = RefineConfig(steps=args.steps, guidance_scale=args.refine_guidance)
+    defaults = pipe.default_refine() if pipe is not None else OFFICIAL_REFINE
+    given = {"steps": args.steps, "guidance_scale": args.refine_guidance}
+    config = replace(defaults, **{k: v for k, v in given.items() if v is not None})
     config.validate()
     return config
 
@@ -337,6 +343,8 @@ def cmd_generate(args) -> None:
     refine = _refine(args)
     pipe = _open_pipeline(args, refine)
     sampling = _sampling(args, "text_to_image", pipe)
+    refine = _refine(args, pipe)
+    pipe.check_refine(refine)
     printed = _notice(pipe, args.resolution)
     _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
         args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token,
@@ -362,6 +370,8 @@ def cmd_edit(args) -> None:
     source = load_image(args.image)
     pipe = _open_pipeline(args, refine)
     sampling = _sampling(args, "editing", pipe)
+    refine = _refine(args, pipe)
+    pipe.check_refine(refine)
     anchor = nearest_anchor(source.height, source.width, pipe.edit_anchors)
     printed = _notice(pipe, anchor)
     grid = image_grid(*anchor)
@@ -483,10 +493,10 @@ def _image_task_options(parser, defaults: str) -> None:
                             f"{DEFAULT_PARALLEL_WINDOW}); lossless: the same distribution, fewer calls")
     ref = parser.add_argument_group("diffusion refinement (2x output)")
     ref.add_argument("--refine", action="store_true", help="decode with the diffusion decoder instead")
-    ref.add_argument("--steps", type=ranged(int, 1, MAX_REFINE_STEPS), default=20,
-                     help="denoising steps (default 20)")
-    ref.add_argument("--refine-guidance", type=ranged(float, 1.0, 1e4), default=2.0,
-                     help="diffusion guidance (default 2.0)")
+    ref.add_argument("--steps", type=ranged(int, 1, MAX_REFINE_STEPS), default=None,
+                     help="denoising steps (default: the model's, else 20)")
+    ref.add_argument("--refine-guidance", type=ranged(float, 1.0, 1e4), default=None,
+                     help="diffusion guidance (default: the model's, else 2.0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

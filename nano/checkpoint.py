@@ -36,6 +36,33 @@ TRAINED_RESOLUTIONS = ((256, 256),)
 SAMPLING_FILE = MLLM_DIR / "illume_rt_sampling.json"
 
 
+# The refinement a --refine call gets when it names none (manifest model.refine_defaults; the official defaults
+# otherwise): the diffusion decoder's guidance, chosen on the training split by nano/choose_sampling.py, which writes
+# this file beside the decoder it was measured on (so the built-in bundle's key covers it).
+REFINE_FILE = DECODER_DIR / "illume_rt_refine.json"
+
+
+def decoder_digest() -> str:
+    """sha256 over the diffusion decoder's files (not REFINE_FILE): what a choice of refine defaults was measured on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in DECODER_DIR.rglob("*") if p.is_file() and p != REFINE_FILE):
+        digest.update(path.relative_to(DECODER_DIR).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def refine_defaults() -> dict | None:
+    """{field: value} from REFINE_FILE, or None (the official defaults) when it is absent, chose them, or was chosen
+    for another decoder."""
+    if not REFINE_FILE.is_file():
+        return None
+    record = json.loads(REFINE_FILE.read_text())
+    if record.get("decoder_sha256") != decoder_digest():
+        return None
+    return record.get("refine") or None
+
+
 def weights_digest() -> str:
     """sha256 of the MLLM weights: what a choice of sampling defaults was measured on."""
     import hashlib
@@ -75,6 +102,7 @@ def load_models():
     models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, decoder, base="nano")
     models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
     models.sampling_defaults = sampling_defaults()
+    models.refine_defaults = refine_defaults() if decoder is not None else None
     return models
 
 

@@ -5,6 +5,11 @@
 Editing: the guidance, chosen the same way on edits of the training sample (``heldout.eval_edits('train')``) by
 the share of edits right.
 
+Refinement: the diffusion decoder's guidance (official 2.0), by the PSNR of its 2x output against the scene
+rendered at 2x, from the codes of the first REFINE_SCENES pictures of the training sample
+(``decoder.refinement_scores``); written beside the decoder (nano/checkpoint.py REFINE_FILE) with the digest of
+the decoder it was measured on. ``--refine-only`` redoes only this choice (after the decoder alone was retrained).
+
 A model's sampling defaults are part of the model (a checkpoint's generation config); illume-nano's go into its
 bundle as ``model.sampling_defaults`` (nano/checkpoint.py reads the file written here), and a call or a command
 that gives no sampling option uses them. The official defaults (temperature 1.0, top-k 2048, top-p 1.0) are one of
@@ -22,13 +27,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from illume_rt.nano import data, score
-from illume_rt.nano.checkpoint import SAMPLING_FILE, weights_digest
+from illume_rt.nano.checkpoint import REFINE_FILE, SAMPLING_FILE, decoder_digest, weights_digest
 
 # (temperature, top_p): the sampler knobs of the official defaults; top-k stays the official 2048 (6144 pixel)
 CANDIDATES = ((1.0, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.8), (0.7, 1.0), (0.7, 0.6))
 # Editing: the guidance (official 1.5) at the official editing sampler (0.7 / 512 / 0.8), since nano's
 # unconditional row gives back the source picture (nano/train.py EDIT_STEPS) and the guidance sets how far from it
 EDIT_GUIDANCE_CANDIDATES = (1.5, 1.0, 2.0, 3.0)
+# Refinement: the guidance at the official 20 steps; guidance extrapolates away from the decoder's unconditional
+# picture (the map zeroed), which tinted nano's backgrounds at 2.0 (nano/README.md "Refinement")
+REFINE_GUIDANCE_CANDIDATES = (2.0, 1.5, 1.0)
+REFINE_SCENES = 10  # ~3 s a picture per candidate on one core
 
 
 def score_candidate(pipe, sampling, scenes, seed: int = 0) -> dict:
@@ -54,6 +63,32 @@ def choose(results: list[dict]) -> dict:
     return max(results, key=lambda r: (min(r["scores"][a] for a in data.ATTRIBUTES), r["scores"]["all"]))
 
 
+def choose_refine(pipe, limit: int | None) -> dict:
+    """The record of REFINE_FILE: the guidance with the best mean PSNR on the training sample."""
+    from dataclasses import replace
+
+    from illume_rt.nano import decoder
+    from illume_rt.nano.checkpoint import DUALVITOK_FILE
+    from illume_rt.nano.heldout import eval_scenes
+    from illume_rt.runtime.refine import OFFICIAL_REFINE
+
+    scenes = eval_scenes("train")[:min(limit or REFINE_SCENES, REFINE_SCENES)]
+    tokenizer = decoder.tokenizer_from_weights(DUALVITOK_FILE)
+    results = []
+    for guidance in REFINE_GUIDANCE_CANDIDATES:
+        t0 = time.time()
+        scores = decoder.refinement_scores(pipe, scenes, *tokenizer, replace(OFFICIAL_REFINE, guidance_scale=guidance))
+        results.append({"guidance_scale": guidance, "scores": scores})
+        print(f"refine guidance {guidance}: {scores} ({time.time() - t0:.0f}s)", flush=True)
+    best = max(results, key=lambda r: r["scores"]["refined_psnr_db"])
+    chosen = ({"guidance_scale": best["guidance_scale"]}
+              if best["guidance_scale"] != OFFICIAL_REFINE.guidance_scale else {})
+    return {"refine": chosen, "candidates": results, "chosen": "the best mean PSNR against the 2x render",
+            "split": "train sample (heldout.eval_scenes('train'))", "scenes": len(scenes), "seed": 0,
+            "steps": OFFICIAL_REFINE.steps, "decoder_sha256": decoder_digest(),
+            "command": "python -m illume_rt.nano.choose_sampling"}
+
+
 def main(argv=None) -> int:
     from illume_rt.cli import ensure_default_bundle
     from illume_rt.nano.heldout import eval_scenes
@@ -65,8 +100,16 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many training scenes")
     ap.add_argument("--json", type=Path, default=SAMPLING_FILE)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--refine-only", action="store_true",
+                    help="only the refinement guidance (when only the diffusion decoder was retrained)")
     args = ap.parse_args(argv)
     pipe = Pipeline.from_bundle(args.bundle or ensure_default_bundle("nano"), threads=args.threads)
+    if pipe.bundle.manifest.get("diffusion"):
+        record = choose_refine(pipe, args.limit)
+        REFINE_FILE.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"chose refinement {record['refine'] or 'the official defaults'} -> {REFINE_FILE}")
+    if args.refine_only:
+        return 0
     if pipe.bundle.manifest["model"].get("sampling_defaults"):
         print("note: the bundle declares sampling defaults; each candidate is passed explicitly, so they do not "
               "matter here")

@@ -165,14 +165,14 @@ def picture_codes(encoder, pixel, picture: np.ndarray) -> tuple[np.ndarray, np.n
 
 def refinement_scores(pipe, scenes: list[data.Scene], encoder, pixel, config=None, seed: int = 0) -> dict:
     """Each scene's canonical 256x256 picture -> its codes -> (a) the runtime's diffusion decoder (2x) and (b) the
-    runtime's pixel decoder upscaled to 2x with Lanczos; PSNR of each against the scene rendered at 2x."""
+    runtime's pixel decoder upscaled to 2x with Lanczos; PSNR of each against the scene rendered at 2x. ``config``:
+    the refinement (default: what ``--refine`` gets, the bundle's ``default_refine``)."""
     from PIL import Image
 
     from illume_rt.contract import image_grid
     from illume_rt.runtime.pipeline import to_uint8
-    from illume_rt.runtime.refine import RefineConfig
 
-    config = config or RefineConfig()
+    config = config or pipe.default_refine()
     grid = image_grid(data.IMAGE_SIZE, data.IMAGE_SIZE)
     refined, lanczos = [], []
     for scene in scenes:

@@ -15,6 +15,7 @@ from illume_rt.contract import BUNDLE_FORMAT_VERSION as FORMAT_VERSION
 from illume_rt.contract import MANIFEST, LayoutError, VocabLayout, component_io, host_contract
 from illume_rt.files import sha256_file
 from illume_rt.runtime.options import model_sampling_defaults
+from illume_rt.runtime.refine import model_refine_defaults
 
 
 class BundleError(IllumeError, RuntimeError):
@@ -201,6 +202,7 @@ def validate_manifest(manifest, root: Path) -> None:
                               "re-export the bundle")
     try:
         model_sampling_defaults(_field(model, "sampling_defaults", dict, "model.", optional=True))
+        model_refine_defaults(_field(model, "refine_defaults", dict, "model.", optional=True))
     except LayoutError as exc:
         raise BundleError(f"manifest field model.{exc}; re-export the bundle") from None
     vocab = _field(manifest, "vocab", dict, "")

@@ -30,7 +30,7 @@ from illume_rt.runtime.options import (SamplingConfig, check_prompts, check_seed
                                       model_sampling_defaults)
 from illume_rt.runtime.multimodal import ImageEncoder, image_block, image_block_length, splice
 from illume_rt.runtime.prompts import editing_ids, text_to_image_ids, understanding_ids
-from illume_rt.runtime.refine import RefineConfig, Refiner
+from illume_rt.runtime.refine import RefineConfig, Refiner, model_refine_defaults
 from illume_rt.runtime.tokenizer import load_tokenizer
 
 UNDERSTAND_MAX_NEW_TOKENS = 1024
@@ -303,6 +303,12 @@ class Pipeline:
         defaults, or those the bundle's model declares (manifest ``model.sampling_defaults``; illume-nano's are
         chosen on its training split, nano/README.md)."""
         return model_sampling_defaults(self.bundle.manifest["model"].get("sampling_defaults"))[task]
+
+    def default_refine(self) -> RefineConfig:
+        """The refinement ``refine=pipe.default_refine()`` asks for: the official defaults (20 steps, guidance 2.0),
+        or those the bundle's model declares for its diffusion decoder (manifest ``model.refine_defaults``;
+        illume-nano's guidance is chosen on its training split, nano/README.md)."""
+        return model_refine_defaults(self.bundle.manifest["model"].get("refine_defaults"))
 
     @property
     def edit_anchors(self) -> tuple[tuple[int, int], ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +33,29 @@ class RefineConfig:
             raise LayoutError("--steps must be at least 1 (20 is the official default)")
         if self.guidance_scale < 1.0:
             raise LayoutError("--refine-guidance must be >= 1 (1 = off; the official default is 2.0)")
+
+
+# The official refinement defaults (ILLUME/app.py: 20 steps, guidance 2.0). A bundle may declare its diffusion
+# decoder's own (manifest ``model.refine_defaults``, as illume-nano's guidance, chosen on its training split):
+# model_refine_defaults.
+OFFICIAL_REFINE = RefineConfig()
+DECLARABLE_REFINE = ("steps", "guidance_scale")
+
+
+def model_refine_defaults(declared: dict | None) -> RefineConfig:
+    """The official refinement defaults with a model's declared fields (``{field: value}``) in their place. Raises
+    LayoutError naming the bad field."""
+    if declared is None:
+        return OFFICIAL_REFINE
+    unknown = sorted(set(declared) - set(DECLARABLE_REFINE))
+    if unknown:
+        raise LayoutError(f"refine_defaults: {unknown} cannot be declared; fields: {', '.join(DECLARABLE_REFINE)}")
+    config = replace(OFFICIAL_REFINE, **declared)
+    try:
+        config.validate()
+    except LayoutError as exc:
+        raise LayoutError(f"refine_defaults: {exc}") from None
+    return config
 
 
 class Refiner:

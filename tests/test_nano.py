@@ -280,6 +280,21 @@ def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_thei
     assert checkpoint.sampling_defaults() is None  # chosen for other weights: not used
 
 
+@needs_weights
+def test_refine_defaults_are_bound_to_the_decoder_they_were_chosen_for(tmp_path, monkeypatch):
+    from illume_rt.nano import checkpoint
+
+    if not checkpoint.DECODER_DIR.is_dir():
+        pytest.fail("nano/weights/ has no diffusion decoder folder")
+    monkeypatch.setattr(checkpoint, "REFINE_FILE", tmp_path / "refine.json")
+    assert checkpoint.refine_defaults() is None  # no file: the official defaults
+    record = {"refine": {"guidance_scale": 1.0}, "decoder_sha256": checkpoint.decoder_digest()}
+    checkpoint.REFINE_FILE.write_text(json.dumps(record))
+    assert checkpoint.refine_defaults() == {"guidance_scale": 1.0}
+    checkpoint.REFINE_FILE.write_text(json.dumps({**record, "decoder_sha256": "0" * 64}))
+    assert checkpoint.refine_defaults() is None  # chosen for another decoder: not used
+
+
 def test_redoing_a_stage_redoes_every_stage_built_on_it():
     from illume_rt.nano import train
 

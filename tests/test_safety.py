@@ -587,6 +587,22 @@ def test_a_model_declared_sampling_default_is_what_a_call_without_sampling_gets(
     assert np.array_equal(cli_image, pipe.generate("a cat", seed=3, sampling=replace(want, top_p=1.0)).image)
 
 
+def test_a_model_declared_refine_default_is_what_refine_without_options_gets(bundle_copy, tmp_path, capsys):
+    """A bundle may declare its diffusion decoder's refinement defaults (manifest model.refine_defaults, as
+    illume-nano's guidance): ``default_refine`` and ``--refine`` use them, and an option replaces only its field."""
+    _mutate(bundle_copy, _set(["model", "refine_defaults"], {"guidance_scale": 1.0}))
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    assert pipe.default_refine() == RefineConfig(steps=20, guidance_scale=1.0)
+    greedy = SamplingConfig(greedy=True)
+    declared = pipe.generate("a cat", seed=3, sampling=greedy, refine=RefineConfig(steps=2, guidance_scale=1.0)).image
+    official = pipe.generate("a cat", seed=3, sampling=greedy, refine=RefineConfig(steps=2)).image
+    assert not np.array_equal(declared, official)  # the guidance matters, so the check below can fail
+    code, _, err = run_cli(capsys, "generate", "a cat", "--bundle", bundle_copy, "--seed", "3", "--greedy",
+                           "--refine", "--steps", "2", "-o", tmp_path / "x.png", "-q", "--threads", "1")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png").convert("RGB")), declared)
+
+
 def test_a_model_trained_at_no_official_anchor_edits_at_its_own_size(bundle_copy):
     _mutate(bundle_copy, _set(["model", "trained_resolutions"], [[256, 256]]))
     pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
