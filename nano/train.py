@@ -99,7 +99,7 @@ POLISH_STEPS, POLISH_LR, POLISH_EDIT_BATCH = 400, 3e-4, 2
 # cells would otherwise drown the shape's (the first runs drew the shape in the wrong colour).
 VAE_CROP_STEPS, VAE_FULL_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 150, 8, 128, 2e-3
 DECODER_PAIRS, DECODER_CROP_STEPS, DECODER_FULL_STEPS, DECODER_BATCH, LATENT_CROP, DECODER_LR = (
-    600, 1100, 150, 16, 32, 1e-3)
+    1200, 3000, 500, 16, 32, 1e-3)
 OBJECT_WEIGHT = 10.0
 UNCOND_P = 0.1  # official cfg_text_dropout
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
