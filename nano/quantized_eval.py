@@ -12,6 +12,10 @@ them). Every flavour is also opened as written on onnxruntime CPU and one prompt
 runs there directly, or the error line (BF16: onnxruntime CPU has no BF16 kernels; the scores then come from the
 BF16-emulating copy the graph figures use, ``evaluated_on`` says so).
 
+A bundle with nano's diffusion decoder is also scored on refinement: PSNR of the 2x picture (the model's refine
+defaults) against the scene rendered at 2x, from the codes of the first REFINE_SCENES held-out pictures
+(``decoder.refinement_scores``), FP32 and each flavour that runs on onnxruntime CPU as written.
+
 Re-run after nano's weights change: the JSON records the weights' hashes it was measured on.
 """
 
@@ -30,6 +34,7 @@ from pathlib import Path
 FLAVOURS = (("int8-ort-cpu", "int8", "ort-cpu"), ("int8-tensorrt", "int8", "tensorrt"),
             ("fp8-tensorrt", "fp8", "tensorrt"), ("fp16-tensorrt", "fp16", "tensorrt"),
             ("bf16-tensorrt", "bf16", "tensorrt"))
+REFINE_SCENES = 10  # ~3 s a picture on the FP32 bundle
 
 
 def _versions() -> dict:
@@ -101,6 +106,20 @@ def _graph_summary(manifest: dict) -> dict:
     return out
 
 
+def _refinement(path: Path, threads: int) -> dict | None:
+    """decoder.refinement_scores of the bundle at ``path`` (None without a diffusion decoder)."""
+    from illume_rt.nano import decoder
+    from illume_rt.nano.checkpoint import DUALVITOK_FILE
+    from illume_rt.nano.heldout import eval_scenes
+    from illume_rt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(path, "ort-cpu", threads)
+    if not pipe.bundle.manifest.get("diffusion"):
+        return None
+    return decoder.refinement_scores(pipe, eval_scenes("held")[:REFINE_SCENES],
+                                     *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+
+
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:
     from illume_rt.calibration import accuracy
     from illume_rt.calibration.quantize import QuantizationError, quantize_bundle
@@ -114,7 +133,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
               "weights": {part: info.get("files") for part, info in source.get("source", {}).items()
                           if isinstance(info, dict) and "files" in info},
               "scored_on": scorer.describe(), "max_drop": accuracy.MAX_PROMPT_ACCURACY_DROP,
-              "threads": threads, "fp32": None, "flavours": {}}
+              "threads": threads, "fp32": None, "fp32_refinement": _refinement(bundle, threads), "flavours": {}}
     folder = keep or Path(tempfile.mkdtemp(prefix="nano-quantized-"))
     for name, precision, target in flavours:
         t0 = time.time()
@@ -140,6 +159,8 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
                                            "images": q["calibration"]["plan"]["images"]},
                          runs_directly_on_onnxruntime_cpu=_runs_directly(dst, threads),
                          quantize_seconds=q["seconds"])
+            if entry["runs_directly_on_onnxruntime_cpu"] == "yes":
+                entry["refinement"] = _refinement(dst, threads)
         entry["seconds"] = round(time.time() - t0, 1)
         result["flavours"][name] = entry
         write(result)  # after every flavour: a stopped run keeps what it measured

@@ -58,6 +58,10 @@ def test_nano_bundle_calibrates_in_its_grammar_on_training_scenes_only(nano_bund
     assert pool and not {c for sc in pool for c in (sc.caption, sc.short_caption)} & held
     cal = datasets.plan_for(model, "calibration")
     assert cal.images == "nano-train" and cal.generate and cal.understand and cal.refine == [0]
+    # the UNet is calibrated and measured on every timestep of the refinement a user runs (the official 20 steps)
+    from illume_rt.runtime.refine import OFFICIAL_REFINE
+
+    assert cal.refine_steps == datasets.plan_for(model, "evaluation").refine_steps == OFFICIAL_REFINE.steps
     for prompt, resolution, _ in cal.generate:
         assert data.attributes_of_caption(prompt) is not None, prompt  # nano's grammar, not the generic prompts
         assert prompt not in held and prompt not in scored, prompt

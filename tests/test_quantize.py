@@ -189,6 +189,15 @@ def test_missed_gate_fails_unless_keep_failed(tiny_bundle, tmp_path):
     assert zps == {onnx.TensorProto.INT8}  # tensorrt flavour: signed symmetric
 
 
+def test_a_missed_gate_names_the_graphs_to_leave_in_fp32():
+    from illume_rt.calibration.quantize import _fp32_hint
+
+    results = {"llm": {"passed": True}, "vae_decoder": {"passed": False}, "pixel_decoder": {"passed": True}}
+    assert _fp32_hint(results) == "; or leave vae_decoder in FP32: --components llm,pixel_decoder"
+    assert _fp32_hint({"llm": {"passed": False}}) == ""  # nothing passed: nothing to keep
+    assert _fp32_hint({"llm": {"passed": True}}) == ""
+
+
 def _registries_as_shipped():
     """onnxruntime.quantization.registry executed afresh under another name: the op registries as onnxruntime
     defines them, whatever any quantization earlier in this process did to the loaded module."""
