@@ -259,8 +259,8 @@ def _refine(args, pipe=None):
     return config
 
 
-def _open_pipeline(args, refine=None):
-    """The pipeline of --bundle (or the built-in model), with what the request needs of it checked up front."""
+def _open_pipeline(args):
+    """The pipeline of --bundle (or the built-in model)."""
     from illume_rt.runtime.pipeline import Pipeline
 
     bundle = Path(args.bundle) if args.bundle else ensure_default_bundle()
@@ -270,7 +270,6 @@ def _open_pipeline(args, refine=None):
         release_large_blocks_promptly()  # a process-wide malloc setting: the CLI owns its process, so it opts in
     pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads,
                                 trt_precision=getattr(args, "trt_precision", None))
-    pipe.check_refine(refine)  # no decoder, or too many steps: said now, not after the image is decoded
     if pipe.random_weights:
         print(f"note: bundle {bundle.name} has RANDOM weights ({pipe.bundle.manifest['model']['preset']} preset): "
               "output is noise-like; pass --bundle with a real model for real results", file=sys.stderr)
@@ -340,11 +339,11 @@ def cmd_generate(args) -> None:
     for output in outputs:
         image_target(output)  # an unwritable target is refused before the model is loaded
     _sampling(args, "text_to_image")
-    refine = _refine(args)
-    pipe = _open_pipeline(args, refine)
+    _refine(args)  # bad options refused before the model is loaded
+    pipe = _open_pipeline(args)
     sampling = _sampling(args, "text_to_image", pipe)
-    refine = _refine(args, pipe)
-    pipe.check_refine(refine)
+    refine = _refine(args, pipe)  # the model's refinement defaults under the options given
+    pipe.check_refine(refine)  # no decoder, or too many steps: said now, not after the image is decoded
     printed = _notice(pipe, args.resolution)
     _draw(args, image_grid(*args.resolution), lambda on_token: pipe.generate(
         args.prompt, args.resolution, seed=args.seed, sampling=sampling, refine=refine, on_token=on_token,
@@ -366,12 +365,12 @@ def cmd_edit(args) -> None:
 
     image_target(args.output)
     _sampling(args, "editing")
-    refine = _refine(args)
+    _refine(args)  # bad options refused before the model is loaded
     source = load_image(args.image)
-    pipe = _open_pipeline(args, refine)
+    pipe = _open_pipeline(args)
     sampling = _sampling(args, "editing", pipe)
-    refine = _refine(args, pipe)
-    pipe.check_refine(refine)
+    refine = _refine(args, pipe)  # the model's refinement defaults under the options given
+    pipe.check_refine(refine)  # no decoder, or too many steps: said now, not after the image is decoded
     anchor = nearest_anchor(source.height, source.width, pipe.edit_anchors)
     printed = _notice(pipe, anchor)
     grid = image_grid(*anchor)

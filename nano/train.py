@@ -802,7 +802,7 @@ def seed_from_weights(work: Path, weights: Path) -> None:
 
 
 # The stages a second process trains while this one trains the MLLM's (``--jobs 2``): built on the tokenizer only
-# (BUILT_ON), they can start once it is trained, and they finish well before ``polish`` (about 80 of the MLLM
+# (BUILT_ON), they can start once it is trained, and they finish well before ``polish`` (76 of the MLLM
 # chain's 137 CPU minutes), so the whole recipe takes the MLLM chain's time instead of the sum of both.
 SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
