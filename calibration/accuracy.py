@@ -8,6 +8,8 @@
   level (semantic, pixel; the guided scores of the two rows, what the sampler draws from) and for answers (greedy
   text logits): top-1 agreement and mean KL(FP32 || quantized) in nats.
 - ``psnr``: decoded images, quantized vs FP32 (both clipped to [-1, 1], peak 2).
+- ``refinement_figures``: the diffusion refinement end to end (token map, the UNet at every step of the schedule,
+  the VAE decoder), quantized graphs vs FP32 from the same codes and noise (``record_eval`` keeps the FP32 pictures).
 - ``prompt_scorers`` / ``prompt_gate``: end-to-end prompt accuracy, per figure (e.g. per attribute), FP32 vs
   quantized on the same prompts: illume-nano's scorer for nano bundles, plus any ``register_prompt_scorer`` added.
 """
@@ -19,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from illume_rt.calibration.datasets import CalibrationPlan, Recorder, plan_images
+from illume_rt.calibration.datasets import CalibrationPlan, Recorder, plan_images, plan_refine
 
 # name -> callable(pipeline) -> {figure: fraction right in [0, 1]} (e.g. one per attribute; a plain float counts as
 # one figure, "accuracy"). Registered scorers apply to every bundle; ``model_scorers`` adds the scorer of a model the
@@ -87,13 +89,15 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else (1.0 if np.array_equal(a, b) else 0.0)
 
 
-def record_eval(pipe, plan: CalibrationPlan) -> dict:
-    """FP32 runs with everything recorded: {'generate': [...], 'understand': [...], 'calls': {component: [..]}}."""
+def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
+    """FP32 runs with everything recorded: {'generate': [...], 'understand': [...], 'calls': {component: [..]},
+    'refinements': [...]}. ``refinements``: also refine the codes of every generated picture and of the plan's
+    ``refine_checks`` (the reference of ``refinement_figures``; when the bundle has a diffusion decoder)."""
     from illume_rt.runtime.options import SamplingConfig
-    from illume_rt.runtime.refine import RefineConfig
 
     comps = pipe.bundle.manifest["components"]
-    out: dict = {"generate": [], "understand": [], "calls": {}}
+    out: dict = {"generate": [], "understand": [], "calls": {}, "refinements": []}
+    refinements = refinements and all(n in comps for n in REFINE_CHAIN + ("token_map",))
 
     def swap(name, events, keep=lambda i: True):
         rec = Recorder(pipe.engines[name], keep, True, events)
@@ -120,12 +124,18 @@ def record_eval(pipe, plan: CalibrationPlan) -> dict:
         names = ["llm", "lm_head_semantic", "lm_head_pixel", "pixel_decoder"]
         refine = None
         if index in plan.refine and all(n in comps for n in ("diffusion_unet", "vae_decoder", "token_map")):
-            refine = RefineConfig(steps=plan.refine_steps)
+            refine = plan_refine(pipe, plan)
             names += ["diffusion_unet", "vae_decoder"]
         result = collect(names, events, lambda: pipe.generate(prompt, tuple(resolution), seed=seed,
                                                                sampling=sampling, refine=refine))
         out["generate"].append({"prompt": prompt, "resolution": list(resolution), "seed": seed, "events": events,
                                 "guidance": sampling.guidance_scale, "refine": refine, "image": result.image})
+        if refinements:
+            out["refinements"].append(_fp32_refinement(pipe, plan, result.tokens, resolution, seed))
+    if refinements:
+        for prompt, resolution, seed in plan.refine_checks:  # drawn for their codes only: nothing recorded
+            result = pipe.generate(prompt, tuple(resolution), seed=seed, sampling=sampling)
+            out["refinements"].append(_fp32_refinement(pipe, plan, result.tokens, resolution, seed))
     if plan.understand and "semantic_encoder" in comps:
         pool = plan_images(plan)
         names = list(pool)[:plan.max_images]
@@ -137,6 +147,43 @@ def record_eval(pipe, plan: CalibrationPlan) -> dict:
             out["understand"].append({"image": name, "question": question, "events": events,
                                       "answer_tokens": len(result.token_ids)})
     return out
+
+
+# The graphs of the diffusion refinement, in the order they run: each graph's own gate compares single calls on FP32
+# inputs, but the UNet runs once per step, each step on the previous one's output, so an error it passes per call can
+# grow along the schedule. illume-nano's INT8 onnxruntime CPU UNet passed its gate (worst cosine 0.9988) and drew
+# refined pictures at 16 dB against the scene instead of FP32's 28.6 (nano/README.md "Quantized"). So quantize also
+# gates the chain end to end (``refinement_figures``).
+REFINE_CHAIN = ("diffusion_unet", "vae_decoder")
+
+
+def _fp32_refinement(pipe, plan: CalibrationPlan, tokens, resolution, seed: int) -> dict:
+    """One generated picture's codes refined by the FP32 graphs, from noise seeded with ``seed``: the reference the
+    quantized chain is compared with."""
+    from illume_rt.contract import image_grid
+
+    config, grid = plan_refine(pipe, plan), image_grid(*resolution)
+    image, _ = pipe.refine_image(tokens.semantic, tokens.pixel, grid, config, np.random.default_rng(seed))
+    return {"semantic": tokens.semantic, "pixel": tokens.pixel, "grid": grid, "config": config, "seed": seed,
+            "image": image}
+
+
+def refinement_figures(pipe, quantized: dict, refinements: list[dict]) -> dict:
+    """The refinements ``record_eval`` kept, run again with the ``quantized`` engines ({component: engine}, some of
+    REFINE_CHAIN) in place of the FP32 ones, from the same codes and noise: PSNR of each picture against FP32's. The
+    pipeline's own engines for those components are closed afterwards (opened again, FP32, on next use)."""
+    for name, engine in quantized.items():
+        pipe.replace_engine(name, engine)
+    try:
+        scores = [psnr(pipe.refine_image(r["semantic"], r["pixel"], r["grid"], r["config"],
+                                         np.random.default_rng(r["seed"]))[0], r["image"]) for r in refinements]
+    finally:
+        for name in quantized:
+            pipe.engines.close(name)
+    first = refinements[0]["config"]
+    return {"worst_psnr_db": round(min(scores), 2), "mean_psnr_db": round(float(np.mean(scores)), 2),
+            "pictures": len(scores), "steps": first.steps, "guidance": first.guidance_scale,
+            "quantized": sorted(quantized)}
 
 
 def graph_figures(engine, calls: list[dict], output_names: list[str], every: int = 1) -> dict:

@@ -10,9 +10,12 @@ which (``accuracy.evaluated_on``).
 
 Steps: open the source bundle on onnxruntime CPU; capture calibration feeds from the runtime's own runs
 (datasets.capture) and record held-out evaluation runs (accuracy.record_eval); quantize every graph of
-recipes.QUANTIZED with its recipe; measure each against the FP32 graph; gate; copy the bundle into a temporary
-sibling folder, replace the quantized graphs, update their manifest entries (precision, quantization: recipe,
-target, tool, calibration sizes/seeds, figures, gates), write the manifest last and rename the folder into place.
+recipes.QUANTIZED with its recipe; measure each against the FP32 graph; gate; when the diffusion UNet or VAE decoder
+is quantized, also refine the evaluation's generated codes end to end with the quantized graphs and gate the worst
+picture against FP32's (accuracy.refinement_figures: a per-call error can grow over the schedule's steps); copy the
+bundle into a temporary sibling folder, replace the quantized graphs, update their manifest entries (precision,
+quantization: recipe, target, tool, calibration sizes/seeds, figures, gates), write the manifest last and rename the
+folder into place.
 
 A missed gate raises QuantizationError (nothing is written) unless ``keep_failed`` (then the bundle is written with
 ``quantization.status = "failed"`` in the manifest).
@@ -55,14 +58,44 @@ def _gate(name: str, figures: dict, limits: dict) -> list[str]:
     return fails
 
 
+def _acceptable(result: dict) -> bool:
+    """A graph passes its own gate and is not to blame for a missed refinement gate (``_refinement_gate``)."""
+    return result["passed"] and not result.get("blamed_for_refinement")
+
+
 def _fp32_hint(results: dict) -> str:
     """The other way out when some graphs miss their gates and others pass: quantize only those that pass (illume-nano's
     small VAE decoder misses at INT8 while the rest passes, nano/README.md "Quantized")."""
-    missed = [name for name, r in results.items() if not r["passed"]]
-    passed = [name for name, r in results.items() if r["passed"]]
+    missed = [name for name, r in results.items() if not _acceptable(r)]
+    passed = [name for name, r in results.items() if _acceptable(r)]
     if not missed or not passed:
         return ""
     return f"; or leave {', '.join(missed)} in FP32: --components {','.join(passed)}"
+
+
+def _refinement_gate(pipe, results: dict, refinements: list[dict], limit: float, open_quantized: Callable) -> dict:
+    """The diffusion refinement end to end with the quantized graphs of accuracy.REFINE_CHAIN in ``results`` (the
+    figures, the limit and its failures). When it misses with both graphs quantized, each is measured alone: the one
+    that misses alone is blamed (``results[name]["blamed_for_refinement"]``, so the hint leaves it FP32), both when
+    neither misses alone."""
+    chain = [n for n in accuracy.REFINE_CHAIN if n in results]
+    engines = {n: open_quantized(n) for n in chain}
+    figures = accuracy.refinement_figures(pipe, engines, refinements)
+    figures["limit_psnr_db"] = limit
+    figures["failures"] = []
+    if figures["worst_psnr_db"] >= limit:
+        return figures
+    figures["failures"].append(
+        f"refinement ({' + '.join(chain)} quantized, {figures['steps']} steps): worst picture PSNR "
+        f"{figures['worst_psnr_db']:.2f} dB vs FP32 < {limit}")
+    blamed = chain
+    if len(chain) > 1:
+        figures["alone"] = {n: accuracy.refinement_figures(pipe, {n: engines[n]}, refinements)["worst_psnr_db"]
+                            for n in chain}
+        blamed = [n for n in chain if figures["alone"][n] < limit] or chain
+    for name in blamed:
+        results[name]["blamed_for_refinement"] = True
+    return figures
 
 
 def summary_lines(manifest: dict) -> list[str]:
@@ -83,6 +116,11 @@ def summary_lines(manifest: dict) -> list[str]:
         for key, fig in a.get("teacher_forced", {}).items():
             lines.append(f"    teacher-forced {key:<8} top-1 {fig['top1_agreement']:.4f}  KL {fig['kl_mean']:.2e} "
                          f"(max {fig['kl_max']:.2e}, {fig['positions']} positions)")
+    refinement = q.get("refinement")
+    if refinement:
+        lines.append(f"  refinement ({' + '.join(refinement['quantized'])} quantized, {refinement['steps']} steps, "
+                     f"{refinement['pictures']} pictures): worst PSNR {refinement['worst_psnr_db']:.1f} dB vs FP32 "
+                     f"(gate {refinement['limit_psnr_db']})" + ("  ok" if not refinement["failures"] else "  FAIL"))
     if isinstance(q.get("prompt_accuracy"), dict):
         for scorer_name, fig in q["prompt_accuracy"].items():
             lines.append(f"  prompt accuracy ({scorer_name}) FP32:      {_figures_text(fig['fp32'])}")
@@ -226,7 +264,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
     log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s{_memory()}")
     t1 = time.perf_counter()
-    evals = accuracy.record_eval(pipe, evaluation)
+    evals = accuracy.record_eval(pipe, evaluation, refinements=any(n in names for n in accuracy.REFINE_CHAIN))
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
     log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s{_memory()}")
     prompt_accuracy = {}
@@ -300,6 +338,24 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             timings[f"quantize_and_measure_{name}"] = round(time.perf_counter() - t2, 1)
             del engine
 
+        refinement = None
+        if any(n in results for n in accuracy.REFINE_CHAIN) and evals["refinements"]:
+            t2 = time.perf_counter()
+
+            def open_quantized(name):
+                file = results[name]["measured"] or scratch / manifest["components"][name]["file"]
+                return OrtEngine(name, file, "ort-cpu", threads, emulate_fp8=precision == "fp8")
+
+            refinement = _refinement_gate(pipe, results, evals["refinements"], recipes.refine_psnr_limit(limits),
+                                          open_quantized)
+            failures += refinement["failures"]
+            _release_engines(pipe)
+            timings["refinement_end_to_end"] = round(time.perf_counter() - t2, 1)
+            log(f"refinement end to end: worst PSNR {refinement['worst_psnr_db']:.1f} dB vs FP32 over "
+                f"{refinement['pictures']} pictures  {'ok' if not refinement['failures'] else 'FAIL'}"
+                + (f" (alone: {json.dumps(refinement['alone'])})" if "alone" in refinement else "")
+                + f"  {timings['refinement_end_to_end']:.1f}s{_memory()}")
+
         status = "passed" if not failures else "failed"
         if failures and not keep_failed:
             raise QuantizationError("quantized graphs miss their accuracy gates (pass --keep-failed to write the "
@@ -330,6 +386,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 "tool": res["info"].get("streamed", {}).get("tool", res["recipe"].tool), "graph": res["info"],
                 "accuracy": res["figures"],
                 "calibration_samples": samples.get(name, 0), "passed": res["passed"],
+                "blamed_for_refinement": bool(res.get("blamed_for_refinement")),
                 "high_precision": None if precision in recipes.FLOAT_PRECISIONS else res["recipe"].high_precision,
             }
         for name, why in recipes.KEEP_FP32.items():
@@ -353,6 +410,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                                         for r in evals["generate"]],
                            "understand": [{k: r[k] for k in ("image", "question", "answer_tokens")}
                                           for r in evals["understand"]]},
+            "refinement": refinement,
             "prompt_accuracy": prompt_accuracy or "no prompt scorer for this model (accuracy.prompt_scorers)",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.perf_counter() - t0, 1), "timings": timings,

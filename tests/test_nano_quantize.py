@@ -158,3 +158,22 @@ def test_quantize_gates_each_attribute_of_a_nano_bundle(nano_bundle, tmp_path):
     assert q["prompt_accuracy"]["fake"]["quantized"]["colour"] == pytest.approx(0.75)
     written = json.loads((tmp_path / "q" / "manifest.json").read_text())["quantization"]
     assert written["status"] == "failed" and written["prompt_accuracy"]["fake"]["failures"] == q["failures"]
+
+
+def test_an_int8_unet_that_passes_its_graph_gate_but_spoils_refined_pictures_is_refused(nano_bundle, tmp_path):
+    """The case the end-to-end refinement gate exists for: nano's INT8 onnxruntime CPU UNet passes its own gate (every
+    call within cosine 0.99 of FP32, at all 20 timesteps) while some refined pictures fall ~25 dB below FP32's (the
+    per-call error grows over the schedule). The graph gate alone would have written this bundle as passed."""
+    pytest.importorskip("modelopt.onnx.quantization", reason="quantization needs the quant extra (nvidia-modelopt)")
+    from illume_rt.calibration.quantize import quantize_bundle
+
+    manifest = quantize_bundle(nano_bundle, tmp_path / "q", "int8", "ort-cpu", keep_failed=True,
+                               threads=TEST_THREADS, components=["diffusion_unet"], log=lambda m: None,
+                               prompt_scorers={})
+    q = manifest["quantization"]
+    unet = manifest["components"]["diffusion_unet"]["quantization"]
+    assert unet["passed"] and unet["accuracy"]["worst_cosine"] >= q["thresholds"]["cosine"]  # its own gate: passed
+    refinement = q["refinement"]
+    assert refinement["steps"] == datasets.NANO_REFINE_STEPS and refinement["pictures"] == 3 + datasets.NANO_REFINE_CHECKS
+    assert refinement["worst_psnr_db"] < refinement["limit_psnr_db"] < refinement["mean_psnr_db"], refinement
+    assert q["status"] == "failed" and q["failures"] == refinement["failures"] and unet["blamed_for_refinement"]

@@ -39,7 +39,7 @@ def _once_per_plan(run):
     done = {}
 
     def once(pipe, plan, *args, **kwargs):
-        key = (str(pipe.bundle.path), json.dumps(plan.to_dict(), sort_keys=True))
+        key = (str(pipe.bundle.path), json.dumps(plan.to_dict(), sort_keys=True), args, tuple(sorted(kwargs.items())))
         if key not in done:
             done[key] = run(pipe, plan, *args, **kwargs)
         return copy.deepcopy(done[key])
@@ -131,6 +131,11 @@ def test_int8_cpu_bundle_manifest(int8_cpu, tiny_bundle):
     tf = llm["accuracy"]["teacher_forced"]
     assert set(tf) == {"semantic", "pixel", "answer"} and all(v["positions"] > 0 for v in tf.values())
     assert "psnr_db" in comps["pixel_decoder"]["accuracy"] and "psnr_db" in comps["vae_decoder"]["accuracy"]
+    # the refinement end to end: both held-out generated pictures' codes, through the quantized UNet and VAE
+    refinement = on_disk["quantization"]["refinement"]
+    assert refinement["quantized"] == ["diffusion_unet", "vae_decoder"] and refinement["pictures"] == 2
+    assert refinement["worst_psnr_db"] >= refinement["limit_psnr_db"] and not refinement["failures"]
+    assert any(line.startswith("  refinement (") for line in summary_lines(manifest))
     cal = on_disk["quantization"]["calibration"]
     assert cal["generate"][0]["seed"] == 0 and cal["samples"]["llm"] > 2 and cal["images"]
     # the source bundle is untouched and the LM heads are byte-identical
@@ -187,6 +192,51 @@ def test_missed_gate_fails_unless_keep_failed(tiny_bundle, tmp_path):
     import onnx
 
     assert zps == {onnx.TensorProto.INT8}  # tensorrt flavour: signed symmetric
+
+
+def test_a_refinement_that_misses_end_to_end_fails_and_names_the_graphs(tiny_bundle, tmp_path):
+    """Graph gates that pass while the refined picture misses its end-to-end gate (set out of reach here): nothing is
+    written, the line names the refinement, and the hint leaves both chain graphs FP32 (neither passes alone)."""
+    lenient = {"llm_top1": 0.0, "llm_kl": 1e9, "cosine": -1.0, "psnr_db": -1e9, "refine_psnr_db": 1e9}
+    dst = tmp_path / "refine-miss"
+    with pytest.raises(QuantizationError) as caught:
+        _quantize(tiny_bundle, dst, "int8", "ort-cpu", components=["pixel_decoder", "diffusion_unet", "vae_decoder"],
+                  thresholds=lenient)
+    message = str(caught.value)
+    assert "refinement (diffusion_unet + vae_decoder quantized, 1 steps): worst picture PSNR" in message, message
+    assert "leave diffusion_unet, vae_decoder in FP32: --components pixel_decoder" in message, message
+    assert not dst.exists() and not list(tmp_path.glob(".refine-miss*"))
+    # without the refinement's graphs, the same thresholds pass: the gate is on the chain, not on pixel_decoder
+    manifest = _quantize(tiny_bundle, dst, "int8", "ort-cpu", components=["pixel_decoder"], thresholds=lenient)
+    assert manifest["quantization"]["status"] == "passed" and manifest["quantization"]["refinement"] is None
+
+
+def test_the_graph_that_misses_the_refinement_alone_is_the_one_blamed():
+    from illume_rt.calibration import quantize
+
+    class FakePipe:  # accuracy.refinement_figures swaps engines in and runs refine_image: the PSNR follows the swap
+        def __init__(self):
+            self.swapped, self.engines = set(), self
+
+        def replace_engine(self, name, engine):
+            self.swapped.add(name)
+
+        def close(self, name):
+            self.swapped.discard(name)
+
+        def refine_image(self, semantic, pixel, grid, config, rng):
+            error = 0.3 if "vae_decoder" in self.swapped else 0.001  # the VAE alone ruins it
+            return np.full((3, 4, 4), error, np.float32), {}
+
+    from illume_rt.runtime.refine import RefineConfig
+
+    refs = [{"semantic": None, "pixel": None, "grid": None, "config": RefineConfig(), "seed": 0,
+             "image": np.zeros((3, 4, 4), np.float32)}]
+    results = {"llm": {"passed": True}, "diffusion_unet": {"passed": True}, "vae_decoder": {"passed": True}}
+    figures = quantize._refinement_gate(FakePipe(), results, refs, 30.0, lambda name: object())
+    assert figures["failures"] and figures["alone"]["vae_decoder"] < 30.0 <= figures["alone"]["diffusion_unet"]
+    assert results["vae_decoder"]["blamed_for_refinement"] and "blamed_for_refinement" not in results["diffusion_unet"]
+    assert quantize._fp32_hint(results) == "; or leave vae_decoder in FP32: --components llm,diffusion_unet"
 
 
 def test_a_missed_gate_names_the_graphs_to_leave_in_fp32():
