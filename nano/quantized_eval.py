@@ -12,7 +12,8 @@ them). Every flavour is also opened as written on onnxruntime CPU and one prompt
 runs there directly, or the error line (BF16: onnxruntime CPU has no BF16 kernels; the scores then come from the
 BF16-emulating copy the graph figures use, ``evaluated_on`` says so).
 
-A bundle with nano's diffusion decoder is also scored on refinement: PSNR of the 2x picture (the model's refine
+A bundle with nano's diffusion decoder is gated by quantize on refinement end to end (``refinement_gate``: the
+quantized chain vs FP32 from the same codes and noise) and also scored on refinement: PSNR of the 2x picture (the model's refine
 defaults) against the scene rendered at 2x, from the codes of the first REFINE_SCENES held-out pictures
 (``decoder.refinement_scores``), FP32 and each flavour that runs on onnxruntime CPU as written.
 
@@ -155,6 +156,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
                          prompt_gate="passed" if not fig["failures"] else "failed", prompt_failures=fig["failures"],
                          status=q["status"], failures=q["failures"], high_precision=q["high_precision"],
                          evaluated_on=fig["evaluated_on"], graphs=_graph_summary(manifest),
+                         refinement_gate=q.get("refinement"),
                          calibration_plan={"generate": [g[0] for g in q["calibration"]["plan"]["generate"]],
                                            "images": q["calibration"]["plan"]["images"]},
                          runs_directly_on_onnxruntime_cpu=_runs_directly(dst, threads),
