@@ -93,8 +93,6 @@ def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
     """FP32 runs with everything recorded: {'generate': [...], 'understand': [...], 'calls': {component: [..]},
     'refinements': [...]}. ``refinements``: also refine the codes of every generated picture and of the plan's
     ``refine_checks`` (the reference of ``refinement_figures``; when the bundle has a diffusion decoder)."""
-    from illume_rt.runtime.options import SamplingConfig
-
     comps = pipe.bundle.manifest["components"]
     out: dict = {"generate": [], "understand": [], "calls": {}, "refinements": []}
     refinements = refinements and all(n in comps for n in REFINE_CHAIN + ("token_map",))
@@ -118,7 +116,7 @@ def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
             out["calls"].setdefault(n, []).extend(r.calls)
         return result
 
-    sampling = SamplingConfig()
+    sampling = pipe.default_sampling("text_to_image")  # what a call without options runs (the model's defaults)
     for index, (prompt, resolution, seed) in enumerate(plan.generate):
         events: list = []
         names = ["llm", "lm_head_semantic", "lm_head_pixel", "pixel_decoder"]

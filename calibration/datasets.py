@@ -9,8 +9,8 @@ Three kinds of data:
 - for an **illume-nano** bundle (``plan_for``: the manifest's ``model.preset``), prompts and pictures of nano's own
   grammar instead (nano/data.py): calibration on training-split scenes only, evaluation on held-out ones, so that
   nothing the prompt scorer (nano/heldout.py, held-out scenes) asks about was calibrated on;
-- **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` with guidance, so both rows and
-  both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
+- **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` at the model's default sampling:
+  the official guidance 2.0 runs both rows, illume-nano's 1.0 the conditional row only; both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
   that keeps a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service:
   prefills, decode steps of the semantic and pixel levels, forced runs, image-feature prefills of understanding.
 
@@ -174,9 +174,10 @@ NANO_IMAGE_SIZES = (256, 256, 256, 256, 384, 192)  # nano is trained at 256; und
 
 
 # illume-nano refines at the official 20 steps in calibration and evaluation: the UNet's activations depend on the
-# timestep, and with 2 steps its INT8 graph was calibrated and gated on 2 of the 20 timesteps a user's --refine
-# runs: it passed its gate (worst cosine 0.9988) yet drew refined pictures at 16 dB instead of 28.6 (nano/README.md
-# "Quantized"). A nano UNet call costs ~0.1 s, so the whole schedule is cheap here.
+# timestep, and with 2 steps its INT8 graph was calibrated and gated on 2 of the 20 timesteps a user's --refine runs.
+# A nano UNet call costs ~0.1 s, so the whole schedule is cheap here. (Calibrating on all 20 is not enough on its own:
+# the INT8 onnxruntime CPU UNet still spoils some refined pictures; the end-to-end refinement gate catches it,
+# accuracy.refinement_figures.)
 NANO_REFINE_STEPS = 20
 # Held-out captions whose codes the evaluation also refines end to end, beside its three (``refine_checks``): on 10
 # held-out pictures nano's INT8 onnxruntime CPU UNet stayed within 45-50 dB of FP32 on seven and fell to 16-21 dB on
@@ -294,9 +295,8 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
     """Run ``plan`` on the FP32 pipeline; return feeds per component name and the record for the manifest."""
     from illume_rt.runtime.images import understanding_image
     from illume_rt.contract import image_grid
-    from illume_rt.runtime.options import SamplingConfig
-
     comps = pipe.bundle.manifest["components"]
+    sampling = pipe.default_sampling("text_to_image")  # what a call without options runs (the model's defaults)
     feeds: dict[str, list[dict]] = {}
     record: dict = {"plan": plan.to_dict(), "generate": [], "understand": [], "images": {}}
 
@@ -315,7 +315,7 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
             for name in ("diffusion_unet", "vae_decoder"):
                 wrapped[name] = _wrap(pipe, name, Recorder(pipe.engines[name]))
         try:
-            result = pipe.generate(prompt, tuple(resolution), seed=seed, sampling=SamplingConfig(), refine=refine)
+            result = pipe.generate(prompt, tuple(resolution), seed=seed, sampling=sampling, refine=refine)
         finally:
             _unwrap(pipe, "llm", body)
             _unwrap(pipe, "pixel_decoder", dec)
@@ -326,7 +326,7 @@ def capture(pipe, plan: CalibrationPlan, log=print) -> tuple[dict[str, list[dict
         for name, rec in wrapped.items():
             take(name, rec)
         record["generate"].append({"prompt": prompt, "resolution": list(resolution), "seed": seed,
-                                   "guidance": SamplingConfig().guidance_scale, "llm_calls": body.count,
+                                   "guidance": sampling.guidance_scale, "llm_calls": body.count,
                                    "llm_kept": len(body.calls), "refine_steps": refine.steps if refine else 0})
         # the runtime draws the pixel decoder at this size; add random code grids too (all codes get used)
         rng = np.random.default_rng(plan.seed + 7 * index)

@@ -19,8 +19,19 @@ import time
 import numpy as np
 
 from illume_rt.nano import data, score
-from illume_rt.nano.heldout import (GUIDANCE, eval_edits, eval_prompts, eval_questions, eval_scenes,
+from illume_rt.nano.heldout import (eval_edits, eval_prompts, eval_questions, eval_scenes, greedy_sampling,
                                     runtime_answer, runtime_generate, score_edits)
+
+
+def reference_greedy_sampling():
+    """``heldout.greedy_sampling`` for the PyTorch reference: greedy at the checkpoint's declared text-to-image
+    defaults (nano/checkpoint.py ``sampling_defaults``, what its bundle declares)."""
+    from dataclasses import replace
+
+    from illume_rt.nano.checkpoint import sampling_defaults
+    from illume_rt.runtime.options import model_sampling_defaults
+
+    return replace(model_sampling_defaults(sampling_defaults())["text_to_image"], greedy=True)
 
 
 def reference_generate(models, prompt: str, seed: int = 0):
@@ -28,7 +39,6 @@ def reference_generate(models, prompt: str, seed: int = 0):
 
     from illume_rt.export.reference import reference_image_tokens
     from illume_rt.contract import image_grid
-    from illume_rt.runtime.options import SamplingConfig
     from illume_rt.runtime.pipeline import to_uint8
     from illume_rt.runtime.prompts import text_to_image_ids
     from illume_rt.runtime.tokenizer import ByteTokenizer
@@ -36,7 +46,7 @@ def reference_generate(models, prompt: str, seed: int = 0):
     vocab = models.preset.vocab
     cond, uncond = text_to_image_ids(ByteTokenizer(vocab), vocab, prompt, 256, 256)
     ref = reference_image_tokens(models.llm, vocab, image_grid(256, 256), cond, uncond,
-                                 SamplingConfig(guidance_scale=GUIDANCE, greedy=True), np.random.default_rng(seed))
+                                 reference_greedy_sampling(), np.random.default_rng(seed))
     with torch.no_grad():
         img = models.dualvitok.decode_code(torch.from_numpy(ref.semantic)[None], torch.from_numpy(ref.pixel)[None])
     return to_uint8(img[0].numpy()), ref.semantic, ref.pixel
@@ -96,7 +106,8 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
            "understanding": {k: float(np.mean(v)) for k, v in und.items()},
            "chance": {"generation": score.CHANCE, "understanding": float(np.mean(
                [1 / len(data.CHOICES[a]) for a in data.ATTRIBUTES]))},
-           "guidance": GUIDANCE, "decoding": "greedy", "split": which,
+           "guidance": (greedy_sampling(pipe) if pipe is not None else reference_greedy_sampling()).guidance_scale,
+           "decoding": "greedy", "split": which,
            "prompts": len(eval_prompts(prompt_limit, which)), "questions": len(eval_questions(question_limit, which))}
     if pipe is not None and edits:
         # Runtime only: its editing is token-identical to the reference (tests/test_nano_parity.py).

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from illume_rt.nano import data, score
-from illume_rt.nano.heldout import GUIDANCE, eval_scenes
+from illume_rt.nano.heldout import eval_scenes, greedy_sampling
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CELL = 128  # each picture is shown at half size: the grid stays under 500 KB
@@ -26,9 +26,7 @@ LABEL = 26
 
 
 def draw(pipe, prompt: str, greedy: bool, seed: int = 0) -> np.ndarray:
-    from illume_rt.runtime.options import SamplingConfig
-
-    sampling = SamplingConfig(guidance_scale=GUIDANCE, greedy=True) if greedy else None  # None: the README's
+    sampling = greedy_sampling(pipe) if greedy else None  # None: the README's
     return pipe.generate(prompt, resolution=(256, 256), seed=seed, sampling=sampling).image
 
 
@@ -67,7 +65,8 @@ def make_gallery(pipe, rows: int, out_png: Path, out_json: Path, per_row: int = 
     against the edited scene, i.e. the attribute asked for and every one to keep)."""
     from illume_rt.nano.heldout import eval_edits, runtime_edit
 
-    record = {"prompts": [], "edits": [], "columns": ["greedy", "sampled"], "guidance": GUIDANCE, "seed": 0,
+    record = {"prompts": [], "edits": [], "columns": ["greedy", "sampled"],
+              "guidance": greedy_sampling(pipe).guidance_scale, "seed": 0,
               "command": "python -m illume_rt.nano.gallery"}
     marks = {"greedy": [], "sampled": [], "edit greedy": [], "edit sampled": []}
     blocks = []

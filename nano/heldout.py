@@ -13,7 +13,14 @@ import numpy as np
 
 from illume_rt.nano import data, score
 
-GUIDANCE = 2.0
+
+
+def greedy_sampling(pipe):
+    """Greedy decoding at the model's own text-to-image sampling defaults (its guidance: nano's is chosen on the
+    training split by choose_sampling.py), i.e. what ``illume-rt generate --greedy`` runs."""
+    from dataclasses import replace
+
+    return replace(pipe.default_sampling("text_to_image"), greedy=True)
 
 
 def eval_scenes(which: str = "held") -> list[data.Scene]:
@@ -87,10 +94,7 @@ def score_edits(pipe, edits, sampling=None) -> dict:
 
 
 def runtime_generate(pipe, prompt: str, seed: int = 0):
-    from illume_rt.runtime.options import SamplingConfig
-
-    res = pipe.generate(prompt, resolution=(256, 256), seed=seed,
-                        sampling=SamplingConfig(guidance_scale=GUIDANCE, greedy=True))
+    res = pipe.generate(prompt, resolution=(256, 256), seed=seed, sampling=greedy_sampling(pipe))
     return res.image, res.tokens.semantic, res.tokens.pixel
 
 
@@ -117,7 +121,7 @@ class PromptScorer:
 
     def describe(self) -> dict:
         return {"scorer": "illume_rt.nano.heldout.PromptScorer", "split": self.which, "decoding": "greedy",
-                "guidance": GUIDANCE, "prompts": len(eval_prompts(self.prompt_limit, self.which)),
+                "guidance": "the bundle's text-to-image default (Pipeline.default_sampling)", "prompts": len(eval_prompts(self.prompt_limit, self.which)),
                 "questions": len(eval_questions(self.question_limit, self.which))}
 
     def __call__(self, pipe) -> dict[str, float]:

@@ -164,14 +164,13 @@ def test_a_refined_picture_shows_what_the_pixel_decoder_drew(nano_pipe):
     """``generate --refine`` on the built-in model, where the runtime is installed without torch: the 512x512
     picture the diffusion decoder draws from generated codes shows the scene the pixel decoder's 256x256 picture
     of the same codes shows (read back by the same scorer)."""
-    from illume_rt.nano.heldout import GUIDANCE, eval_prompts
-    from illume_rt.runtime.options import SamplingConfig
+    from illume_rt.nano.heldout import eval_prompts, greedy_sampling
     from illume_rt.runtime.pipeline import to_uint8
 
     same = []
     for prompt, _ in eval_prompts(REFINED_PROMPTS, "train"):
         result = nano_pipe.generate(prompt, (256, 256), seed=0, refine=nano_pipe.default_refine(),
-                                    sampling=SamplingConfig(guidance_scale=GUIDANCE, greedy=True))
+                                    sampling=greedy_sampling(nano_pipe))
         assert result.refined and result.image.shape == (512, 512, 3)
         drawn = to_uint8(nano_pipe.decode_image(result.tokens.semantic, result.tokens.pixel))
         wanted = score.read_scene(drawn)

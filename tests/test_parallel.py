@@ -3,6 +3,8 @@ runtime/generate.py ImageGenerator. Greedy parallel decoding gives the plain loo
 decoding keeps the per-position distribution (a two-sample test); image i of a batch equals a run of it alone with
 seed + i."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -259,13 +261,14 @@ def test_nanos_scorer_accuracy_is_equal_with_parallel_decoding(nano_pipe):
     plain = []
     for start in range(0, len(prompts), MAX_IMAGES):
         plain += nano_pipe.generate([prompt for prompt, _ in prompts[start:start + MAX_IMAGES]], (256, 256),
-                                    seed=start, sampling=SamplingConfig(guidance_scale=heldout.GUIDANCE))
+                                    seed=start, sampling=nano_pipe.default_sampling("text_to_image"))
     assert [r.seed for r in plain] == list(range(len(prompts)))
     marks = {"plain": [score.score_picture(r.image, wanted) for r, (_, wanted) in zip(plain, prompts)],
              "parallel": []}
     for i, (prompt, wanted) in enumerate(prompts):
         image = nano_pipe.generate(prompt, (256, 256), seed=1000 + i,
-                                   sampling=SamplingConfig(guidance_scale=heldout.GUIDANCE, parallel_window=12)).image
+                                   sampling=replace(nano_pipe.default_sampling("text_to_image"),
+                                                    parallel_window=12)).image
         marks["parallel"].append(score.score_picture(image, wanted))
     rates = {name: score.summarize(m) for name, m in marks.items()}
     for key in ["all", *data.ATTRIBUTES]:
