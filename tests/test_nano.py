@@ -14,15 +14,16 @@ from illume_rt.nano.checkpoint import WEIGHTS, available
 
 needs_weights = pytest.mark.skipif(not available(), reason="nano/weights/ not present (illume-nano not trained)")
 
-# Gates for the runtime on the first prompts of each split (greedy, guidance 2.0) and on held-out questions; the
-# figures the committed weights reach over the whole sets are in nano/weights/eval.json.
+# Gates for the runtime on the first prompts of each split (greedy at the model's own guidance, 1.0) and on
+# held-out questions; the figures the committed weights reach over the whole sets are in nano/weights/eval.json.
 RUNTIME_PROMPTS = 12
-# Greedy generation has learned background, position and colour (held-out over all 90 prompts: 92% / 84% / 90%),
-# shape is above chance (66%; on these first 12 prompts 58% held-out / 75% training), size barely (58%): the gates
-# hold what was learned. Chance: 0.225 for the mean of background and position, 0.25 colour, 0.33 shape.
-GATED_ATTRIBUTES = ("background", "position")
-MIN_ATTRIBUTE_ACCURACY = 0.6
-MIN_COLOUR_ACCURACY = 0.45
+# Greedy generation has learned background, position and colour (held-out over all 90 prompts: 100% / 98% / 99%;
+# on these first 12, every one right in both splits), each gated on its own at 0.9 (one miss in 12 passes). At the
+# official guidance 2.0 the same weights fall under it (these 12: held-out position 0.83, training colour 0.83 and
+# position 0.67), so a model default that loses its guidance fails here. Shape is above chance (63%; on these 12:
+# 42% held-out, 83% training), size barely (62%). Chance: 0.25 background and colour, 0.2 position, 0.33 shape.
+GATED_ATTRIBUTES = ("background", "position", "colour")
+MIN_ATTRIBUTE_ACCURACY = 0.9
 MIN_SHAPE_ACCURACY = 0.4
 # Editing (stage ``edit``): over all 225 held-out edits the attribute asked for is right in 77%, the whole edit
 # (asked attribute changed, the other four kept) in 16%; on these first 20 (four pictures, every kind): 75% / 10%.
@@ -117,8 +118,8 @@ def test_runtime_draws_what_it_is_asked(nano_pipe, which):
         img, _, _ = runtime_generate(nano_pipe, prompt)
         marks.append(score.score_picture(img, wanted))
     summary = score.summarize(marks)
-    assert np.mean([summary[a] for a in GATED_ATTRIBUTES]) >= MIN_ATTRIBUTE_ACCURACY, summary
-    assert summary["colour"] >= MIN_COLOUR_ACCURACY and summary["shape"] >= MIN_SHAPE_ACCURACY, summary
+    assert all(summary[a] >= MIN_ATTRIBUTE_ACCURACY for a in GATED_ATTRIBUTES), summary
+    assert summary["shape"] >= MIN_SHAPE_ACCURACY, summary
 
 
 @pytest.mark.runtime

@@ -97,9 +97,15 @@ class _Drawer:
     def __init__(self, path, colour=None):
         self.bundle, self.colour = _Bundle(path), colour
 
+    def default_sampling(self, task):
+        from illume_rt.runtime.options import OFFICIAL_SAMPLING
+
+        return OFFICIAL_SAMPLING[task]
+
     def generate(self, prompt, resolution, seed, sampling):
         from types import SimpleNamespace
 
+        assert sampling.greedy  # the scorer draws greedy, at the model's own guidance
         asked = data.attributes_of_caption(prompt)
         scene = data.Scene(asked["shape"], self.colour or asked["colour"], asked.get("size", "large"),
                            asked["position"], asked["background"])
