@@ -260,11 +260,12 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     t0 = time.perf_counter()
     pipe = Pipeline(bundle, "ort-cpu", threads)
     # int8/fp8: calibration; fp16/bf16: AutoCast's reference run (which nodes see values out of FP16/BF16 range)
-    feeds, cal_record = datasets.capture(pipe, calibration, log)
+    chain = any(n in names for n in accuracy.REFINE_CHAIN)  # refinements cost UNet steps: only when it is asked for
+    feeds, cal_record = datasets.capture(pipe, calibration, log, refine=chain)
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
     log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s{_memory()}")
     t1 = time.perf_counter()
-    evals = accuracy.record_eval(pipe, evaluation, refinements=any(n in names for n in accuracy.REFINE_CHAIN))
+    evals = accuracy.record_eval(pipe, evaluation, refinements=chain)
     timings["evaluation_record"] = round(time.perf_counter() - t1, 1)
     log(f"evaluation runs recorded in {timings['evaluation_record']:.1f}s{_memory()}")
     prompt_accuracy = {}
