@@ -296,9 +296,9 @@ def _unwrap(pipe, name: str, recorder: Recorder) -> None:
     pipe.replace_engine(name, recorder.inner)
 
 
-def capture(pipe, plan: CalibrationPlan, log=print, refine: bool = True) -> tuple[dict[str, list[dict]], dict]:
+def capture(pipe, plan: CalibrationPlan, log=print, refinements: bool = True) -> tuple[dict[str, list[dict]], dict]:
     """Run ``plan`` on the FP32 pipeline; return feeds per component name and the record for the manifest.
-    ``refine`` False: the plan's refinements are skipped (no diffusion graph is to be calibrated)."""
+    ``refinements`` False: the plan's refinements are skipped (no diffusion graph is to be calibrated)."""
     from illume_rt.runtime.images import understanding_image
     from illume_rt.contract import image_grid
     comps = pipe.bundle.manifest["components"]
@@ -316,7 +316,7 @@ def capture(pipe, plan: CalibrationPlan, log=print, refine: bool = True) -> tupl
         dec = _wrap(pipe, "pixel_decoder", Recorder(pipe.engines["pixel_decoder"]))
         refine = None
         wrapped = {}
-        if refine and index in plan.refine and has("diffusion_unet") and has("vae_decoder") and has("token_map"):
+        if refinements and index in plan.refine and has("diffusion_unet") and has("vae_decoder") and has("token_map"):
             refine = plan_refine(pipe, plan)
             for name in ("diffusion_unet", "vae_decoder"):
                 wrapped[name] = _wrap(pipe, name, Recorder(pipe.engines[name]))

@@ -165,6 +165,8 @@ def test_quantize_gates_each_attribute_of_a_nano_bundle(nano_bundle, tmp_path):
                                prompt_scorers={"fake": scorer})
     q = manifest["quantization"]
     assert q["calibration"]["plan"]["images"] == "nano-train"
+    # no diffusion graph asked for: calibration skips the plan's refinements (8 x 20 UNet steps)
+    assert "diffusion_unet" not in q["calibration"]["samples"] and q["refinement"] is None
     assert all(data.attributes_of_caption(g[0]) for g in q["calibration"]["plan"]["generate"])
     assert q["status"] == "failed" and len(q["failures"]) == 1 and "colour" in q["failures"][0], q["failures"]
     assert q["prompt_accuracy"]["fake"]["quantized"]["colour"] == pytest.approx(0.75)
