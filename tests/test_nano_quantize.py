@@ -2,7 +2,7 @@
 the prompt gate (no attribute may lose more than accuracy.MAX_PROMPT_ACCURACY_DROP against FP32).
 
 The measured figures of every precision are in nano/weights/quantized_eval.json (python -m
-illume_rt.nano.quantized_eval); here only the plumbing and the gate, on the nano bundle, in seconds."""
+illume_rt.nano.quantized_eval); here the plumbing and the gates, on the nano bundle, in about three minutes."""
 
 from __future__ import annotations
 
