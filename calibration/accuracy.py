@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from illume_rt.calibration.datasets import CalibrationPlan, Recorder, plan_images, plan_refine
+from illume_rt.calibration.datasets import CalibrationPlan, Recorder, plan_images, plan_refine, refinable
 
 # name -> callable(pipeline) -> {figure: fraction right in [0, 1]} (e.g. one per attribute; a plain float counts as
 # one figure, "accuracy"). Registered scorers apply to every bundle; ``model_scorers`` adds the scorer of a model the
@@ -95,7 +95,7 @@ def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
     ``refine_checks`` (the reference of ``refinement_figures``; when the bundle has a diffusion decoder)."""
     comps = pipe.bundle.manifest["components"]
     out: dict = {"generate": [], "understand": [], "calls": {}, "refinements": []}
-    refinements = refinements and all(n in comps for n in REFINE_CHAIN + ("token_map",))
+    refinements = refinements and refinable(comps)
 
     def swap(name, events, keep=lambda i: True):
         rec = Recorder(pipe.engines[name], keep, True, events)
@@ -121,7 +121,7 @@ def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
         events: list = []
         names = ["llm", "lm_head_semantic", "lm_head_pixel", "pixel_decoder"]
         refine = None
-        if index in plan.refine and all(n in comps for n in ("diffusion_unet", "vae_decoder", "token_map")):
+        if index in plan.refine and refinable(comps):
             refine = plan_refine(pipe, plan)
             names += ["diffusion_unet", "vae_decoder"]
         result = collect(names, events, lambda: pipe.generate(prompt, tuple(resolution), seed=seed,
@@ -149,9 +149,9 @@ def record_eval(pipe, plan: CalibrationPlan, refinements: bool = False) -> dict:
 
 # The graphs of the diffusion refinement, in the order they run: each graph's own gate compares single calls on FP32
 # inputs, but the UNet runs once per step, each step on the previous one's output, so an error it passes per call can
-# grow along the schedule. illume-nano's INT8 onnxruntime CPU UNet passed its gate (worst cosine 0.9988) and drew
-# refined pictures at 16 dB against the scene instead of FP32's 28.6 (nano/README.md "Quantized"). So quantize also
-# gates the chain end to end (``refinement_figures``).
+# grow along the schedule, and the calls of one refined picture say little about other scenes: illume-nano's INT8
+# onnxruntime CPU UNet calibrated on one picture passed its gate (worst cosine 0.9985) and refined other scenes at
+# 6.7 dB against FP32 (docs/quantization.md). So quantize also gates the chain end to end (``refinement_figures``).
 REFINE_CHAIN = ("diffusion_unet", "vae_decoder")
 
 

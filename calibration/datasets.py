@@ -10,9 +10,9 @@ Three kinds of data:
   grammar instead (nano/data.py): calibration on training-split scenes only, evaluation on held-out ones, so that
   nothing the prompt scorer (nano/heldout.py, held-out scenes) asks about was calibrated on;
 - **captured feeds**: the runtime itself runs the FP32 bundle (``Pipeline.generate`` at the model's default sampling:
-  the official guidance 2.0 runs both rows, illume-nano's 1.0 the conditional row only; both levels; ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder``
-  that keeps a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service:
-  prefills, decode steps of the semantic and pixel levels, forced runs, image-feature prefills of understanding.
+  the official guidance 2.0 runs both rows, illume-nano's 1.0 the conditional row only; both levels;
+  ``Pipeline.understand``; optionally the diffusion refiner) with every engine wrapped by a ``Recorder`` that keeps
+  a copy of a sub-sample of its feeds. The LLM is calibrated on exactly what it sees in service: prefills, decode steps of the semantic and pixel levels, forced runs, image-feature prefills of understanding.
 
 ``capture`` returns the feeds per component plus a ``record`` (what was run, with sizes and seeds) for the manifest.
 """
@@ -60,6 +60,11 @@ class CalibrationPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def refinable(components: dict) -> bool:
+    """Whether a bundle with these manifest components can refine (token map, diffusion UNet, VAE decoder)."""
+    return all(name in components for name in ("token_map", "diffusion_unet", "vae_decoder"))
 
 
 def plan_refine(pipe, plan: CalibrationPlan):
@@ -175,9 +180,9 @@ NANO_IMAGE_SIZES = (256, 256, 256, 256, 384, 192)  # nano is trained at 256; und
 
 # illume-nano refines at the official 20 steps in calibration and evaluation: the UNet's activations depend on the
 # timestep, and with 2 steps its INT8 graph was calibrated and gated on 2 of the 20 timesteps a user's --refine runs.
-# A nano UNet call costs ~0.1 s, so the whole schedule is cheap here. (Calibrating on all 20 is not enough on its own:
-# the INT8 onnxruntime CPU UNet still spoils some refined pictures; the end-to-end refinement gate catches it,
-# accuracy.refinement_figures.)
+# A nano UNet call costs ~0.1 s, so the whole schedule is cheap here. (All 20 steps of one picture are not enough:
+# see the calibration's refinements in ``nano_plan``; the end-to-end refinement gate, accuracy.refinement_figures,
+# catches a UNet calibrated too narrowly.)
 NANO_REFINE_STEPS = 20
 # Held-out captions whose codes the evaluation also refines end to end, beside its three (``refine_checks``): on 10
 # held-out pictures nano's INT8 onnxruntime CPU UNet stayed within 45-50 dB of FP32 on seven and fell to 16-21 dB on
@@ -316,7 +321,7 @@ def capture(pipe, plan: CalibrationPlan, log=print, refinements: bool = True) ->
         dec = _wrap(pipe, "pixel_decoder", Recorder(pipe.engines["pixel_decoder"]))
         refine = None
         wrapped = {}
-        if refinements and index in plan.refine and has("diffusion_unet") and has("vae_decoder") and has("token_map"):
+        if refinements and index in plan.refine and refinable(comps):
             refine = plan_refine(pipe, plan)
             for name in ("diffusion_unet", "vae_decoder"):
                 wrapped[name] = _wrap(pipe, name, Recorder(pipe.engines[name]))

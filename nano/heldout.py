@@ -121,7 +121,8 @@ class PromptScorer:
 
     def describe(self) -> dict:
         return {"scorer": "illume_rt.nano.heldout.PromptScorer", "split": self.which, "decoding": "greedy",
-                "guidance": "the bundle's text-to-image default (Pipeline.default_sampling)", "prompts": len(eval_prompts(self.prompt_limit, self.which)),
+                "guidance": "the bundle's text-to-image default (Pipeline.default_sampling)",
+                "prompts": len(eval_prompts(self.prompt_limit, self.which)),
                 "questions": len(eval_questions(self.question_limit, self.which))}
 
     def __call__(self, pipe) -> dict[str, float]:

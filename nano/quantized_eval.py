@@ -13,9 +13,9 @@ runs there directly, or the error line (BF16: onnxruntime CPU has no BF16 kernel
 BF16-emulating copy the graph figures use, ``evaluated_on`` says so).
 
 A bundle with nano's diffusion decoder is gated by quantize on refinement end to end (``refinement_gate``: the
-quantized chain vs FP32 from the same codes and noise) and also scored on refinement: PSNR of the 2x picture (the model's refine
-defaults) against the scene rendered at 2x, from the codes of the first REFINE_SCENES held-out pictures
-(``decoder.refinement_scores``), FP32 and each flavour that runs on onnxruntime CPU as written.
+quantized chain vs FP32 from the same codes and noise) and also scored on refinement: PSNR of the 2x picture (the
+model's refine defaults) against the scene rendered at 2x, from the codes of the first REFINE_SCENES held-out
+pictures (``decoder.refinement_scores``), FP32 and each flavour that runs on onnxruntime CPU as written.
 
 Re-run after nano's weights change: the JSON records the weights' hashes it was measured on.
 """
