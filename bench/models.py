@@ -1,4 +1,4 @@
-"""The benchmark's models: the bench bundle (exported once, cached), its byte-level stand-in tokenizer, and the same
+"""The benchmark's models: the bench bundle (exported once, cached) with the byte-level stand-in tokenizer, and the same
 weights saved as a transformers folder for the peer (onnxruntime-genai's model builder).
 
 Everything is deterministic from the preset's seed, so the bundle, the PyTorch reference and the peer share weights.
@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from illume_rt.export.tokenizer_files import write_text_byte_tokenizer
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("ILLUME_RT_CACHE", Path.home() / ".cache" / "illume-rt"))
@@ -30,24 +32,6 @@ def _source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def byte_tokenizer_json(path: Path) -> Path:
-    """A tokenizer.json whose text ids 0..255 are UTF-8 bytes (byte-level BPE without merges): a stand-in for
-    Qwen2.5's tokenizer in random-weight presets that use the official vocabulary layout."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from illume_rt.nano.checkpoint import bytes_to_unicode
-
-    byte_to_char = bytes_to_unicode()
-    assert set(byte_to_char.values()) == set(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
-
-
 def reference_models(preset_name: str, tokenizer_dir: Path):
     from illume_rt.export.bundle import build_reference_models
     from illume_rt.export.configs import get_preset
@@ -56,7 +40,7 @@ def reference_models(preset_name: str, tokenizer_dir: Path):
     models = build_reference_models(preset)
     if preset.vocab.text_vocab_size != 256:
         models.source = {**models.source,
-                         "tokenizer_file": str(byte_tokenizer_json(tokenizer_dir / "tokenizer.json"))}
+                         "tokenizer_file": str(write_text_byte_tokenizer(tokenizer_dir / "tokenizer.json"))}
     return models
 
 
@@ -90,7 +74,7 @@ def hf_folder(preset_name: str, bundle: Path, log: Callable[[str], None] = print
     try:
         build_llm(preset).save_pretrained(tmp)
         # no special tokens: the stand-in's vocabulary is the 256 bytes (ids of the structure come from the config)
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(byte_tokenizer_json(tmp / "tokenizer.json")))
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(write_text_byte_tokenizer(tmp / "tokenizer.json")))
         tok.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config["eos_token_id"], config["pad_token_id"] = preset.vocab.im_end_id, preset.vocab.pad_id

@@ -35,6 +35,34 @@ def require_cuda_provider(available: list[str] | None = None) -> None:
                            "(or 'illume-rt[gpu]'), or use --backend ort-cpu")
 
 
+_libraries_loaded = False
+
+
+def load_cuda_libraries(ort) -> None:
+    """Load the CUDA and cuDNN libraries onnxruntime-gpu was built for from the pip packages (nvidia-*, or
+    PyTorch's) before the first session, as onnxruntime documents (``preload_dlls``): without it, a machine whose
+    CUDA comes from pip and not from LD_LIBRARY_PATH cannot load the CUDA provider. Best effort, once per
+    process; ``require_cuda_session`` reports what still fails."""
+    global _libraries_loaded
+    if _libraries_loaded or not hasattr(ort, "preload_dlls"):
+        return
+    _libraries_loaded = True
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 -- libraries on the system path may still serve; the session check decides
+        pass
+
+
+def require_cuda_session(name: str, session_providers: list[str]) -> None:
+    """onnxruntime falls back to the CPU, with a log line only, when the CUDA provider cannot start (libraries
+    missing, no GPU visible): refuse that, since --backend ort-cuda would then silently run on the CPU."""
+    if PROVIDER not in session_providers:
+        raise BackendError(f"onnxruntime-gpu could not start its CUDA provider for {name} (it ran on "
+                           f"{', '.join(session_providers)}): check that nvidia-smi sees a GPU and that the CUDA and "
+                           "cuDNN libraries it was built for are installed (pip install 'onnxruntime-gpu[cuda,cudnn]'),"
+                           " or use --backend ort-cpu")
+
+
 class OrtCudaEngine:
     def __init__(self, name: str, path, threads: int | None = None, emulate_fp8: bool = False,
                  device_id: int = 0) -> None:
@@ -43,9 +71,11 @@ class OrtCudaEngine:
         from illume_rt.engines.ort import session_options
 
         require_cuda_provider()
+        load_cuda_libraries(ort)
         self.ort, self.name, self.device_id = ort, name, device_id
         providers = [(PROVIDER, {"device_id": device_id}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), session_options(threads, emulate_fp8), providers=providers)
+        require_cuda_session(name, self.session.get_providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._device_inputs: dict[str, object] = {}
@@ -117,10 +147,11 @@ class OrtCudaStep:
             io.bind_input(name, "cuda", dev, d.dtype, past_shape, ptr)
         staging = d.shape(batch, seq)
         new_kv = self._staging(staging)
-        io.bind_output(NEW_KV, "cuda", dev, d.dtype, staging, new_kv.data_ptr())
+        # outputs come back in the order they were bound: hidden first, and only it is read on the host
         io.bind_output(HIDDEN, "cpu")
+        io.bind_output(NEW_KV, "cuda", dev, d.dtype, staging, new_kv.data_ptr())
         body.session.run_with_iobinding(io)  # returns after the CUDA provider synchronized its stream
-        hidden = io.copy_outputs_to_cpu()[0]
+        hidden = io.get_outputs()[0].numpy()
         cuda = self._cuda = self._cuda or Cuda()
         cache.write(cuda, new_kv.data_ptr(), seq, 0, start, seq, 0)
         cuda.synchronize(0)

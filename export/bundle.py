@@ -19,6 +19,7 @@ from illume_rt import __version__
 from illume_rt.contract import BUNDLE_FORMAT_NAME, BUNDLE_FORMAT_VERSION, MANIFEST, host_contract, supported_resolutions
 from illume_rt.export.components import Component, ExportError, export_onnx
 from illume_rt.export.configs import Preset
+from illume_rt.export.tokenizer_files import write_text_byte_tokenizer
 from illume_rt.files import check_output_dir, publish_dir, scratch_dir, sha256_file
 
 
@@ -132,9 +133,13 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
     time, stored as ``weight_dtype`` (fp32, fp16 or bf16; 16-bit weights are cast to float32 inside the graph).
     ``model_info``: extra fields of the manifest's ``model`` entry (the built-in model's key)."""
     out_dir = check_output_dir(out_dir, overwrite)
+    preset = models.preset
+    tokenizer_file = models.source.get("tokenizer_file")
+    needs_tokenizer_file = preset.vocab.text_vocab_size != 256
+    if needs_tokenizer_file and not tokenizer_file and not models.random_weights:  # before minutes of export
+        raise ExportError("this vocabulary needs a tokenizer.json; pass --checkpoint with the MLLM folder")
     work = scratch_dir(out_dir)
     try:
-        preset = models.preset
         manifest: dict = {
             "format": BUNDLE_FORMAT_NAME,
             "format_version": BUNDLE_FORMAT_VERSION,
@@ -161,8 +166,7 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
                 "kv_dtype": "float32",
             },
             "diffusion": {"scheduler": preset.diffusion.scheduler} if models.unet is not None else None,
-            "tokenizer": {"kind": "bytes"} if preset.vocab.text_vocab_size == 256 else {"kind": "hf",
-                                                                                        "file": "tokenizer.json"},
+            "tokenizer": {"kind": "hf", "file": "tokenizer.json"} if needs_tokenizer_file else {"kind": "bytes"},
             "components": {},
             "tables": {},
             "files": {},
@@ -196,11 +200,13 @@ def write_bundle(models: ReferenceModels, out_dir: str | Path, log: Callable[[st
             manifest["tables"][name] = {**_file_entry(path, work), "dtype": str(table.dtype),
                                         "shape": list(table.shape)}
             del table
-        tokenizer_file = models.source.get("tokenizer_file")
-        if manifest["tokenizer"]["kind"] == "hf":
-            if not tokenizer_file:
-                raise ExportError("this vocabulary needs a tokenizer.json; pass --checkpoint with the MLLM folder")
-            shutil.copyfile(tokenizer_file, work / "tokenizer.json")
+        if needs_tokenizer_file:
+            if tokenizer_file:
+                shutil.copyfile(tokenizer_file, work / "tokenizer.json")
+            else:  # random weights with the official layout: no real tokenizer belongs to them
+                write_text_byte_tokenizer(work / "tokenizer.json")
+                manifest["model"]["source"] = {**manifest["model"]["source"],
+                                               "tokenizer_file": "byte-level stand-in (random weights)"}
             manifest["files"]["tokenizer"] = _file_entry(work / "tokenizer.json", work)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return publish_dir(work, out_dir, overwrite)

@@ -38,6 +38,21 @@ def write_byte_tokenizer(path: Path, vocab) -> None:
     tok.save(str(path))
 
 
+def write_text_byte_tokenizer(path: Path) -> Path:
+    """A ``tokenizer.json`` whose text ids 0..255 are the UTF-8 bytes (byte-level BPE without merges), nothing
+    else: the stand-in for Qwen2.5's tokenizer in random-weight presets that use the official vocabulary layout
+    (bench, 3b, 7b without --checkpoint). Their special tokens sit at the layout's ids, far above 255, and the
+    runtime reads those ids from the layout (contract.py), never from this file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={char: b for b, char in bytes_to_unicode().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the one ByteLevel pre-tokenization uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -427,6 +427,50 @@ def test_pipeline_routes_ort_cuda_to_the_io_binding_engine(bundle, monkeypatch):
         open_engine(bundle, "llm", "ort-cuda", None)
 
 
+def test_ort_cuda_refuses_a_session_that_fell_back_to_the_cpu():
+    """onnxruntime runs a session on the CPU, with a log line only, when its CUDA provider cannot start: the
+    backend must say so instead of running --backend ort-cuda on the CPU."""
+    from illume_rt.engines.ort_cuda import require_cuda_session
+
+    with pytest.raises(BackendError, match=r"could not start its CUDA provider for llm.*onnxruntime-gpu\[cuda,cudnn\]"):
+        require_cuda_session("llm", ["CPUExecutionProvider"])
+    require_cuda_session("llm", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def _cuda_provider() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_provider(), reason="needs onnxruntime-gpu (CUDA) and a GPU")
+def test_ort_cuda_backend_matches_ort_cpu(bundle):
+    """Every graph on the CUDA provider (device inputs, IO binding) against the CPU on the inputs a CPU run
+    recorded, then the loop end to end (the body's step with the KV cache on the GPU): greedy codes, a batch
+    and parallel decoding equal to one-by-one on the GPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ort_cuda_check", Path(__file__).parent.parent / "bench" /
+                                                  "ort_cuda_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    from illume_rt.runtime.pipeline import Pipeline
+
+    cpu, gpu = Pipeline(bundle, backend="ort-cpu"), Pipeline(bundle, backend="ort-cuda")
+    assert "CUDAExecutionProvider" in gpu.engines["llm"].session.get_providers()
+    refine = bool(bundle.manifest.get("diffusion"))
+    rows = check.graph_parity(cpu, gpu, refine)
+    assert {r["graph"] for r in rows} == set(bundle.manifest["components"])
+    assert [r for r in rows if not r["ok"]] == []
+    e2e = check.end_to_end(cpu, gpu, refine)
+    assert e2e["generate_greedy"]["codes_agree"] >= 0.95, e2e
+    assert e2e["understand"]["same_answer"], e2e
+    assert e2e["batch_equals_one_by_one"] and e2e["parallel_decoding_equals_sequential"], e2e
+    assert e2e["threads_equal_one_by_one"], e2e
+
+
 def test_build_plan_without_tensorrt(bundle, tmp_path):
     """Strongly typed only: no precision flag ever; the precision and the key come from the bundle's graphs."""
     from illume_rt.engines.tensorrt_build import BuildOptions, check_requested_precision, plan_build

@@ -292,3 +292,47 @@ def test_lazy_head_verifies_sampled_rows_and_catches_wrong_ones(tmp_path, monkey
     streaming.lazy(weight, drifting)
     with pytest.raises(ExportError, match=rf"rows {stop - start - 16}\.\.{stop - start - 1} of initializer weight"):
         export_onnx(comp, comp.build_module(), tmp_path / "again" / "head.onnx", external_data=True)
+
+
+def _official_layout(models, **changes):
+    """``models`` with the official vocabulary layout (text ids far beyond the 256 bytes), other fields changed."""
+    from dataclasses import replace
+
+    from illume_rt.contract import official_vocab_layout
+
+    return replace(models, preset=replace(models.preset, vocab=official_vocab_layout(283047)), **changes)
+
+
+def test_export_refuses_a_checkpoint_without_its_tokenizer_before_any_graph(tiny_models, tmp_path, monkeypatch):
+    """A checkpoint whose vocabulary needs tokenizer.json, without one: refused before minutes of graph export
+    (it used to fail after exporting every graph), and nothing is left in the output folder."""
+    import illume_rt.export.bundle as bundle_module
+
+    def exported(*args, **kwargs):
+        raise AssertionError("a graph was exported before the tokenizer was settled")
+
+    monkeypatch.setattr(bundle_module, "export_onnx", exported)
+    with pytest.raises(ExportError, match="needs a tokenizer.json; pass --checkpoint"):
+        bundle_module.write_bundle(_official_layout(tiny_models, random_weights=False, source={}), tmp_path / "b",
+                                   log=lambda m: None)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_random_weights_with_the_official_layout_get_the_byte_level_stand_in(tiny_models, tmp_path, monkeypatch):
+    """`illume-rt export --preset bench` (random weights, official layout, no tokenizer of its own): the bundle
+    carries the byte-level stand-in, which the runtime reads (text ids are the UTF-8 bytes)."""
+    import json
+
+    import illume_rt.export.bundle as bundle_module
+    from illume_rt.runtime.tokenizer import load_tokenizer
+
+    models = _official_layout(tiny_models, source={})
+    monkeypatch.setattr(bundle_module, "components_for", lambda m: [])  # the tokenizer, not the graphs
+    monkeypatch.setattr(bundle_module, "tables_for", lambda m: [])
+    out = bundle_module.write_bundle(models, tmp_path / "b", log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json"}
+    assert manifest["files"]["tokenizer"]["file"] == "tokenizer.json"
+    assert "stand-in" in manifest["model"]["source"]["tokenizer_file"]
+    tokenizer = load_tokenizer(manifest["tokenizer"], out, models.preset.vocab)
+    assert tokenizer.encode("hé") == list("hé".encode())
