@@ -44,9 +44,14 @@ class QuantizationError(ExportError):
 
 
 def _gate(name: str, figures: dict, limits: dict) -> list[str]:
-    """Failures of one component as readable lines (empty when it passes)."""
+    """Failures of one component as readable lines (empty when it passes).
+
+    A graph that decodes pictures (it has a ``psnr_db`` figure: pixel decoder, VAE decoder) is gated on that PSNR
+    against FP32; its cosine is reported, not gated. The cosine of a picture in [-1, 1] weighs the error against
+    the picture's distance from mid-gray (0), not against its range: illume-nano's held-out VAE picture (rms 0.10
+    around mid-gray) reads cosine 0.905 at 33.2 dB PSNR, where the same error on a white picture reads 0.999."""
     fails = []
-    if figures["worst_cosine"] < limits["cosine"]:
+    if "psnr_db" not in figures and figures["worst_cosine"] < limits["cosine"]:
         fails.append(f"{name}: worst cosine {figures['worst_cosine']:.5f} < {limits['cosine']}")
     if "psnr_db" in figures and figures["psnr_db"] < limits["psnr_db"]:
         fails.append(f"{name}: PSNR {figures['psnr_db']:.2f} dB < {limits['psnr_db']}")

@@ -239,6 +239,19 @@ def test_the_graph_that_misses_the_refinement_alone_is_the_one_blamed():
     assert quantize._fp32_hint(results) == "; or leave vae_decoder in FP32: --components llm,diffusion_unet"
 
 
+def test_a_decoded_picture_is_gated_on_psnr_and_other_graphs_on_cosine():
+    """Pictures are gated on PSNR against FP32, their cosine only reported (a picture near mid-gray reads a low
+    cosine for a small error: illume-nano's VAE picture, 0.905 at 33.2 dB); every other graph on its cosine."""
+    from illume_rt.calibration.quantize import _gate
+
+    limits = {"cosine": 0.99, "psnr_db": 30.0, "llm_top1": 0.9, "llm_kl": 0.1}
+    near_gray = {"worst_cosine": 0.905, "psnr_db": 33.2}
+    assert _gate("vae_decoder", near_gray, limits) == []
+    assert _gate("vae_decoder", {**near_gray, "psnr_db": 29.0}, limits) == ["vae_decoder: PSNR 29.00 dB < 30.0"]
+    assert _gate("diffusion_unet", {"worst_cosine": 0.905}, limits) == [
+        "diffusion_unet: worst cosine 0.90500 < 0.99"]
+
+
 def test_a_missed_gate_names_the_graphs_to_leave_in_fp32():
     from illume_rt.calibration.quantize import _fp32_hint
 
