@@ -39,11 +39,12 @@ def register_prompt_scorer(name: str, scorer: Callable) -> None:
 
 def model_scorers(model: dict | None) -> dict[str, Callable]:
     """The prompt scorers of the bundle's model (its manifest's ``model``): nano's pixel and answer scorer
-    (nano/heldout.py PromptScorer, held-out scenes; torch-free) for illume-nano, none otherwise."""
+    (nano/heldout.py PromptScorer on every scene of nano's grammar, GATE_SPLIT, and the held-out questions;
+    torch-free) for illume-nano, none otherwise."""
     if (model or {}).get("preset") == "nano":
-        from illume_rt.nano.heldout import PromptScorer
+        from illume_rt.nano.heldout import GATE_SPLIT, PromptScorer
 
-        return {"nano": PromptScorer()}
+        return {"nano": PromptScorer(which=GATE_SPLIT)}
     return {}
 
 

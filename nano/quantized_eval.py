@@ -4,10 +4,12 @@
 
 For each flavour (INT8 for onnxruntime CPU, INT8 / FP8 / FP16 / BF16 for TensorRT) the FP32 nano bundle is quantized
 by ``quantize_bundle`` with the plans and scorer it picks for a nano bundle (calibration on training captions of
-nano's grammar, datasets.nano_plan; nano/heldout.py PromptScorer on the held-out scenes, greedy), and the gate's
-figures are collected: per attribute (background, position, colour, shape, size), answers, and 'all', FP32 vs
-quantized on the same prompts, drop, pass or fail at accuracy.MAX_PROMPT_ACCURACY_DROP. The FP32 bundle is scored
-once (the scorer keeps its result per bundle). The quantized bundles go to a temporary folder (``--keep DIR`` keeps
+nano's grammar, datasets.nano_plan; nano/heldout.py PromptScorer on every scene of the grammar, GATE_SPLIT, and the
+held-out questions, greedy), and the gate's figures are collected: per attribute (background, position, colour,
+shape, size), answers, and 'all', FP32 vs quantized on the same prompts, drop, pass or fail at
+accuracy.MAX_PROMPT_ACCURACY_DROP. Each bundle that runs on onnxruntime CPU as written is also scored on the
+held-out prompts alone (``held_out``: the figures of nano/README.md "Measured"). The FP32 bundle is scored once
+(each scorer keeps its result per bundle). The quantized bundles go to a temporary folder (``--keep DIR`` keeps
 them). Every flavour is also opened as written on onnxruntime CPU and one prompt generated, to record whether it
 runs there directly, or the error line (BF16: onnxruntime CPU has no BF16 kernels; the scores then come from the
 BF16-emulating copy the graph figures use, ``evaluated_on`` says so).
@@ -124,17 +126,22 @@ def _refinement(path: Path, threads: int) -> dict | None:
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:
     from illume_rt.calibration import accuracy
     from illume_rt.calibration.quantize import QuantizationError, quantize_bundle
-    from illume_rt.nano.heldout import PromptScorer
+    from illume_rt.nano.heldout import GATE_SPLIT, PromptScorer
+    from illume_rt.runtime.pipeline import Pipeline
 
     source = json.loads((bundle / "manifest.json").read_text())["model"]
-    scorer = PromptScorer(limit, limit, log=log)
+    scorer = PromptScorer(limit, limit, which=GATE_SPLIT, log=log)
+    held_out = PromptScorer(limit, limit, log=log)
     result = {"command": " ".join(["python -m illume_rt.nano.quantized_eval", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
               "versions": _versions(), "code_commit": _commit(), "bundle": str(bundle),
               "weights": {part: info.get("files") for part, info in source.get("source", {}).items()
                           if isinstance(info, dict) and "files" in info},
               "scored_on": scorer.describe(), "max_drop": accuracy.MAX_PROMPT_ACCURACY_DROP,
-              "threads": threads, "fp32": None, "fp32_refinement": _refinement(bundle, threads), "flavours": {}}
+              "held_out_scored_on": held_out.describe(),
+              "threads": threads, "fp32": None,
+              "fp32_held_out": held_out(Pipeline.from_bundle(bundle, "ort-cpu", threads)),
+              "fp32_refinement": _refinement(bundle, threads), "flavours": {}}
     folder = keep or Path(tempfile.mkdtemp(prefix="nano-quantized-"))
     for name, precision, target in flavours:
         t0 = time.time()
@@ -163,6 +170,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
                          quantize_seconds=q["seconds"])
             if entry["runs_directly_on_onnxruntime_cpu"] == "yes":
                 entry["refinement"] = _refinement(dst, threads)
+                entry["held_out"] = held_out(Pipeline.from_bundle(dst, "ort-cpu", threads))
         entry["seconds"] = round(time.time() - t0, 1)
         result["flavours"][name] = entry
         write(result)  # after every flavour: a stopped run keeps what it measured
@@ -173,7 +181,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="illume-nano: quantize every flavour and score it like FP32")
     ap.add_argument("--bundle", default=None, help="FP32 nano bundle (default: the built-in one, exported once)")
     ap.add_argument("--limit", type=int, default=None,
-                    help="score the first N held-out prompts and N questions only (default: all, 90 and 225)")
+                    help="score the first N prompts and N questions only (default: all: the grammar's 450 "
+                         "prompts for the gate, the 90 held-out ones, and 225 held-out questions)")
     ap.add_argument("--flavours", default=",".join(f[0] for f in FLAVOURS),
                     help="comma-separated, among " + ", ".join(f[0] for f in FLAVOURS))
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")

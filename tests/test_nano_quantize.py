@@ -140,6 +140,24 @@ def test_nano_scorer_reads_each_attribute_from_the_pictures(tmp_path):
 
 
 @pytest.mark.runtime
+def test_the_nano_gate_scores_every_scene_of_the_grammar_and_the_held_out_questions(tmp_path):
+    """quantize's scorer for a nano bundle draws the full caption of all 450 scenes (a loss, not generalisation,
+    is measured there, and 45 held-out pictures are too few: nano/heldout.py GATE_SPLIT) and asks the held-out
+    questions; what it reads from the pictures is the scene each caption names."""
+    gate = accuracy.model_scorers({"preset": "nano"})["nano"]
+    described = gate.describe()
+    assert described["split"] == "grammar" and described["question_split"] == "held"
+    assert described["prompts"] == len(data.all_scenes()) == 450
+    assert described["questions"] == len(heldout.eval_questions()) == 225
+    prompts = heldout.eval_prompts(which="grammar")
+    assert [p for p, _ in prompts] == [s.caption for s in data.all_scenes()]
+    assert all(set(wanted) == set(data.ATTRIBUTES) for _, wanted in prompts)
+    (tmp_path / "manifest.json").write_text("{}")
+    few = heldout.PromptScorer(prompt_limit=8, question_limit=3, which="grammar")
+    assert few(_Drawer(tmp_path)) == {**{k: 1.0 for k in heldout.SCORED}, "all": 1.0}
+
+
+@pytest.mark.runtime
 def test_nano_prompt_scoring_imports_without_torch():
     code = ("import sys; from illume_rt.calibration import accuracy, datasets; "
             "accuracy.model_scorers({'preset': 'nano'}); datasets.plan_images(datasets.nano_plan()); "
