@@ -196,6 +196,119 @@ def timings(pipes: dict, refine: bool, repeats: int) -> dict:
     return out
 
 
+def first_calls(path: str, backend: str, refine: bool) -> dict:
+    """Wall time of a fresh Pipeline's first two greedy generations (with refinement when the bundle has it), and
+    of another fresh Pipeline's first one after ``warm_up``: what the backend's first-run costs are and whether
+    warming the decoders removes them."""
+    from illume_rt.runtime.pipeline import Pipeline
+
+    def generate(pipe):
+        t0 = time.perf_counter()
+        pipe.generate(PROMPTS[0], seed=0, sampling=greedy(pipe), refine=pipe.default_refine() if refine else None)
+        return round((time.perf_counter() - t0) * 1e3, 1)
+
+    cold = Pipeline.from_bundle(path, backend=backend)
+    out = {"cold_first_ms": generate(cold), "cold_second_ms": generate(cold)}
+    warm = Pipeline.from_bundle(path, backend=backend)
+    t0 = time.perf_counter()
+    warm.warm_up([(256, 256)], refine=refine)
+    out["warm_up_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    out["warmed_first_ms"] = generate(warm)
+    return out
+
+
+def cudnn_search(reference, refine: bool, repeats: int = 5) -> dict:
+    """The convolutional graphs under onnxruntime CUDA's three cuDNN algorithm searches (provider option
+    ``cudnn_conv_algo_search``): first run and median of ``repeats`` later runs, ms, on inputs a CPU run recorded."""
+    import onnxruntime as ort
+
+    names = ["pixel_decoder"] + (["diffusion_unet", "vae_decoder"] if refine else [])
+    recorders = {n: Recorder(reference.engines[n]) for n in names}
+    for n, r in recorders.items():
+        reference.replace_engine(n, r)
+    try:
+        reference.generate(PROMPTS[0], seed=0, sampling=greedy(reference))  # the pixel decoder
+        if refine:  # the UNet and the VAE decoder instead of the pixel decoder
+            reference.generate(PROMPTS[0], seed=0, sampling=greedy(reference),
+                               refine=replace(reference.default_refine(), steps=1))
+    finally:
+        for n, r in recorders.items():
+            reference.replace_engine(n, r.inner)
+    out: dict = {}
+    for name, recorder in recorders.items():
+        feeds = recorder.calls[0][0]
+        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            session = ort.InferenceSession(str(reference.bundle.component_path(name)), providers=[
+                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": search}), "CPUExecutionProvider"])
+            spans = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                session.run(None, feeds)
+                spans.append((time.perf_counter() - t0) * 1e3)
+            out.setdefault(name, {})[search] = {"first_ms": round(spans[0], 1),
+                                                 "median_ms": round(statistics.median(spans[1:]), 2)}
+    return out
+
+
+class _Timed:
+    """An Engine wrapper that sums the wall time of its calls."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+        self.seconds, self.calls = 0.0, 0
+
+    def run(self, feeds, out=None):
+        t0 = time.perf_counter()
+        result = self.inner.run(feeds)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return result
+
+
+def step_profile(pipe) -> dict:
+    """Where one greedy text-to-image generation's time goes: the body's steps (``run_step`` of the backend's
+    step), the LM head calls, and the rest (embedding, guidance, sampling, bookkeeping), ms per body step."""
+    heads = [n for n in pipe.bundle.manifest["components"] if n.startswith("lm_head_")]
+    pipe.generate(PROMPTS[0], seed=0, sampling=greedy(pipe))  # warm
+    step = pipe.lm.stepper  # the backend's body step (engines/llm_step.py)
+    body = {"seconds": 0.0, "calls": 0}
+    wrapped_step = None
+    if step is not None:
+        inner = step.run_step
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                body["seconds"] += time.perf_counter() - t0
+                body["calls"] += 1
+
+        step.run_step = wrapped_step = timed
+    timers = {n: _Timed(pipe.engines[n]) for n in heads}
+    for n, t in timers.items():
+        pipe.replace_engine(n, t)
+    try:
+        t0 = time.perf_counter()
+        result = pipe.generate(PROMPTS[0], seed=0, sampling=greedy(pipe))
+        total = time.perf_counter() - t0
+    finally:
+        for n, t in timers.items():
+            pipe.replace_engine(n, t.inner)
+        if wrapped_step is not None:
+            del step.run_step  # the instance attribute: the class's method again
+    steps = result.tokens.steps
+    head_s = sum(t.seconds for t in timers.values())
+    out = {"body_steps": steps, "total_ms": round(total * 1e3, 1),
+           "per_step_ms": {"body": round(body["seconds"] * 1e3 / max(body["calls"], 1), 3) if body["calls"] else None,
+                           "heads": round(head_s * 1e3 / steps, 3),
+                           "all": round(total * 1e3 / steps, 3)},
+           "head_calls": {n: t.calls for n, t in timers.items()}, "image_decode_ms":
+               round(result.timings.get("image_decode", 0.0) * 1e3, 1)}
+    return out
+
+
 def nano_scores(pipes: dict, prompts: int, questions: int) -> dict:
     from illume_rt.nano.heldout import PromptScorer
 
@@ -234,9 +347,15 @@ def check_bundle(label: str, path: str, args, log) -> dict:
     section: dict = {"bundle": path, "model": reference.bundle.manifest["model"].get("name") or label, "refine": refine}
     steps = [("graphs", lambda: graph_parity(reference, pipe, refine)),
              ("end_to_end", lambda: end_to_end(reference, pipe, refine)),
-             ("timings_ms", lambda: timings({args.backend: pipe, args.against: reference}, refine, args.repeats))]
+             ("timings_ms", lambda: timings({args.backend: pipe, args.against: reference}, refine, args.repeats)),
+             ("first_calls", lambda: first_calls(path, args.backend, refine)),
+             ("step_profile", lambda: {b: step_profile(p) for b, p in pipes.items()})]
+    if args.backend == "ort-cuda":
+        steps.append(("cudnn_search", lambda: cudnn_search(reference, refine)))
     if label == "nano" and args.nano_prompts:
         steps.append(("nano_scores", lambda: nano_scores(pipes, args.nano_prompts, args.nano_prompts)))
+    if args.only:
+        steps = [(key, step) for key, step in steps if key in args.only.split(",")]
     for key, step in steps:
         s0 = time.perf_counter()
         try:
@@ -275,6 +394,9 @@ def report(result: dict) -> str:
                       for task, row in tim.items()]
         else:
             lines.append(f"timings: {tim}")
+        for key in ("first_calls", "step_profile", "cudnn_search"):
+            if key in sec:
+                lines += ["", f"{key}: {json.dumps(sec[key])}"]
         if "nano_scores" in sec:
             lines += ["", f"nano held-out scorer: {sec['nano_scores']}"]
         lines.append("")
@@ -289,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", default="ort-cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nano-prompts", type=int, default=30, help="held-out prompts and questions (0: none)")
+    parser.add_argument("--only", default="", help="comma-separated sections (graphs, end_to_end, timings_ms, "
+                                                   "first_calls, step_profile, cudnn_search, nano_scores)")
     args = parser.parse_args(argv)
     _import_project()
     out = Path(args.out)

@@ -277,6 +277,34 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
         return GenerationResult(to_uint8(image), tokens, timings, seed, refined=refine is not None)
 
+    def warm_up(self, resolutions=((256, 256),), refine: bool = False) -> dict[str, float]:
+        """Run the image decoders once at each resolution's shapes (and, with ``refine``, the token map, one UNet
+        step at the model's refine guidance and the VAE decoder), so that a product's first real call does not pay
+        the backend's first-run costs: on onnxruntime CUDA the first run of a convolutional graph at a new shape
+        searches cuDNN's algorithms (illume-nano's pixel decoder: 2.0 s the first time at 256x256, 4.7 ms after;
+        bench/results/20261130-ort-cuda-h200). The LLM's steps are not warmed: its shapes change every step.
+        Returns seconds per resolution ("HxW") and stage. Thread-safe."""
+        from dataclasses import replace
+
+        grids = [image_grid(*resolution) for resolution in resolutions]  # LayoutError before any work
+        if refine:
+            self.refiner  # noqa: B018 -- a bundle without a diffusion decoder is refused before any work
+        seconds: dict[str, float] = {}
+        with self._call_lock:
+            for grid in grids:
+                key = f"{grid.height}x{grid.width}"
+                semantic = np.zeros((grid.semantic_rows, grid.semantic_cols), np.int64)
+                pixel = np.zeros((grid.pixel_rows, grid.pixel_cols), np.int64)
+                t0 = time.perf_counter()
+                self.decode_image(semantic, pixel)
+                seconds[f"{key} pixel_decoder"] = time.perf_counter() - t0
+                if refine:
+                    t0 = time.perf_counter()
+                    self.refine_image(semantic, pixel, grid, replace(self.default_refine(), steps=1),
+                                      np.random.default_rng(0))
+                    seconds[f"{key} refinement"] = time.perf_counter() - t0
+        return seconds
+
     def check_refine(self, refine: RefineConfig | None) -> None:
         """Refuse, before any decoding, a refinement this bundle cannot run (no decoder, too many steps)."""
         if refine is None:

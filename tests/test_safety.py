@@ -610,3 +610,45 @@ def test_a_model_trained_at_no_official_anchor_edits_at_its_own_size(bundle_copy
     result = pipe.edit(Image.new("RGB", (40, 30), (200, 30, 30)), "make it blue", sampling=SamplingConfig(greedy=True))
     assert result.tokens.semantic.shape == (9, 9) and result.image.shape == (30, 40, 3)
     assert not any("trained at" in line for line in result.notices)
+
+
+class _ShapeRecorder:
+    """An Engine wrapper that records the shapes of each call's inputs."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+        self.calls = []
+
+    def run(self, feeds, out=None):
+        self.calls.append({k: tuple(np.shape(v)) for k, v in feeds.items()})
+        return self.inner.run(feeds)
+
+
+def test_warm_up_runs_the_decoders_once_at_each_resolution_and_refuses_first(bundle_copy):
+    """Pipeline.warm_up: the pixel decoder once per resolution at that grid's shapes, the refinement graphs once
+    (one UNet step, both guidance rows) when asked; a bad size, or refinement without a decoder, refused before
+    any graph runs."""
+    pipe = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    sizes = [(256, 256), (512, 512)]
+    with pipe.wrapped_engine("pixel_decoder", _ShapeRecorder) as decoder, \
+            pipe.wrapped_engine("diffusion_unet", _ShapeRecorder) as unet:
+        seconds = pipe.warm_up(sizes, refine=True)
+    assert set(seconds) == {f"{h}x{w} {stage}" for h, w in sizes for stage in ("pixel_decoder", "refinement")}
+    from illume_rt.contract import GRAPH_IO, image_grid
+
+    grids = [image_grid(*s) for s in sizes]
+    assert [c[GRAPH_IO["pixel_decoder"][0][1]][-2:] for c in decoder.calls] == [
+        (g.pixel_rows, g.pixel_cols) for g in grids]
+    guided = pipe.default_refine().guidance_scale > 1.0
+    assert len(unet.calls) == len(sizes) and all(c[next(iter(c))][0] == (2 if guided else 1) for c in unet.calls)
+    with pipe.wrapped_engine("pixel_decoder", _ShapeRecorder) as decoder:
+        with pytest.raises(LayoutError, match="unsupported resolution 100x100"):
+            pipe.warm_up([(256, 256), (100, 100)])
+        assert decoder.calls == []
+    _mutate(bundle_copy, _set(["diffusion"], None))
+    bare = Pipeline.from_bundle(bundle_copy, threads=TEST_THREADS)
+    with bare.wrapped_engine("pixel_decoder", _ShapeRecorder) as decoder:
+        with pytest.raises(BundleError, match="no diffusion decoder"):
+            bare.warm_up(refine=True)
+        assert decoder.calls == []
