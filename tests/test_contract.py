@@ -90,7 +90,7 @@ ALLOWED = {
 }
 TOOLS = ("illume_rt.nano.train", "illume_rt.nano.evaluate", "illume_rt.nano.diagnose", "illume_rt.nano.gallery",  # scripts
          "illume_rt.nano.quantized_eval", "illume_rt.nano.choose_sampling",
-         "illume_rt.bench.device_check")
+         "illume_rt.bench.device_check", "illume_rt.bench.ort_cuda_check")
 
 
 def _layer(module: str) -> str:
