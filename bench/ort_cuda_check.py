@@ -46,6 +46,8 @@ EDIT = "make the shape blue"
 
 
 def _import_project():
+    """``illume_rt.*`` from this checkout, installed or not (as bench/device_check.py: a standalone script cannot
+    import it from there before this has run)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import illume_rt
@@ -106,9 +108,8 @@ def flows(pipe, refine: bool):
 def compare_results(name: str, got, want) -> dict:
     if name == "understand":
         return {"same_answer": got.text == want.text, "answer": got.text, "reference_answer": want.text}
-    row = {"codes_agree": round(codes_agree(got.tokens, want.tokens), 4),
-           "image_psnr_db": round(psnr(got.image, want.image), 2)}
-    return row
+    return {"codes_agree": round(codes_agree(got.tokens, want.tokens), 4),
+            "image_psnr_db": round(psnr(got.image, want.image), 2)}
 
 
 def graph_parity(reference, pipe, refine: bool) -> list[dict]:
