@@ -12,6 +12,10 @@
    caption, under the caption with another colour word, and under the unconditional prompt. A model that reads
    the colour word gives the true caption clearly more than the wrong one. Also the total variation of that
    code's distribution when one caption word (colour, shape, size, position, background) changes.
+4. Held out: a held-out picture's codes that no training picture has at the same position (``unseen_at_position``),
+   and the teacher-forced argmax accuracy of the held-out pictures' object codes (full captions), split into those
+   seen at their position in training and those not. A model that only recalls codes where it saw them gets the
+   second group wrong, whatever the caption says.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ def decoded_scores(pixel, sem, pix, scenes):
     imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return score.summarize([score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES})
                             for im, s in zip(imgs, scenes)])
+
+
+def unseen_at_position(train_codes: np.ndarray, held_codes: np.ndarray) -> np.ndarray:
+    """Boolean [held pictures, positions]: True where a held-out picture's code occurs at that position in no
+    training picture (``*_codes``: [pictures, positions] of one level)."""
+    seen = [set(column.tolist()) for column in train_codes.T]
+    return np.array([[code not in seen[j] for j, code in enumerate(row.tolist())] for row in held_codes], dtype=bool)
 
 
 def main(argv=None) -> int:
@@ -164,6 +175,31 @@ def main(argv=None) -> int:
         "p_right_colour_codes": {n: round(float(d[:, 2 * j + 1].mean()), 3) for j, n in enumerate(names)},
         "true_beats_wrong_colour": round(float((d[:, 0] > d[:, 2]).mean()), 3),
         "total_variation_when_one_word_changes": {a: round(float(np.mean(x)), 3) for a, x in tv.items()}}
+
+    # 4. held out: codes never seen at their position, and whether the model gets them
+    train_rows = [i for i, s in enumerate(scenes) if not data.is_held_out(s)]
+    held_rows = [i for i, s in enumerate(scenes) if data.is_held_out(s)]
+    unseen = {level: unseen_at_position(codes[train_rows].numpy(), codes[held_rows].numpy())
+              for level, codes in (("semantic", S), ("pixel", P))}
+    held_acc = collections.defaultdict(list)
+    for n, i in enumerate(held_rows):
+        s = scenes[i]
+        ids, labels = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), s.caption)
+        with torch.no_grad():
+            right = (llm(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1) == torch.tensor(ids[1:])).tolist()
+        pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
+        for level, rows, codes, plain in (("semantic", sem_rows, S[i], empty[s.background][0]),
+                                          ("pixel", pix_rows, P[i], empty[s.background][1])):
+            where = [k for k in pos if ids[k + 1] in rows]
+            for k, is_obj, new in zip(where, (codes != plain).tolist(), unseen[level][n].tolist()):
+                if is_obj:
+                    held_acc[f"{level}_object_{'unseen' if new else 'seen'}_at_position"].append(right[k])
+    out["held_out"] = {
+        "pictures_with_codes_unseen_at_position": {level: int(u.any(1).sum()) for level, u in unseen.items()},
+        "pictures": len(held_rows),
+        "unseen_codes_per_picture": {level: round(float(u.sum(1).mean()), 2) for level, u in unseen.items()},
+        "teacher_forced_object_codes": {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
+                                        for k, x in sorted(held_acc.items())}}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -308,6 +308,17 @@ def test_redoing_a_stage_redoes_every_stage_built_on_it():
     assert set(train.BUILT_ON) == {s for s in train.STAGES if s not in ("export", "sampling")}
 
 
+def test_diagnosis_flags_held_out_codes_never_seen_at_their_position():
+    from illume_rt.nano.diagnose import unseen_at_position
+
+    train = np.array([[1, 2, 3], [1, 5, 3]])
+    held = np.array([[1, 5, 3],  # every code seen at its position
+                     [2, 1, 3],  # 2 and 1 occur in training, but not at positions 0 and 1
+                     [1, 2, 9]])  # 9 never occurs
+    assert unseen_at_position(train, held).tolist() == [[False, False, False], [True, True, False],
+                                                        [False, False, True]]
+
+
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
     from illume_rt.nano import train
 
