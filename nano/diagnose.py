@@ -15,7 +15,9 @@
 4. Held out: a held-out picture's codes that no training picture has at the same position (``unseen_at_position``),
    and the teacher-forced argmax accuracy of the held-out pictures' object codes (full captions), split into those
    seen at their position in training and those not. A model that only recalls codes where it saw them gets the
-   second group wrong, whatever the caption says.
+   second group wrong, whatever the caption says. And how many held-out objects are, at the semantic level, a
+   training picture's object shifted by whole cells (``object_patch``): only those could be drawn by moving a
+   pattern the model has drawn elsewhere.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def unseen_at_position(train_codes: np.ndarray, held_codes: np.ndarray) -> np.nd
     training picture (``*_codes``: [pictures, positions] of one level)."""
     seen = [set(column.tolist()) for column in train_codes.T]
     return np.array([[code not in seen[j] for j, code in enumerate(row.tolist())] for row in held_codes], dtype=bool)
+
+
+def object_patch(grid: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The codes of ``grid`` ([side, side]) inside the box of the cells that differ from ``empty`` (the
+    background's empty picture): the object as a pattern, wherever it sits."""
+    rows, cols = np.nonzero(grid != empty)
+    return grid[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else grid[:0, :0]
 
 
 def main(argv=None) -> int:
@@ -181,6 +190,14 @@ def main(argv=None) -> int:
     held_rows = [i for i, s in enumerate(scenes) if data.is_held_out(s)]
     unseen = {level: unseen_at_position(codes[train_rows].numpy(), codes[held_rows].numpy())
               for level, codes in (("semantic", S), ("pixel", P))}
+    translated = 0
+    for i in held_rows:
+        s, empty_grid = scenes[i], empty[scenes[i].background][0].reshape(9, 9).numpy()
+        patch = object_patch(S[i].reshape(9, 9).numpy(), empty_grid)
+        twins = [j for j in train_rows if all(getattr(scenes[j], a) == getattr(s, a)
+                                              for a in ("shape", "colour", "size", "background"))]
+        other = [object_patch(S[j].reshape(9, 9).numpy(), empty_grid) for j in twins]
+        translated += any(o.shape == patch.shape and bool((o == patch).all()) for o in other)
     held_acc = collections.defaultdict(list)
     for n, i in enumerate(held_rows):
         s = scenes[i]
@@ -197,6 +214,7 @@ def main(argv=None) -> int:
     out["held_out"] = {
         "pictures_with_codes_unseen_at_position": {level: int(u.any(1).sum()) for level, u in unseen.items()},
         "pictures": len(held_rows),
+        "semantic_object_is_a_training_object_shifted_by_whole_cells": translated,
         "unseen_codes_per_picture": {level: round(float(u.sum(1).mean()), 2) for level, u in unseen.items()},
         "teacher_forced_object_codes": {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
                                         for k, x in sorted(held_acc.items())}}

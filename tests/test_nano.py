@@ -308,8 +308,8 @@ def test_redoing_a_stage_redoes_every_stage_built_on_it():
     assert set(train.BUILT_ON) == {s for s in train.STAGES if s not in ("export", "sampling")}
 
 
-def test_diagnosis_flags_held_out_codes_never_seen_at_their_position():
-    from illume_rt.nano.diagnose import unseen_at_position
+def test_diagnosis_flags_held_out_codes_never_seen_at_their_position_and_objects_seen_elsewhere():
+    from illume_rt.nano.diagnose import object_patch, unseen_at_position
 
     train = np.array([[1, 2, 3], [1, 5, 3]])
     held = np.array([[1, 5, 3],  # every code seen at its position
@@ -317,6 +317,14 @@ def test_diagnosis_flags_held_out_codes_never_seen_at_their_position():
                      [1, 2, 9]])  # 9 never occurs
     assert unseen_at_position(train, held).tolist() == [[False, False, False], [True, True, False],
                                                         [False, False, True]]
+    empty = np.zeros((4, 4), int)
+    here, there = empty.copy(), empty.copy()
+    here[0:2, 1:3] = [[5, 6], [7, 8]]
+    there[2:4, 0:2] = [[5, 6], [7, 8]]  # the same object two cells down and one left
+    assert (object_patch(here, empty) == object_patch(there, empty)).all()
+    there[3, 1] = 9
+    assert not (object_patch(here, empty) == object_patch(there, empty)).all()
+    assert object_patch(empty, empty).size == 0
 
 
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
