@@ -76,6 +76,27 @@ def object_patch(grid: np.ndarray, empty: np.ndarray) -> np.ndarray:
     return grid[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else grid[:0, :0]
 
 
+def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
+    """Teacher forced on ``scene``'s full caption: per level ('semantic', 'pixel'), for each of its codes in
+    order, (is an object code, argmax right, cross-entropy). ``empty_codes``: that background's empty picture's
+    (semantic, pixel) codes, which tell background codes from object codes."""
+    v = preset.vocab
+    ids, labels = T.t2i_example(preset, tok, scene, sem.reshape(9, 9), pix.reshape(16, 16), scene.caption)
+    with torch.no_grad():
+        logits = llm(input_ids=torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(ids[1:])
+    nll = (-F.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]).tolist()
+    right = (logits.argmax(-1) == target).tolist()
+    pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
+    out = {}
+    for level, offset, size, codes, plain in (
+            ("semantic", v.semantic_code_offset, v.semantic_codebook_size, sem, empty_codes[0]),
+            ("pixel", v.pixel_code_offset, v.pixel_codebook_size, pix, empty_codes[1])):
+        where = [k for k in pos if offset <= ids[k + 1] < offset + size]
+        out[level] = [(is_obj, right[k], nll[k]) for k, is_obj in zip(where, (codes != plain).tolist())]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm-state", default=None, help="a finished or partial MLLM stage state (mllm.pt, focus.pt)")
@@ -125,7 +146,6 @@ def main(argv=None) -> int:
     llm, preset = models.llm.eval(), models.preset
     v, tok = preset.vocab, T.nano_tokenizer(preset)
     sem_rows = range(v.semantic_code_offset, v.semantic_code_offset + v.semantic_codebook_size)
-    pix_rows = range(v.pixel_code_offset, v.pixel_code_offset + v.pixel_codebook_size)
     nll = collections.defaultdict(list)
     acc = collections.defaultdict(list)
     decision = []
@@ -133,27 +153,17 @@ def main(argv=None) -> int:
     train = data.split()[0]
     for s in train[::max(1, len(train) // args.scenes)][:args.scenes]:
         i = scenes.index(s)
-        ids, labels = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), s.caption)
-        with torch.no_grad():
-            logits = llm(input_ids=torch.tensor([ids])).logits[0]
-        target = torch.tensor(ids[1:])
-        lp = F.log_softmax(logits[:-1], -1).gather(1, target[:, None])[:, 0]
-        right = logits[:-1].argmax(-1) == target
-        pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
-        for level, rows, codes, plain in (("semantic", sem_rows, S[i], empty[s.background][0]),
-                                          ("pixel", pix_rows, P[i], empty[s.background][1])):
-            where = [k for k in pos if ids[k + 1] in rows]
-            for k, is_obj in zip(where, (codes != plain).tolist()):
+        for level, marks in teacher_forced_codes(llm, preset, tok, s, S[i], P[i], empty[s.background]).items():
+            for is_obj, right, ce in marks:
                 key = f"{level}_{'object' if is_obj else 'background'}"
-                nll[key].append(-lp[k].item())
-                acc[key].append(bool(right[k]))
+                nll[key].append(ce)
+                acc[key].append(right)
         first = int((S[i] != empty[s.background][0]).float().argmax())
-        k = ids.index(v.start_of_level0_id) + first + first // 9  # codes and <end_of_line>s before it
         other = next(c for c in data.COLOURS if c not in (s.colour, s.background))
         row = []
         for prompt in (s.caption, s.caption.replace(f" {s.colour} ", f" {other} ", 1), None):
             pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), prompt)
-            k = pids.index(v.start_of_level0_id) + first + first // 9
+            k = pids.index(v.start_of_level0_id) + first + first // 9  # codes and <end_of_line>s before it
             assert pids[k + 1] == v.semantic_code_offset + int(S[i][first])
             with torch.no_grad():
                 p = F.softmax(llm(input_ids=torch.tensor([pids[:k + 1]])).logits[0, -1, sem_rows.start:sem_rows.stop], -1)
@@ -196,21 +206,14 @@ def main(argv=None) -> int:
         patch = object_patch(S[i].reshape(9, 9).numpy(), empty_grid)
         twins = [j for j in train_rows if all(getattr(scenes[j], a) == getattr(s, a)
                                               for a in ("shape", "colour", "size", "background"))]
-        other = [object_patch(S[j].reshape(9, 9).numpy(), empty_grid) for j in twins]
-        translated += any(o.shape == patch.shape and bool((o == patch).all()) for o in other)
+        translated += any(np.array_equal(object_patch(S[j].reshape(9, 9).numpy(), empty_grid), patch) for j in twins)
     held_acc = collections.defaultdict(list)
     for n, i in enumerate(held_rows):
         s = scenes[i]
-        ids, labels = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), s.caption)
-        with torch.no_grad():
-            right = (llm(input_ids=torch.tensor([ids])).logits[0, :-1].argmax(-1) == torch.tensor(ids[1:])).tolist()
-        pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
-        for level, rows, codes, plain in (("semantic", sem_rows, S[i], empty[s.background][0]),
-                                          ("pixel", pix_rows, P[i], empty[s.background][1])):
-            where = [k for k in pos if ids[k + 1] in rows]
-            for k, is_obj, new in zip(where, (codes != plain).tolist(), unseen[level][n].tolist()):
+        for level, marks in teacher_forced_codes(llm, preset, tok, s, S[i], P[i], empty[s.background]).items():
+            for (is_obj, right, _), new in zip(marks, unseen[level][n].tolist()):
                 if is_obj:
-                    held_acc[f"{level}_object_{'unseen' if new else 'seen'}_at_position"].append(right[k])
+                    held_acc[f"{level}_object_{'unseen' if new else 'seen'}_at_position"].append(right)
     out["held_out"] = {
         "pictures_with_codes_unseen_at_position": {level: int(u.any(1).sum()) for level, u in unseen.items()},
         "pictures": len(held_rows),
