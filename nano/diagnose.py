@@ -18,6 +18,10 @@
    second group wrong, whatever the caption says. And how many held-out objects are, at the semantic level, a
    training picture's object shifted by whole cells (``object_patch``): only those could be drawn by moving a
    pattern the model has drawn elsewhere.
+5. Held out, generated: for each held-out full caption, the greedy picture's semantic codes (nano's own guidance,
+   PyTorch reference) against the held-out picture's own codes and against every training picture's. A model that
+   composes the caption's words lands nearest its own picture; one that recalls training pictures lands nearer a
+   training picture, and the attributes that picture differs in are the ones it got wrong.
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ def object_patch(grid: np.ndarray, empty: np.ndarray) -> np.ndarray:
     background's empty picture): the object as a pattern, wherever it sits."""
     rows, cols = np.nonzero(grid != empty)
     return grid[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else grid[:0, :0]
+
+
+def nearest_picture(codes: np.ndarray, pictures: np.ndarray) -> tuple[int, int]:
+    """(row, Hamming distance) of the row of ``pictures`` ([pictures, positions]) with the fewest codes different
+    from ``codes`` ([positions]); the first such row on ties."""
+    distance = (pictures != codes[None]).sum(1)
+    row = int(distance.argmin())
+    return row, int(distance[row])
 
 
 def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
@@ -221,6 +233,27 @@ def main(argv=None) -> int:
         "unseen_codes_per_picture": {level: round(float(u.sum(1).mean()), 2) for level, u in unseen.items()},
         "teacher_forced_object_codes": {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
                                         for k, x in sorted(held_acc.items())}}
+
+    # 5. held out, generated: the asked picture, or a training picture?
+    from illume_rt.nano.evaluate import reference_generate
+
+    train_codes = S[train_rows].numpy()
+    own, nearer_training, copied = 0, 0, 0
+    differs = collections.Counter()
+    for i in held_rows:
+        _, generated, _ = reference_generate(models, scenes[i].caption)
+        generated = generated.reshape(-1)
+        row, to_training = nearest_picture(generated, train_codes)
+        to_own = int((S[i].numpy() != generated).sum())
+        own += to_own == 0
+        copied += to_training == 0
+        if to_training < to_own:
+            nearer_training += 1
+            differs.update(a for a in data.ATTRIBUTES if getattr(scenes[train_rows[row]], a) != getattr(scenes[i], a))
+    out["held_out_generated"] = {
+        "pictures": len(held_rows), "semantic_codes_equal_its_own": own,
+        "nearer_a_training_picture_than_its_own": nearer_training, "semantic_codes_equal_a_training_picture": copied,
+        "that_training_picture_differs_in": {a: differs[a] for a in data.ATTRIBUTES}}
     print(json.dumps(out, indent=1))
     return 0
 

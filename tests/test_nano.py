@@ -327,6 +327,15 @@ def test_diagnosis_flags_held_out_codes_never_seen_at_their_position_and_objects
     assert object_patch(empty, empty).size == 0
 
 
+def test_diagnosis_finds_the_training_picture_nearest_a_generated_one():
+    from illume_rt.nano.diagnose import nearest_picture
+
+    training = np.array([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]])
+    assert nearest_picture(np.array([1, 1, 0, 1]), training) == (1, 1)
+    assert nearest_picture(np.array([1, 1, 1, 0]), training) == (2, 0)  # a copy
+    assert nearest_picture(np.array([0, 1, 0, 0]), training) == (0, 1)  # a tie goes to the first row
+
+
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
     from illume_rt.nano import train
 
