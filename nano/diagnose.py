@@ -34,9 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from illume_rt.contract import PIXEL, SEMANTIC, image_grid
 from illume_rt.nano import data, score
 from illume_rt.nano import train as T
 from illume_rt.nano.checkpoint import DUALVITOK_FILE, load_models
+
+# nano's code grids (one resolution): every reshape and row offset below reads them
+SEMANTIC_GRID = image_grid(data.IMAGE_SIZE, data.IMAGE_SIZE).level_shape(SEMANTIC)
+PIXEL_GRID = image_grid(data.IMAGE_SIZE, data.IMAGE_SIZE).level_shape(PIXEL)
 
 
 def tokenizer_modules():
@@ -60,7 +65,7 @@ def encode(enc, pixel, scenes):
 
 @torch.no_grad()
 def decoded_scores(pixel, sem, pix, scenes):
-    rec = pixel.decode_code(sem.reshape(-1, 9, 9), pix.reshape(-1, 16, 16))
+    rec = pixel.decode_code(sem.reshape(-1, *SEMANTIC_GRID), pix.reshape(-1, *PIXEL_GRID))
     imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return score.summarize([score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES})
                             for im, s in zip(imgs, scenes)])
@@ -93,7 +98,7 @@ def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
     order, (is an object code, argmax right, cross-entropy). ``empty_codes``: that background's empty picture's
     (semantic, pixel) codes, which tell background codes from object codes."""
     v = preset.vocab
-    ids, labels = T.t2i_example(preset, tok, scene, sem.reshape(9, 9), pix.reshape(16, 16), scene.caption)
+    ids, labels = T.t2i_example(preset, tok, scene, sem.reshape(SEMANTIC_GRID), pix.reshape(PIXEL_GRID), scene.caption)
     with torch.no_grad():
         logits = llm(input_ids=torch.tensor([ids])).logits[0, :-1]
     target = torch.tensor(ids[1:])
@@ -174,8 +179,8 @@ def main(argv=None) -> int:
         other = next(c for c in data.COLOURS if c not in (s.colour, s.background))
         row = []
         for prompt in (s.caption, s.caption.replace(f" {s.colour} ", f" {other} ", 1), None):
-            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), prompt)
-            k = pids.index(v.start_of_level0_id) + first + first // 9  # codes and <end_of_line>s before it
+            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(SEMANTIC_GRID), P[i].reshape(PIXEL_GRID), prompt)
+            k = pids.index(v.start_of_level0_id) + first + first // SEMANTIC_GRID[1]  # codes and <end_of_line>s before it
             assert pids[k + 1] == v.semantic_code_offset + int(S[i][first])
             with torch.no_grad():
                 p = F.softmax(llm(input_ids=torch.tensor([pids[:k + 1]])).logits[0, -1, sem_rows.start:sem_rows.stop], -1)
@@ -184,8 +189,8 @@ def main(argv=None) -> int:
         decision.append(row)
 
         def first_code_probs(caption):
-            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(9, 9), P[i].reshape(16, 16), caption)
-            at = pids.index(v.start_of_level0_id) + first + first // 9
+            pids, _ = T.t2i_example(preset, tok, s, S[i].reshape(SEMANTIC_GRID), P[i].reshape(PIXEL_GRID), caption)
+            at = pids.index(v.start_of_level0_id) + first + first // SEMANTIC_GRID[1]
             with torch.no_grad():
                 logits = llm(input_ids=torch.tensor([pids[:at + 1]])).logits[0, -1]
             return F.softmax(logits[sem_rows.start:sem_rows.stop], -1)
@@ -214,11 +219,11 @@ def main(argv=None) -> int:
               for level, codes in (("semantic", S), ("pixel", P))}
     translated = 0
     for i in held_rows:
-        s, empty_grid = scenes[i], empty[scenes[i].background][0].reshape(9, 9).numpy()
-        patch = object_patch(S[i].reshape(9, 9).numpy(), empty_grid)
+        s, empty_grid = scenes[i], empty[scenes[i].background][0].reshape(SEMANTIC_GRID).numpy()
+        patch = object_patch(S[i].reshape(SEMANTIC_GRID).numpy(), empty_grid)
         twins = [j for j in train_rows if all(getattr(scenes[j], a) == getattr(s, a)
                                               for a in ("shape", "colour", "size", "background"))]
-        translated += any(np.array_equal(object_patch(S[j].reshape(9, 9).numpy(), empty_grid), patch) for j in twins)
+        translated += any(np.array_equal(object_patch(S[j].reshape(SEMANTIC_GRID).numpy(), empty_grid), patch) for j in twins)
     held_acc = collections.defaultdict(list)
     for n, i in enumerate(held_rows):
         s = scenes[i]
