@@ -73,6 +73,11 @@ def split() -> tuple[list[Scene], list[Scene]]:
     return [s for s in scenes if not is_held_out(s)], [s for s in scenes if is_held_out(s)]
 
 
+def trained_sizes(scene: Scene, scenes: list[Scene]) -> set[str]:
+    """The sizes at which ``scenes`` show ``scene``'s size-free context (shape, colour, position, background): what
+    a short caption of that context is trained to draw (nano/README.md, Diagnosis item 9)."""
+    return {s.size for s in scenes if s.with_("size", scene.size) == scene}
+
 def scene_from_caption(caption: str) -> Scene | None:
     """The scene a caption of ``Scene.caption``'s grammar describes, or None."""
     for s in all_scenes():

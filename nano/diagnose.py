@@ -22,6 +22,10 @@
    PyTorch reference) against the held-out picture's own codes and against every training picture's. A model that
    composes the caption's words lands nearest its own picture; one that recalls training pictures lands nearer a
    training picture, and the attributes that picture differs in are the ones it got wrong.
+6. Held out, the size word: the size read from the greedy picture of each held-out scene's full caption and of its
+   short (size-free) one, against the size asked and the sizes the training split has that scene's context at (for
+   a held-out scene, only the other size). A model that reads the size word draws the size asked; one that learned
+   to draw the size without it (from the short captions) draws its context's trained size for both prompts.
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ def nearest_picture(codes: np.ndarray, pictures: np.ndarray) -> tuple[int, int]:
     distance = (pictures != codes[None]).sum(1)
     row = int(distance.argmin())
     return row, int(distance[row])
+
+
+def size_word_marks(asked: list[str], full_drawn: list, short_drawn: list, trained: list[set[str]]) -> dict:
+    """Part 6 over scenes i: ``asked[i]`` the size its full caption names, ``full_drawn[i]`` / ``short_drawn[i]``
+    the size read from the picture drawn for its full / short caption (None when unreadable), ``trained[i]`` the
+    sizes the training split has its context at (``data.trained_sizes``)."""
+    return {"scenes": len(asked),
+            "full_caption_draws_the_size_asked": sum(a == f for a, f in zip(asked, full_drawn)),
+            "short_caption_draws_a_trained_size": sum(d in t for d, t in zip(short_drawn, trained)),
+            "full_and_short_caption_draw_the_same_size": sum(f is not None and f == d
+                                                             for f, d in zip(full_drawn, short_drawn))}
 
 
 def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
@@ -245,8 +260,10 @@ def main(argv=None) -> int:
     train_codes = S[train_rows].numpy()
     own, nearer_training, copied = 0, 0, 0
     differs = collections.Counter()
+    full_drawn = []
     for i in held_rows:
-        _, generated, _ = reference_generate(models, scenes[i].caption)
+        picture, generated, _ = reference_generate(models, scenes[i].caption)
+        full_drawn.append(score.read_scene(picture)["size"])
         generated = generated.reshape(-1)
         row, to_training = nearest_picture(generated, train_codes)
         to_own = int((S[i].numpy() != generated).sum())
@@ -259,6 +276,13 @@ def main(argv=None) -> int:
         "pictures": len(held_rows), "semantic_codes_equal_its_own": own,
         "nearer_a_training_picture_than_its_own": nearer_training, "semantic_codes_equal_a_training_picture": copied,
         "that_training_picture_differs_in": {a: differs[a] for a in data.ATTRIBUTES}}
+
+    # 6. held out, the size word: read, or drawn from the context as the short captions taught?
+    held = [scenes[i] for i in held_rows]
+    short_drawn = [score.read_scene(reference_generate(models, s.short_caption)[0])["size"] for s in held]
+    train_scenes = [scenes[i] for i in train_rows]
+    out["held_out_size_word"] = size_word_marks([s.size for s in held], full_drawn, short_drawn,
+                                                [data.trained_sizes(s, train_scenes) for s in held])
     print(json.dumps(out, indent=1))
     return 0
 

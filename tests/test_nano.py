@@ -336,6 +336,28 @@ def test_diagnosis_finds_the_training_picture_nearest_a_generated_one():
     assert nearest_picture(np.array([0, 1, 0, 0]), training) == (0, 1)  # a tie goes to the first row
 
 
+def test_every_held_out_scenes_context_is_trained_at_the_other_size_only():
+    # Diagnosis item 9 rests on this: a held-out scene's short caption was trained on its size partner alone.
+    train, held = data.split()
+    other = {"small": "large", "large": "small"}
+    assert all(data.trained_sizes(s, train) == {other[s.size]} for s in held)
+    assert data.trained_sizes(held[0], held) == {held[0].size}
+    both = [s for s in train if data.trained_sizes(s, train) == set(data.SIZES)]
+    assert 0 < len(both) < len(train)
+
+
+def test_diagnosis_tells_a_size_word_read_from_a_size_recalled_from_the_context():
+    from illume_rt.nano.diagnose import size_word_marks
+
+    asked = ["small", "large", "small", "large"]
+    trained = [{"large"}, {"small"}, {"large"}, {"small"}]
+    reads_the_word = size_word_marks(asked, asked, ["small", "small", "large", None], trained)
+    assert reads_the_word == {"scenes": 4, "full_caption_draws_the_size_asked": 4,
+                              "short_caption_draws_a_trained_size": 2, "full_and_short_caption_draw_the_same_size": 1}
+    recalls = size_word_marks(asked, ["large", "small", "large", None], ["large", "small", "large", "small"], trained)
+    assert recalls == {"scenes": 4, "full_caption_draws_the_size_asked": 0,
+                       "short_caption_draws_a_trained_size": 4, "full_and_short_caption_draw_the_same_size": 3}
+
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
     from illume_rt.nano import train
 
