@@ -78,6 +78,7 @@ def trained_sizes(scene: Scene, scenes: list[Scene]) -> set[str]:
     a short caption of that context is trained to draw (nano/README.md, Diagnosis item 9)."""
     return {s.size for s in scenes if s.with_("size", scene.size) == scene}
 
+
 def scene_from_caption(caption: str) -> Scene | None:
     """The scene a caption of ``Scene.caption``'s grammar describes, or None."""
     for s in all_scenes():
