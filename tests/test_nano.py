@@ -358,6 +358,7 @@ def test_diagnosis_tells_a_size_word_read_from_a_size_recalled_from_the_context(
     assert recalls == {"scenes": 4, "full_caption_draws_the_size_asked": 0,
                        "short_caption_draws_a_trained_size": 4, "full_and_short_caption_draw_the_same_size": 3}
 
+
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
     from illume_rt.nano import train
 
