@@ -357,6 +357,8 @@ def test_diagnosis_tells_a_size_word_read_from_a_size_recalled_from_the_context(
     recalls = size_word_marks(asked, ["large", "small", "large", None], ["large", "small", "large", "small"], trained)
     assert recalls == {"scenes": 4, "full_caption_draws_the_size_asked": 0,
                        "short_caption_draws_a_trained_size": 4, "full_and_short_caption_draw_the_same_size": 3}
+    unreadable = size_word_marks(["small"], [None], [None], [{"large"}])  # two unreadable pictures agree on nothing
+    assert unreadable["full_and_short_caption_draw_the_same_size"] == 0
 
 
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
