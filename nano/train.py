@@ -776,13 +776,19 @@ def stage_export(work: Path, out: Path) -> None:
     print(f"[export] wrote {out}")
 
 
+SEEDED_STAGES = ("semantic", "pixel", "mllm", "vae", "decoder")  # what --seed-from writes
+SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file name in unet/ and vae/
+
+
 def seed_from_weights(work: Path, weights: Path) -> None:
-    """Write the finished states of stages semantic, pixel and mllm from a committed ``weights/`` folder (as the
-    stages left them when it was exported), so that later stages can be retrained on them alone: a few CPU minutes
-    instead of the whole recipe on a busy machine. Stage ``tokens`` is recomputed from them as usual."""
+    """Write the finished states of SEEDED_STAGES from a committed ``weights/`` folder (as the stages left them when
+    it was exported), so that later stages can be retrained on them alone: a few CPU minutes instead of the whole
+    recipe on a busy machine. Stage ``tokens`` is recomputed from them as usual; ``--redo`` drops what is retrained
+    (``--redo mllm`` keeps the tokenizer and the diffusion decoder, which are not built on it)."""
     from safetensors.torch import load_file
 
     from illume_rt.export.networks.vision import PROJECTOR_PREFIX
+    from illume_rt.nano.checkpoint import DECODER_DIR
 
     tok_state = torch.load(weights / "dualvitok" / "pytorch_model.bin", weights_only=True)
     part = {name: {k[len(name) + 1:]: v for k, v in tok_state.items() if k.startswith(name + ".")}
@@ -792,13 +798,21 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     llm = {k: v for k, v in mllm.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
     proj = {k[len(PROJECTOR_PREFIX):]: v for k, v in mllm.items() if k.startswith(PROJECTOR_PREFIX)}
     log = json.loads((weights / "training.json").read_text())
+    states = {"semantic": {"modules": part}, "pixel": {"modules": {"pixel": pixel}},
+              "mllm": {"modules": {"llm": llm, "projectors": proj}}}
+    diffusion = weights / DECODER_DIR.name
+    if (diffusion / "model_index.json").is_file():  # weights older than the diffusion decoder have none
+        vae_config = json.loads((diffusion / "vae" / "config.json").read_text())
+        states["vae"] = {"modules": {"vae": load_file(str(diffusion / "vae" / SAFETENSORS_NAME))},
+                         # what the vae stage measured; the export wrote it to the VAE's config
+                         "scaling_factor": float(vae_config["scaling_factor"])}
+        states["decoder"] = {"modules": {"unet": load_file(str(diffusion / "unet" / SAFETENSORS_NAME))}}
     work.mkdir(parents=True, exist_ok=True)
-    for name, modules in (("semantic", part), ("pixel", {"pixel": pixel}), ("mllm", {"llm": llm, "projectors": proj})):
-        torch.save({"modules": modules, "cpu_s": log.get(name, {}).get("cpu_s", 0.0)}, work / f"{name}.pt")
+    for name, state in states.items():
+        torch.save({**state, "cpu_s": log.get(name, {}).get("cpu_s", 0.0)}, work / f"{name}.pt")
         (work / f"{name}.partial.pt").unlink(missing_ok=True)
-    update_log(work, {k: {**v, "seeded_from": str(weights)} for k, v in log.items()
-                      if k in ("semantic", "pixel", "mllm")})
-    print(f"[seed] semantic, pixel and mllm states from {weights}")
+    update_log(work, {k: {**v, "seeded_from": str(weights)} for k, v in log.items() if k in states})
+    print(f"[seed] {', '.join(states)} states from {weights}")
 
 
 # The stages a second process trains while this one trains the MLLM's (``--jobs 2``): built on the tokenizer only
@@ -830,8 +844,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "weights")
     ap.add_argument("--redo", action="append", default=[], choices=STAGES)
     ap.add_argument("--seed-from", type=Path, default=None, metavar="WEIGHTS",
-                    help="first write the finished semantic, pixel and mllm stages from a weights/ folder "
-                         "(retrain only what follows them)")
+                    help=f"first write the finished {', '.join(SEEDED_STAGES)} stages from a weights/ folder "
+                         "(retrain only what follows them, and what --redo names)")
     ap.add_argument("--focus-steps", type=int, default=None,
                     help=f"steps of stage focus (default {FOCUS_STEPS}); pass the same value again to resume it, "
                          "the learning-rate schedule depends on it")

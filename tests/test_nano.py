@@ -297,6 +297,44 @@ def test_refine_defaults_are_bound_to_the_decoder_they_were_chosen_for(tmp_path,
     assert checkpoint.refine_defaults() is None  # chosen for another decoder: not used
 
 
+@needs_weights
+def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
+    """--seed-from, then export with nothing retrained, writes every tensor of the committed weights unchanged (the
+    diffusion decoder included, and its VAE's scaling factor): what a retraining keeps is what was committed."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from illume_rt.nano import train
+    from illume_rt.nano.checkpoint import DECODER_DIR
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    train.seed_from_weights(work, WEIGHTS)
+    assert {p.stem for p in work.glob("*.pt")} == set(train.SEEDED_STAGES)
+    log = json.loads((work / "log.json").read_text())
+    assert all(log[name]["seeded_from"] == str(WEIGHTS) for name in train.SEEDED_STAGES)
+    shutil.copy(work / "mllm.pt", work / "polish.pt")  # the MLLM as committed stands in for its last stage
+    train.stage_export(work, out)
+
+    def tensors(folder):
+        found = {}
+        for file in sorted(folder.rglob("*.safetensors")):
+            found.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(str(file)).items()})
+        return found
+
+    import torch
+
+    for part in ("mllm", DECODER_DIR.name):
+        committed, written = tensors(WEIGHTS / part), tensors(out / part)
+        assert committed.keys() == written.keys() and committed
+        assert all(torch.equal(committed[k], written[k]) for k in committed), part
+    tokenizer = [torch.load(folder / "dualvitok" / "pytorch_model.bin", weights_only=True) for folder in (WEIGHTS, out)]
+    assert tokenizer[0].keys() == tokenizer[1].keys() and all(torch.equal(v, tokenizer[1][k])
+                                                              for k, v in tokenizer[0].items())
+    vae_config = [json.loads((folder / DECODER_DIR.name / "vae" / "config.json").read_text()) for folder in (WEIGHTS, out)]
+    assert vae_config[0]["scaling_factor"] == vae_config[1]["scaling_factor"]
+
+
 def test_redoing_a_stage_redoes_every_stage_built_on_it():
     from illume_rt.nano import train
 
