@@ -331,8 +331,9 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
     tokenizer = [torch.load(folder / "dualvitok" / "pytorch_model.bin", weights_only=True) for folder in (WEIGHTS, out)]
     assert tokenizer[0].keys() == tokenizer[1].keys() and all(torch.equal(v, tokenizer[1][k])
                                                               for k, v in tokenizer[0].items())
-    vae_config = [json.loads((folder / DECODER_DIR.name / "vae" / "config.json").read_text()) for folder in (WEIGHTS, out)]
-    assert vae_config[0]["scaling_factor"] == vae_config[1]["scaling_factor"]
+    scaling = [json.loads((folder / DECODER_DIR.name / "vae" / "config.json").read_text())["scaling_factor"]
+               for folder in (WEIGHTS, out)]
+    assert scaling[0] == scaling[1]
 
 
 def test_redoing_a_stage_redoes_every_stage_built_on_it():
