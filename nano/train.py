@@ -782,7 +782,6 @@ def stage_export(work: Path, out: Path) -> None:
 
 
 SEEDED_STAGES = ("semantic", "pixel", "mllm", "vae", "decoder")  # what --seed-from writes
-SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' file name in unet/ and vae/
 
 
 def seed_from_weights(work: Path, weights: Path) -> None:
@@ -792,8 +791,13 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     (``--redo mllm`` keeps the tokenizer and the diffusion decoder, which are not built on it)."""
     from safetensors.torch import load_file
 
+    from illume_rt.export.checkpoints import open_weights
     from illume_rt.export.networks.vision import PROJECTOR_PREFIX
     from illume_rt.nano.checkpoint import DECODER_DIR
+
+    def diffusers_state(part: str) -> dict:  # read as the runtime's checkpoint loader reads the decoder
+        source = open_weights(diffusion / part, "diffusion_pytorch_model", f"{diffusion} ({part})")
+        return {name: source.get(name) for name in source.shapes}
 
     tok_state = torch.load(weights / "dualvitok" / "pytorch_model.bin", weights_only=True)
     part = {name: {k[len(name) + 1:]: v for k, v in tok_state.items() if k.startswith(name + ".")}
@@ -808,10 +812,10 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     diffusion = weights / DECODER_DIR.name
     if (diffusion / "model_index.json").is_file():  # weights older than the diffusion decoder have none
         vae_config = json.loads((diffusion / "vae" / "config.json").read_text())
-        states["vae"] = {"modules": {"vae": load_file(str(diffusion / "vae" / SAFETENSORS_NAME))},
+        states["vae"] = {"modules": {"vae": diffusers_state("vae")},
                          # what the vae stage measured; the export wrote it to the VAE's config
                          "scaling_factor": float(vae_config["scaling_factor"])}
-        states["decoder"] = {"modules": {"unet": load_file(str(diffusion / "unet" / SAFETENSORS_NAME))}}
+        states["decoder"] = {"modules": {"unet": diffusers_state("unet")}}
     work.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
         torch.save({**state, "cpu_s": log.get(name, {}).get("cpu_s", 0.0)}, work / f"{name}.pt")

@@ -303,6 +303,7 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
     diffusion decoder included, and its VAE's scaling factor): what a retraining keeps is what was committed."""
     import shutil
 
+    import torch
     from safetensors.torch import load_file
 
     from illume_rt.nano import train
@@ -321,8 +322,6 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
         for file in sorted(folder.rglob("*.safetensors")):
             found.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(str(file)).items()})
         return found
-
-    import torch
 
     for part in ("mllm", DECODER_DIR.name):
         committed, written = tensors(WEIGHTS / part), tensors(out / part)
