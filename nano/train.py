@@ -102,12 +102,13 @@ DECODER_PAIRS, DECODER_CROP_STEPS, DECODER_FULL_STEPS, DECODER_BATCH, LATENT_CRO
 OBJECT_WEIGHT = 10.0
 UNCOND_P = 0.1  # official cfg_text_dropout
 # Every MLLM stage's captions: the full form (with the size word) FULL_CAPTION_P of the rest, else the short form
-# (no size word; the quick start's prompt). At half and half, a held-out scene's size followed its context's
-# trained size instead of the size word (the split holds out a scene, never both sizes of its context): the short
-# form taught the model to draw the size without reading that word. At 0.9 held-out size went 51% -> 78% (84% at
-# FOCUS_STEPS, 89% after polish) and short prompts kept their colour, which full captions alone lost (nano/README.md,
-# item 9). The committed weights predate it (half; edit 0.7): see nano/README.md "Measured" for why.
-FULL_CAPTION_P = 0.9
+# (no size word; the quick start's prompt), the short form only where the context is trained at both sizes
+# (short_caption_allowed). At half and half, a held-out scene's size followed its context's trained size instead of
+# the size word: the short form taught the model to draw the size without reading that word. The share trades shape
+# for size (nano/README.md, Diagnosis item 9; held-out shape / size after `focus`: half, every short caption 77% /
+# 49%, only where allowed 82% / 62%; 0.7 allowed 68% / 80%; 0.9 60% / 84%). 0.7 ran to the end at 61% / 87%, answers
+# 99% ("Measured", session 17). The committed weights predate it.
+FULL_CAPTION_P = 0.7
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
 
@@ -421,6 +422,23 @@ def nano_tokenizer(preset):
     return ByteTokenizer(preset.vocab)
 
 
+def short_caption_allowed(scenes: list[data.Scene]) -> list[bool]:
+    """Per scene: may it train on its short caption? Only where ``scenes`` show its context (all but the size) at
+    every size: elsewhere the short form ties the context to its one trained size, which a held-out scene of that
+    context must then draw against its size word (see FULL_CAPTION_P)."""
+    return [data.trained_sizes(s, scenes) == set(data.SIZES) for s in scenes]
+
+
+def t2i_prompt(scene: data.Scene, short_allowed: bool, r: float) -> str | None:
+    """The prompt of a text-to-image example, from ``r`` uniform in [0, 1): none (the unconditional row) UNCOND_P of
+    the time, else the full caption FULL_CAPTION_P of the rest, else the short one if ``short_allowed``."""
+    if r < UNCOND_P:
+        return None
+    if short_allowed and r >= UNCOND_P + (1 - UNCOND_P) * FULL_CAPTION_P:
+        return scene.short_caption
+    return scene.caption
+
+
 def t2i_example(preset, tok, scene: data.Scene, sem: torch.Tensor, pix: torch.Tensor, prompt: str | None):
     """(ids, labels): the prompt (``None``: the unconditional one), then the image tokens and <|im_end|>, built by
     the runtime's own prompt builder and image layout (training and inference see the same ids)."""
@@ -598,6 +616,7 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
     scenes = [data.Scene(**s) for s in toks["scenes"]]
     empty = empty_codes(toks, scenes)
     pairs = edit_pairs(scenes) if edit_batch else []
+    short_ok = short_caption_allowed(scenes)
     pixel_erase_max = erase_max if pixel_erase_max is None else pixel_erase_max
     llm, proj = build_mllm(preset)
     if init is not None:
@@ -624,9 +643,7 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
         seqs, fed = [], []
         for i in rng.integers(0, len(scenes), t2i_batch):
             s = scenes[i]
-            r = rng.random()
-            prompt = None if r < UNCOND_P else (
-                s.caption if r < UNCOND_P + (1 - UNCOND_P) * FULL_CAPTION_P else s.short_caption)
+            prompt = t2i_prompt(s, short_ok[i], rng.random())
             seqs.append(t2i_example(preset, tok, s, toks["semantic"][i], toks["pixel"][i], prompt))
             fed.append(t2i_example(preset, tok, s, *erased(i, rng), prompt))  # same layout: only codes differ
         ids, labels, mask = pad_batch(seqs, pad)

@@ -384,6 +384,24 @@ def test_every_held_out_scenes_context_is_trained_at_the_other_size_only():
     assert 0 < len(both) < len(train)
 
 
+def test_short_captions_train_only_contexts_seen_at_both_sizes():
+    from illume_rt.nano import train as recipe
+
+    train_scenes, held = data.split()
+    allowed = dict(zip(train_scenes, recipe.short_caption_allowed(train_scenes)))
+    # The training partner of every held-out scene (its context at the other size) never trains its short caption;
+    # every other training scene does, in its share.
+    partners = {s.with_("size", "large" if s.size == "small" else "small") for s in held}
+    assert {s for s, ok in allowed.items() if not ok} == partners
+    draws = np.arange(1000) / 1000
+    for scene, ok in [(next(iter(partners)), False), (next(s for s in train_scenes if allowed[s]), True)]:
+        prompts = [recipe.t2i_prompt(scene, ok, r) for r in draws]
+        short = (1 - recipe.UNCOND_P) * (1 - recipe.FULL_CAPTION_P) if ok else 0  # within a draw: float edges
+        assert abs(prompts.count(None) - 1000 * recipe.UNCOND_P) <= 1
+        assert abs(prompts.count(scene.short_caption) - 1000 * short) <= 1
+        assert prompts.count(scene.caption) + prompts.count(scene.short_caption) + prompts.count(None) == 1000
+
+
 def test_diagnosis_tells_a_size_word_read_from_a_size_recalled_from_the_context():
     from illume_rt.nano.diagnose import size_word_marks
 
