@@ -103,11 +103,10 @@ OBJECT_WEIGHT = 10.0
 UNCOND_P = 0.1  # official cfg_text_dropout
 # Every MLLM stage's captions: the full form (with the size word) FULL_CAPTION_P of the rest, else the short form
 # (no size word; the quick start's prompt), the short form only where the context is trained at both sizes
-# (short_caption_allowed). At half and half, a held-out scene's size followed its context's trained size instead of
-# the size word: the short form taught the model to draw the size without reading that word. The share trades shape
-# for size (nano/README.md, Diagnosis item 9; held-out shape / size after `focus`: half, every short caption 77% /
-# 49%, only where allowed 82% / 62%; 0.7 allowed 68% / 80%; 0.9 60% / 84%). 0.7 ran to the end at 61% / 87%, answers
-# 99% ("Measured", session 17). The committed weights predate it.
+# (short_caption_allowed). Short captions taught the model to draw a context's trained size without reading the
+# size word, yet helped it draw and read shape: the share trades shape for size, and 0.7 keeps most of both. The
+# measurements behind it: nano/README.md, Diagnosis item 9 and "Measured" (session 17). The committed weights
+# predate it.
 FULL_CAPTION_P = 0.7
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
