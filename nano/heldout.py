@@ -60,17 +60,17 @@ def eval_questions(limit: int | None = None, which: str = "held") -> list[tuple[
 
 
 def eval_edits(limit: int | None = None, which: str = "held") -> list[tuple[data.Scene, str, data.Scene]]:
-    """(source scene, instruction, edited scene): for each scene of ``eval_scenes``, one edit of each kind
-    ('held': all five; 'train': one, the kinds in turn), the new value chosen in turn among the valid ones, so
-    every kind and value is asked about. Held out: the source picture's combination was never trained on."""
+    """(source scene, instruction, edited scene): for each scene of ``eval_scenes``, one edit of each kind (225
+    for either split: the training sample's editing guidance, chosen on these, was decided by one edit of 45 when
+    'train' had one kind per scene), the new value chosen in turn among the valid ones, so every kind and value is
+    asked about. Held out: the source picture's combination was never trained on."""
     out = []
     for n, scene in enumerate(eval_scenes(which)):
         by_kind: dict[str, list] = {}
         for instruction, target in data.edits(scene):
             kind = next(a for a in data.ATTRIBUTES if getattr(target, a) != getattr(scene, a))
             by_kind.setdefault(kind, []).append((instruction, target))
-        kinds = list(data.EDIT_INSTRUCTIONS)
-        for kind in kinds if which == "held" else [kinds[n % len(kinds)]]:
+        for kind in data.EDIT_INSTRUCTIONS:
             choices = by_kind[kind]
             instruction, target = choices[n % len(choices)]
             out.append((scene, instruction, target))
