@@ -257,7 +257,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     for name in names:  # refuse what cannot be done before the long calibration
         if manifest["components"][name].get("external_data"):
             _check_external(name, manifest["components"][name],
-                            recipes.recipe_for(name, precision, target, high_precision), src)
+                            recipes.recipe_for(name, precision, target, high_precision, preset), src)
     calibration = calibration or datasets.plan_for(manifest["model"], "calibration")
     evaluation = evaluation or datasets.plan_for(manifest["model"], "evaluation")
     scorers = accuracy.prompt_scorers(manifest["model"]) if prompt_scorers is None else dict(prompt_scorers)
@@ -297,7 +297,7 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
             entry = manifest["components"][name]
             if not feeds.get(name):
                 raise QuantizationError(f"{name}: no calibration inputs were captured (is the component used?)")
-            recipe = recipes.recipe_for(name, precision, target, high_precision)
+            recipe = recipes.recipe_for(name, precision, target, high_precision, preset)
             out = scratch / entry["file"]
             if entry.get("external_data"):  # weights beside the graph (over 2 GiB): structure + one tensor at a time
                 info = streamed.quantize_external(recipe, src / entry["file"], out, feeds[name], threads,
@@ -405,8 +405,9 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
                 manifest["components"][name]["kept_fp32"] = "not requested (quantize_bundle components=)"
         manifest["quantization"] = {
             "precision": precision, "target": target, "status": status, "failures": failures,
-            "high_precision": (None if precision in recipes.FLOAT_PRECISIONS  # converted graphs: FP32 kept where needed
-                               else recipes.recipe_for("llm", precision, target, high_precision).high_precision),
+            # converted graphs (FP16/BF16) keep FP32 where they need it
+            "high_precision": (None if precision in recipes.FLOAT_PRECISIONS else
+                               recipes.recipe_for("llm", precision, target, high_precision, preset).high_precision),
             "components": names,
             "thresholds_key": thresholds_key, "thresholds": limits,
             "source_bundle": {"path": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},
