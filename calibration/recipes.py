@@ -93,10 +93,8 @@ class Recipe:
 
 
 # SmoothQuant's alpha for the INT8 LLM, by preset (absent: "default"). 0.5 is the SmoothQuant paper's choice for
-# LLMs whose activations carry outlier channels, which it moves into the weights. illume-nano's activations have
-# none to move (held-out hidden states within +-6.1), and on its session-18 weights alpha 0.5 moved error into the
-# weights instead. Worst held-out hidden-state cosine against the gate's 0.99: 0.959 (onnxruntime CPU) / 0.982
-# (TensorRT) at 0.5; 0.989 at 0.3; 0.895 at 0.8; 0.993 / 0.993 without (docs/quantization.md). The released 3B/7B
+# LLMs whose activations carry outlier channels, which it moves into the weights. illume-nano's have none to move,
+# and at 0.5 its INT8 LLM missed its own cosine gate (the alphas measured: docs/quantization.md). The released 3B/7B
 # keep 0.5 (never quantized here); tiny keeps it too, so the tests go on exercising the transform.
 SMOOTHQUANT_ALPHA: dict[str, float | None] = {"default": 0.5, "nano": None}
 
