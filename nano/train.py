@@ -105,8 +105,8 @@ UNCOND_P = 0.1  # official cfg_text_dropout
 # (no size word; the quick start's prompt), the short form only where the context is trained at both sizes
 # (short_caption_allowed). Short captions taught the model to draw a context's trained size without reading the
 # size word, yet helped it draw and read shape: the share trades shape for size, and 0.7 keeps most of both. The
-# measurements behind it: nano/README.md, Diagnosis item 9 and "Measured" (session 17). The committed weights
-# predate it.
+# measurements behind it: nano/README.md, Diagnosis item 9 and "The caption share". The committed weights were
+# trained with it (session 18).
 FULL_CAPTION_P = 0.7
 SMOKE = bool(os.environ.get("ILLUME_NANO_SMOKE"))  # a few steps and scenes of everything, to check the scripts
 
