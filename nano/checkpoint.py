@@ -18,94 +18,123 @@ All three load through ``illume_rt.export.checkpoints.load_reference_models`` li
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from illume_rt.export.tokenizer_files import bytes_to_unicode, special_tokens, write_byte_tokenizer  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
-MLLM_DIR = WEIGHTS / "mllm"
-DUALVITOK_FILE = WEIGHTS / "dualvitok" / "pytorch_model.bin"
-DECODER_DIR = WEIGHTS / "dualvitok_sdxl_decoder"
 # The output sizes (height, width) the committed weights were trained to draw; the runtime prints a notice for
 # any other (recorded in the bundle manifest as model.trained_resolutions).
 TRAINED_RESOLUTIONS = ((256, 256),)
-# The sampling a call gets when it passes none (manifest model.sampling_defaults; the official defaults otherwise),
-# chosen on the training split by nano/choose_sampling.py, which writes this file (part of the weights' folder, so
-# the built-in bundle's key covers it).
-SAMPLING_FILE = MLLM_DIR / "illume_rt_sampling.json"
 
 
-# The refinement a --refine call gets when it names none (manifest model.refine_defaults; the official defaults
-# otherwise): the diffusion decoder's guidance, chosen on the training split by nano/choose_sampling.py, which writes
-# this file beside the decoder it was measured on (so the built-in bundle's key covers it).
-REFINE_FILE = DECODER_DIR / "illume_rt_refine.json"
+@dataclass(frozen=True)
+class NanoWeights:
+    """Where the files of one illume-nano weights folder are (the layout in the module docstring): the committed one
+    (``COMMITTED``) or one that ``python -m illume_rt.nano.train --out DIR`` wrote."""
+
+    root: Path
+
+    @property
+    def is_committed(self) -> bool:
+        return self.root.resolve() == WEIGHTS.resolve()
+
+    @property
+    def mllm(self) -> Path:
+        return self.root / "mllm"
+
+    @property
+    def dualvitok(self) -> Path:
+        return self.root / "dualvitok" / "pytorch_model.bin"
+
+    @property
+    def decoder(self) -> Path:
+        return self.root / "dualvitok_sdxl_decoder"
+
+    @property
+    def sampling_file(self) -> Path:
+        """The sampling a call gets when it passes none (manifest model.sampling_defaults; the official defaults
+        otherwise), chosen on the training split by nano/choose_sampling.py, which writes this file (part of the
+        weights' folder, so the built-in bundle's key covers it)."""
+        return self.mllm / "illume_rt_sampling.json"
+
+    @property
+    def refine_file(self) -> Path:
+        """The refinement a --refine call gets when it names none (manifest model.refine_defaults; the official
+        defaults otherwise): the diffusion decoder's guidance, chosen by nano/choose_sampling.py, which writes this
+        file beside the decoder it was measured on (so the built-in bundle's key covers it)."""
+        return self.decoder / "illume_rt_refine.json"
 
 
-def decoder_digest() -> str:
-    """sha256 over the diffusion decoder's files (not REFINE_FILE): what a choice of refine defaults was measured on."""
+COMMITTED = NanoWeights(WEIGHTS)
+
+
+def decoder_digest(weights: NanoWeights = COMMITTED) -> str:
+    """sha256 over the diffusion decoder's files (not the refine file): what a choice of refine defaults was
+    measured on."""
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted(p for p in DECODER_DIR.rglob("*") if p.is_file() and p != REFINE_FILE):
-        digest.update(path.relative_to(DECODER_DIR).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(p for p in weights.decoder.rglob("*") if p.is_file() and p != weights.refine_file):
+        digest.update(path.relative_to(weights.decoder).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def refine_defaults() -> dict | None:
-    """{field: value} from REFINE_FILE, or None (the official defaults) when it is absent, chose them, or was chosen
-    for another decoder."""
-    if not REFINE_FILE.is_file():
+def refine_defaults(weights: NanoWeights = COMMITTED) -> dict | None:
+    """{field: value} from the refine file, or None (the official defaults) when it is absent, chose them, or was
+    chosen for another decoder."""
+    if not weights.refine_file.is_file():
         return None
-    record = json.loads(REFINE_FILE.read_text())
-    if record.get("decoder_sha256") != decoder_digest():
+    record = json.loads(weights.refine_file.read_text())
+    if record.get("decoder_sha256") != decoder_digest(weights):
         return None
     return record.get("refine") or None
 
 
-def weights_digest() -> str:
+def weights_digest(weights: NanoWeights = COMMITTED) -> str:
     """sha256 of the MLLM weights: what a choice of sampling defaults was measured on."""
     import hashlib
 
-    return hashlib.sha256((MLLM_DIR / "model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256((weights.mllm / "model.safetensors").read_bytes()).hexdigest()
 
 
-def sampling_defaults() -> dict | None:
-    """{task: {field: value}} from SAMPLING_FILE, or None (the official defaults) when it is absent, chose them, or
-    was chosen for other weights (a retrained nano keeps the official defaults until choose_sampling reruns)."""
-    if not SAMPLING_FILE.is_file():
+def sampling_defaults(weights: NanoWeights = COMMITTED) -> dict | None:
+    """{task: {field: value}} from the sampling file, or None (the official defaults) when it is absent, chose them,
+    or was chosen for other weights (a retrained nano keeps the official defaults until choose_sampling reruns)."""
+    if not weights.sampling_file.is_file():
         return None
-    record = json.loads(SAMPLING_FILE.read_text())
-    if record.get("weights_sha256") != weights_digest():
+    record = json.loads(weights.sampling_file.read_text())
+    if record.get("weights_sha256") != weights_digest(weights):
         return None
     chosen = {task: record[task] for task in ("text_to_image", "editing") if record.get(task)}
     return chosen or None
 
 
-def weight_files() -> list[Path]:
-    """Every file of the committed weights a built bundle depends on (the built-in bundle's key covers them)."""
-    files = sorted(MLLM_DIR.iterdir()) + [DUALVITOK_FILE]
-    if DECODER_DIR.is_dir():
-        files += sorted(p for p in DECODER_DIR.rglob("*") if p.is_file())
+def weight_files(weights: NanoWeights = COMMITTED) -> list[Path]:
+    """Every file of the weights a built bundle depends on (the built-in bundle's key covers them)."""
+    files = sorted(weights.mllm.iterdir()) + [weights.dualvitok]
+    if weights.decoder.is_dir():
+        files += sorted(p for p in weights.decoder.rglob("*") if p.is_file())
     return [f for f in files if f.is_file()]
 
 
-def available() -> bool:
-    return (MLLM_DIR / "config.json").is_file() and DUALVITOK_FILE.is_file()
+def available(weights: NanoWeights = COMMITTED) -> bool:
+    return (weights.mllm / "config.json").is_file() and weights.dualvitok.is_file()
 
 
-def load_models():
-    """The committed illume-nano as ``ReferenceModels``, through the official-checkpoint loaders."""
+def load_models(weights: NanoWeights = COMMITTED):
+    """An illume-nano weights folder (default: the committed one) as ``ReferenceModels``, through the
+    official-checkpoint loaders."""
     from illume_rt.export.checkpoints import load_reference_models
 
-    decoder = DECODER_DIR if (DECODER_DIR / "model_index.json").is_file() else None
-    models = load_reference_models(MLLM_DIR, DUALVITOK_FILE, decoder, base="nano")
+    decoder = weights.decoder if (weights.decoder / "model_index.json").is_file() else None
+    models = load_reference_models(weights.mllm, weights.dualvitok, decoder, base="nano")
     models.trained_resolutions = [list(r) for r in TRAINED_RESOLUTIONS]
-    models.sampling_defaults = sampling_defaults()
-    models.refine_defaults = refine_defaults() if decoder is not None else None
+    models.sampling_defaults = sampling_defaults(weights)
+    models.refine_defaults = refine_defaults(weights) if decoder is not None else None
     return models
-
-
 
 
 def mllm_config(preset, llm) -> dict:

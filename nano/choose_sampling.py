@@ -1,13 +1,14 @@
 """illume-nano's own sampling defaults (text to image, editing), chosen on its training split.
 
     python -m illume_rt.nano.choose_sampling        # -> nano/weights/mllm/illume_rt_sampling.json
+    python -m illume_rt.nano.choose_sampling --weights DIR   # a folder nano.train --out DIR wrote: -> DIR/mllm/...
 
 Editing: the guidance, chosen the same way on edits of the training sample (``heldout.eval_edits('train')``) by
 the share of edits right.
 
 Refinement: the diffusion decoder's guidance (official 2.0), by the PSNR of its 2x output against the scene
 rendered at 2x, from the codes of the first REFINE_SCENES pictures of the training sample
-(``decoder.refinement_scores``); written beside the decoder (nano/checkpoint.py REFINE_FILE) with the digest of
+(``decoder.refinement_scores``); written beside the decoder (nano/checkpoint.py ``refine_file``) with the digest of
 the decoder it was measured on. ``--refine-only`` redoes only this choice (after the decoder alone was retrained).
 
 A model's sampling defaults are part of the model (a checkpoint's generation config); illume-nano's go into its
@@ -27,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from illume_rt.nano import data, score
-from illume_rt.nano.checkpoint import REFINE_FILE, SAMPLING_FILE, decoder_digest, weights_digest
+from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, decoder_digest, weights_digest
+from illume_rt.nano.evaluate import bundle_of
 
 # (temperature, top_p): the sampler knobs of the official defaults; top-k stays the official 2048 (6144 pixel)
 SAMPLERS = ((1.0, 1.0), (1.0, 0.8), (1.0, 0.6), (0.8, 0.8), (0.7, 1.0), (0.7, 0.6))
@@ -71,17 +73,16 @@ def choose(results: list[dict]) -> dict:
     return max(results, key=lambda r: (min(r["scores"][a] for a in data.ATTRIBUTES), r["scores"]["all"]))
 
 
-def choose_refine(pipe, limit: int | None) -> dict:
-    """The record of REFINE_FILE: the guidance with the best mean PSNR on the training sample."""
+def choose_refine(pipe, limit: int | None, weights: NanoWeights = COMMITTED) -> dict:
+    """The record of ``weights.refine_file``: the guidance with the best mean PSNR on the training sample."""
     from dataclasses import replace
 
     from illume_rt.nano import decoder
-    from illume_rt.nano.checkpoint import DUALVITOK_FILE
     from illume_rt.nano.heldout import eval_scenes
     from illume_rt.runtime.refine import OFFICIAL_REFINE
 
     scenes = eval_scenes("train")[:min(limit or REFINE_SCENES, REFINE_SCENES)]
-    tokenizer = decoder.tokenizer_from_weights(DUALVITOK_FILE)
+    tokenizer = decoder.tokenizer_from_weights(weights.dualvitok)
     results = []
     for guidance in REFINE_GUIDANCE_CANDIDATES:
         t0 = time.time()
@@ -93,29 +94,43 @@ def choose_refine(pipe, limit: int | None) -> dict:
               if best["guidance_scale"] != OFFICIAL_REFINE.guidance_scale else {})
     return {"refine": chosen, "candidates": results, "chosen": "the best mean PSNR against the 2x render",
             "split": "train sample (heldout.eval_scenes('train'))", "scenes": len(scenes), "seed": 0,
-            "steps": OFFICIAL_REFINE.steps, "decoder_sha256": decoder_digest(),
+            "steps": OFFICIAL_REFINE.steps, "decoder_sha256": decoder_digest(weights),
             "command": "python -m illume_rt.nano.choose_sampling"}
 
 
 def main(argv=None) -> int:
-    from illume_rt.cli import ensure_default_bundle
-    from illume_rt.nano.heldout import eval_scenes
-    from illume_rt.runtime.options import OFFICIAL_SAMPLING
-    from illume_rt.runtime.pipeline import Pipeline
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", default=None, help="FP32 nano bundle (default: the built-in one)")
+    ap.add_argument("--weights", type=Path, default=COMMITTED.root,
+                    help="the illume-nano weights folder to choose for, and write the choices into (default: the "
+                         "committed nano/weights)")
+    ap.add_argument("--bundle", default=None, help="FP32 bundle of those weights (default: exported from them)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many training scenes")
-    ap.add_argument("--json", type=Path, default=SAMPLING_FILE)
+    ap.add_argument("--json", type=Path, default=None, help="where the sampling choices go (default: the weights' "
+                                                           "mllm/illume_rt_sampling.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--refine-only", action="store_true",
                     help="only the refinement guidance (when only the diffusion decoder was retrained)")
     args = ap.parse_args(argv)
-    pipe = Pipeline.from_bundle(args.bundle or ensure_default_bundle("nano"), threads=args.threads)
+    weights = NanoWeights(args.weights)
+    if not available(weights):
+        raise SystemExit(f"choose_sampling: {args.weights} is not an illume-nano weights folder (no mllm/config.json "
+                         "or dualvitok/pytorch_model.bin); pass the folder `python -m illume_rt.nano.train --out` wrote")
+    if args.bundle:
+        return choose_all(args, weights, Path(args.bundle))
+    with bundle_of(weights) as bundle:
+        return choose_all(args, weights, bundle)
+
+
+def choose_all(args, weights: NanoWeights, bundle: Path) -> int:
+    from illume_rt.nano.heldout import eval_scenes
+    from illume_rt.runtime.options import OFFICIAL_SAMPLING
+    from illume_rt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, threads=args.threads)
     if pipe.bundle.manifest.get("diffusion"):
-        record = choose_refine(pipe, args.limit)
-        REFINE_FILE.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"chose refinement {record['refine'] or 'the official defaults'} -> {REFINE_FILE}")
+        record = choose_refine(pipe, args.limit, weights)
+        weights.refine_file.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"chose refinement {record['refine'] or 'the official defaults'} -> {weights.refine_file}")
     if args.refine_only:
         return 0
     if pipe.bundle.manifest["model"].get("sampling_defaults"):
@@ -151,10 +166,11 @@ def main(argv=None) -> int:
               "edits": len(edits), "chosen": "the candidate whose weakest attribute is best (ties: all)",
               "split": "train sample (heldout.eval_scenes('train'), full captions)", "scenes": len(scenes),
               "seed": 0, "top_k": official.top_k, "candidates": results,
-              "weights_sha256": weights_digest(), "command": "python -m illume_rt.nano.choose_sampling"}
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
+              "weights_sha256": weights_digest(weights), "command": "python -m illume_rt.nano.choose_sampling"}
+    out = args.json or weights.sampling_file
+    out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"chose text to image {chosen or 'the official defaults'}, editing {chosen_edit or 'the official defaults'}"
-          f" -> {args.json}")
+          f" -> {out}")
     return 0
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from illume_rt.contract import PIXEL, SEMANTIC, image_grid
 from illume_rt.nano import data, score
 from illume_rt.nano import train as T
-from illume_rt.nano.checkpoint import DUALVITOK_FILE, load_models
+from illume_rt.nano.checkpoint import COMMITTED, load_models
 
 # nano's code grids (one resolution): every reshape and row offset below reads them
 SEMANTIC_GRID = image_grid(data.IMAGE_SIZE, data.IMAGE_SIZE).level_shape(SEMANTIC)
@@ -51,7 +51,7 @@ PIXEL_GRID = image_grid(data.IMAGE_SIZE, data.IMAGE_SIZE).level_shape(PIXEL)
 def tokenizer_modules():
     preset = T.nano_preset()
     enc, _, pixel = T.build_tokenizer_modules(preset)
-    state = torch.load(DUALVITOK_FILE, weights_only=True)
+    state = torch.load(COMMITTED.dualvitok, weights_only=True)
     enc.load_state_dict({k[len("semantic_encoder."):]: v for k, v in state.items()
                          if k.startswith("semantic_encoder.")})
     pixel.load_state_dict({k: v for k, v in state.items()

@@ -1,8 +1,10 @@
 """Quality gates of illume-nano: prompt accuracy of generated pictures over held-out prompts and answer accuracy
 over held-out pictures, for the PyTorch reference and for the runtime, on the same prompts and seeds.
 
-``python -m illume_rt.nano.evaluate [--bundle B] [--limit N] [--json out.json]``: without ``--bundle`` the
-built-in nano bundle (exported from ``nano/weights/`` once) is used. Greedy decoding with guidance 2.0 (the
+``python -m illume_rt.nano.evaluate [--weights DIR] [--bundle B] [--limit N] [--json out.json]``: the committed
+weights by default (the runtime side then uses the built-in nano bundle, exported from ``nano/weights/`` once);
+``--weights DIR``, a folder ``python -m illume_rt.nano.train --out DIR`` wrote, is exported into a temporary bundle
+unless ``--bundle`` gives one of it. Greedy decoding with guidance 2.0 (the
 text-to-image default) for generation; greedy answers for understanding. The runtime must match the reference
 (token-identical under greedy), so both columns should agree exactly.
 
@@ -14,24 +16,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from illume_rt.nano import data, score
+from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, load_models
 from illume_rt.nano.heldout import (eval_edits, eval_prompts, eval_questions, eval_scenes, greedy_sampling,
                                     runtime_answer, runtime_generate, score_edits)
 
 
-def reference_greedy_sampling():
+TEMPORARY_BUNDLE_PREFIX = "illume-nano-bundle-"  # bundle_of's folder, under the system's temporary folder
+
+
+@contextmanager
+def bundle_of(weights: NanoWeights, log=print):
+    """A runtime bundle of ``weights``: the built-in one (exported once and cached, see illume_rt.cli) for the
+    committed weights; for any other folder, one exported now into a temporary folder and removed afterwards."""
+    if weights.is_committed:
+        from illume_rt.cli import ensure_default_bundle
+
+        yield ensure_default_bundle("nano", log=log)
+        return
+    from illume_rt.export.bundle import write_bundle
+
+    with tempfile.TemporaryDirectory(prefix=TEMPORARY_BUNDLE_PREFIX) as tmp:
+        log(f"exporting {weights.root} into a temporary bundle ...")
+        write_bundle(load_models(weights), Path(tmp) / "bundle", log=lambda m: log("  " + m))
+        yield Path(tmp) / "bundle"
+
+
+def reference_greedy_sampling(models):
     """``heldout.greedy_sampling`` for the PyTorch reference: greedy at the checkpoint's declared text-to-image
-    defaults (nano/checkpoint.py ``sampling_defaults``, what its bundle declares)."""
+    defaults (``models.sampling_defaults``: nano/checkpoint.py ``sampling_defaults``, what its bundle declares)."""
     from dataclasses import replace
 
-    from illume_rt.nano.checkpoint import sampling_defaults
     from illume_rt.runtime.options import model_sampling_defaults
 
-    return replace(model_sampling_defaults(sampling_defaults())["text_to_image"], greedy=True)
+    return replace(model_sampling_defaults(models.sampling_defaults)["text_to_image"], greedy=True)
 
 
 def reference_generate(models, prompt: str, seed: int = 0):
@@ -46,7 +71,7 @@ def reference_generate(models, prompt: str, seed: int = 0):
     vocab = models.preset.vocab
     cond, uncond = text_to_image_ids(ByteTokenizer(vocab), vocab, prompt, 256, 256)
     ref = reference_image_tokens(models.llm, vocab, image_grid(256, 256), cond, uncond,
-                                 reference_greedy_sampling(), np.random.default_rng(seed))
+                                 reference_greedy_sampling(models), np.random.default_rng(seed))
     with torch.no_grad():
         img = models.dualvitok.decode_code(torch.from_numpy(ref.semantic)[None], torch.from_numpy(ref.pixel)[None])
     return to_uint8(img[0].numpy()), ref.semantic, ref.pixel
@@ -71,11 +96,12 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
 
 
 def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_limit: int | None = None,
-             log=print, which: str = "held", edits: bool = True, sampled: bool = False, refine: bool = False
-             ) -> dict:
+             log=print, which: str = "held", edits: bool = True, sampled: bool = False, refine: bool = False,
+             weights: NanoWeights = COMMITTED) -> dict:
     """{'generation': {engine: summary}, 'understanding': {engine: accuracy}, 'token_identical': ...}; with the
     runtime, 'editing' (greedy; with ``sampled`` also at the editing defaults) and, with ``sampled``,
-    'generation_default_sampling'; with ``refine`` and a bundle with a diffusion decoder, 'refinement'."""
+    'generation_default_sampling'; with ``refine`` and a bundle with a diffusion decoder, 'refinement' (the codes
+    of the ground-truth pictures from the tokenizer of ``weights``, the folder the bundle was exported from)."""
     engines = {k: v for k, v in (("reference", models), ("runtime", pipe)) if v is not None}
     gen = {name: [] for name in engines}
     same_tokens = []
@@ -106,7 +132,7 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
            "understanding": {k: float(np.mean(v)) for k, v in und.items()},
            "chance": {"generation": score.CHANCE, "understanding": float(np.mean(
                [1 / len(data.CHOICES[a]) for a in data.ATTRIBUTES]))},
-           "guidance": (greedy_sampling(pipe) if pipe is not None else reference_greedy_sampling()).guidance_scale,
+           "guidance": (greedy_sampling(pipe) if pipe is not None else reference_greedy_sampling(models)).guidance_scale,
            "decoding": "greedy", "split": which,
            "prompts": len(eval_prompts(prompt_limit, which)), "questions": len(eval_questions(question_limit, which))}
     if pipe is not None and edits:
@@ -126,11 +152,10 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
         # The diffusion decoder (--refine, 2x) against Lanczos upscaling of the pixel decoder, from the codes of
         # each scene's ground-truth picture: the decoders compared on the same codes (nano/decoder.py).
         from illume_rt.nano import decoder
-        from illume_rt.nano.checkpoint import DUALVITOK_FILE
 
         t0 = time.time()
         out["refinement"] = decoder.refinement_scores(pipe, eval_scenes(which)[:prompt_limit],
-                                                      *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+                                                      *decoder.tokenizer_from_weights(weights.dualvitok))
         log(f"refinement: {out['refinement']['scenes']} pictures in {time.time() - t0:.0f}s")
     if same_tokens:
         out["runtime_token_identical"] = float(np.mean(same_tokens))
@@ -143,7 +168,10 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
 # not gated on its own: it is the conjunction of the gated ones.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="illume-nano quality gates (reference vs runtime)")
-    ap.add_argument("--bundle", default=None, help="runtime bundle (default: the built-in nano bundle)")
+    ap.add_argument("--weights", type=Path, default=COMMITTED.root,
+                    help="illume-nano weights folder (default: the committed nano/weights)")
+    ap.add_argument("--bundle", default=None, help="runtime bundle of those weights (default: the built-in nano "
+                                                   "bundle for the committed weights, else exported from them)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-runtime", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts and questions")
@@ -159,19 +187,30 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    models = pipe = None
+    weights = NanoWeights(args.weights)
+    if not available(weights):
+        raise SystemExit(f"evaluate: {args.weights} is not an illume-nano weights folder (no mllm/config.json or "
+                         "dualvitok/pytorch_model.bin); pass the folder `python -m illume_rt.nano.train --out` wrote")
+    models = None
     if not args.no_reference:
-        from illume_rt.nano.checkpoint import load_models
+        models = load_models(weights)
+    if args.no_runtime:
+        return report(args, weights, None, models)
+    if args.bundle:
+        return report(args, weights, args.bundle, models)
+    with bundle_of(weights) as bundle:
+        return report(args, weights, bundle, models)
 
-        models = load_models()
-    if not args.no_runtime:
-        from illume_rt.cli import ensure_default_bundle
+
+def report(args, weights: NanoWeights, bundle, models) -> int:
+    pipe = None
+    if bundle is not None:
         from illume_rt.runtime.pipeline import Pipeline
 
-        bundle = args.bundle or ensure_default_bundle("nano")
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
     result = {which: evaluate(pipe, models, args.limit, args.limit, which=which, edits=not args.no_edits,
-                              sampled=which in args.sampled, refine=which in args.refine) for which in args.split}
+                              sampled=which in args.sampled, refine=which in args.refine, weights=weights)
+              for which in args.split}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -112,7 +112,7 @@ def _graph_summary(manifest: dict) -> dict:
 def _refinement(path: Path, threads: int) -> dict | None:
     """decoder.refinement_scores of the bundle at ``path`` (None without a diffusion decoder)."""
     from illume_rt.nano import decoder
-    from illume_rt.nano.checkpoint import DUALVITOK_FILE
+    from illume_rt.nano.checkpoint import COMMITTED
     from illume_rt.nano.heldout import eval_scenes
     from illume_rt.runtime.pipeline import Pipeline
 
@@ -120,7 +120,7 @@ def _refinement(path: Path, threads: int) -> dict | None:
     if not pipe.bundle.manifest.get("diffusion"):
         return None
     return decoder.refinement_scores(pipe, eval_scenes("held")[:REFINE_SCENES],
-                                     *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+                                     *decoder.tokenizer_from_weights(COMMITTED.dualvitok))
 
 
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:

@@ -23,8 +23,10 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 6. ``vae``, ``decoder``   The diffusion decoder (``nano/decoder.py``): its autoencoder on 512x512 renders, then its
                  UNet on (token map, latent) pairs; built on the tokenizer only, not on the MLLM, so a run that has
                  both to do trains them in a second process beside stages 3-5 (``--jobs``, default 2: one per core).
-7. ``export``    Write ``nano/weights/`` in the official checkpoint layout (see ``illume_rt.nano.checkpoint``).
-8. ``sampling``  Choose nano's sampling defaults on the training split (``nano/choose_sampling.py``).
+7. ``export``    Write the weights (``--out``, default ``nano/weights/``) in the official checkpoint layout (see
+                 ``illume_rt.nano.checkpoint``).
+8. ``sampling``  Choose their sampling defaults on the training split, into the same folder
+                 (``nano/choose_sampling.py``).
 
 Everything is seeded. One thread per process by default (``--threads``): on a busy 2-core machine, two OpenMP threads
 spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds
@@ -776,7 +778,7 @@ def stage_decoder(work: Path) -> None:
 
 
 def stage_export(work: Path, out: Path) -> None:
-    from illume_rt.nano.checkpoint import DECODER_DIR, write_checkpoint, write_decoder
+    from illume_rt.nano.checkpoint import NanoWeights, write_checkpoint, write_decoder
 
     enc, dec, pixel = load_tokenizer_state(work)
     preset = nano_preset()
@@ -793,7 +795,7 @@ def stage_export(work: Path, out: Path) -> None:
     log = json.loads((work / "log.json").read_text())
     write_checkpoint(out, preset, llm.eval(), proj.eval(), enc, dec, pixel, training=log)
     unet, vae, scaling_factor = load_decoder_state(work)
-    write_decoder(out / DECODER_DIR.name, unet, vae, scaling_factor, preset.diffusion.scheduler)
+    write_decoder(NanoWeights(out).decoder, unet, vae, scaling_factor, preset.diffusion.scheduler)
     print(f"[export] wrote {out}")
 
 
@@ -809,23 +811,24 @@ def seed_from_weights(work: Path, weights: Path) -> None:
 
     from illume_rt.export.checkpoints import open_weights
     from illume_rt.export.networks.vision import PROJECTOR_PREFIX
-    from illume_rt.nano.checkpoint import DECODER_DIR
+    from illume_rt.nano.checkpoint import NanoWeights
 
     def diffusers_state(part: str) -> dict:  # read as the runtime's checkpoint loader reads the decoder
         source = open_weights(diffusion / part, "diffusion_pytorch_model", f"{diffusion} ({part})")
         return {name: source.get(name) for name in source.shapes}
 
-    tok_state = torch.load(weights / "dualvitok" / "pytorch_model.bin", weights_only=True)
+    folder = NanoWeights(weights)
+    tok_state = torch.load(folder.dualvitok, weights_only=True)
     part = {name: {k[len(name) + 1:]: v for k, v in tok_state.items() if k.startswith(name + ".")}
             for name in ("semantic_encoder", "semantic_decoder", "semantic_quantizer")}
     pixel = {k: v for k, v in tok_state.items() if not k.startswith(("semantic_encoder.", "semantic_decoder."))}
-    mllm = load_file(str(weights / "mllm" / "model.safetensors"))
+    mllm = load_file(str(folder.mllm / "model.safetensors"))
     llm = {k: v for k, v in mllm.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
     proj = {k[len(PROJECTOR_PREFIX):]: v for k, v in mllm.items() if k.startswith(PROJECTOR_PREFIX)}
     log = json.loads((weights / "training.json").read_text())
     states = {"semantic": {"modules": part}, "pixel": {"modules": {"pixel": pixel}},
               "mllm": {"modules": {"llm": llm, "projectors": proj}}}
-    diffusion = weights / DECODER_DIR.name
+    diffusion = folder.decoder
     if (diffusion / "model_index.json").is_file():  # weights older than the diffusion decoder have none
         vae_config = json.loads((diffusion / "vae" / "config.json").read_text())
         states["vae"] = {"modules": {"vae": diffusers_state("vae")},
@@ -949,13 +952,10 @@ def finish_side_chain(process) -> None:
 def run_stage(name: str, args) -> None:
     if name == "export":
         stage_export(args.work, args.out)
-    elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py)
-        if args.out.resolve() != (HERE / "weights").resolve():
-            print(f"[sampling] skipped: it chooses for the committed weights folder, not {args.out}")
-            return
+    elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py), into --out
         from illume_rt.nano import choose_sampling
 
-        choose_sampling.main(["--limit", "2"] if SMOKE else [])
+        choose_sampling.main(["--weights", str(args.out)] + (["--limit", "2"] if SMOKE else []))
     else:
         globals()[f"stage_{name}"](args.work)
 

@@ -106,15 +106,15 @@ def test_scorer_reads_ground_truth_and_not_noise():
 @needs_weights
 def test_committed_checkpoint_loads_through_the_official_loaders():
     from illume_rt.export.checkpoints import load_mllm, preset_from_mllm_config
-    from illume_rt.nano.checkpoint import MLLM_DIR, load_models
+    from illume_rt.nano.checkpoint import COMMITTED, load_models
 
-    config = json.loads((MLLM_DIR / "config.json").read_text())
+    config = json.loads((COMMITTED.mllm / "config.json").read_text())
     preset = preset_from_mllm_config(config, "nano")
     assert preset.name == "nano" and preset.vocab.text_vocab_size == 256
     models = load_models()
     assert models.random_weights is False and models.dualvitok is not None
     assert models.source["dualvitok"]["ignored_training_only"] > 0  # semantic encoder/decoder kept, ignored
-    assert load_mllm(MLLM_DIR, "nano").preset.llm == models.preset.llm
+    assert load_mllm(COMMITTED.mllm, "nano").preset.llm == models.preset.llm
     assert models.unet is not None and models.vae is not None  # the diffusion decoder, from its diffusers folder
     assert models.source["diffusion"]["path"].endswith("dualvitok_sdxl_decoder")
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
@@ -171,12 +171,12 @@ def test_refine_works_out_of_the_box_on_the_built_in_model(nano_pipe):
     from a held-out picture's codes is closer to the scene rendered at 2x (PSNR) than the pixel decoder's picture
     upscaled with Lanczos (see RUNTIME_REFINES)."""
     from illume_rt.nano import decoder
-    from illume_rt.nano.checkpoint import DUALVITOK_FILE
+    from illume_rt.nano.checkpoint import COMMITTED
     from illume_rt.nano.heldout import eval_scenes
 
     assert nano_pipe.bundle.manifest.get("diffusion"), "the built-in bundle has no diffusion decoder"
     figures = decoder.refinement_scores(nano_pipe, eval_scenes("held")[:RUNTIME_REFINES],
-                                        *decoder.tokenizer_from_weights(DUALVITOK_FILE))
+                                        *decoder.tokenizer_from_weights(COMMITTED.dualvitok))
     assert figures["refined_psnr_db"] >= MIN_REFINED_PSNR_DB, figures
     assert figures["refined_psnr_db"] > figures["lanczos_psnr_db"], figures
 
@@ -280,7 +280,7 @@ def test_every_edit_changes_the_attribute_it_names_and_nothing_else():
         assert len(changed) == 1 and getattr(target, changed[0]) in instruction
 
 
-def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_their_weights(tmp_path, monkeypatch):
+def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_their_weights(tmp_path):
     from illume_rt.nano import checkpoint, choose_sampling
 
     def result(temperature, **scores):
@@ -293,30 +293,29 @@ def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_thei
     assert picked["temperature"] == 0.7
     assert choose_sampling.choose([result(1.0, all=0.4), result(0.7, all=0.6)])["temperature"] == 0.7  # tie: all
 
-    if not available():
-        return
-    monkeypatch.setattr(checkpoint, "SAMPLING_FILE", tmp_path / "sampling.json")
-    assert checkpoint.sampling_defaults() is None  # no file: the official defaults
-    record = {"text_to_image": {"top_p": 0.8}, "weights_sha256": checkpoint.weights_digest()}
-    checkpoint.SAMPLING_FILE.write_text(json.dumps(record))
-    assert checkpoint.sampling_defaults() == {"text_to_image": {"top_p": 0.8}}
-    checkpoint.SAMPLING_FILE.write_text(json.dumps({**record, "weights_sha256": "0" * 64}))
-    assert checkpoint.sampling_defaults() is None  # chosen for other weights: not used
+    weights = checkpoint.NanoWeights(tmp_path)  # a weights folder: only the MLLM file the choice is bound to
+    weights.mllm.mkdir()
+    (weights.mllm / "model.safetensors").write_bytes(b"weights")
+    assert checkpoint.sampling_defaults(weights) is None  # no file: the official defaults
+    record = {"text_to_image": {"top_p": 0.8}, "weights_sha256": checkpoint.weights_digest(weights)}
+    weights.sampling_file.write_text(json.dumps(record))
+    assert checkpoint.sampling_defaults(weights) == {"text_to_image": {"top_p": 0.8}}
+    (weights.mllm / "model.safetensors").write_bytes(b"retrained")
+    assert checkpoint.sampling_defaults(weights) is None  # chosen for other weights: not used
 
 
-@needs_weights
-def test_refine_defaults_are_bound_to_the_decoder_they_were_chosen_for(tmp_path, monkeypatch):
+def test_refine_defaults_are_bound_to_the_decoder_they_were_chosen_for(tmp_path):
     from illume_rt.nano import checkpoint
 
-    if not checkpoint.DECODER_DIR.is_dir():
-        pytest.fail("nano/weights/ has no diffusion decoder folder")
-    monkeypatch.setattr(checkpoint, "REFINE_FILE", tmp_path / "refine.json")
-    assert checkpoint.refine_defaults() is None  # no file: the official defaults
-    record = {"refine": {"guidance_scale": 1.0}, "decoder_sha256": checkpoint.decoder_digest()}
-    checkpoint.REFINE_FILE.write_text(json.dumps(record))
-    assert checkpoint.refine_defaults() == {"guidance_scale": 1.0}
-    checkpoint.REFINE_FILE.write_text(json.dumps({**record, "decoder_sha256": "0" * 64}))
-    assert checkpoint.refine_defaults() is None  # chosen for another decoder: not used
+    weights = checkpoint.NanoWeights(tmp_path)  # a weights folder: only the decoder files the choice is bound to
+    (weights.decoder / "unet").mkdir(parents=True)
+    (weights.decoder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"unet")
+    assert checkpoint.refine_defaults(weights) is None  # no file: the official defaults
+    record = {"refine": {"guidance_scale": 1.0}, "decoder_sha256": checkpoint.decoder_digest(weights)}
+    weights.refine_file.write_text(json.dumps(record))
+    assert checkpoint.refine_defaults(weights) == {"guidance_scale": 1.0}  # the file itself is not in the digest
+    (weights.decoder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"retrained unet")
+    assert checkpoint.refine_defaults(weights) is None  # chosen for another decoder: not used
 
 
 @needs_weights
@@ -329,7 +328,7 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
     from safetensors.torch import load_file
 
     from illume_rt.nano import train
-    from illume_rt.nano.checkpoint import DECODER_DIR
+    from illume_rt.nano.checkpoint import COMMITTED, NanoWeights
 
     work, out = tmp_path / "work", tmp_path / "out"
     train.seed_from_weights(work, WEIGHTS)
@@ -345,15 +344,16 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
             found.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(str(file)).items()})
         return found
 
-    for part in ("mllm", DECODER_DIR.name):
-        committed, written = tensors(WEIGHTS / part), tensors(out / part)
+    for committed_part, written_part in ((COMMITTED.mllm, NanoWeights(out).mllm),
+                                         (COMMITTED.decoder, NanoWeights(out).decoder)):
+        committed, written = tensors(committed_part), tensors(written_part)
         assert committed.keys() == written.keys() and committed
-        assert all(torch.equal(committed[k], written[k]) for k in committed), part
-    tokenizer = [torch.load(folder / "dualvitok" / "pytorch_model.bin", weights_only=True) for folder in (WEIGHTS, out)]
+        assert all(torch.equal(committed[k], written[k]) for k in committed), written_part
+    tokenizer = [torch.load(folder.dualvitok, weights_only=True) for folder in (COMMITTED, NanoWeights(out))]
     assert tokenizer[0].keys() == tokenizer[1].keys() and all(torch.equal(v, tokenizer[1][k])
                                                               for k, v in tokenizer[0].items())
-    scaling = [json.loads((folder / DECODER_DIR.name / "vae" / "config.json").read_text())["scaling_factor"]
-               for folder in (WEIGHTS, out)]
+    scaling = [json.loads((folder.decoder / "vae" / "config.json").read_text())["scaling_factor"]
+               for folder in (COMMITTED, NanoWeights(out))]
     assert scaling[0] == scaling[1]
 
 
@@ -476,3 +476,45 @@ def test_two_training_processes_finishing_stages_keep_each_others_log_entries(tm
         assert p.exitcode == 0
     log = json.loads((tmp_path / "log.json").read_text())
     assert set(log) == {f"{p}{i}" for p in "ab" for i in range(40)}
+
+
+def _folder_digest(folder):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_the_one_training_command_writes_a_complete_weights_folder_where_it_is_told(tmp_path):
+    """``python -m illume_rt.nano.train --work W --out DIR`` as a user runs it, in its smoke mode (two steps of each
+    stage, a few scenes; ``ILLUME_NANO_SMOKE``): every stage, the diffusion decoder's in a second process, then
+    ``export`` and ``sampling`` (a temporary bundle of DIR, the candidates scored on it) write one complete weights
+    folder into DIR, its sampling choices bound to those weights, and nothing into the committed weights."""
+    import os
+    import subprocess
+    import sys
+
+    from illume_rt.nano import train
+    from illume_rt.nano.checkpoint import NanoWeights, available, decoder_digest, weights_digest
+    from illume_rt.nano.evaluate import TEMPORARY_BUNDLE_PREFIX
+
+    committed = _folder_digest(WEIGHTS) if WEIGHTS.is_dir() else None
+    work, out = tmp_path / "work", NanoWeights(tmp_path / "my-nano")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "ILLUME_NANO_SMOKE": "1", "ILLUME_RT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "TMPDIR": str(tmp_path / "tmp")}
+    run = subprocess.run([sys.executable, "-m", "illume_rt.nano.train", "--work", str(work), "--out", str(out.root)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert available(out) and (out.decoder / "model_index.json").is_file()
+    training = json.loads((out.root / "training.json").read_text())
+    assert set(training) == set(train.BUILT_ON) and all(training[s]["cpu_s"] > 0 for s in train.BUILT_ON)
+    sampling = json.loads(out.sampling_file.read_text())
+    assert sampling["weights_sha256"] == weights_digest(out) and sampling["edits"] > 0
+    assert json.loads(out.refine_file.read_text())["decoder_sha256"] == decoder_digest(out)
+    if committed is not None:
+        assert _folder_digest(WEIGHTS) == committed, "the committed weights changed"
+    assert not list((tmp_path / "tmp").glob(TEMPORARY_BUNDLE_PREFIX + "*")), "the temporary bundle was left behind"
