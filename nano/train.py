@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -199,12 +200,23 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
 # Checkpointing (resumable stages)
 # ----------------------------------------------------------------------------------------------------------------
 class Stage:
+    """One stage's states in the work folder. A process holds the stage's lock (``NAME.lock``, fcntl.flock,
+    released by the kernel when the process ends) from here until ``finish``: two processes training one stage in
+    one folder (the command started twice, or again while an orphaned process still trains) would write the same
+    checkpoint files, so the second one stops at once with a line saying who holds it."""
+
     def __init__(self, work: Path, name: str):
         self.work, self.name = work, name
         self.path = work / f"{name}.pt"
         self.partial = work / f"{name}.partial.pt"
+        self._lock = _take_stage_lock(work / f"{name}.lock", name)
         self.cpu0, self.wall0 = time.process_time(), time.time()
         self.cpu_before = 0.0
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     @property
     def done(self) -> bool:
@@ -236,7 +248,29 @@ class Stage:
         entry = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
                  **(extra or {})}
         update_log(self.work, {self.name: entry})
+        self.release()
         print(f"[{self.name}] done: {entry}")
+
+
+def _take_stage_lock(path: Path, name: str):
+    """The open lock file of a stage, locked for this process; SystemExit naming the holder when another has it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise SystemExit(f"nano.train: stage {name} in {path.parent} is being trained by another process (pid "
+                         f"{holder}); wait for it to end or stop it, then run the command again (it resumes)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def update_log(work: Path, entries: dict) -> None:
@@ -935,11 +969,25 @@ def side_chain(stages: list[str], done: set[str], jobs: int) -> list[str]:
 def start_side_chain(args, side: list[str]):
     """A second process training the SIDE_CHAIN stages ``side`` on the same work folder, one thread."""
     import subprocess
-    import sys
 
     print(f"[side] {', '.join(side)} in a second process", flush=True)
     return subprocess.Popen([sys.executable, "-m", "illume_rt.nano.train", *side, "--work", str(args.work),
-                             "--threads", str(args.threads), "--jobs", "1"])
+                             "--threads", str(args.threads), "--jobs", "1"], preexec_fn=end_with_parent)
+
+
+def end_with_parent() -> None:
+    """In a child process, before it runs: have the kernel send it SIGTERM when its parent ends, however the parent
+    ends (Linux's PR_SET_PDEATHSIG). The side chain's process must not outlive the command: killed with SIGKILL,
+    the command's own cleanup (``main``'s ``finally``) never runs, and an orphaned side chain would go on training in
+    the background, into the work folder the next run also trains into. Its last checkpoint stays, and the next run
+    resumes from it. Elsewhere (no prctl) nothing is done."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def finish_side_chain(process) -> None:
@@ -961,4 +1009,8 @@ def run_stage(name: str, args) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # `kill PID` ends the command through its cleanup: main's finally stops the side chain's process
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     raise SystemExit(main())

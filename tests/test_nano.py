@@ -4,6 +4,7 @@ asked)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -230,9 +231,65 @@ def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
     _, stage = run(tmp_path / "b", 6, stop_after=4)
     partial = torch.load(stage.partial, weights_only=True)  # raises if anything but plain data was pickled
     assert partial["step"] == 4
+    stage.release()  # what the interrupted process's exit does
     resumed, _ = run(tmp_path / "b", 6)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_stage_is_trained_by_one_process_at_a_time(tmp_path):
+    """A second trainer of a stage in the same work folder (the command started twice) stops at once with one line
+    naming the holder, instead of writing the same checkpoint files; other stages, and the stage once the holder is
+    done, are free."""
+    import os
+
+    from illume_rt.nano import train
+
+    first = train.Stage(tmp_path, "toy")
+    with pytest.raises(SystemExit, match=f"stage toy in .* is being trained by another process \\(pid {os.getpid()}\\)"):
+        train.Stage(tmp_path, "toy")
+    other = train.Stage(tmp_path, "other")  # another stage: no conflict
+    first.finish({"modules": {}})
+    train.Stage(tmp_path, "toy").release()
+    other.release()
+
+
+def test_the_side_chain_process_ends_with_the_command(tmp_path):
+    """The side chain's process (``start_side_chain``, here training ``vae`` into an empty folder) does not outlive
+    the command even when the command is killed with SIGKILL, where no cleanup of its own runs: an orphan would go
+    on training into the work folder the next run trains into."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import argparse, sys, time\n"
+        "from illume_rt.nano.train import start_side_chain\n"
+        "child = start_side_chain(argparse.Namespace(work=sys.argv[1], threads=1), ['vae'])\n"
+        "print('child', child.pid, flush=True)\n"
+        "time.sleep(120)\n"), str(tmp_path / "work")], stdout=subprocess.PIPE, text=True)
+    try:
+        child = next(int(line.split()[1]) for line in parent.stdout if line.startswith("child "))
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(30)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended (not yet reaped)
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the side chain's process outlived the command"
+    finally:
+        parent.kill()
+        with contextlib.suppress(ProcessLookupError, NameError, ValueError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_training_edits_are_the_runtime_editing_prompt_with_the_edited_scene_as_labels():
