@@ -37,6 +37,9 @@ class NanoWeights:
 
     root: Path
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))  # a str root too
+
     @property
     def is_committed(self) -> bool:
         return self.root.resolve() == WEIGHTS.resolve()

@@ -350,7 +350,8 @@ def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_thei
     assert picked["temperature"] == 0.7
     assert choose_sampling.choose([result(1.0, all=0.4), result(0.7, all=0.6)])["temperature"] == 0.7  # tie: all
 
-    weights = checkpoint.NanoWeights(tmp_path)  # a weights folder: only the MLLM file the choice is bound to
+    weights = checkpoint.NanoWeights(str(tmp_path))  # a weights folder (a str path too): only the MLLM file the
+    # choice is bound to
     weights.mllm.mkdir()
     (weights.mllm / "model.safetensors").write_bytes(b"weights")
     assert checkpoint.sampling_defaults(weights) is None  # no file: the official defaults
