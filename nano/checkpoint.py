@@ -127,6 +127,12 @@ def available(weights: NanoWeights = COMMITTED) -> bool:
     return (weights.mllm / "config.json").is_file() and weights.dualvitok.is_file()
 
 
+def not_a_weights_folder(weights: NanoWeights) -> str:
+    """The one line a command prints when ``weights`` is not ``available``."""
+    return (f"{weights.root} is not an illume-nano weights folder (no mllm/config.json or dualvitok/pytorch_model.bin);"
+            " pass the folder `python -m illume_rt.nano.train --out` wrote")
+
+
 def load_models(weights: NanoWeights = COMMITTED):
     """An illume-nano weights folder (default: the committed one) as ``ReferenceModels``, through the
     official-checkpoint loaders."""

@@ -28,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from illume_rt.nano import data, score
-from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, decoder_digest, weights_digest
+from illume_rt.nano.checkpoint import (COMMITTED, NanoWeights, available, decoder_digest, not_a_weights_folder,
+                                      weights_digest)
 from illume_rt.nano.evaluate import bundle_of
 
 # (temperature, top_p): the sampler knobs of the official defaults; top-k stays the official 2048 (6144 pixel)
@@ -113,8 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     weights = NanoWeights(args.weights)
     if not available(weights):
-        raise SystemExit(f"choose_sampling: {args.weights} is not an illume-nano weights folder (no mllm/config.json "
-                         "or dualvitok/pytorch_model.bin); pass the folder `python -m illume_rt.nano.train --out` wrote")
+        raise SystemExit(f"choose_sampling: {not_a_weights_folder(weights)}")
     if args.bundle:
         return choose_all(args, weights, Path(args.bundle))
     with bundle_of(weights) as bundle:

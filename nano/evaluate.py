@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from illume_rt.nano import data, score
-from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, load_models
+from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, load_models, not_a_weights_folder
 from illume_rt.nano.heldout import (eval_edits, eval_prompts, eval_questions, eval_scenes, greedy_sampling,
                                     runtime_answer, runtime_generate, score_edits)
 
@@ -189,8 +189,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     weights = NanoWeights(args.weights)
     if not available(weights):
-        raise SystemExit(f"evaluate: {args.weights} is not an illume-nano weights folder (no mllm/config.json or "
-                         "dualvitok/pytorch_model.bin); pass the folder `python -m illume_rt.nano.train --out` wrote")
+        raise SystemExit(f"evaluate: {not_a_weights_folder(weights)}")
     models = None
     if not args.no_reference:
         models = load_models(weights)
