@@ -567,6 +567,41 @@ def und_example(preset, tok, scene: data.Scene, rng: np.random.Generator):
     return ids, labels
 
 
+@torch.no_grad()
+def answers_right(llm, proj, preset, tok, split: dict) -> dict[str, float]:
+    """Per question, the share of ``split``'s pictures (a tokens.pt split) whose answer greedy decoding gives: each
+    question asked alone as the first turn, as the runtime asks it, and right when every answer token (and
+    <|im_end|>) is the argmax after the right ones before it (teacher forcing: what greedy decoding emits). Logged
+    at the end of every MLLM stage, so a run that does not learn to read shape or position shows it there (a
+    from-scratch run answered shape and position at chance after ``focus``, nano/README.md "Measured")."""
+    from illume_rt.runtime.prompts import understanding_ids
+
+    v = preset.vocab
+    scenes = [data.Scene(**s) for s in split["scenes"]]
+    right: dict[str, list[bool]] = {q: [] for q in data.QUESTIONS}
+    was_training = llm.training, proj.training
+    llm.eval()
+    proj.eval()
+    embed = llm.get_input_embeddings()
+    for q_index, question in enumerate(data.QUESTIONS):
+        for k0 in range(0, len(scenes), 32):
+            rows = range(k0, min(len(scenes), k0 + 32))
+            seqs = []
+            for i in rows:
+                prefix = splice_image_slots(v, understanding_ids(tok, v, question))
+                answer = tok.encode(scenes[i].qa()[q_index][1]) + [v.im_end_id]
+                seqs.append((prefix + answer, [-100] * len(prefix) + answer))
+            ids, labels, mask = pad_batch(seqs, v.pad_id)
+            feats = torch.tensor(list(rows))
+            emb = embed_with_features(embed, proj, ids, split["vit"][feats], split["pixel_features"][feats])
+            guess = llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1].argmax(-1)
+            wanted = labels[:, 1:]
+            right[question] += ((guess == wanted) | (wanted == -100)).all(1).tolist()
+    llm.train(was_training[0])
+    proj.train(was_training[1])
+    return {q: round(float(np.mean(r)), 4) for q, r in right.items()}
+
+
 def pad_batch(seqs, pad_id: int):
     n = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
@@ -647,7 +682,8 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
     ``edit_batch``: see EDIT_STEPS; the captions' form: see FULL_CAPTION_P."""
     preset = nano_preset()
     tok = nano_tokenizer(preset)
-    toks = torch.load(work / "tokens.pt", weights_only=True)["train"]
+    tokens = torch.load(work / "tokens.pt", weights_only=True)
+    toks = tokens["train"]
     scenes = [data.Scene(**s) for s in toks["scenes"]]
     empty = empty_codes(toks, scenes)
     pairs = edit_pairs(scenes) if edit_batch else []
@@ -713,6 +749,8 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
 
     params = list(llm.parameters()) + list(proj.parameters())
     extra = _train_loop(stage, {"llm": llm, "projectors": proj}, params, steps, peak_lr, step_fn, every=10)
+    extra["answers_right_held_out"] = answers_right(llm, proj, preset, tok, tokens["held"])
+    print(f"[{stage.name}] held-out answers right (greedy): {extra['answers_right_held_out']}", flush=True)
     stage.finish({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()}}, extra)
 
 

@@ -325,6 +325,35 @@ def test_training_edits_are_the_runtime_editing_prompt_with_the_edited_scene_as_
     assert not any(scenes[a] in held or scenes[b] in held for a, _, b in pairs)  # held-out scenes stay unseen
 
 
+@needs_weights
+def test_the_answers_logged_after_each_mllm_stage_are_what_greedy_decoding_answers():
+    """``train.answers_right`` (teacher forced, logged at the end of every MLLM stage) counts an answer right exactly
+    when the reference's greedy decoding gives it: on held-out pictures with their own features (mostly right) and
+    with the next picture's features under this picture's answers (mostly wrong)."""
+    import torch
+
+    from illume_rt.nano import train
+    from illume_rt.nano.checkpoint import load_models
+    from illume_rt.nano.evaluate import reference_answer_text
+
+    models = load_models()
+    preset = train.nano_preset()
+    scenes = data.split()[1][:6]
+    with torch.no_grad():
+        pictures = torch.from_numpy(np.concatenate([data.to_model_input(data.render(s)) for s in scenes]))
+        vit = torch.stack([models.vision_tower(train.vit_view(p[None])) for p in pictures])
+        pixel_features = models.pixel_encoder(pictures).flatten(2).transpose(1, 2)
+    for shift in (0, 1):  # shift 1: picture i + 1's features, picture i's answers
+        shown = [scenes[(i + shift) % len(scenes)] for i in range(len(scenes))]
+        split = {"scenes": [s.__dict__ for s in scenes], "vit": vit.roll(-shift, 0),
+                 "pixel_features": pixel_features.roll(-shift, 0)}
+        logged = train.answers_right(models.llm, models.projectors, preset, train.nano_tokenizer(preset), split)
+        greedy = {q: float(np.mean([reference_answer_text(models, image, q) == dict(s.qa())[q]
+                                    for s, image in zip(scenes, shown)])) for q in data.QUESTIONS}
+        assert logged == pytest.approx(greedy, abs=1e-3), shift  # logged to 4 decimals
+        assert (np.mean(list(logged.values())) > 0.8) == (shift == 0)
+
+
 def test_every_edit_changes_the_attribute_it_names_and_nothing_else():
     s = data.Scene("circle", "red", "small", "top left", "blue")
     edits = data.edits(s)
