@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from illume_rt.contract import DIFFUSION_SIZES
+from illume_rt.contract import DIFFUSION_SIZES, MAP_TO_LATENT
 from illume_rt.nano import data
 
 OUTPUT_SIZE = 2 * data.IMAGE_SIZE  # the decoder's output: 2x nano's 256x256
@@ -136,6 +136,28 @@ def training_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Ten
         alpha = scheduler.alphas_cumprod[t.long()].float().view(-1, 1, 1, 1)
         return alpha.sqrt() * eps - (1 - alpha).sqrt() * x0
     raise ValueError(f"prediction type {kind!r}")
+
+
+@torch.no_grad()
+def first_step_pictures(preset, unet, vae, token_map: torch.Tensor, seeds, steps: int = 20) -> np.ndarray:
+    """uint8 [len(seeds), 512, 512, 3]: the clean picture the UNet predicts at the sampler's first step from each
+    seed's starting noise (the Euler scheduler's first timestep and input scaling, as the runtime samples; nano's
+    UNet predicts the clean latent). A decoder that follows the token map predicts the same picture for every
+    seed; one that reads the background from the noisy latent does not."""
+    from illume_rt.export.networks.diffusion import build_scheduler
+
+    scheduler = build_scheduler(preset)
+    assert scheduler.config.prediction_type == "sample", scheduler.config.prediction_type
+    scheduler.set_timesteps(steps)
+    t0 = scheduler.timesteps[0]
+    side = token_map.shape[-1] * MAP_TO_LATENT
+    noise = torch.cat([torch.from_numpy(np.random.default_rng(seed).standard_normal((1, vae.config.latent_channels,
+                                                                                        side, side)))
+                       for seed in seeds]).float()
+    latent_in = scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t0)
+    clean = unet_call(preset, unet, latent_in, t0.float().expand(len(seeds)), token_map.expand(len(seeds), -1, -1, -1))
+    pictures = vae.decode(clean / vae.config.scaling_factor).sample
+    return ((pictures.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -46,6 +46,8 @@ RUNTIME_REFINES = 8
 MIN_REFINED_PSNR_DB = 27.5
 REFINED_PROMPTS = 4
 MIN_REFINE_SAME = 0.75  # pictures whose refined version reads as the same scene (every attribute)
+FIRST_STEP_SCENES, FIRST_STEP_SEEDS = 6, 6
+MAX_FIRST_STEP_SPREAD = 8.0  # levels of 255; committed: <= 1, the from-scratch decoder of session 19: 52
 RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-out pictures
 MIN_ANSWER_ACCURACY = 0.85  # measured 0.99 over all 225 held-out questions (these 15: all right); chance ~0.31
 
@@ -200,6 +202,27 @@ def test_a_refined_picture_shows_what_the_pixel_decoder_drew(nano_pipe):
         wanted = score.read_scene(drawn)
         same.append(score.read_scene(result.image) == wanted)
     assert np.mean(same) >= MIN_REFINE_SAME, same
+
+
+@needs_weights
+def test_the_diffusion_decoder_draws_from_the_token_map_not_from_the_starting_noise():
+    """At the sampler's first step the committed UNet predicts the same picture from every seed's noise. A decoder
+    that learned to read the background from the noisy latent's mean does not: a from-scratch
+    one predicted a gray background as gray, bluish or blue by seed (mean difference from the seeds' median picture
+    up to 52 levels of 255), and 4 of 6 of its refined pictures of that scene came out blue."""
+    import torch
+
+    from illume_rt.nano import decoder, train
+    from illume_rt.nano.checkpoint import COMMITTED, load_models
+
+    models = load_models()
+    encoder, pixel = decoder.tokenizer_from_weights(COMMITTED.dualvitok)
+    for scene in data.split()[1][:FIRST_STEP_SCENES]:
+        token_map = decoder.token_maps(encoder, pixel, torch.from_numpy(data.to_model_input(data.render(scene))))
+        pictures = decoder.first_step_pictures(train.nano_preset(), models.unet, models.vae, token_map,
+                                               range(FIRST_STEP_SEEDS)).astype(np.float32)
+        off = np.abs(pictures - np.median(pictures, axis=0)).mean(axis=(1, 2, 3))
+        assert off.max() <= MAX_FIRST_STEP_SPREAD, (scene.caption, off.round(1))
 
 
 def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path):
