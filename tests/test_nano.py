@@ -46,7 +46,7 @@ RUNTIME_REFINES = 8
 MIN_REFINED_PSNR_DB = 27.5
 REFINED_PROMPTS = 4
 MIN_REFINE_SAME = 0.75  # pictures whose refined version reads as the same scene (every attribute)
-FIRST_STEP_SCENES, FIRST_STEP_SEEDS = 6, 6
+FIRST_STEP_SCENES, FIRST_STEP_SEEDS = 4, 4
 MAX_FIRST_STEP_SPREAD = 8.0  # levels of 255; committed: <= 1, the from-scratch decoder of session 19: 52
 RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-out pictures
 MIN_ANSWER_ACCURACY = 0.85  # measured 0.99 over all 225 held-out questions (these 15: all right); chance ~0.31
