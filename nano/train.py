@@ -71,13 +71,16 @@ MLLM_STEPS, T2I_BATCH, UND_BATCH = 1100, 8, 4
 #   model's probability of the right token, not differentiated), normalised by the weights' sum, so the few codes
 #   the model gets wrong are not drowned by the background's ~300 codes at p ~ 0.99 (their weight stays >= 1, so
 #   the model stays confident where it is right, which sampling needs).
-# Understanding goes on with a smaller batch (it is learned already; it keeps the shared body from drifting).
+# Understanding goes on with FOCUS_UND_BATCH chats per step: after ``mllm`` the model still answers shape at chance
+# and takes left for right, and it learns both here or not at all (``edit``, ``polish`` and even 1000 steps of
+# understanding alone did not get there). At 2 chats a from-scratch run learned neither (held-out answers 79%, 86%
+# with another seed); at 4 the same run answered 98% (nano/README.md "Measured"), for 25% more CPU in this stage.
 # 3000 steps: at 1100 the caption's shape word was only starting to move the deciding code (nano/README.md).
-FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 3000, 2e-3, 20.0, 0.6, 2
+FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 3000, 2e-3, 20.0, 0.6, 4
 # Stage ``edit``: the MLLM goes on from ``focus`` and learns editing in nano's grammar (data.EDIT_INSTRUCTIONS) on
 # the ILLUME+ editing prompt, at nano's one size (256x256: the runtime edits at a model's trained sizes when it was
 # trained at none of the official anchors). Each step: EDIT_BATCH edits, EDIT_T2I_BATCH captions and
-# FOCUS_UND_BATCH understanding chats, so drawing and answering go on while editing is learned.
+# LATER_UND_BATCH understanding chats, so drawing and answering go on while editing is learned.
 # - An edit's input is the source picture's features spliced into the prompt (as understanding sees them), its
 #   labels the edited scene's codes; its fed codes are erased as in ``focus``, so that each output code is read
 #   from the instruction and the input picture, not copied from the codes already drawn.
@@ -87,6 +90,7 @@ FOCUS_STEPS, FOCUS_LR, HARD_WEIGHT, ERASE_MAX, FOCUS_UND_BATCH = 3000, 2e-3, 20.
 # - Pixel codes are erased up to EDIT_PIXEL_ERASE_MAX (semantic: ERASE_MAX): size and shape are drawn mostly at the
 #   pixel level and were still near chance after ``focus`` (nano/README.md, "Diagnosis").
 EDIT_STEPS, EDIT_LR, EDIT_BATCH, EDIT_T2I_BATCH = 1500, 1e-3, 4, 6
+LATER_UND_BATCH = 2  # understanding chats per step in ``edit`` and ``polish``: answering is learned by then
 EDIT_PIXEL_ERASE_MAX = 0.9
 # Stage ``polish``: after ``edit``, drawing from captions had lost ground on held-out scenes (greedy background
 # 94% -> 82%, position 86% -> 80%, shape 57% -> 49%; the training sample held: nano/README.md "Measured"), so the
@@ -656,7 +660,7 @@ def stage_edit(work: Path) -> None:
     stage = Stage(work, "edit")
     if not stage.done:
         _train_mllm(work, stage, EDIT_STEPS, EDIT_LR, init=work / "focus.pt", hard_weight=HARD_WEIGHT,
-                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX, t2i_batch=EDIT_T2I_BATCH,
+                    und_batch=LATER_UND_BATCH, erase_max=ERASE_MAX, t2i_batch=EDIT_T2I_BATCH,
                     edit_batch=EDIT_BATCH, pixel_erase_max=EDIT_PIXEL_ERASE_MAX)
 
 
@@ -664,7 +668,7 @@ def stage_polish(work: Path) -> None:
     stage = Stage(work, "polish")
     if not stage.done:
         _train_mllm(work, stage, POLISH_STEPS, POLISH_LR, init=work / "edit.pt", hard_weight=HARD_WEIGHT,
-                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX, edit_batch=POLISH_EDIT_BATCH)
+                    und_batch=LATER_UND_BATCH, erase_max=ERASE_MAX, edit_batch=POLISH_EDIT_BATCH)
 
 
 def edit_pairs(scenes: list[data.Scene]) -> list[tuple[int, str, int]]:
