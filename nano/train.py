@@ -588,11 +588,11 @@ def answers_right(llm, proj, preset, tok, split: dict) -> dict[str, float]:
     proj.eval()
     embed = llm.get_input_embeddings()
     for q_index, question in enumerate(data.QUESTIONS):
+        prefix = splice_image_slots(v, understanding_ids(tok, v, question))  # the same for every picture
         for k0 in range(0, len(scenes), 32):
             rows = range(k0, min(len(scenes), k0 + 32))
             seqs = []
             for i in rows:
-                prefix = splice_image_slots(v, understanding_ids(tok, v, question))
                 answer = tok.encode(scenes[i].qa()[q_index][1]) + [v.im_end_id]
                 seqs.append((prefix + answer, [-100] * len(prefix) + answer))
             ids, labels, mask = pad_batch(seqs, v.pad_id)
