@@ -34,6 +34,7 @@ MAP_DROP_P = 0.1  # share of examples with the map zeroed: the unconditional row
 # colour the noise suggests. With the offset, x_t's mean tells the colour less, and the map has to. Measured on a
 # from-scratch tokenizer (nano/README.md "Refinement"): 0.1 took held-out refinement from 25.9 to 27.9 dB (Lanczos:
 # 27.1); the worst scene's background still went wrong for 2 of 6 seeds (was 4), so 0.1 lessens it, not removes it.
+# More is not better: 0.3 drew that scene worse and refined at 27.6 dB (session 21), so the rest is not this leak.
 OFFSET_NOISE = 0.1
 KL_WEIGHT = 1e-6  # as Stable Diffusion's VAE: a latent near a Gaussian's scale, reconstruction first
 
