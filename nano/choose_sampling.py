@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many training scenes")
     ap.add_argument("--json", type=Path, default=None, help="where the sampling choices go (default: the weights' "
                                                            "mllm/illume_rt_sampling.json)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads of each process")
+    ap.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                    help="processes: 2 makes the text-to-image choice beside the others (one core each)")
     ap.add_argument("--refine-only", action="store_true",
                     help="only the refinement guidance (when only the diffusion decoder was retrained)")
     args = ap.parse_args(argv)
@@ -121,22 +123,30 @@ def main(argv=None) -> int:
         return choose_all(args, weights, bundle)
 
 
-def choose_all(args, weights: NanoWeights, bundle: Path) -> int:
-    from illume_rt.nano.heldout import eval_scenes
-    from illume_rt.runtime.options import OFFICIAL_SAMPLING
+# The three choices are independent (each candidate is drawn at its own fixed seed), so with ``--jobs 2`` they run
+# in two processes, the longest (text to image, ~8 minutes on one core) beside the other two (~7): nano.train's
+# `sampling` stage runs after both of its chains are done, with both cores idle.
+PARTS = ("text_to_image", "editing", "refine")
+
+
+def choose_part(part: str, bundle: Path, weights_root: Path, limit: int | None, threads: int) -> dict:
+    """One choice (a PARTS name) on a Pipeline of its own, so that it can run in a process of its own."""
     from illume_rt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle, threads=args.threads)
-    if pipe.bundle.manifest.get("diffusion"):
-        record = choose_refine(pipe, args.limit, weights)
-        weights.refine_file.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"chose refinement {record['refine'] or 'the official defaults'} -> {weights.refine_file}")
-    if args.refine_only:
-        return 0
+    pipe = Pipeline.from_bundle(bundle, threads=threads)
+    if part == "refine":
+        return choose_refine(pipe, limit, NanoWeights(weights_root))
+    return (choose_text_to_image if part == "text_to_image" else choose_editing)(pipe, limit)
+
+
+def choose_text_to_image(pipe, limit: int | None) -> dict:
+    from illume_rt.nano.heldout import eval_scenes
+    from illume_rt.runtime.options import OFFICIAL_SAMPLING
+
     if pipe.bundle.manifest["model"].get("sampling_defaults"):
         print("note: the bundle declares sampling defaults; each candidate is passed explicitly, so they do not "
               "matter here")
-    scenes = eval_scenes("train")[:args.limit] if args.limit else eval_scenes("train")
+    scenes = eval_scenes("train")[:limit] if limit else eval_scenes("train")
     official = OFFICIAL_SAMPLING["text_to_image"]
     results = []
     for guidance, temperature, top_p in CANDIDATES:
@@ -149,10 +159,17 @@ def choose_all(args, weights: NanoWeights, bundle: Path) -> int:
     best = choose(results)
     chosen = {k: best[k] for k in ("guidance_scale", "temperature", "top_p")
               if best[k] != getattr(official, k)}  # only what differs from the official defaults
+    return {"text_to_image": chosen, "chosen": "the candidate whose weakest attribute is best (ties: all)",
+            "split": "train sample (heldout.eval_scenes('train'), full captions)", "scenes": len(scenes),
+            "seed": 0, "top_k": official.top_k, "candidates": results}
+
+
+def choose_editing(pipe, limit: int | None) -> dict:
     from illume_rt.nano.heldout import eval_edits
+    from illume_rt.runtime.options import OFFICIAL_SAMPLING
 
     official_edit = OFFICIAL_SAMPLING["editing"]
-    edits = eval_edits(args.limit, which="train")
+    edits = eval_edits(limit, which="train")
     edit_results = []
     for guidance in EDIT_GUIDANCE_CANDIDATES:
         t0 = time.time()
@@ -162,15 +179,43 @@ def choose_all(args, weights: NanoWeights, bundle: Path) -> int:
     best_edit = choose_edit(edit_results)
     chosen_edit = ({"guidance_scale": best_edit["guidance_scale"]}
                    if best_edit["guidance_scale"] != official_edit.guidance_scale else {})
-    record = {"text_to_image": chosen, "editing": chosen_edit, "edit_candidates": edit_results,
-              "edits": len(edits), "chosen": "the candidate whose weakest attribute is best (ties: all)",
-              "split": "train sample (heldout.eval_scenes('train'), full captions)", "scenes": len(scenes),
-              "seed": 0, "top_k": official.top_k, "candidates": results,
+    return {"editing": chosen_edit, "edit_candidates": edit_results, "edits": len(edits)}
+
+
+def run_parts(parts: list[str], bundle: Path, weights: NanoWeights, limit: int | None, threads: int,
+              jobs: int) -> dict[str, dict]:
+    """Each of ``parts``' records, in this process (``jobs`` 1) or spread over ``jobs`` processes."""
+    if jobs == 1 or len(parts) == 1:
+        return {part: choose_part(part, bundle, weights.root, limit, threads) for part in parts}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child would inherit this process's onnxruntime and torch thread pools
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {part: pool.submit(choose_part, part, bundle, weights.root, limit, threads) for part in parts}
+        return {part: future.result() for part, future in futures.items()}
+
+
+def choose_all(args, weights: NanoWeights, bundle: Path) -> int:
+    from illume_rt.runtime.bundle import load_bundle
+
+    has_decoder = bool(load_bundle(bundle, verify=False).manifest.get("diffusion"))
+    parts = [part for part in PARTS if (part == "refine" and has_decoder)
+             or (part != "refine" and not args.refine_only)]
+    records = run_parts(parts, bundle, weights, args.limit, args.threads, args.jobs)
+    if "refine" in records:
+        record = records["refine"]
+        weights.refine_file.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"chose refinement {record['refine'] or 'the official defaults'} -> {weights.refine_file}")
+    if args.refine_only:
+        return 0
+    text_to_image = dict(records["text_to_image"])
+    record = {"text_to_image": text_to_image.pop("text_to_image"), **records["editing"], **text_to_image,
               "weights_sha256": weights_digest(weights), "command": "python -m illume_rt.nano.choose_sampling"}
     out = args.json or weights.sampling_file
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"chose text to image {chosen or 'the official defaults'}, editing {chosen_edit or 'the official defaults'}"
-          f" -> {out}")
+    print(f"chose text to image {record['text_to_image'] or 'the official defaults'}, editing "
+          f"{record['editing'] or 'the official defaults'} -> {out}")
     return 0
 
 

@@ -26,7 +26,7 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 7. ``export``    Write the weights (``--out``, default ``nano/weights/``) in the official checkpoint layout (see
                  ``illume_rt.nano.checkpoint``).
 8. ``sampling``  Choose their sampling defaults on the training split, into the same folder
-                 (``nano/choose_sampling.py``).
+                 (``nano/choose_sampling.py``; with ``--jobs 2`` in two processes, both cores being free by then).
 
 Everything is seeded. One thread per process by default (``--threads``): on a busy 2-core machine, two OpenMP threads
 spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds
@@ -1045,7 +1045,8 @@ def run_stage(name: str, args) -> None:
     elif name == "sampling":  # the exported model's sampling defaults (nano/choose_sampling.py), into --out
         from illume_rt.nano import choose_sampling
 
-        choose_sampling.main(["--weights", str(args.out)] + (["--limit", "2"] if SMOKE else []))
+        choose_sampling.main(["--weights", str(args.out), "--threads", str(args.threads), "--jobs", str(args.jobs)]
+                             + (["--limit", "2"] if SMOKE else []))
     else:
         globals()[f"stage_{name}"](args.work)
 
