@@ -2,6 +2,7 @@
 
     python -m illume_rt.nano.choose_sampling        # -> nano/weights/mllm/illume_rt_sampling.json
     python -m illume_rt.nano.choose_sampling --weights DIR   # a folder nano.train --out DIR wrote: -> DIR/mllm/...
+    python -m illume_rt.nano.choose_sampling --jobs 2        # the same choices, in two processes (PARTS)
 
 Editing: the guidance, chosen the same way on edits of the training sample (``heldout.eval_edits('train')``) by
 the share of edits right.
