@@ -29,8 +29,10 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
                  (``nano/choose_sampling.py``; with ``--jobs 2`` in two processes, both cores being free by then).
 
 Everything is seeded. One thread per process by default (``--threads``): on a busy 2-core machine, two OpenMP threads
-spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. CPU seconds
-per stage go to ``WORK/log.json`` and into the weights' ``training.json``.
+spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. Stages
+``edit`` and ``polish`` train on two threads, after the side chain has ended (TWO_THREAD_STAGES); the weights are
+bit-identical from run to run at the same thread counts. CPU seconds per stage go to ``WORK/log.json`` and into the
+weights' ``training.json``.
 """
 
 from __future__ import annotations
@@ -924,6 +926,13 @@ def seed_from_weights(work: Path, weights: Path) -> None:
 # chain's 137 CPU minutes), so the whole recipe takes the MLLM chain's time instead of the sum of both.
 SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
+# The MLLM stages after the side chain: its stages end during ``focus`` on this machine (session 21: at step 2000 of
+# 3000), leaving the second core idle for the last hour, so these train on two threads (one edit step: 1.18 s
+# against 1.95 s on one, bench/results/20261202-nano-late-threads). The count is fixed per stage, not raised when
+# the side chain ends, because torch's sums depend on the thread count (the weights differ at ~1e-6): the weights of
+# a run must not depend on its timing. This process waits for the side chain before them, so that three threads
+# never share two cores (two OpenMP threads on a busy core made a step 30-50x slower).
+TWO_THREAD_STAGES = ("edit", "polish")
 # The state each training stage starts from (export and sampling keep no state of their own).
 BUILT_ON = {"semantic": (), "pixel": ("semantic",), "tokens": ("pixel",), "mllm": ("tokens",), "focus": ("mllm",),
             "edit": ("focus",), "polish": ("edit",), "vae": (), "decoder": ("vae", "pixel")}
@@ -986,9 +995,11 @@ def main(argv=None) -> int:
                 side_process, side_started = start_side_chain(args, side), True
             if name in side:
                 continue
-            if side_process is not None and (name in ("export", "sampling") or side_process.poll() is not None):
-                finish_side_chain(side_process)  # before what reads its states, or as soon as it has failed
+            if side_process is not None and (name in ("export", "sampling") or name in TWO_THREAD_STAGES
+                                             or side_process.poll() is not None):
+                finish_side_chain(side_process)  # before what reads its states or needs its core, or once it failed
                 side_process = None
+            torch.set_num_threads(stage_threads(name, args.threads))
             run_stage(name, args)
         if side_process is not None:
             finish_side_chain(side_process)
@@ -1037,6 +1048,14 @@ def finish_side_chain(process) -> None:
         raise SystemExit(f"nano.train: the diffusion decoder's stages ({', '.join(SIDE_CHAIN)}) failed (exit code "
                          f"{process.returncode}, their output is above); run `python -m illume_rt.nano.train` again: "
                          "finished stages are skipped and an interrupted one resumes")
+
+
+def stage_threads(name: str, threads: int) -> int:
+    """The threads stage ``name`` trains on: ``threads`` (``--threads``), at least 2 in TWO_THREAD_STAGES where the
+    process may use two cores."""
+    if name in TWO_THREAD_STAGES:
+        return max(threads, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    return threads
 
 
 def run_stage(name: str, args) -> None:

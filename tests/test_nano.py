@@ -565,6 +565,22 @@ def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_d
         assert set(train.BUILT_ON[stage]) <= set(train.SIDE_CHAIN) | set(train.TOKENIZER_STAGES)
 
 
+def test_only_the_stages_after_the_side_chain_train_on_two_threads(monkeypatch):
+    """The late MLLM stages take the core the side chain frees; every other stage keeps ``--threads``, and a
+    machine with one core is never given two threads."""
+    import os
+
+    from illume_rt.nano import train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [s for s in train.STAGES if train.stage_threads(s, 1) == 2] == ["edit", "polish"]
+    assert train.stage_threads("edit", 4) == 4 and train.stage_threads("focus", 3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert train.stage_threads("edit", 1) == 1
+    # each runs after the side chain's stages, so the side chain's core is free (main waits for it before them)
+    assert all(train.STAGES.index(s) > train.STAGES.index("focus") for s in train.TWO_THREAD_STAGES)
+
+
 def _log_many(work, prefix, n):
     from illume_rt.nano import train
 
