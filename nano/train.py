@@ -28,11 +28,11 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 8. ``sampling``  Choose their sampling defaults on the training split, into the same folder
                  (``nano/choose_sampling.py``; with ``--jobs 2`` in two processes, both cores being free by then).
 
-Everything is seeded. One thread per process by default (``--threads``): on a busy 2-core machine, two OpenMP threads
-spin against each other and a step took 30-50x longer; run with ``OMP_WAIT_POLICY=PASSIVE`` and ``nice``. Stages
-``edit`` and ``polish`` train on two threads, after the side chain has ended (TWO_THREAD_STAGES); the weights are
-bit-identical from run to run at the same thread counts. CPU seconds per stage go to ``WORK/log.json`` and into the
-weights' ``training.json``.
+Everything is seeded. One thread per process by default (``--threads``), except stages ``edit`` and ``polish``, which
+train on two once the side chain has ended (TWO_THREAD_STAGES); the weights are bit-identical from run to run at the
+same thread counts. OpenMP threads wait passively (set below, before torch loads): spinning, two threads beside other
+work made a step 9x slower. Run it with ``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the weights'
+``training.json``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ import os
 import sys
 import time
 from pathlib import Path
+
+# Before torch loads OpenMP, which reads it once: a thread that reaches a barrier first sleeps instead of spinning,
+# so that a stage on two threads (TWO_THREAD_STAGES) beside other work does not burn the core its partner needs
+# (bench/results/20261202-nano-threads-busy). An explicit setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -927,11 +932,11 @@ def seed_from_weights(work: Path, weights: Path) -> None:
 SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
 # The MLLM stages after the side chain: its stages end during ``focus`` on this machine (session 21: at step 2000 of
-# 3000), leaving the second core idle for the last hour, so these train on two threads (one edit step: 1.18 s
-# against 1.95 s on one, bench/results/20261202-nano-late-threads). The count is fixed per stage, not raised when
-# the side chain ends, because torch's sums depend on the thread count (the weights differ at ~1e-6): the weights of
-# a run must not depend on its timing. This process waits for the side chain before them, so that three threads
-# never share two cores (two OpenMP threads on a busy core made a step 30-50x slower).
+# 3000), leaving the second core idle for the last hour, so these train on two threads (an edit step 1.21x faster,
+# medians of 3 interleaved rounds, bench/results/20261202-nano-late-threads). The count is fixed per stage, not
+# raised when the side chain ends, because torch's sums depend on the thread count (the weights differ at ~1e-6):
+# the weights of a run must not depend on its timing. This process waits for the side chain before them, so that
+# three threads never share two cores.
 TWO_THREAD_STAGES = ("edit", "polish")
 # The state each training stage starts from (export and sampling keep no state of their own).
 BUILT_ON = {"semantic": (), "pixel": ("semantic",), "tokens": ("pixel",), "mllm": ("tokens",), "focus": ("mllm",),
@@ -962,7 +967,8 @@ def main(argv=None) -> int:
     ap.add_argument("--focus-steps", type=int, default=None,
                     help=f"steps of stage focus (default {FOCUS_STEPS}); pass the same value again to resume it, "
                          "the learning-rate schedule depends on it")
-    ap.add_argument("--threads", type=int, default=1)  # 2 threads spin against each other on a busy 2-core box
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per process (edit and polish: at least 2 where two cores are usable)")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                     help="processes: 2 trains the diffusion decoder's stages beside the MLLM's (one core each)")
     args = ap.parse_args(argv)
