@@ -191,8 +191,12 @@ def run_parts(parts: list[str], bundle: Path, weights: NanoWeights, limit: int |
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: a forked child would inherit this process's onnxruntime and torch thread pools
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from illume_rt.nano.train import end_with_parent
+
+    # spawn, not fork: a forked child would inherit this process's onnxruntime and torch thread pools; and each
+    # worker ends with this process, however it ends (as nano.train's side chain does)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=end_with_parent) as pool:
         futures = {part: pool.submit(choose_part, part, bundle, weights.root, limit, threads) for part in parts}
         return {part: future.result() for part, future in futures.items()}
 
