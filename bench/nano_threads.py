@@ -65,6 +65,22 @@ def run_arm(work: Path, stage: str, steps: int, threads: int, scratch: Path) -> 
     return {"s_per_step": (wall1 - wall0) / (len(stamps) - 3), "cores_busy": (cpu1 - cpu0) / (wall1 - wall0)}
 
 
+def check_arguments(prog: str, work: Path, stages: list[str], steps: int, output: Path) -> None:
+    """One line naming the fix, before any arm runs: states missing from ``work``, too few steps to time, or an
+    output folder that already holds something (a bench never writes over results)."""
+    from illume_rt.nano import train
+
+    for stage in stages:
+        missing = [f"{n}.pt" for n in ("tokens", *train.BUILT_ON[stage]) if not (work / f"{n}.pt").is_file()]
+        if missing:
+            raise SystemExit(f"{prog}: {work} lacks {', '.join(missing)}; train the stages before {stage} there "
+                             f"first (python -m illume_rt.nano.train --work {work})")
+    if steps < 4:
+        raise SystemExit(f"{prog}: --steps must be at least 4 (the first two steps are not timed)")
+    if output.exists() and any(output.iterdir()):
+        raise SystemExit(f"{prog}: {output} is not empty; name a new folder")
+
+
 def start_arm(args, threads: int, policy: str | None, scratch: Path, busy: bool):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})  # threads are set in the arm, as nano.train does
@@ -97,16 +113,7 @@ def main(argv=None) -> int:
     if args.arm is not None:
         print("ARM " + json.dumps(run_arm(args.work, args.stage, args.steps, args.arm, args.output)), flush=True)
         return 0
-    from illume_rt.nano import train
-
-    missing = [f"{n}.pt" for n in ("tokens", *train.BUILT_ON[args.stage]) if not (args.work / f"{n}.pt").is_file()]
-    if missing:
-        raise SystemExit(f"nano_threads: {args.work} lacks {', '.join(missing)}; train the stages before "
-                         f"{args.stage} there first (python -m illume_rt.nano.train --work {args.work})")
-    if args.steps < 4:
-        raise SystemExit("nano_threads: --steps must be at least 4 (the first two steps are not timed)")
-    if args.output.exists() and any(args.output.iterdir()):
-        raise SystemExit(f"nano_threads: {args.output} is not empty; name a new folder")
+    check_arguments("nano_threads", args.work, [args.stage], args.steps, args.output)
     import torch
 
     from illume_rt.bench.measure import machine, versions

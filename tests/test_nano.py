@@ -582,6 +582,38 @@ def test_only_the_stages_after_the_side_chain_train_on_two_threads(monkeypatch):
     assert all(train.STAGES.index(s) > train.STAGES.index("focus") for s in train.TWO_THREAD_STAGES)
 
 
+def test_a_right_padded_training_batch_loses_its_padding_mask_and_nothing_else():
+    """lm_loss gives the LLM no attention mask for pad_batch's right-padded batches (SDPA's causal kernel is
+    faster): each row's loss must be what that row gives alone, unpadded, as with the padding mask; a batch padded
+    anywhere else keeps its mask."""
+    import torch
+
+    from illume_rt.export.configs import PRESETS
+    from illume_rt.nano import train
+
+    preset = PRESETS["nano"]()
+    llm, _ = train.build_mllm(preset)
+    llm.config._attn_implementation = "sdpa"  # as _train_mllm trains
+    g = torch.Generator().manual_seed(0)
+    lengths = (23, 9, 16)
+    seqs = [(ids, [-100] * 3 + ids[3:]) for ids in
+            (torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths)]
+    ids, labels, mask = train.pad_batch(seqs, preset.vocab.pad_id)
+    assert mask[1, 9:].sum() == 0 and mask[1, :9].all()  # right padding: the case the mask is dropped for
+    assert train.attention_mask_for(mask) is None
+    embed = llm.get_input_embeddings()
+    with torch.no_grad():
+        for row, n in enumerate(lengths):
+            alone = train.lm_loss(llm, embed(ids[row:row + 1, :n]), labels[row:row + 1, :n], mask[row:row + 1, :n])
+            batched = train.lm_loss(llm, embed(ids[row:row + 1]), labels[row:row + 1], mask[row:row + 1])
+            masked_logits = llm(inputs_embeds=embed(ids[row:row + 1]), attention_mask=mask[row:row + 1]).logits
+            unmasked_logits = llm(inputs_embeds=embed(ids[row:row + 1])).logits
+            assert torch.allclose(batched, alone, atol=1e-5), (row, batched, alone)
+            assert torch.allclose(masked_logits[0, :n], unmasked_logits[0, :n], atol=1e-5)
+    left = mask.flip(1)  # padded at the start: the causal mask alone would let real tokens see the pads
+    assert train.attention_mask_for(left) is left
+
+
 def _log_many(work, prefix, n):
     from illume_rt.nano import train
 
