@@ -26,7 +26,7 @@ import numpy as np
 from illume_rt.nano import data, score
 from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, available, load_models, not_a_weights_folder
 from illume_rt.nano.heldout import (eval_edits, eval_prompts, eval_questions, eval_scenes, greedy_sampling,
-                                    runtime_answer, runtime_generate, score_edits)
+                                    runtime_answer, runtime_generate, score_edits, score_reconstructions)
 
 
 TEMPORARY_BUNDLE_PREFIX = "illume-nano-bundle-"  # bundle_of's folder, under the system's temporary folder
@@ -138,7 +138,8 @@ def evaluate(pipe=None, models=None, prompt_limit: int | None = None, question_l
     if pipe is not None and edits:
         # Runtime only: its editing is token-identical to the reference (tests/test_nano_parity.py).
         t0 = time.time()
-        out["editing"] = {"greedy": score_edits(pipe, eval_edits(prompt_limit, which))}
+        out["editing"] = {"greedy": score_edits(pipe, eval_edits(prompt_limit, which)),
+                          "reconstruct_greedy": score_reconstructions(pipe, eval_scenes(which)[:prompt_limit])}
         if sampled:
             out["editing"]["default_sampling"] = score_edits(pipe, eval_edits(prompt_limit, which),
                                                              pipe.default_sampling("editing"))

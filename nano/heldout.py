@@ -81,9 +81,9 @@ def edit_kind(source: data.Scene, target: data.Scene) -> str:
     return next(a for a in data.ATTRIBUTES if getattr(target, a) != getattr(source, a))
 
 
-def runtime_edit(pipe, scene: data.Scene, instruction: str, sampling=None, seed: int = 0) -> np.ndarray:
-    """The edited picture of ``scene``'s canonical render; ``sampling`` None: greedy with the model's editing
-    guidance."""
+def runtime_edit(pipe, scene: data.Scene, instruction: str | None, sampling=None, seed: int = 0) -> np.ndarray:
+    """The edited picture of ``scene``'s canonical render (``instruction`` None: given back, the reconstruct
+    prompt); ``sampling`` None: greedy with the model's editing guidance."""
     from dataclasses import replace
 
     from PIL import Image
@@ -107,6 +107,14 @@ def score_edits(pipe, edits, sampling=None) -> dict:
     out["right_by_kind"] = {kind: float(np.mean([a and k for c, a, k in rows if c == kind]))
                             for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _, _ in rows)}
     return out
+
+
+def score_reconstructions(pipe, scenes: list[data.Scene], sampling=None) -> dict[str, float]:
+    """Each of ``scenes`` given back (``edit`` without instruction: the reconstruct prompt) and scored against
+    itself: how much of a picture the model keeps. An edit keeps four of the five attributes, so its 'kept' can be
+    no better than this."""
+    return score.summarize([score.score_picture(runtime_edit(pipe, scene, None, sampling),
+                                                {a: getattr(scene, a) for a in data.ATTRIBUTES}) for scene in scenes])
 
 
 def runtime_generate(pipe, prompt: str, seed: int = 0):

@@ -382,10 +382,12 @@ class Pipeline:
             result.notices += self.bundle_notices + ([notice] if notice else [])
         return results[0] if isinstance(prompt, str) and num_images == 1 else results
 
-    def edit(self, image, instruction: str, seed: int | None = 0, sampling: SamplingConfig | None = None,
+    def edit(self, image, instruction: str | None, seed: int | None = 0, sampling: SamplingConfig | None = None,
              refine: RefineConfig | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Image editing: pad to the nearest anchor, generate there with the editing prompt (guided by the
-        reconstruct prompt with the same image), then unpad and resize back to the input size. Thread-safe."""
+        reconstruct prompt with the same image), then unpad and resize back to the input size. Thread-safe.
+        ``instruction`` None asks for the picture back (the reconstruct prompt alone; guidance then changes
+        nothing): how much of a picture the model keeps, which bounds every edit (nano/README.md "Editing")."""
         from PIL import Image
 
         sampling = sampling or self.default_sampling("editing")

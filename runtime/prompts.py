@@ -89,12 +89,14 @@ def understanding_ids(tokenizer: Tokenizer, layout: VocabLayout, question: str) 
     return task_ids(tokenizer, layout, "understanding", question)
 
 
-def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str, height: int, width: int
+def editing_ids(tokenizer: Tokenizer, layout: VocabLayout, instruction: str | None, height: int, width: int
                 ) -> tuple[list[int], list[int]]:
-    """(conditional, unconditional) ids for editing; both hold the same image at IMAGE_PLACEHOLDER."""
+    """(conditional, unconditional) ids for editing; both hold the same image at IMAGE_PLACEHOLDER. ``instruction``
+    None: the reconstruct prompt (the unconditional one) in both rows, which asks for the picture back."""
+    uncond = task_ids(tokenizer, layout, "editing_unconditional", size=(height, width))
+    if instruction is None:
+        return uncond, uncond
     check_text(instruction, "instruction")
     if not instruction.strip():
         raise LayoutError("the instruction is empty: say how to change the image, e.g. \"make the sky red\"")
-    cond = task_ids(tokenizer, layout, "editing", instruction, (height, width))
-    uncond = task_ids(tokenizer, layout, "editing_unconditional", size=(height, width))
-    return cond, uncond
+    return task_ids(tokenizer, layout, "editing", instruction, (height, width)), uncond

@@ -117,6 +117,31 @@ def test_every_resolution_generates_at_its_grid(tiny_pipe):
 
 
 @pytest.mark.runtime
+def test_an_edit_without_instruction_asks_for_the_picture_back_in_both_rows(tiny_pipe, monkeypatch):
+    """``edit(image, None)``: both guidance rows are the reconstruct prompt with the image, so the result is the
+    reconstruction whatever the guidance; with an instruction the rows differ (editing prompt vs reconstruct)."""
+    from illume_rt.runtime import pipeline
+
+    rows = []
+    real = pipeline.generate_image_tokens
+
+    def recorded(lm, grid, cond, uncond, *args):
+        rows.append((cond, uncond))
+        return real(lm, grid, cond, uncond, *args)
+
+    monkeypatch.setattr(pipeline, "generate_image_tokens", recorded)
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    guided = SamplingConfig(greedy=True, guidance_scale=2.0)
+    back = tiny_pipe.edit(img, None, seed=0, sampling=guided)
+    tiny_pipe.edit(img, "make it blue", seed=0, sampling=guided)
+    (cond, uncond), (edit_cond, edit_uncond) = rows
+    assert np.array_equal(cond, uncond) and np.array_equal(uncond, edit_uncond)
+    assert cond.shape != edit_cond.shape or not np.array_equal(cond, edit_cond)
+    unguided = tiny_pipe.edit(img, None, seed=0, sampling=SamplingConfig(greedy=True))
+    assert np.array_equal(back.tokens.semantic, unguided.tokens.semantic)
+    assert np.array_equal(back.tokens.pixel, unguided.tokens.pixel)
+
+
 def test_edit_and_understand_reject_bad_inputs(tiny_pipe, tmp_path):
     not_image = tmp_path / "x.png"
     not_image.write_text("hello")
