@@ -26,6 +26,9 @@
    short (size-free) one, against the size asked and the sizes the training split has that scene's context at (for
    a held-out scene, only the other size). A model that reads the size word draws the size asked; one that learned
    to draw the size without it (from the short captions) draws its context's trained size for both prompts.
+7. Held out, copied: teacher forced on the reconstruct prompt (the held-out picture's features in, its own codes
+   out, the true codes fed), the argmax accuracy of object and background codes per level. ``edit`` keeps what it
+   copies; a code missed here is one an edit cannot keep.
 """
 
 from __future__ import annotations
@@ -112,11 +115,29 @@ def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
     """Teacher forced on ``scene``'s full caption: per level ('semantic', 'pixel'), for each of its codes in
     order, (is an object code, argmax right, cross-entropy). ``empty_codes``: that background's empty picture's
     (semantic, pixel) codes, which tell background codes from object codes."""
-    v = preset.vocab
     ids, labels = T.t2i_example(preset, tok, scene, sem.reshape(SEMANTIC_GRID), pix.reshape(PIXEL_GRID), scene.caption)
     with torch.no_grad():
         logits = llm(input_ids=torch.tensor([ids])).logits[0, :-1]
-    target = torch.tensor(ids[1:])
+    return code_marks(preset, logits, ids, labels, sem, pix, empty_codes)
+
+
+def reconstruct_codes(llm, projectors, preset, tok, sem, pix, vit, pixel_features, empty_codes):
+    """As teacher_forced_codes, on the reconstruct prompt (``edit`` without instruction): the picture's features
+    (``vit`` [81, 64], ``pixel_features`` [256, 8]) in, its own codes out, the true codes fed. Every code is there
+    to be copied from the same cell of the input; a miss is a code the model does not copy."""
+    ids, labels = T.edit_example(preset, tok, None, sem.reshape(SEMANTIC_GRID), pix.reshape(PIXEL_GRID))
+    with torch.no_grad():
+        embeds = T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids]), vit[None],
+                                       pixel_features[None])
+        logits = llm(inputs_embeds=embeds).logits[0, :-1]
+    return code_marks(preset, logits, ids, labels, sem, pix, empty_codes)
+
+
+def code_marks(preset, logits, ids, labels, sem, pix, empty_codes):
+    """Per level, (is an object code, argmax right, cross-entropy) for each code of ``sem`` / ``pix`` in ``ids``,
+    from the next-token ``logits`` of ``ids`` (one row per position but the last)."""
+    v = preset.vocab
+    target = torch.tensor(ids[1:]).clamp(min=0)  # an input picture's feature slots (negative) are never codes
     nll = (-F.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]).tolist()
     right = (logits.argmax(-1) == target).tolist()
     pos = [k for k in range(len(ids) - 1) if labels[k + 1] != -100]
@@ -174,7 +195,9 @@ def main(argv=None) -> int:
     # 2 and 3: the MLLM
     models = load_models()
     if args.llm_state:
-        models.llm.load_state_dict(torch.load(args.llm_state, weights_only=True)["modules"]["llm"])
+        state = torch.load(args.llm_state, weights_only=True)["modules"]
+        models.llm.load_state_dict(state["llm"])
+        models.projectors.load_state_dict(state["projectors"])
     llm, preset = models.llm.eval(), models.preset
     v, tok = preset.vocab, T.nano_tokenizer(preset)
     sem_rows = range(v.semantic_code_offset, v.semantic_code_offset + v.semantic_codebook_size)
@@ -283,6 +306,20 @@ def main(argv=None) -> int:
     train_scenes = [scenes[i] for i in train_rows]
     out["held_out_size_word"] = size_word_marks([s.size for s in held], full_drawn, short_drawn,
                                                 [data.trained_sizes(s, train_scenes) for s in held])
+
+    # 7. held out, copied: the reconstruct prompt, teacher forced
+    with torch.no_grad():
+        x = torch.from_numpy(np.concatenate([data.to_model_input(data.render(s)) for s in held]))
+        vit, pixel_features = enc.features(x), pixel.pixel_encoder(x).flatten(2).transpose(1, 2)
+    copied_marks = collections.defaultdict(list)
+    for n, i in enumerate(held_rows):
+        marks = reconstruct_codes(llm, models.projectors, preset, tok, S[i], P[i], vit[n], pixel_features[n],
+                                  empty[scenes[i].background])
+        for level, level_marks in marks.items():
+            for is_obj, right, _ in level_marks:
+                copied_marks[f"{level}_{'object' if is_obj else 'background'}"].append(right)
+    out["held_out_copied"] = {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
+                              for k, x in sorted(copied_marks.items())}
     print(json.dumps(out, indent=1))
     return 0
 

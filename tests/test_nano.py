@@ -549,6 +549,39 @@ def test_diagnosis_tells_a_size_word_read_from_a_size_recalled_from_the_context(
     assert unreadable["full_and_short_caption_draw_the_same_size"] == 0
 
 
+def test_diagnosis_marks_every_copied_code_at_its_own_position():
+    """Part 7 (reconstruct_codes, code_marks): one mark per code of each level, in order, object codes flagged where
+    the picture differs from its empty background; logits that give back the true next token are right on every
+    code, logits that give back the empty picture's codes only on the background."""
+    import torch
+
+    from illume_rt.nano import diagnose, train
+
+    preset = train.nano_preset()
+    tok = train.nano_tokenizer(preset)
+    empty = (torch.full((81,), 2, dtype=torch.long), torch.full((256,), 3, dtype=torch.long))
+    sem, pix = empty[0].clone(), empty[1].clone()
+    sem[40], pix[100:104] = 5, 7  # the object: one semantic cell, four pixel cells
+    ids, labels = train.edit_example(preset, tok, None, sem.reshape(9, 9), pix.reshape(16, 16))
+
+    def logits_for(next_ids):
+        # (the input block's feature slots are negative placeholders, never a code: any row does there)
+        return torch.nn.functional.one_hot(torch.tensor(next_ids).clamp(min=0), preset.vocab.vocab_rows).float()
+
+    perfect = diagnose.code_marks(preset, logits_for(ids[1:]), ids, labels, sem, pix, empty)
+    assert [len(perfect["semantic"]), len(perfect["pixel"])] == [81, 256]
+    assert [k for k, (obj, _, _) in enumerate(perfect["semantic"]) if obj] == [40]
+    assert [k for k, (obj, _, _) in enumerate(perfect["pixel"]) if obj] == [100, 101, 102, 103]
+    assert all(right for level in perfect.values() for _, right, _ in level)
+    _, empty_ids = train.edit_example(preset, tok, None, empty[0].reshape(9, 9), empty[1].reshape(16, 16))
+    background_only = diagnose.code_marks(preset, logits_for(empty_ids[1:]), ids, labels, sem, pix, empty)
+    assert all(right != obj for level in background_only.values() for obj, right, _ in level)
+    llm, projectors = train.build_mllm(preset)  # random weights: the real forward, for the layout only
+    marks = diagnose.reconstruct_codes(llm.eval(), projectors, preset, tok, sem, pix, torch.randn(81, 64),
+                                       torch.randn(256, 8), empty)
+    assert [len(marks["semantic"]), len(marks["pixel"])] == [81, 256]
+
+
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
     from illume_rt.nano import train
 
