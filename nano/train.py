@@ -549,8 +549,7 @@ def edit_example(preset, tok, instruction: str | None, sem: torch.Tensor, pix: t
     from illume_rt.runtime.prompts import editing_ids
 
     v = preset.vocab
-    cond, uncond = editing_ids(tok, v, instruction or "x", 256, 256)
-    prefix = splice_image_slots(v, cond if instruction is not None else uncond)
+    prefix = splice_image_slots(v, editing_ids(tok, v, instruction, 256, 256)[0])  # None: the reconstruct prompt
     image = v.image_token_ids(image_grid(256, 256), sem.tolist(), pix.tolist()) + [v.im_end_id]
     return prefix + image, [-100] * len(prefix) + image
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -284,7 +284,6 @@ class Pipeline:
         searches cuDNN's algorithms (illume-nano's pixel decoder: 2.0 s the first time at 256x256, 4.7 ms after;
         bench/results/20261130-ort-cuda-h200). The LLM's steps are not warmed: its shapes change every step.
         Returns seconds per resolution ("HxW") and stage. Thread-safe."""
-        from dataclasses import replace
 
         grids = [image_grid(*resolution) for resolution in resolutions]  # LayoutError before any work
         if refine:
@@ -386,12 +385,14 @@ class Pipeline:
              refine: RefineConfig | None = None, on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Image editing: pad to the nearest anchor, generate there with the editing prompt (guided by the
         reconstruct prompt with the same image), then unpad and resize back to the input size. Thread-safe.
-        ``instruction`` None asks for the picture back (the reconstruct prompt alone; guidance then changes
+        ``instruction`` None asks for the picture back (the reconstruct prompt alone, on one row: guidance changes
         nothing): how much of a picture the model keeps, which bounds every edit (nano/README.md "Editing")."""
         from PIL import Image
 
         sampling = sampling or self.default_sampling("editing")
         sampling.validate()
+        if instruction is None:  # both rows would be the reconstruct prompt: one row gives the same picture
+            sampling = replace(sampling, guidance_scale=1.0)
         seed = check_seed(seed)
         self.check_refine(refine)
         source = load_image(image)
