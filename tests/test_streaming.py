@@ -96,6 +96,40 @@ def _lazy_copy(module: torch.nn.Module, reads: list, alive: list | None = None):
     return lazy
 
 
+class _Foldable(torch.nn.Module):
+    """What the fold after a trace removes: reshapes of reshapes, a full-length slice, a constant range, two
+    transposes that cancel, an added zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        y = self.proj(x).reshape(b, n * d).reshape(b, n, d)
+        y = y[:, 0:n, :] * torch.arange(d, dtype=x.dtype)
+        return y.transpose(1, 2).transpose(1, 2) + 0.0
+
+
+def test_the_fold_after_a_trace_gives_the_graph_onnxscripts_optimiser_gives(monkeypatch):
+    """streaming.fold_small_constants leaves out rewrite rules (SKIPPED_REWRITE_RULES) for speed: every other
+    pass and rule must still run, so a graph comes out as onnxscript's optimize_ir makes it."""
+    from illume_rt.bench.export_fold import graph_signature, optimize_ir_as_it_is
+
+    fold = streaming.fold_small_constants
+    monkeypatch.setattr(streaming, "fold_small_constants", lambda model: None)
+
+    def trace():
+        dims = ({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC},)
+        return streaming.export_structure(_Foldable(), (torch.randn(2, 3, 8),), ["x"], ["y"], dims)
+
+    traced, ours, theirs = trace(), trace(), trace()
+    fold(ours)
+    optimize_ir_as_it_is(theirs)
+    assert len(graph_signature(ours)[0]) < len(graph_signature(traced)[0]) / 2
+    assert graph_signature(ours) == graph_signature(theirs)
+
+
 def test_lazy_weights_stream_one_tensor_at_a_time(tmp_path):
     """External data written from lazy weights: the same file as from real weights, and no tensor read is still
     alive when the next is read (the bound: one tensor beyond what is being written)."""
