@@ -20,6 +20,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from illume_rt.export import streaming
+
+# the fold itself, taken before main (and tests) swap streaming.fold_small_constants out for the traces
+FOLD = streaming.fold_small_constants
 
 def graph_signature(model) -> tuple:
     import onnx_ir as ir
@@ -33,15 +37,7 @@ def optimize_ir_as_it_is(model) -> None:
     """The fold as it was before SKIPPED_REWRITE_RULES: onnxscript's optimize_ir, weights held out."""
     from onnxscript.optimizer import optimize_ir
 
-    saved = {name: value.const_value for name, value in model.graph.initializers.items()}
-    for value in model.graph.initializers.values():
-        value.const_value = None
-    try:
-        optimize_ir(model)
-    finally:
-        for name, const in saved.items():
-            if name in model.graph.initializers:
-                model.graph.initializers[name].const_value = const
+    FOLD(model, optimize=optimize_ir)
 
 
 def main(argv=None) -> int:
@@ -59,13 +55,12 @@ def main(argv=None) -> int:
 
     from illume_rt.bench.measure import machine, versions
     from illume_rt.export import components as C
-    from illume_rt.export import streaming
     from illume_rt.export.bundle import build_reference_models, components_for
     from illume_rt.export.configs import get_preset
 
     torch.set_num_threads(1)
     logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
-    arms = {"optimize_ir": optimize_ir_as_it_is, "without skipped rules": streaming.fold_small_constants}
+    arms = {"optimize_ir": optimize_ir_as_it_is, "without skipped rules": FOLD}
     models = build_reference_models(get_preset(args.preset))
     traced_as_is = streaming.fold_small_constants
     rows = []

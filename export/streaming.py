@@ -157,7 +157,7 @@ def export_structure(module: torch.nn.Module, inputs: tuple, input_names, output
     return program.model
 
 
-def fold_small_constants(model) -> None:
+def fold_small_constants(model, optimize=None) -> None:
     """Fold the subgraphs that compute only from Constant nodes (axes, shapes, scalars: what the exporter's
     optimiser folds, which cannot run on fake weights). TensorRT needs e.g. a Slice's axes as a constant; the weight
     initializers, which hold no data yet, are never read (``fold_constants`` skips values without data).
@@ -167,7 +167,7 @@ def fold_small_constants(model) -> None:
     on none of the tiny preset's ten graphs: without it their fold is 2.25x faster, trace and fold 1.08x, and every
     graph comes out the same (bench/export_fold.py,
     bench/results/20261202-export-fold). Where this onnxscript has no such rule list, ``optimize_ir`` runs as
-    it is."""
+    it is. ``optimize``: another optimiser to run in its place, the weights held out alike (the bench's baseline)."""
     import logging
 
     # With the weights held out, the initializer deduplication warns once per weight that it has no value. That is
@@ -179,7 +179,7 @@ def fold_small_constants(model) -> None:
         dedup_log.setLevel(logging.ERROR)
         for value in model.graph.initializers.values():
             value.const_value = None  # fake tensors: never fold through a weight
-        _optimize(model)
+        (optimize or _optimize)(model)
     finally:
         dedup_log.setLevel(saved_level)
         for name, const in saved.items():
