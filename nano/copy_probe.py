@@ -1,13 +1,16 @@
 """Can an MLLM of nano's width learn to copy a picture back when that is all it trains on?
 
     python -m illume_rt.nano.copy_probe --work W --layers 4 --steps 600 -o copy-4.json
+    python -m illume_rt.nano.copy_probe --work W --init W/mllm.pt --save W/focus.pt --steps 2000 --lr 1e-3 -o F
 
-From a fresh init (nano's preset, ``--layers`` decoder layers), the LLM and projectors train on the reconstruct
-prompt only (``edit`` without instruction: the picture's features in, its own codes out), EDIT_BATCH pictures of the
-training split per step, their fed codes erased as in stage ``edit`` and the hard-token weighting of the MLLM stages;
-every ``--every`` steps the held-out pictures are copied back teacher forced (``diagnose.reconstruct_codes``, part 7
-of ``nano.diagnose``) and the share of codes right per level, object and background, is logged to ``-o``. One
-thread. ``W``: a nano.train work folder with stage ``tokens`` done. The findings: nano/README.md, "Editing".
+From a fresh init (nano's preset, ``--layers`` decoder layers) or from a finished MLLM stage's state (``--init``;
+``--save`` writes the result as one, e.g. as ``focus.pt`` for stage ``edit`` to go on from), the LLM and projectors
+train on the reconstruct prompt only (``edit`` without instruction: the picture's features in, its own codes out),
+EDIT_BATCH pictures of the training split per step, their fed codes erased as in stage ``edit`` and the hard-token
+weighting of the MLLM stages; every ``--every`` steps the held-out pictures are copied back teacher forced
+(``diagnose.reconstruct_codes``, part 7 of ``nano.diagnose``) and the share of codes right per level, object and
+background, is logged to ``-o``. One thread. ``W``: a nano.train work folder with stage ``tokens`` done. The
+findings: nano/README.md, "Editing".
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--every", type=int, default=150)
+    ap.add_argument("--init", type=Path, help="start from this MLLM stage state (e.g. W/mllm.pt) instead of afresh")
+    ap.add_argument("--save", type=Path, help="write the trained LLM and projectors here as an MLLM stage state")
     ap.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args(argv)
     if not (args.work / "tokens.pt").is_file():
@@ -33,6 +38,9 @@ def main(argv=None) -> int:
                          f"`python -m illume_rt.nano.train --work {args.work} tokens` first")
     if min(args.layers, args.steps, args.every) < 1:
         raise SystemExit("copy_probe: --layers, --steps and --every must be at least 1")
+    if args.init is not None and not args.init.is_file():
+        raise SystemExit(f"copy_probe: --init {args.init} is not a file: name a finished MLLM stage's state "
+                         "(mllm.pt, focus.pt, edit.pt or polish.pt in a nano.train work folder)")
     import numpy as np
     import torch
 
@@ -50,6 +58,10 @@ def main(argv=None) -> int:
     held_scenes = [data.Scene(**s) for s in held["scenes"]]
     empty = T.empty_codes(toks, scenes)
     llm, proj = T.build_mllm(preset)
+    if args.init is not None:  # a state of nano's own depth; --layers must match it (load_state_dict says so)
+        state = torch.load(args.init, weights_only=True)["modules"]
+        llm.load_state_dict(state["llm"])
+        proj.load_state_dict(state["projectors"])
     llm.config._attn_implementation = "sdpa"
     embed = llm.get_input_embeddings()
     params = list(llm.parameters()) + list(proj.parameters())
@@ -100,7 +112,13 @@ def main(argv=None) -> int:
             log.append(row)
             print(json.dumps(row), flush=True)
             args.output.write_text(json.dumps({"layers": args.layers, "steps": args.steps, "lr": args.lr,
-                                               "log": log}, indent=1) + "\n")
+                                               "init": str(args.init) if args.init else None, "log": log},
+                                              indent=1) + "\n")
+    if args.save is not None:  # as Stage.finish writes it, so that the next stage's init reads it
+        tmp = args.save.with_suffix(".tmp")
+        torch.save({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()},
+                    "cpu_s": time.process_time() - start}, tmp)
+        tmp.replace(args.save)
     return 0
 
 
