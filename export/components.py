@@ -138,10 +138,11 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     Verification: the whole graph against the module at two sizes per dim when its weights are in memory or fit
     ``FULL_VERIFY_BYTES``; else the component's ``verify_at_size`` (a stated sample), else none (said in the report).
     Returns the verification report; raises ExportError when a figure misses the tolerance.
-    """
-    import onnx
 
-    from illume_rt.export import streaming
+    With ``ILLUME_RT_TRACE_CACHE`` set, a graph verified whole takes its structure from the trace cache when the
+    same network was traced before (export/trace_cache.py), and is traced afresh if that structure fails the check.
+    """
+    from illume_rt.export import streaming, trace_cache
 
     if storage not in streaming.STORAGE_DTYPES:
         raise ExportError(f"weight dtype {storage!r} is not one of {', '.join(streaming.STORAGE_DTYPES)}")
@@ -153,22 +154,29 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp = work / path.name
+    trace_args = (module, _torch_inputs(component, sample), component.input_names(), component.output_names(), dyn)
+    # A cached structure (export/trace_cache.py) is trusted only where the whole graph is checked against PyTorch.
+    cache = trace_cache.cache_folder() if streaming.lazy_bytes(module) <= FULL_VERIFY_BYTES else None
+    key = trace_cache.structure_key(*trace_args) if cache is not None else None
     try:
-        graph = streaming.export_structure(module, _torch_inputs(component, sample), component.input_names(),
-                                           component.output_names(), dyn)
+        graph = trace_cache.load(cache, key) if key is not None else None
+        cached = graph is not None
+        if graph is None:
+            graph = streaming.export_structure(*trace_args)
+            if key is not None:
+                trace_cache.store(cache, key, graph, streaming.module_tensors(module))
         if external_data is None:
             stored = streaming.weight_bytes(graph, storage_dtype)
             external_data = stored > INLINE_LIMIT or (streaming.lazy_bytes(module) > 0 and stored > LAZY_INLINE_BYTES)
         data_name = f"{path.name}.data"
-        streaming.write_weights(graph, module, work, data_name if external_data else None, storage_dtype)
-        model = streaming.serialize(graph)
-        del graph
-        model.ir_version = ONNX_IR_VERSION
-        _name_dims(model, component)
-        onnx.save(model, str(tmp))
-        del model
-        onnx.checker.check_model(str(tmp))  # by path: the checker reads the data file as ORT will
-        report = _verify(component, module, tmp, seed, storage_dtype)
+        report = _write_and_verify(component, module, graph, work, tmp, data_name if external_data else None,
+                                   seed, storage_dtype)
+        if not report["ok"] and cached:  # a stale entry the key did not tell apart: trace afresh, replace it
+            trace_cache.evict(cache, key)
+            graph = streaming.export_structure(*trace_args)
+            trace_cache.store(cache, key, graph, streaming.module_tensors(module))
+            report = _write_and_verify(component, module, graph, work, tmp, data_name if external_data else None,
+                                       seed, storage_dtype)
         if not report["ok"]:
             raise ExportError(f"{component.name}: exported graph differs from the reference: {report}")
         report["storage"] = storage
@@ -181,6 +189,25 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_and_verify(component: Component, module, graph, work: Path, tmp: Path, data_name: str | None, seed: int,
+                      storage) -> dict:
+    """Write ``module``'s weights into the traced ``graph`` (in ``work``; ``data_name``: the external-data file or
+    None), save it as ``tmp``, check it and verify it against ``module``; the verification report."""
+    import onnx
+
+    from illume_rt.export import streaming
+
+    streaming.write_weights(graph, module, work, data_name, storage)
+    model = streaming.serialize(graph)
+    del graph
+    model.ir_version = ONNX_IR_VERSION
+    _name_dims(model, component)
+    onnx.save(model, str(tmp))
+    del model
+    onnx.checker.check_model(str(tmp))  # by path: the checker reads the data file as ORT will
+    return _verify(component, module, tmp, seed, storage)
 
 
 def _verify(component: Component, module, path: Path, seed: int, storage) -> dict:
