@@ -44,8 +44,8 @@ from pathlib import Path
 TRACE_CACHE_ENV = "ILLUME_RT_TRACE_CACHE"
 FORMAT = 1  # bump when what an entry holds or how the key is made changes
 HELD_OUT = "illume-rt-weight-held-out"  # external-data location of a weight in an entry: no file, no data
-PACKAGES = ("illume_rt", "illume_rt.export", "illume_rt.export.networks", "illume_rt.runtime", "illume_rt.engines",
-            "illume_rt.calibration", "illume_rt.nano")
+PACKAGES = ("illume_rt", "illume_rt.export", "illume_rt.runtime", "illume_rt.engines", "illume_rt.calibration",
+            "illume_rt.nano")  # with their subpackages
 VERSIONED = ("torch", "transformers", "diffusers", "onnx", "onnxscript", "onnx_ir", "numpy")
 # Config fields that record where a config came from, not what it says: see the docstring. (diffusers'
 # ``_use_default_values`` lists the fields left at their defaults, whose values are keyed as the others; it is a
@@ -161,16 +161,11 @@ def _versions() -> dict[str, str | None]:
 @functools.lru_cache(maxsize=1)
 def _sources_digest() -> str:
     """sha256 over every .py file of illume_rt's packages (as installed: the checkout for an editable install)."""
-    import importlib.util
+    from illume_rt.files import source_files
 
-    files = set()
-    for package in PACKAGES:
-        spec = importlib.util.find_spec(package)
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            files.update(p.resolve() for p in Path(location).glob("*.py"))
     digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.name).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in source_files(PACKAGES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -98,18 +98,11 @@ def packaged_bundle_path(preset: str = DEFAULT_PRESET) -> Path:
 def builtin_key(preset: str) -> str:
     """Hash of what a built-in bundle is made from: the version, the exporter, runtime and contract sources, and
     (nano) the weights."""
-    import importlib.util
-
     import illume_rt
+    from illume_rt.files import source_files
 
     digest = hashlib.sha256(illume_rt.__version__.encode())
-    # where the exporter, the runtime and the contract really are (a checkout, or site-packages of a wheel);
-    # located, not imported, so a runtime-only install (no torch) computes the same key
-    files = [Path(importlib.util.find_spec("illume_rt.contract").origin)]
-    for package in ("illume_rt.export", "illume_rt.runtime"):
-        for root in importlib.util.find_spec(package).submodule_search_locations:
-            files += sorted(Path(root).rglob("*.py"))
-    for file in files:
+    for file in source_files(("illume_rt.export", "illume_rt.runtime"), modules=("illume_rt.contract",)):
         digest.update(file.read_bytes())
     if preset == "nano":  # the trained weights are part of the key
         from illume_rt.nano import checkpoint

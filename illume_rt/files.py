@@ -250,3 +250,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def source_files(packages, modules=()) -> list[Path]:
+    """The .py files of ``modules`` and of ``packages`` (each with its subpackages), where they are installed (a
+    checkout, or site-packages of a wheel), each once, in an order that does not depend on where they are (by
+    module, then package, then path inside it): what caches keyed by the code read (``cli.builtin_key``,
+    ``export/trace_cache.py``). Located, not imported, so that a runtime-only install (no torch) finds the same
+    files."""
+    import importlib.util
+
+    files = [Path(importlib.util.find_spec(module).origin).resolve() for module in modules]
+    for package in packages:
+        for root in importlib.util.find_spec(package).submodule_search_locations or ():
+            files += sorted((path.resolve() for path in Path(root).rglob("*.py")),
+                            key=lambda path, root=Path(root).resolve(): path.relative_to(root).parts)
+    return list(dict.fromkeys(files))
