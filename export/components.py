@@ -158,25 +158,27 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
     # A cached structure (export/trace_cache.py) is trusted only where the whole graph is checked against PyTorch.
     cache = trace_cache.cache_folder() if streaming.lazy_bytes(module) <= FULL_VERIFY_BYTES else None
     key = trace_cache.structure_key(*trace_args) if cache is not None else None
+
+    def trace():
+        graph = streaming.export_structure(*trace_args)
+        if key is not None:
+            trace_cache.store(cache, key, graph, streaming.module_tensors(module))
+        return graph
+
     try:
         graph = trace_cache.load(cache, key) if key is not None else None
         cached = graph is not None
-        if graph is None:
-            graph = streaming.export_structure(*trace_args)
-            if key is not None:
-                trace_cache.store(cache, key, graph, streaming.module_tensors(module))
+        if not cached:
+            graph = trace()
         if external_data is None:
             stored = streaming.weight_bytes(graph, storage_dtype)
             external_data = stored > INLINE_LIMIT or (streaming.lazy_bytes(module) > 0 and stored > LAZY_INLINE_BYTES)
         data_name = f"{path.name}.data"
-        report = _write_and_verify(component, module, graph, work, tmp, data_name if external_data else None,
-                                   seed, storage_dtype)
+        written_as = (component, module, work, tmp, data_name if external_data else None, seed, storage_dtype)
+        report = _write_and_verify(graph, *written_as)
         if not report["ok"] and cached:  # a stale entry the key did not tell apart: trace afresh, replace it
             trace_cache.evict(cache, key)
-            graph = streaming.export_structure(*trace_args)
-            trace_cache.store(cache, key, graph, streaming.module_tensors(module))
-            report = _write_and_verify(component, module, graph, work, tmp, data_name if external_data else None,
-                                       seed, storage_dtype)
+            report = _write_and_verify(trace(), *written_as)
         if not report["ok"]:
             raise ExportError(f"{component.name}: exported graph differs from the reference: {report}")
         report["storage"] = storage
@@ -191,7 +193,7 @@ def export_onnx(component: Component, module, path: Path, seed: int = 0,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_and_verify(component: Component, module, graph, work: Path, tmp: Path, data_name: str | None, seed: int,
+def _write_and_verify(graph, component: Component, module, work: Path, tmp: Path, data_name: str | None, seed: int,
                       storage) -> dict:
     """Write ``module``'s weights into the traced ``graph`` (in ``work``; ``data_name``: the external-data file or
     None), save it as ``tmp``, check it and verify it against ``module``; the verification report."""
