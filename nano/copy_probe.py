@@ -2,6 +2,7 @@
 
     python -m illume_rt.nano.copy_probe --work W --layers 4 --steps 600 -o copy-4.json
     python -m illume_rt.nano.copy_probe --work W --init W/mllm.pt --save W/focus.pt --steps 2000 --lr 1e-3 -o F
+    python -m illume_rt.nano.copy_probe --work W --init W/polish.pt --steps 0 -o F   # measure only
 
 From a fresh init (nano's preset, ``--layers`` decoder layers) or from a finished MLLM stage's state (``--init``;
 ``--save`` writes the result as one, e.g. as ``focus.pt`` for stage ``edit`` to go on from), the LLM and projectors
@@ -9,8 +10,8 @@ train on the reconstruct prompt only (``edit`` without instruction: the picture'
 EDIT_BATCH pictures of the training split per step, their fed codes erased as in stage ``edit`` and the hard-token
 weighting of the MLLM stages; every ``--every`` steps the held-out pictures are copied back teacher forced
 (``diagnose.reconstruct_codes``, part 7 of ``nano.diagnose``) and the share of codes right per level, object and
-background, is logged to ``-o``. One thread. ``W``: a nano.train work folder with stage ``tokens`` done. The
-findings: nano/README.md, "Editing".
+background, is logged to ``-o`` (``--steps 0``: once, for the ``--init`` state as it is). One thread. ``W``: a
+nano.train work folder with stage ``tokens`` done. The findings: nano/README.md, "Editing".
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def main(argv=None) -> int:
     if not (args.work / "tokens.pt").is_file():
         raise SystemExit(f"copy_probe: {args.work / 'tokens.pt'} is missing: run "
                          f"`python -m illume_rt.nano.train --work {args.work} tokens` first")
-    if min(args.layers, args.steps, args.every) < 1:
-        raise SystemExit("copy_probe: --layers, --steps and --every must be at least 1")
+    if min(args.layers, args.every) < 1 or args.steps < 0:
+        raise SystemExit("copy_probe: --layers and --every must be at least 1, --steps at least 0")
+    if args.steps == 0 and args.init is None:
+        raise SystemExit("copy_probe: --steps 0 measures the --init state: name one")
     if args.init is not None and not args.init.is_file():
         raise SystemExit(f"copy_probe: --init {args.init} is not a file: name a finished MLLM stage's state "
                          "(mllm.pt, focus.pt, edit.pt or polish.pt in a nano.train work folder)")
@@ -85,6 +88,9 @@ def main(argv=None) -> int:
 
     log = []
     start = time.process_time()
+    if args.steps == 0:
+        log.append({"step": 0, "held_out_copied": copied()})
+        print(json.dumps(log[0]), flush=True)
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = T.cosine_lr(step, args.steps, args.lr)
@@ -111,15 +117,19 @@ def main(argv=None) -> int:
                    "held_out_copied": copied()}
             log.append(row)
             print(json.dumps(row), flush=True)
-            args.output.write_text(json.dumps({"layers": args.layers, "steps": args.steps, "lr": args.lr,
-                                               "init": str(args.init) if args.init else None, "log": log},
-                                              indent=1) + "\n")
+            write_log(args, log)
+    write_log(args, log)
     if args.save is not None:  # as Stage.finish writes it, so that the next stage's init reads it
         tmp = args.save.with_suffix(".tmp")
         torch.save({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()},
                     "cpu_s": time.process_time() - start}, tmp)
         tmp.replace(args.save)
     return 0
+
+
+def write_log(args, log: list[dict]) -> None:
+    args.output.write_text(json.dumps({"layers": args.layers, "steps": args.steps, "lr": args.lr,
+                                       "init": str(args.init) if args.init else None, "log": log}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
