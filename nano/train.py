@@ -116,10 +116,6 @@ DECODER_PAIRS, DECODER_CROP_STEPS, DECODER_FULL_STEPS, DECODER_BATCH, LATENT_CRO
 OBJECT_WEIGHT = 10.0
 UNCOND_P = 0.1  # official cfg_text_dropout
 EDIT_RECONSTRUCT_P = UNCOND_P  # the share of edits given the reconstruct prompt (the unconditional row)
-# Pictures copied back per step (the reconstruct prompt alone, as in ``edit``'s unconditional row) in stages ``mllm``
-# and ``focus``: an edit keeps four attributes of five, so it needs the copy, which ``edit``'s share alone does not
-# teach (nano/README.md, "Editing"). 0: none (the committed weights' recipe).
-COPY_BATCH = 0
 # Every MLLM stage's captions: the full form (with the size word) FULL_CAPTION_P of the rest, else the short form
 # (no size word; the quick start's prompt), the short form only where the context is trained at both sizes
 # (short_caption_allowed). Short captions taught the model to draw a context's trained size without reading the
@@ -669,15 +665,14 @@ def build_mllm(preset):
 def stage_mllm(work: Path) -> None:
     stage = Stage(work, "mllm")
     if not stage.done:
-        _train_mllm(work, stage, MLLM_STEPS, 2e-3, init=None, hard_weight=0.0, und_batch=UND_BATCH,
-                    copy_batch=COPY_BATCH)
+        _train_mllm(work, stage, MLLM_STEPS, 2e-3, init=None, hard_weight=0.0, und_batch=UND_BATCH)
 
 
 def stage_focus(work: Path) -> None:
     stage = Stage(work, "focus")
     if not stage.done:
         _train_mllm(work, stage, FOCUS_STEPS, FOCUS_LR, init=work / "mllm.pt", hard_weight=HARD_WEIGHT,
-                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX, copy_batch=COPY_BATCH)
+                    und_batch=FOCUS_UND_BATCH, erase_max=ERASE_MAX)
 
 
 def stage_edit(work: Path) -> None:
@@ -704,10 +699,10 @@ def edit_pairs(scenes: list[data.Scene]) -> list[tuple[int, str, int]]:
 
 def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path | None, hard_weight: float,
                 und_batch: int, erase_max: float = 0.0, t2i_batch: int = T2I_BATCH, edit_batch: int = 0,
-                pixel_erase_max: float | None = None, copy_batch: int = 0) -> None:
+                pixel_erase_max: float | None = None) -> None:
     """Teacher forcing of the LLM + projectors from a fresh init or from ``init`` (a finished MLLM stage);
     ``hard_weight``: see lm_loss; ``erase_max`` / ``pixel_erase_max`` (default: the same): see FOCUS_STEPS;
-    ``edit_batch``: see EDIT_STEPS; ``copy_batch``: see COPY_BATCH; the captions' form: see FULL_CAPTION_P."""
+    ``edit_batch``: see EDIT_STEPS; the captions' form: see FULL_CAPTION_P."""
     preset = nano_preset()
     tok = nano_tokenizer(preset)
     tokens = torch.load(work / "tokens.pt", weights_only=True)
@@ -750,13 +745,11 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
         loss_t2i = lm_loss(llm, embed(inputs), labels, mask, hard_weight)
         info = f"t2i {loss_t2i.item():.3f}"
         loss = loss_t2i
-        if edit_batch or copy_batch:
+        if edit_batch:
             seqs, fed, sources = [], [], []
-            jobs = [pairs[k] for k in rng.integers(0, len(pairs), edit_batch)]
-            if copy_batch:  # (no draw without: the committed recipe's random stream stays as it was)
-                jobs += [(int(i), None, int(i)) for i in rng.integers(0, len(scenes), copy_batch)]
-            for src, instruction, dst in jobs:
-                if instruction is not None and rng.random() < EDIT_RECONSTRUCT_P:  # the source picture back
+            for k in rng.integers(0, len(pairs), edit_batch):
+                src, instruction, dst = pairs[k]
+                if rng.random() < EDIT_RECONSTRUCT_P:  # the reconstruct prompt: the source picture back
                     instruction, dst = None, src
                 seqs.append(edit_example(preset, tok, instruction, toks["semantic"][dst], toks["pixel"][dst]))
                 fed.append(edit_example(preset, tok, instruction, *erased(dst, rng)))
@@ -766,7 +759,7 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
             sources = torch.tensor(sources)
             emb = embed_with_features(embed, proj, inputs, toks["vit"][sources], toks["pixel_features"][sources])
             loss_edit = lm_loss(llm, emb, labels, mask, hard_weight)
-            info += f" {'edit' if edit_batch else 'copy'} {loss_edit.item():.3f}"
+            info += f" edit {loss_edit.item():.3f}"
             loss = loss + loss_edit
         und = []
         feats = rng.integers(0, len(toks["und_scene"]), und_batch)
