@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     if args.steps == 0:
         log.append({"step": 0, "held_out_copied": copied()})
         print(json.dumps(log[0]), flush=True)
+        write_log(args, log)
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = T.cosine_lr(step, args.steps, args.lr)
@@ -118,7 +119,6 @@ def main(argv=None) -> int:
             log.append(row)
             print(json.dumps(row), flush=True)
             write_log(args, log)
-    write_log(args, log)
     if args.save is not None:  # as Stage.finish writes it, so that the next stage's init reads it
         tmp = args.save.with_suffix(".tmp")
         torch.save({"modules": {"llm": llm.state_dict(), "projectors": proj.state_dict()},
