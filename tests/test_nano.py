@@ -467,6 +467,40 @@ def test_seeded_stages_export_back_to_the_committed_weights(tmp_path):
     assert scaling[0] == scaling[1]
 
 
+def test_image_code_rows_start_alike_where_the_codes_look_alike(tmp_path):
+    """init_code_rows (train.CODE_ROWS_FROM_MEANING): the semantic codes whose cells the semantic decoder draws
+    nearest start with rows nearer than other codes' in the embedding table and the LM head; text rows and the
+    init's scale are kept, and a share of 0 leaves every row as the random init drew it."""
+    import torch
+
+    from illume_rt.nano import train
+
+    train.seed_from_weights(tmp_path, WEIGHTS)
+    preset = train.nano_preset()
+    lo, hi = preset.vocab.semantic_range
+    _, dec, pixel = train.load_tokenizer_state(tmp_path)
+    with torch.no_grad():
+        cells = dec(pixel.semantic_quantizer.lookup_table())
+    cell_distance = torch.cdist(cells, cells) + torch.eye(len(cells)) * 1e9
+    nearest = cell_distance.argmin(1)
+
+    random_llm, _ = train.build_mllm(preset)
+    unchanged, _ = train.build_mllm(preset)
+    train.init_code_rows(unchanged, preset, tmp_path, 0.0)
+    assert torch.equal(unchanged.lm_head.weight, random_llm.lm_head.weight)
+    llm, _ = train.build_mllm(preset)
+    train.init_code_rows(llm, preset, tmp_path, 0.8)
+    for table, random_table in ((llm.model.embed_tokens.weight, random_llm.model.embed_tokens.weight),
+                                (llm.lm_head.weight, random_llm.lm_head.weight)):
+        assert torch.equal(table[:lo], random_table[:lo])
+        rows = table[lo:hi] / table[lo:hi].norm(dim=1, keepdim=True)
+        cosine = rows @ rows.T
+        to_nearest = cosine[torch.arange(len(rows)), nearest].mean()
+        to_others = (cosine.sum() - cosine.diagonal().sum()) / (len(rows) * (len(rows) - 1))
+        assert to_nearest > to_others + 0.3, (to_nearest, to_others)
+        assert abs(table[lo:hi].std().item() - 0.02) < 0.002
+
+
 def test_redoing_a_stage_redoes_every_stage_built_on_it():
     from illume_rt.nano import train
 
