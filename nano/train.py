@@ -650,6 +650,9 @@ def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return (ce * w).sum() / w.sum().clamp(min=1e-6)
 
 
+ROW_INIT_STD = 0.02  # the embedding table's and LM head's random init (build_mllm, init_code_rows)
+
+
 def build_mllm(preset):
     from illume_rt.export.llm import build_llm
     from illume_rt.export.networks.vision import build_projectors
@@ -657,8 +660,8 @@ def build_mllm(preset):
     llm = build_llm(preset)
     with torch.no_grad():  # a trainable init (build_llm's wide random init is for parity tests)
         torch.manual_seed(SEED)
-        llm.model.embed_tokens.weight.normal_(0.0, 0.02)
-        llm.lm_head.weight.normal_(0.0, 0.02)
+        llm.model.embed_tokens.weight.normal_(0.0, ROW_INIT_STD)
+        llm.lm_head.weight.normal_(0.0, ROW_INIT_STD)
     return llm, build_projectors(preset)
 
 
@@ -676,7 +679,7 @@ def init_code_rows(llm, preset, work: Path, share: float) -> None:
     its cell as the semantic decoder draws it (4x4 RGB), a pixel code its code vector, each standardised and sent
     through a fixed random projection to the LLM's width. Rows of codes that look alike then start alike, in the
     input and in the output, where random rows make every code an unrelated token. ``share`` of each row's
-    (unit-RMS) direction is this, the rest the random init; the rows keep the init's scale (0.02)."""
+    (unit-RMS) direction is this, the rest the random init; the rows keep the init's scale (ROW_INIT_STD)."""
     _, dec, pixel = load_tokenizer_state(work)
     vocab = preset.vocab
     hidden = llm.config.hidden_size
@@ -687,8 +690,8 @@ def init_code_rows(llm, preset, work: Path, share: float) -> None:
         rows = meaning @ torch.randn(meaning.shape[1], hidden, generator=gen)
         rows = rows / rows.pow(2).mean(1, keepdim=True).sqrt()
         for table in (llm.model.embed_tokens.weight, llm.lm_head.weight):
-            random_part = table[lo:hi] / 0.02
-            table[lo:hi] = 0.02 * (share * rows + (1 - share ** 2) ** 0.5 * random_part)
+            random_part = table[lo:hi] / ROW_INIT_STD
+            table[lo:hi] = ROW_INIT_STD * (share * rows + (1 - share ** 2) ** 0.5 * random_part)
     print(f"[mllm] image-code rows start from what the codes show (share {share})", flush=True)
 
 
