@@ -669,7 +669,8 @@ def build_mllm(preset):
 # (init_code_rows), weighted by this share against the random init, or stay random with 0 (the committed weights'
 # recipe: its random stream is unchanged). Session 27's A/B from ``mllm`` afresh (1100 + 1500 steps) at 0.8 drew
 # held-out pictures all right 51% of the time against 31%, but after the recipe's 3000 ``focus`` steps held-out
-# shape and size were where earlier runs had them (nano/README.md, "Left out"): faster early, not further, so 0.
+# shape and size were where earlier runs had them, and the finished chain's weights scored below the committed ones
+# (nano/README.md, "Left out"): faster early, not further, so 0.
 CODE_ROWS_FROM_MEANING = 0.0
 
 
