@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-STEP_CONSTANTS = {"edit": "EDIT_STEPS", "polish": "POLISH_STEPS", "focus": "FOCUS_STEPS"}
+STEP_CONSTANTS = {"mllm": "MLLM_STEPS", "focus": "FOCUS_STEPS", "edit": "EDIT_STEPS", "polish": "POLISH_STEPS"}
 # (name, threads, OMP_WAIT_POLICY or None for OpenMP's default)
 ARMS = (("1 thread", 1, "PASSIVE"), ("2 threads, passive waiting", 2, "PASSIVE"))
 BUSY_ARMS = ARMS + (("2 threads, OpenMP's default waiting", 2, None),)

@@ -226,13 +226,18 @@ def _tiny() -> Preset:
     )
 
 
+# illume-nano's text ids: its byte-level BPE (nano/text_tokenizer.py: 256 bytes, then one id per merge learned from
+# the grammar's prompts), a function of the grammar; a test builds it and checks this number.
+NANO_TEXT_VOCAB_SIZE = 450
+
+
 def _nano() -> Preset:
     """illume-nano: the networks of the trained miniature (nano/, weights in nano/weights/). The preset gives the
     shapes the checkpoint loaders check against; the weights come from the checkpoint."""
     codebook = CodebookConfig(dim=8, semantic_size=128, pixel_size=384)
     return Preset(
         name="nano",
-        vocab=compact_vocab_layout(256, codebook.semantic_size, codebook.pixel_size),
+        vocab=compact_vocab_layout(NANO_TEXT_VOCAB_SIZE, codebook.semantic_size, codebook.pixel_size),
         llm=LLMConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096),
         vision_tower=VisionTowerConfig(embed_dim=48, depth=2, num_heads=2, out_dim=64),

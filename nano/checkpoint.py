@@ -2,9 +2,10 @@
 
 ``weights/mllm/``: the MLLM as ``IllumeQwen2ForCausalLM.save_pretrained`` lays it out: ``config.json`` (``model_type``
 illume_qwen2, Qwen2 fields, ``mm_hidden_size``, plus ``illume_rt_vocab``: the compact vocabulary layout, since the
-nano text vocabulary is 256 bytes, not Qwen2.5's BPE), ``model.safetensors`` (stock Qwen2 keys +
+nano text vocabulary is its own small BPE, not Qwen2.5's), ``model.safetensors`` (stock Qwen2 keys +
 ``model.vision_tower.semantic_encoder.*`` + ``model.vision_tower.pixel_encoder.*`` + ``model.mm_projector.*``) and
-``tokenizer.json`` (a byte-level BPE with no merges: id = byte, then the ILLUME+ special tokens at the layout's ids).
+``tokenizer.json`` (nano's byte-level BPE, ``text_tokenizer.py``, then the ILLUME+ special tokens at the layout's
+ids).
 
 ``weights/dualvitok/pytorch_model.bin``: the DualViTok state dict with official top-level names (the inference part
 plus the training-only ``semantic_encoder.*`` / ``semantic_decoder.*``, which the loader ignores).
@@ -21,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from illume_rt.export.tokenizer_files import bytes_to_unicode, special_tokens, write_byte_tokenizer  # noqa: F401
+from illume_rt.nano import text_tokenizer
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights"
@@ -189,7 +190,7 @@ def write_checkpoint(out: Path, preset, llm, projectors, semantic_encoder, seman
     save_file(state, str(out / "mllm" / "model.safetensors"), metadata={"format": "pt"})
     (out / "mllm" / "model.safetensors").chmod(0o644)  # save_file creates it owner-only
     (out / "mllm" / "config.json").write_text(json.dumps(mllm_config(preset, llm), indent=2) + "\n")
-    write_byte_tokenizer(out / "mllm" / "tokenizer.json", preset.vocab)
+    text_tokenizer.write(out / "mllm" / "tokenizer.json", preset.vocab)
 
     tok_state = {k: v.detach().float().contiguous().clone() for k, v in pixel.state_dict().items()}
     tok_state.update({"semantic_encoder." + k: v.detach().clone() for k, v in semantic_encoder.state_dict().items()})

@@ -66,10 +66,10 @@ def reference_generate(models, prompt: str, seed: int = 0):
     from illume_rt.contract import image_grid
     from illume_rt.runtime.pipeline import to_uint8
     from illume_rt.runtime.prompts import text_to_image_ids
-    from illume_rt.runtime.tokenizer import ByteTokenizer
+    from illume_rt.nano.text_tokenizer import NanoTokenizer
 
     vocab = models.preset.vocab
-    cond, uncond = text_to_image_ids(ByteTokenizer(vocab), vocab, prompt, 256, 256)
+    cond, uncond = text_to_image_ids(NanoTokenizer(vocab), vocab, prompt, 256, 256)
     ref = reference_image_tokens(models.llm, vocab, image_grid(256, 256), cond, uncond,
                                  reference_greedy_sampling(models), np.random.default_rng(seed))
     with torch.no_grad():
@@ -83,10 +83,10 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
     from illume_rt.export.reference import reference_answer, reference_image_block, reference_splice
     from illume_rt.runtime.images import understanding_image
     from illume_rt.runtime.prompts import understanding_ids
-    from illume_rt.runtime.tokenizer import ByteTokenizer
+    from illume_rt.nano.text_tokenizer import NanoTokenizer
 
     vocab = models.preset.vocab
-    tok = ByteTokenizer(vocab)
+    tok = NanoTokenizer(vocab)
     image = understanding_image(Image.fromarray(data.render(scene)))
     prompt = reference_splice(models, understanding_ids(tok, vocab, question), reference_image_block(models, image))
     banned = (vocab.start_of_image_id, vocab.end_of_image_id, vocab.end_of_line_id, vocab.start_of_level0_id,

@@ -464,9 +464,9 @@ def stage_tokens(work: Path) -> None:
 
 # -- MLLM ----------------------------------------------------------------------------------------------------------
 def nano_tokenizer(preset):
-    from illume_rt.runtime.tokenizer import ByteTokenizer
+    from illume_rt.nano.text_tokenizer import NanoTokenizer
 
-    return ByteTokenizer(preset.vocab)
+    return NanoTokenizer(preset.vocab)
 
 
 def short_caption_allowed(scenes: list[data.Scene]) -> list[bool]:

@@ -89,6 +89,35 @@ def test_edits_cover_every_kind_of_every_scene_in_both_splits():
 
 
 @pytest.mark.runtime
+def test_nano_text_tokenizer_makes_each_word_of_the_grammar_one_id_and_still_encodes_any_text(tmp_path):
+    """nano's byte-level BPE (text_tokenizer.py): its size is the preset's, each grammar word in a caption is one id
+    (so the LLM reads "triangle" at one position), any other text still round-trips byte by byte, and the
+    tokenizer.json the checkpoint ships (what the runtime loads) gives training's ids with the special tokens at the
+    layout's ids."""
+    from illume_rt.export.configs import NANO_TEXT_VOCAB_SIZE, get_preset
+    from illume_rt.nano import text_tokenizer
+    from illume_rt.runtime.tokenizer import HFTokenizer
+
+    vocab = get_preset("nano").vocab
+    tok = text_tokenizer.NanoTokenizer(vocab)
+    assert vocab.text_vocab_size == NANO_TEXT_VOCAB_SIZE == text_tokenizer.text_vocab_size() > 256
+    scene = data.Scene("triangle", "yellow", "large", "bottom right", "gray")
+    words = scene.caption.split(" ")
+    assert len(tok.encode(scene.caption)) == len(words)  # one id per word
+    for word in [*data.SHAPES, *data.COLOURS, *data.BACKGROUNDS, *data.SIZES]:
+        assert len(tok.encode(" " + word)) == 1, word
+    odd = "größer {x} \u2603 \t\n?"
+    assert tok.decode(tok.encode(odd)) == odd
+    assert tok.encode("\x7f") == [0x7F]  # a byte no merge touches keeps its byte id
+    assert max(i for text in text_tokenizer.corpus() for i in tok.encode(text)) < vocab.text_vocab_size
+    text_tokenizer.write(tmp_path / "tokenizer.json", vocab)
+    shipped = HFTokenizer(tmp_path / "tokenizer.json", vocab)
+    for text in text_tokenizer.corpus()[:200] + [odd]:
+        assert shipped.encode(text) == tok.encode(text)
+    assert shipped._tok.token_to_id("<|im_end|>") == vocab.im_end_id
+    assert shipped._tok.token_to_id("<|image_level1_0|>") == vocab.pixel_code_offset
+
+
 def test_scorer_reads_ground_truth_and_not_noise():
     marks = []
     for i, s in enumerate(data.all_scenes()[::3]):
@@ -109,11 +138,12 @@ def test_scorer_reads_ground_truth_and_not_noise():
 @needs_weights
 def test_committed_checkpoint_loads_through_the_official_loaders():
     from illume_rt.export.checkpoints import load_mllm, preset_from_mllm_config
+    from illume_rt.export.configs import get_preset
     from illume_rt.nano.checkpoint import COMMITTED, load_models
 
     config = json.loads((COMMITTED.mllm / "config.json").read_text())
     preset = preset_from_mllm_config(config, "nano")
-    assert preset.name == "nano" and preset.vocab.text_vocab_size == 256
+    assert preset.name == "nano" and preset.vocab == get_preset("nano").vocab  # trained with nano's text tokenizer
     models = load_models()
     assert models.random_weights is False and models.dualvitok is not None
     assert models.source["dualvitok"]["ignored_training_only"] > 0  # semantic encoder/decoder kept, ignored
@@ -338,7 +368,7 @@ def test_training_edits_are_the_runtime_editing_prompt_with_the_edited_scene_as_
         assert (block.count(train.SEM_SLOT), block.count(train.PIX_SLOT)) == (81, 256)
         assert ids[:at] == prompt[:at] and ids[at + len(block):] == prompt[at + 1:] + image
         assert labels == [-100] * (len(ids) - len(image)) + image
-    assert "Reconstruct" in tok.decode([i for i in ids if i >= 0 and i < 256])
+    assert "Reconstruct" in tok.decode([i for i in ids if 0 <= i < v.text_vocab_size])
 
     scenes = data.split()[0]
     pairs = train.edit_pairs(scenes)
