@@ -59,6 +59,13 @@ def reference_greedy_sampling(models):
     return replace(model_sampling_defaults(models.sampling_defaults)["text_to_image"], greedy=True)
 
 
+def shipped_tokenizer(models):
+    """The tokenizer.json of the weights' MLLM folder, the file the runtime's bundle reads too."""
+    from illume_rt.runtime.tokenizer import HFTokenizer
+
+    return HFTokenizer(models.source["tokenizer_file"], models.preset.vocab)
+
+
 def reference_generate(models, prompt: str, seed: int = 0):
     import torch
 
@@ -66,10 +73,9 @@ def reference_generate(models, prompt: str, seed: int = 0):
     from illume_rt.contract import image_grid
     from illume_rt.runtime.pipeline import to_uint8
     from illume_rt.runtime.prompts import text_to_image_ids
-    from illume_rt.nano.text_tokenizer import NanoTokenizer
 
     vocab = models.preset.vocab
-    cond, uncond = text_to_image_ids(NanoTokenizer(vocab), vocab, prompt, 256, 256)
+    cond, uncond = text_to_image_ids(shipped_tokenizer(models), vocab, prompt, 256, 256)
     ref = reference_image_tokens(models.llm, vocab, image_grid(256, 256), cond, uncond,
                                  reference_greedy_sampling(models), np.random.default_rng(seed))
     with torch.no_grad():
@@ -83,10 +89,9 @@ def reference_answer_text(models, scene: data.Scene, question: str) -> str:
     from illume_rt.export.reference import reference_answer, reference_image_block, reference_splice
     from illume_rt.runtime.images import understanding_image
     from illume_rt.runtime.prompts import understanding_ids
-    from illume_rt.nano.text_tokenizer import NanoTokenizer
 
     vocab = models.preset.vocab
-    tok = NanoTokenizer(vocab)
+    tok = shipped_tokenizer(models)
     image = understanding_image(Image.fromarray(data.render(scene)))
     prompt = reference_splice(models, understanding_ids(tok, vocab, question), reference_image_block(models, image))
     banned = (vocab.start_of_image_id, vocab.end_of_image_id, vocab.end_of_line_id, vocab.start_of_level0_id,

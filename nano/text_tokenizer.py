@@ -110,7 +110,7 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 
 
 def text_vocab_size() -> int:
-    return build().get_vocab_size()
+    return len(_learned()[0])
 
 
 class NanoTokenizer:
