@@ -29,6 +29,11 @@
 7. Held out, copied: teacher forced on the reconstruct prompt (the held-out picture's features in, its own codes
    out, the true codes fed), the argmax accuracy of object and background codes per level. ``edit`` keeps what it
    copies; a code missed here is one an edit cannot keep.
+8. Input features, mirrored: whether the MLLM's two input streams (ViT merger output, pixel-encoder output) can
+   tell left from right or top from bottom. For the held-out pictures, the relative L2 distance between the
+   features of the mirrored picture and the picture's features mirrored the same way (0: the encoders are mirror-
+   equivariant, so the features say what is where only relative to each other, and where on the canvas must come
+   from the LLM's own positions of the input tokens), beside the distance to the unmirrored features.
 """
 
 from __future__ import annotations
@@ -76,6 +81,26 @@ def decoded_scores(pixel, sem, pix, scenes):
     imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return score.summarize([score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES})
                             for im, s in zip(imgs, scenes)])
+
+
+@torch.no_grad()
+def mirror_equivariance(enc, pixel, x: torch.Tensor) -> dict:
+    """Part 8 for pictures ``x`` [B, 3, H, W]: per stream and axis, the relative L2 distance of the mirrored
+    picture's features to the mirrored features and to the plain features."""
+    def streams(images):  # [B, rows, cols, channels]
+        return {"semantic": enc.features(images).reshape(len(images), *SEMANTIC_GRID, -1),
+                "pixel": pixel.pixel_encoder(images).permute(0, 2, 3, 1)}
+
+    def distance(a, b) -> float:
+        return round(float((a - b).norm() / a.norm()), 3)
+
+    plain, out = streams(x), {}
+    for axis, image_dim, grid_dim in (("left_right", 3, 2), ("top_bottom", 2, 1)):
+        mirrored = streams(x.flip(image_dim))
+        for name, features in plain.items():
+            out[f"{name}_{axis}"] = {"to_mirrored_features": distance(features.flip(grid_dim), mirrored[name]),
+                                     "to_plain_features": distance(features, mirrored[name])}
+    return out
 
 
 def unseen_at_position(train_codes: np.ndarray, held_codes: np.ndarray) -> np.ndarray:
@@ -320,6 +345,9 @@ def main(argv=None) -> int:
                 copied_marks[f"{level}_{'object' if is_obj else 'background'}"].append(right)
     out["held_out_copied"] = {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
                               for k, x in sorted(copied_marks.items())}
+
+    # 8. input features, mirrored
+    out["input_features_mirror"] = mirror_equivariance(enc, pixel, x)
     print(json.dumps(out, indent=1))
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import types
 
 import numpy as np
 import pytest
@@ -87,6 +88,40 @@ def test_edits_cover_every_kind_of_every_scene_in_both_splits():
         assert Counter(edit_kind(s, t) for s, _, t in edits) == {k: 45 for k in data.EDIT_INSTRUCTIONS}
         for source, _, target in edits:
             assert sum(getattr(source, a) != getattr(target, a) for a in data.ATTRIBUTES) == 1
+
+
+@pytest.mark.runtime
+def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_one():
+    """score_reconstructions on a stand-in pipeline that gives each picture back mirrored left to right: every
+    corner picture counts as mirrored and its position as lost, the centred ones as kept, and the other four
+    attributes as kept; given back as it is, nothing counts as mirrored."""
+    from illume_rt.nano.heldout import eval_scenes, mirrored_position, score_reconstructions
+
+    class GivesBack:
+        def __init__(self, mirror: bool):
+            self.mirror = mirror
+
+        def default_sampling(self, mode):
+            from illume_rt.runtime.options import SamplingConfig
+
+            return SamplingConfig()
+
+        def edit(self, image, instruction, seed, sampling):
+            assert instruction is None  # the reconstruct prompt
+            picture = np.asarray(image)
+            return types.SimpleNamespace(image=picture[:, ::-1].copy() if self.mirror else picture)
+
+    assert [mirrored_position(p) for p in ("top left", "bottom right", "center")] == \
+        ["top right", "bottom left", "center"]
+    scenes = eval_scenes("held")[:12]
+    corners = np.mean([s.position != "center" for s in scenes])
+    assert 0 < corners < 1
+    mirrored = score_reconstructions(GivesBack(True), scenes)
+    assert mirrored["position_mirrored"] == pytest.approx(corners)
+    assert mirrored["position"] == pytest.approx(1 - corners)
+    assert all(mirrored[a] == 1.0 for a in ("background", "colour", "shape", "size"))
+    kept = score_reconstructions(GivesBack(False), scenes)
+    assert kept["position_mirrored"] == 0.0 and kept["all"] == 1.0
 
 
 @pytest.mark.runtime
