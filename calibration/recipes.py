@@ -15,7 +15,8 @@ Flavours (``target``):
   ``keep_io_types=True``) converts the graph to mixed precision, keeping in FP32 what accuracy needs: the norms
   (``AUTOCAST_KEEP_FP32_OPS``: the RMSNorm/LayerNorm/GroupNorm/InstanceNorm reductions), softmax, the logits (the
   LM head slices stay FP32 whole, ``KEEP_FP32``), and any node AutoCast's own rules keep (values or initializers
-  out of the low-precision range). Graph inputs and outputs stay FP32.
+  out of the low-precision range), and every angle fed to Cos/Sin (``angle_nodes``: the rotary positions, the
+  timestep embedding). Graph inputs and outputs stay FP32.
 - ``ort-cpu``: the INT8 flavour onnxruntime's CPU kernels are fast with, unsigned asymmetric activations and signed
   per-channel weights (U8S8), made by **onnxruntime.quantization.quantize_static** (modelopt only writes signed
   activations). FP8 has no fast CPU kernel: ``--precision fp8 --target ort-cpu`` writes the same modelopt FP8 graph
@@ -30,6 +31,7 @@ per-channel, activations per-tensor static.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -320,6 +322,25 @@ def smoothquant(model_path: Path, out_path: Path, feeds: list[dict], alpha: floa
 AUTOCAST_REFERENCE_FEEDS = 8  # calibration feeds AutoCast's reference run sees (its range checks)
 
 
+def angle_nodes(model) -> list[str]:
+    """Names of every Cos and Sin node and of every node they are computed from: the rotary embedding's angle
+    (position x inverse frequency), the UNet's timestep embedding. AutoCast must keep them FP32 whatever its
+    reference run saw. At position p the angle is about p radians, and BF16 spaces values 2 apart between 256 and
+    512 (FP16: 0.25), so every query and key rotated past position ~256 is garbage. AutoCast keeps a node FP32 only
+    where its reference run saw a value above ``data_max`` (512), i.e. only when the calibration prompts were that
+    long: nano's byte-level prompts were and its BF16 LLM passed (worst cosine 0.99992); its BPE prompts are shorter,
+    and the same recipe gave a worst cosine of 0.259 in BF16, 0.99916 in FP16 (session 29)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    names, todo = set(), [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    while todo:
+        node = todo.pop()
+        if node.name in names:
+            continue
+        names.add(node.name)
+        todo += [producer[i] for i in node.input if i in producer]
+    return sorted(names)
+
+
 def convert_float(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], work: Path) -> dict:
     """FP16/BF16 by ModelOpt AutoCast; ``feeds`` (a few real inputs) drive its reference run. Returns what was
     done."""
@@ -330,16 +351,19 @@ def convert_float(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], work:
 
     for name in ("modelopt", "modelopt.onnx.autocast", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+    graph = onnx.load(str(src), load_external_data=False)
+    names = [i.name for i in graph.graph.input]
     reference = work / f"{recipe.component}.autocast-inputs"
     reference.mkdir(parents=True, exist_ok=True)
     step = max(1, len(feeds) // AUTOCAST_REFERENCE_FEEDS)
     used = feeds[::step][:AUTOCAST_REFERENCE_FEEDS]
     for i, feed in enumerate(used):
         np.savez(reference / f"{i:03d}.npz", **{k: np.asarray(feed[k]) for k in names})
+    angles = angle_nodes(graph)
     with ort_quantization_state_kept():  # a ModelOpt call: see calibration/ort_state.py
         model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=recipe.precision,
                                            keep_io_types=True, op_types_to_exclude=list(recipe.keep_fp32_ops),
+                                           nodes_to_exclude=[f"^{re.escape(n)}$" for n in angles],
                                            providers=["cpu"], calibration_data=str(reference) if used else None)
     del model.graph.value_info[:]
     onnx.save(model, str(dst))
@@ -351,7 +375,7 @@ def convert_float(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], work:
     return {"tool": "modelopt.onnx.autocast.convert_to_mixed_precision", "low_precision_type": recipe.precision,
             "keep_io_types": True, "op_types_kept_fp32": kept, "casts_to_low_precision": len(low),
             "low_precision_initializers": weights_low, "nodes": len(model.graph.node), "qdq_nodes": {},
-            "reference_feeds": len(used),
+            "angle_nodes_kept_fp32": len(angles), "reference_feeds": len(used),
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             "custom_domains": sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})}
 

@@ -427,3 +427,54 @@ def test_float_and_high_precision_options_refuse_bad_combinations(tiny_bundle, t
     assert recipes.recipe_for("llm", "int8", "ort-cpu").high_precision == "fp32"
     assert recipes.recipe_for("llm", "fp8", "tensorrt", "bf16").high_precision == "bf16"
     assert "Softmax" in recipes.recipe_for("llm", "bf16", "tensorrt").keep_fp32_ops
+
+
+def _rotary_angle_graph(path):
+    """A graph with a rotary angle (positions x inverse frequency -> cos, sin) beside an unrelated MatMul."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
+    nodes = [helper.make_node("Cast", ["position_ids"], ["pos_f"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["pos_f", "axis"], ["pos_col"], name="column"),
+             helper.make_node("Mul", ["pos_col", "inv_freq"], ["angle"], name="angle"),
+             helper.make_node("Cos", ["angle"], ["cos"], name="cos"),
+             helper.make_node("Sin", ["angle"], ["sin"], name="sin"),
+             helper.make_node("MatMul", ["x", "w"], ["xw"], name="proj"),
+             helper.make_node("Relu", ["xw"], ["y"], name="act")]
+    graph = helper.make_graph(
+        nodes, "rotary",
+        [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["n"]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 4]) for n in ("cos", "sin", "y")],
+        [helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("inv_freq", TensorProto.FLOAT, [4], inv_freq.tolist()),
+         helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    return inv_freq
+
+
+def test_fp16_conversion_keeps_the_rotary_angle_fp32_even_when_calibration_positions_are_short(tmp_path):
+    """AutoCast keeps a node FP32 only where its reference run saw a value above 512. Calibrated on positions below
+    that, the angle (about the position, in radians) would be converted, and at positions 300-400 FP16 rounds it by
+    up to 0.125 rad: cos/sin wrong in the second decimal. recipes.angle_nodes keeps the whole angle chain FP32, so
+    cos/sin match float64 to FP32 precision there, while the MatMul beside it is still converted."""
+    import onnx
+    import onnxruntime as ort
+
+    src, dst = tmp_path / "rotary.onnx", tmp_path / "rotary.fp16.onnx"
+    inv_freq = _rotary_angle_graph(src)
+    assert recipes.angle_nodes(onnx.load(str(src))) == ["angle", "column", "cos", "sin", "to_float"]
+    feeds = [{"position_ids": np.arange(8 * i, 8 * i + 8, dtype=np.int64),
+              "x": np.ones((8, 4), np.float32)} for i in range(8)]  # positions 0-63: far below 512
+    recipe = recipes.recipe_for("llm", "fp16", "tensorrt")
+    info = recipes.convert_float(recipe, src, dst, feeds, tmp_path)
+    assert info["angle_nodes_kept_fp32"] == 5
+    converted = onnx.load(str(dst))
+    assert info["casts_to_low_precision"] > 0  # the MatMul branch went FP16
+    assert all(i.data_type == onnx.TensorProto.FLOAT for i in converted.graph.initializer if i.name == "inv_freq")
+    positions = np.arange(300, 400, dtype=np.int64)
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    cos, sin = session.run(["cos", "sin"], {"position_ids": positions, "x": np.ones((100, 4), np.float32)})
+    angle = positions[:, None].astype(np.float64) * inv_freq.astype(np.float64)[None]
+    assert np.abs(cos - np.cos(angle)).max() < 1e-4 and np.abs(sin - np.sin(angle)).max() < 1e-4
