@@ -343,10 +343,10 @@ def main(argv=None) -> int:
         for level, level_marks in marks.items():
             for is_obj, right, _ in level_marks:
                 copied_marks[f"{level}_{'object' if is_obj else 'background'}"].append(right)
-    out["held_out_copied"] = {k: {"tokens": len(x), "argmax_accuracy": round(float(np.mean(x)), 3)}
-                              for k, x in sorted(copied_marks.items())}
+    out["held_out_copied"] = {k: {"tokens": len(marks), "argmax_accuracy": round(float(np.mean(marks)), 3)}
+                              for k, marks in sorted(copied_marks.items())}
 
-    # 8. input features, mirrored
+    # 8. input features, mirrored (the held-out pictures of part 7)
     out["input_features_mirror"] = mirror_equivariance(enc, pixel, x)
     print(json.dumps(out, indent=1))
     return 0
