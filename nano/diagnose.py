@@ -146,11 +146,13 @@ def teacher_forced_codes(llm, preset, tok, scene, sem, pix, empty_codes):
     return code_marks(preset, logits, ids, labels, sem, pix, empty_codes)
 
 
-def reconstruct_codes(llm, projectors, preset, tok, sem, pix, vit, pixel_features, empty_codes):
-    """As teacher_forced_codes, on the reconstruct prompt (``edit`` without instruction): the picture's features
-    (``vit`` [81, 64], ``pixel_features`` [256, 8]) in, its own codes out, the true codes fed. Every code is there
-    to be copied from the same cell of the input; a miss is a code the model does not copy."""
-    ids, labels = T.edit_example(preset, tok, None, sem.reshape(SEMANTIC_GRID), pix.reshape(PIXEL_GRID))
+def reconstruct_codes(llm, projectors, preset, tok, sem, pix, vit, pixel_features, empty_codes,
+                      instruction: str | None = None):
+    """As teacher_forced_codes, on the reconstruct prompt (``edit`` without instruction; else the editing prompt
+    with ``instruction``, which then must ask for no change): the picture's features (``vit`` [81, 64],
+    ``pixel_features`` [256, 8]) in, its own codes out, the true codes fed. Every code is there to be copied from
+    the same cell of the input; a miss is a code the model does not copy."""
+    ids, labels = T.edit_example(preset, tok, instruction, sem.reshape(SEMANTIC_GRID), pix.reshape(PIXEL_GRID))
     with torch.no_grad():
         embeds = T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids]), vit[None],
                                        pixel_features[None])

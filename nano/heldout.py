@@ -115,14 +115,16 @@ def mirrored_position(position: str) -> str:
     return next(name for name, at in data.POSITIONS.items() if at == (row, 1.0 - col))
 
 
-def score_reconstructions(pipe, scenes: list[data.Scene], sampling=None) -> dict[str, float]:
-    """Each of ``scenes`` given back (``edit`` without instruction: the reconstruct prompt) and scored against
-    itself: how much of a picture the model keeps. An edit keeps four of the five attributes, so its 'kept' can be
-    no better than this. 'position_mirrored': the share of pictures whose object came back at its position mirrored
-    left to right (top and bottom kept): what most of the lost positions were (nano/README.md "Editing")."""
+def score_reconstructions(pipe, scenes: list[data.Scene], sampling=None, instruction: str | None = None
+                          ) -> dict[str, float]:
+    """Each of ``scenes`` given back (``edit`` without instruction: the reconstruct prompt; or the editing prompt
+    with an ``instruction`` that asks for no change) and scored against itself: how much of a picture the model
+    keeps. An edit keeps four of the five attributes, so its 'kept' can be no better than this.
+    'position_mirrored': the share of pictures whose object came back at its position mirrored left to right (top
+    and bottom kept): what most of the lost positions were (nano/README.md "Editing")."""
     marks = []
     for scene in scenes:
-        got = score.read_scene(runtime_edit(pipe, scene, None, sampling))
+        got = score.read_scene(runtime_edit(pipe, scene, instruction, sampling))
         mark = {a: got[a] == getattr(scene, a) for a in data.ATTRIBUTES}
         mark["all"] = all(mark.values())
         mirror = mirrored_position(scene.position)

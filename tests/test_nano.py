@@ -98,8 +98,8 @@ def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_on
     from illume_rt.nano.heldout import eval_scenes, mirrored_position, score_reconstructions
 
     class GivesBack:
-        def __init__(self, mirror: bool):
-            self.mirror = mirror
+        def __init__(self, mirror: bool, instruction: str | None = None):
+            self.mirror, self.instruction = mirror, instruction
 
         def default_sampling(self, mode):
             from illume_rt.runtime.options import SamplingConfig
@@ -107,7 +107,7 @@ def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_on
             return SamplingConfig()
 
         def edit(self, image, instruction, seed, sampling):
-            assert instruction is None  # the reconstruct prompt
+            assert instruction == self.instruction  # None: the reconstruct prompt
             picture = np.asarray(image)
             return types.SimpleNamespace(image=picture[:, ::-1].copy() if self.mirror else picture)
 
@@ -122,6 +122,8 @@ def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_on
     assert all(mirrored[a] == 1.0 for a in ("background", "colour", "shape", "size"))
     kept = score_reconstructions(GivesBack(False), scenes)
     assert kept["position_mirrored"] == 0.0 and kept["all"] == 1.0
+    asked = score_reconstructions(GivesBack(True, "keep it as is"), scenes, instruction="keep it as is")
+    assert asked == mirrored  # an instruction asking for no change is scored as the reconstruct prompt is
 
 
 @pytest.mark.runtime
@@ -680,6 +682,27 @@ def test_diagnosis_marks_every_copied_code_at_its_own_position():
     marks = diagnose.reconstruct_codes(llm.eval(), projectors, preset, tok, sem, pix, torch.randn(81, 64),
                                        torch.randn(256, 8), empty)
     assert [len(marks["semantic"]), len(marks["pixel"])] == [81, 256]
+    # on the editing prompt (copy_probe --fillers) the output block sits further on; the marks follow it
+    asked = train.edit_example(preset, tok, "keep it as is", sem.reshape(9, 9), pix.reshape(16, 16))
+    assert len(asked[0]) > len(ids)
+    shifted = diagnose.code_marks(preset, logits_for(asked[0][1:]), *asked, sem, pix, empty)
+    assert shifted == perfect
+    marks = diagnose.reconstruct_codes(llm, projectors, preset, tok, sem, pix, torch.randn(81, 64),
+                                       torch.randn(256, 8), empty, "keep it as is")
+    assert [len(marks["semantic"]), len(marks["pixel"])] == [81, 256]
+
+
+def test_copy_probe_fillers_ask_for_no_change_and_are_checked_beyond_the_lengths_trained():
+    import numpy as np
+
+    from illume_rt.nano import copy_probe
+
+    rng = np.random.default_rng(0)
+    for words in (1, 5, 12):
+        instruction = copy_probe.filler_instruction(rng, words)
+        assert len(instruction.split()) == words and set(instruction.split()) <= set(copy_probe.FILLER_WORDS)
+    checks = copy_probe.filler_checks(12)
+    assert min(checks) == 1 and 12 in checks and max(checks) > 12  # the last one is a distance never trained
 
 
 def test_the_decoder_stages_train_beside_the_mllm_stages_only_when_both_are_to_do():
