@@ -17,7 +17,7 @@ nano.train work folder with stage ``tokens`` done. The findings: nano/README.md,
 ``--fillers N``: the pictures are asked back on the editing prompt instead, its instruction 1 to N words that ask
 for no change (FILLER_WORDS, drawn per picture), so the distance between each input cell and its output cell
 varies from picture to picture as it does between users' instructions; a copy learned at one distance (as on the
-reconstruct prompt) cannot serve them all. The held-out copy is then also measured at FILLER_CHECKS words, one of
+reconstruct prompt) cannot serve them all. The held-out copy is then also measured at filler_checks(N) words, one of
 them more than N (a distance never trained), besides the reconstruct prompt.
 """
 
