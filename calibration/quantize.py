@@ -205,7 +205,9 @@ def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
             f"only: {what}, which load the whole graph several times over; quantize it on a machine with several "
             "times its size in memory, or leave it FP32 (--components without it)")
     try:
-        streamed.Plan(onnx.load(str(src / entry["file"]), load_external_data=False), recipe.exclude)
+        model = onnx.load(str(src / entry["file"]), load_external_data=False)
+        recipes._ensure_names(model)  # as the streamed quantizer names them
+        streamed.Plan(model, recipes.kept_nodes(recipe, model))
     except streamed.StreamingUnsupported as exc:
         raise QuantizationError(f"{name} ({size:.1f} GB of external data): {exc}; leave it FP32 (--components "
                                 "without it)") from None

@@ -369,7 +369,7 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from illume_rt.calibration.recipes import REDUCE_RANGE, _ensure_names
+    from illume_rt.calibration.recipes import REDUCE_RANGE, _ensure_names, kept_nodes
 
     flavour = streamable(recipe)
     if flavour is None:
@@ -388,9 +388,10 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
                                    "expects one (as the exporter writes)")
     data_name = data_name or next(iter(locations), f"{dst.name}.data")
     weights = Weights(model, src.parent)
-    plan = Plan(model, recipe.exclude)
+    kept = kept_nodes(recipe, model)
+    plan = Plan(model, kept)
     g = model.graph
-    info: dict = {"quantized_nodes": len(plan.weighted) - len([n for n in plan.weighted if n.name in recipe.exclude]),
+    info: dict = {"quantized_nodes": len(plan.weighted) - len([n for n in plan.weighted if n.name in kept]),
                   "kept_fp32_nodes": sorted(plan.exclude), "calibration_samples": len(feeds)}
 
     # -- SmoothQuant groups and folds (recipes.smoothquant's rules, on the structure) ---------------------------
