@@ -195,8 +195,8 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     """illume-nano: captions of its grammar at ``resolution`` (default the size its pictures are rendered and trained
     at, nano/data.py IMAGE_SIZE), full and short form; nano's questions on renders of its scenes. Calibration: sixteen
     training-split captions that between them show every (colour, background) pair and every shape, position and
-    size (``_covering``, NANO_CALIBRATION_CAPTIONS), four questions on training scenes. Evaluation (graph figures): three held-out captions,
-    two questions on held-out scenes. Seeds as in ``default_plan``. Every calibration caption also runs the
+    size (``_covering``, NANO_CALIBRATION_CAPTIONS), four questions on training scenes. Evaluation (graph figures):
+    three held-out captions, two questions on held-out scenes. Seeds as in ``default_plan``. Every calibration caption also runs the
     diffusion decoder (nano/decoder.py), the first evaluation caption too, so that its
     graphs are measured; the others go through the pixel decoder."""
     from illume_rt.nano import data
@@ -206,7 +206,7 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     scenes = nano_scenes("nano-train" if calibrating else "nano-held")
     rng = np.random.default_rng(seed)
     count = NANO_CALIBRATION_CAPTIONS if calibrating else 3
-    picks = (_covering(scenes, rng, count) if calibrating
+    picks = (_covering(scenes, rng, count, data.ATTRIBUTES) if calibrating
              else [scenes[i] for i in rng.choice(len(scenes), count, replace=False)])
     prompts = [s.caption if i % 2 == 0 else s.short_caption for i, s in enumerate(picks)]
     resolution = tuple(resolution or (data.IMAGE_SIZE, data.IMAGE_SIZE))
@@ -221,13 +221,12 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     # Calibration refines every caption's codes (16 x 20 UNet calls), not only the first: the INT8 onnxruntime CPU
     # UNet calibrated on one picture's 20 steps passed its graph gate (worst cosine 0.9985) and spoiled refined
     # pictures of other scenes (worst 6.7 dB against FP32 over the evaluation's 12, mean 29.0); calibrated on all
-    # eight: worst 42.4 dB, mean 48.1. (``capture`` decodes a refined run's codes with the pixel decoder too.)
+    # eight captions of the plan then: worst 42.4 dB, mean 48.1 (session 11's decoder). (``capture`` decodes a refined run's codes with the pixel decoder too.)
     refine = list(range(count)) if calibrating else [0]
     return CalibrationPlan(generate=gen, understand=questions, refine=refine, refine_steps=NANO_REFINE_STEPS, seed=seed,
                            images="nano-train" if calibrating else "nano-held", **extra)
 
 
-NANO_ATTRIBUTES = ("colour", "background", "shape", "position", "size")
 # Calibration captions for nano: one for each (shape colour, background) pair of the grammar (15: no blue on blue),
 # and one more. A calibration range is the extremes seen, and the latent of a picture depends on the pair: nano's
 # VAE (session 32's) encodes a blue shape on gray to [-4.4, 9.5] and every other pair within [-3.2, 3.3]. Eight
@@ -239,9 +238,9 @@ NANO_CALIBRATION_CAPTIONS = 16
 NANO_CALIBRATION_LLM_SAMPLES = 6
 
 
-def _covering(scenes: list, rng, count: int) -> list:
-    """``count`` scenes that between them show every (colour, background) pair and every value of every attribute
-    of nano's grammar where ``count`` allows: each pick is the scene adding the most not yet shown, a new pair
+def _covering(scenes: list, rng, count: int, attributes: tuple[str, ...]) -> list:
+    """``count`` scenes that between them show every (colour, background) pair and every value of each of
+    ``attributes`` where ``count`` allows: each pick is the scene adding the most not yet shown, a new pair
     first, ties in ``rng``'s order."""
     order = [scenes[i] for i in rng.permutation(len(scenes))]
     pairs: set = set()
@@ -250,13 +249,13 @@ def _covering(scenes: list, rng, count: int) -> list:
 
     def gain(scene) -> tuple[int, int]:
         return ((scene.colour, scene.background) not in pairs,
-                len({(a, getattr(scene, a)) for a in NANO_ATTRIBUTES} - shown))
+                len({(a, getattr(scene, a)) for a in attributes} - shown))
 
     for _ in range(min(count, len(order))):
         best = max((s for s in order if s not in picks), key=gain)  # max keeps the first of equals: rng's order
         picks.append(best)
         pairs.add((best.colour, best.background))
-        shown |= {(a, getattr(best, a)) for a in NANO_ATTRIBUTES}
+        shown |= {(a, getattr(best, a)) for a in attributes}
     return picks
 
 

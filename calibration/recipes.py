@@ -75,7 +75,7 @@ class Recipe:
     activations: str = ""
     weights: str = ""
     exclude: tuple[str, ...] = field(default_factory=tuple)  # node names kept in high precision
-    keep_boundary_convs: bool = False  # keep the graph's first and last convolutions in high precision (boundary_convs)
+    keep_boundary_convs: bool = False  # the graph's first and last convolutions stay high precision (boundary_convs)
     high_precision: str = "fp32"  # the type of what is not quantized (Q/DQ recipes)
     keep_fp32_ops: tuple[str, ...] = field(default_factory=tuple)  # AutoCast: op types kept in FP32
 
@@ -100,7 +100,7 @@ class Recipe:
 # one per-tensor activation scale, and its last conv writes the prediction the sampler steps on, with no later layer
 # to absorb the error, at every one of the 20 steps. Measured on illume-nano's decoder trained with offset noise
 # (session 32, onnxruntime CPU INT8, nano's calibration plan): worst graph cosine 0.944 with them quantized (gate
-# 0.99), 0.9989 with them kept in FP32: 2 of its 77 weighted nodes (bench/results/20261203-nano-edit-steps-2700).
+# 0.99), 0.9989 with them kept in FP32: 2 of its 69 weighted nodes (bench/results/20261203-nano-edit-steps-2700).
 KEEP_BOUNDARY_CONVS = ("diffusion_unet",)
 
 

@@ -19,8 +19,8 @@ needs_weights = pytest.mark.skipif(not available(), reason="nano/weights/ not pr
 # Gates for the runtime on the first prompts of each split (greedy at the model's own guidance, 1.5) and on
 # held-out questions; the figures the committed weights reach over the whole sets are in nano/weights/eval.json.
 RUNTIME_PROMPTS = 12
-# Greedy generation has learned background, position and colour (held-out over all 90 prompts: 100% / 99% / 99%), each
-# gated on its own at 0.9 (one miss in 12 passes). At the official guidance 2.0 session 7's weights fell under it
+# Greedy generation has learned background, position and colour (held-out over all 90 prompts: 100% / 99% / 99%),
+# each gated on its own at 0.9 (one miss in 12 passes). At the official guidance 2.0 session 7's weights fell under it
 # (these 12: held-out position 0.83, training colour 0.83 and position 0.67), so a model default that loses its
 # guidance fails here. Size follows the size word (held-out 98% of the 45 full captions), gated at 10 of 12: session
 # 7's weights, which mostly drew the context's trained size (62% held out), draw 9 of these 12 held out and fail it.
@@ -50,7 +50,8 @@ MIN_REFINED_PSNR_DB = 27.5
 REFINED_PROMPTS = 4
 MIN_REFINE_SAME = 0.75  # pictures whose refined version reads as the same scene (every attribute)
 FIRST_STEP_SCENES, FIRST_STEP_SEEDS = 4, 4
-MAX_FIRST_STEP_SPREAD = 8.0  # levels of 255; committed: <= 0.6 (the one before: <= 1), the from-scratch decoder of session 19: 52
+# levels of 255; the committed decoder: <= 0.6 (the one before it: <= 1); session 19's from-scratch decoder: 52
+MAX_FIRST_STEP_SPREAD = 8.0
 RUNTIME_QUESTIONS = 15  # the five questions about each of the first three held-out pictures
 MIN_ANSWER_ACCURACY = 0.85  # measured 1.0 over all 225 held-out questions; chance ~0.31
 
