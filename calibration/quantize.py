@@ -197,12 +197,16 @@ def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
 
     size = (src / entry["external_data"]).stat().st_size / 1e9
     if streamed.streamable(recipe) is None:
-        what = ("the FP16/BF16 remainder is made by AutoCast" if recipe.precision == "int8"
-                else f"{recipe.precision} is made by modelopt's quantizer and AutoCast")
+        what = ("this preset's percentile ranges hold every calibrated value in memory"
+                if recipe.calibration_method == "Percentile"
+                else "the FP16/BF16 remainder is made by AutoCast, which loads the whole graph several times over"
+                if recipe.precision == "int8"
+                else f"{recipe.precision} is made by modelopt's quantizer and AutoCast, which load the whole graph "
+                "several times over")
         raise QuantizationError(
             f"{name}: its weights are in external data ({size:.1f} GB); graphs that size are quantized streamed, "
             "which reproduces --precision int8 with --target ort-cpu, or --target tensorrt --high-precision fp32, "
-            f"only: {what}, which load the whole graph several times over; quantize it on a machine with several "
+            f"only: {what}; quantize it on a machine with several "
             "times its size in memory, or leave it FP32 (--components without it)")
     try:
         model = onnx.load(str(src / entry["file"]), load_external_data=False)

@@ -51,8 +51,8 @@ STREAMED = ("int8 ort-cpu (onnxruntime quantize_static's QDQ)",
 
 def streamable(recipe) -> str | None:
     """Which reproduction a recipe takes ("ort-cpu", "tensorrt"), or None: FP8 and the FP16/BF16 remainder (AutoCast)
-    are not reproduced."""
-    if recipe.precision != "int8":
+    are not reproduced, nor percentile ranges (recipes.percentile_ranges holds every value of every tensor)."""
+    if recipe.precision != "int8" or recipe.calibration_method == "Percentile":
         return None
     if recipe.target == "ort-cpu":
         return "ort-cpu"
