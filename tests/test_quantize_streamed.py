@@ -369,7 +369,7 @@ def test_tensorrt_int8_fp32_remainder_bundle_with_external_llm_passes_the_engine
     assert "checks passed" in capsys.readouterr().out
 
 
-def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys):
+def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys, monkeypatch):
     import onnx
 
     from illume_rt.cli import main
@@ -379,6 +379,13 @@ def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys):
         quantize_bundle(tiny_external, tmp_path / "trt", "int8", "tensorrt", threads=TEST_THREADS, calibration=cal,
                         evaluation=cal, components=["llm"], log=lambda m: None)
     assert not (tmp_path / "trt").exists()
+    # percentile ranges (illume-nano's ort-cpu LLM) hold every calibrated value: refused for a graph this size too
+    with monkeypatch.context() as m:
+        m.setitem(recipes.LLM_ORT_CPU_CALIBRATION, "default", "Percentile")
+        with pytest.raises(QuantizationError, match=r"only: this preset's percentile ranges hold every calibrated"):
+            quantize_bundle(tiny_external, tmp_path / "pct", "int8", "ort-cpu", threads=TEST_THREADS,
+                            calibration=cal, evaluation=cal, components=["llm"], log=lambda m: None)
+    assert not (tmp_path / "pct").exists()
     with pytest.raises(streamed.StreamingUnsupported, match="MatMul weights only"):  # a Conv graph (pixel decoder)
         streamed.Plan(onnx.load(str(tiny_external / "pixel_decoder.onnx"), load_external_data=False), ())
     assert main(["quantize", str(tiny_external), "--precision", "int8", "--target", "ort-cpu",
