@@ -271,6 +271,17 @@ def boundary_convs(model) -> list[str]:
     return sorted(set(first) | set(last))
 
 
+def nodes_reading_dequantized(model) -> set[str]:
+    """Names of the MatMul/Gemm/Conv nodes of a Q/DQ graph that read a DequantizeLinear output, directly or through
+    the Cast AutoCast puts after it: the nodes that run quantized. Counted from the graph written, so a report
+    cannot claim nodes the quantizer left in high precision."""
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in model.graph.node:  # topologically sorted, so a Cast comes after the DQ it reads
+        if node.op_type == "Cast" and node.input[0] in dequantized:
+            dequantized.update(node.output)
+    return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and set(n.input) & dequantized}
+
+
 def kept_nodes(recipe: Recipe, model) -> set[str]:
     """The weighted nodes ``recipe`` keeps in high precision in ``model``: its named ones, and the boundary
     convolutions where the recipe asks for them."""
@@ -566,8 +577,8 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
     input_names = [i.name for i in model.graph.input]
     weighted, activation_only = weighted_nodes(model)
     kept = kept_nodes(recipe, model)
-    info: dict = {"quantized_nodes": len(weighted) - len([w for w in weighted if w in kept]),
-                  "kept_fp32_nodes": sorted(set(activation_only) | kept),
+    planned = [w for w in weighted if w not in kept]
+    info: dict = {"kept_fp32_nodes": sorted(set(activation_only) | kept),
                   "calibration_samples": len(feeds)}
     graph = named
     if recipe.smoothquant_alpha is not None:
@@ -593,7 +604,9 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
                         calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
                         op_types_to_quantize=[o for o in WEIGHTED_OPS
                                               if recipe.precision != "fp8" or o != "ConvTranspose"],
-                        nodes_to_exclude=exclude or None, disable_mha_qdq=True,
+                        # ModelOpt reads these as regular expressions matched at the start of a name: a bare
+                        # "node_conv2d" also excluded node_conv2d_1 ... node_conv2d_27, every conv of the graph
+                        nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None, disable_mha_qdq=True,
                         high_precision_dtype="fp32", output_path=str(fp32_qdq), log_level="ERROR")
         if recipe.high_precision != "fp32":
             info["high_precision_conversion"] = convert_float(
@@ -620,6 +633,11 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     bad = sorted({n.domain for n in q.graph.node if n.domain not in ("", "ai.onnx")})
+    runs_quantized = nodes_reading_dequantized(q)
+    info["quantized_nodes"] = len(runs_quantized)
+    left = sorted(set(planned) - runs_quantized)
+    if left:  # planned but not quantized by the tool: reported, never claimed
+        info["planned_but_left_high_precision"] = left
     info.update({"qdq_nodes": counts, "opset": max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")),
                  "custom_domains": bad})
     return info
