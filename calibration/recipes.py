@@ -282,6 +282,24 @@ def nodes_reading_dequantized(model) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and set(n.input) & dequantized}
 
 
+def written_graph_report(model, planned: list[str]) -> dict:
+    """What a quantizer wrote, read from the graph ``model``: how many weighted nodes run quantized, the ``planned``
+    ones it left in high precision (reported, never claimed), its Q/DQ counts, opset and custom domains."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    runs_quantized = nodes_reading_dequantized(model)
+    report: dict = {"quantized_nodes": len(runs_quantized)}
+    left = sorted(set(planned) - runs_quantized)
+    if left:
+        report["planned_but_left_high_precision"] = left
+    report.update({"qdq_nodes": counts,
+                   "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                   "custom_domains": sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})})
+    return report
+
+
 def kept_nodes(recipe: Recipe, model) -> set[str]:
     """The weighted nodes ``recipe`` keeps in high precision in ``model``: its named ones, and the boundary
     convolutions where the recipe asks for them."""
@@ -627,17 +645,5 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
                         reduce_range=REDUCE_RANGE,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
-    q = onnx.load(str(dst))
-    counts: dict[str, int] = {}
-    for node in q.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    bad = sorted({n.domain for n in q.graph.node if n.domain not in ("", "ai.onnx")})
-    runs_quantized = nodes_reading_dequantized(q)
-    info["quantized_nodes"] = len(runs_quantized)
-    left = sorted(set(planned) - runs_quantized)
-    if left:  # planned but not quantized by the tool: reported, never claimed
-        info["planned_but_left_high_precision"] = left
-    info.update({"qdq_nodes": counts, "opset": max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")),
-                 "custom_domains": bad})
+    info.update(written_graph_report(onnx.load(str(dst), load_external_data=False), planned))
     return info

@@ -369,7 +369,7 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from illume_rt.calibration.recipes import REDUCE_RANGE, _ensure_names, kept_nodes
+    from illume_rt.calibration.recipes import REDUCE_RANGE, _ensure_names, kept_nodes, written_graph_report
 
     flavour = streamable(recipe)
     if flavour is None:
@@ -391,8 +391,8 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     kept = kept_nodes(recipe, model)
     plan = Plan(model, kept)
     g = model.graph
-    info: dict = {"quantized_nodes": len(plan.weighted) - len([n for n in plan.weighted if n.name in kept]),
-                  "kept_fp32_nodes": sorted(plan.exclude), "calibration_samples": len(feeds)}
+    planned = [n.name for n in plan.weighted if n.name not in kept]
+    info: dict = {"kept_fp32_nodes": sorted(plan.exclude), "calibration_samples": len(feeds)}
 
     # -- SmoothQuant groups and folds (recipes.smoothquant's rules, on the structure) ---------------------------
     groups: dict[str, list] = {}
@@ -606,21 +606,15 @@ def quantize_external(recipe, src: Path, dst: Path, feeds: list[dict], threads: 
     onnx.save(model, str(dst))
     timings["total"] = round(time.perf_counter() - t0, 1)
 
-    counts: dict[str, int] = {}
-    for node in g.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    info.update({"qdq_nodes": counts,
-                 "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                 "custom_domains": sorted({n.domain for n in g.node if n.domain not in ("", "ai.onnx")}),
-                 "streamed": {"external_data": data_name, "data_bytes": (dst.parent / data_name).stat().st_size,
-                              "source_data_bytes": sum((src.parent / x).stat().st_size for x in locations),
-                              "seconds": timings,
-                              "method": "streamed (calibration/streamed.py): structure + one tensor at a time",
-                              "tool": f"illume_rt.calibration.streamed (the {recipe.tool} graph, reproduced)",
-                              "reproduces": ("modelopt.onnx.quantization.quantize INT8 (max), high_precision_dtype "
-                                             "fp32" if trt else "onnxruntime.quantization.quantize_static QDQ U8S8 "
-                                             "(MinMax, per-channel, reduce_range)")}})
+    info.update(written_graph_report(model, planned))
+    info["streamed"] = {"external_data": data_name, "data_bytes": (dst.parent / data_name).stat().st_size,
+                        "source_data_bytes": sum((src.parent / x).stat().st_size for x in locations),
+                        "seconds": timings,
+                        "method": "streamed (calibration/streamed.py): structure + one tensor at a time",
+                        "tool": f"illume_rt.calibration.streamed (the {recipe.tool} graph, reproduced)",
+                        "reproduces": ("modelopt.onnx.quantization.quantize INT8 (max), high_precision_dtype fp32"
+                                       if trt else "onnxruntime.quantization.quantize_static QDQ U8S8 (MinMax, "
+                                       "per-channel, reduce_range)")}
     return info
 
 

@@ -160,6 +160,7 @@ def test_streamed_llm_is_the_in_memory_recipe(tiny_bundle, tiny_external, tmp_pa
         patch.setattr(edh, "load_external_data_for_tensor", never)
         info = streamed.quantize_external(recipe, tiny_external / "llm.onnx", out, feeds, TEST_THREADS)
     assert info["qdq_nodes"] == {"QuantizeLinear": 22, "DequantizeLinear": 36}  # 2 layers x (7 weights + 11 acts)
+    assert info["quantized_nodes"] == 14 and "planned_but_left_high_precision" not in info  # read from the graph
     assert len(info["smoothquant"]["smoothed"]) == 6 and info["smoothquant"]["skipped"]  # o_proj not smoothed
 
     a, b = onnx.load(str(tmp_path / "memory.onnx")), onnx.load(str(out))
@@ -192,6 +193,7 @@ def test_streamed_tensorrt_int8_with_fp32_remainder_is_modelopts(tiny_bundle, ti
     out = tmp_path / "streamed" / "llm.onnx"
     info = streamed.quantize_external(recipe, tiny_external / "llm.onnx", out, feeds, TEST_THREADS)
     assert info["qdq_nodes"] == {"QuantizeLinear": 22, "DequantizeLinear": 22}  # 14 weights + 8 activations
+    assert info["quantized_nodes"] == 14 and "planned_but_left_high_precision" not in info
     assert "modelopt" in info["streamed"]["reproduces"]
     a, b = onnx.load(str(tmp_path / "modelopt.onnx")), onnx.load(str(out))
     _same_graph(a, b, constants_by_value=True)
