@@ -282,6 +282,13 @@ def nodes_reading_dequantized(model) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and set(n.input) & dequantized}
 
 
+def exact_name_patterns(names) -> list[str]:
+    """``names`` as ModelOpt's ``nodes_to_exclude`` must receive them. ModelOpt (quantize and AutoCast) reads each
+    entry as a regular expression matched at the start of a node name, so a bare "node_conv2d" also matches
+    node_conv2d_1, node_conv2d_2, ...: it once kept every convolution of nano's UNet in FP16 (docs/quantization.md)."""
+    return [f"^{re.escape(n)}$" for n in names]
+
+
 def written_graph_report(model, planned: list[str]) -> dict:
     """What a quantizer wrote, read from the graph ``model``: how many weighted nodes run quantized, the ``planned``
     ones it left in high precision (reported, never claimed), its Q/DQ counts, opset and custom domains."""
@@ -494,7 +501,7 @@ def convert_float(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], work:
     with ort_quantization_state_kept():  # a ModelOpt call: see calibration/ort_state.py
         model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type=recipe.precision,
                                            keep_io_types=True, op_types_to_exclude=list(recipe.keep_fp32_ops),
-                                           nodes_to_exclude=[f"^{re.escape(n)}$" for n in angles],
+                                           nodes_to_exclude=exact_name_patterns(angles),
                                            providers=["cpu"], calibration_data=str(reference) if used else None)
     del model.graph.value_info[:]
     onnx.save(model, str(dst))
@@ -622,9 +629,7 @@ def quantize_graph(recipe: Recipe, src: Path, dst: Path, feeds: list[dict], thre
                         calibration_method=recipe.calibration_method, calibration_eps=["cpu"],
                         op_types_to_quantize=[o for o in WEIGHTED_OPS
                                               if recipe.precision != "fp8" or o != "ConvTranspose"],
-                        # ModelOpt reads these as regular expressions matched at the start of a name: a bare
-                        # "node_conv2d" also excluded node_conv2d_1 ... node_conv2d_27, every conv of the graph
-                        nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None, disable_mha_qdq=True,
+                        nodes_to_exclude=exact_name_patterns(exclude) or None, disable_mha_qdq=True,
                         high_precision_dtype="fp32", output_path=str(fp32_qdq), log_level="ERROR")
         if recipe.high_precision != "fp32":
             info["high_precision_conversion"] = convert_float(
