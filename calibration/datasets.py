@@ -231,7 +231,10 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
 # and one more. A calibration range is the extremes seen, and the latent of a picture depends on the pair: nano's
 # VAE (session 32's) encodes a blue shape on gray to [-4.4, 9.5] and every other pair within [-3.2, 3.3]. Eight
 # random picks with no blue shape calibrated the INT8 VAE decoder on latents in [-3.2, 2.6], and the refinement of
-# a blue circle on gray ran it at 9.3: PSNR 20.4 dB against FP32, gate 30 (session 33).
+# a blue circle on gray ran it at 9.3: PSNR 20.4 dB against FP32, gate 30 (session 33). One pair seen once does
+# not reach its extremes either: the plan's blue-on-gray caption peaks at 5.59, and the INT8 tensorrt VAE decoder
+# clips the evaluation's two blue-on-gray pictures (30.9 and 33.6 dB, the other ten 45.9-51.9;
+# bench/results/20261204-nano-int8-tensorrt-vae-ranges).
 NANO_CALIBRATION_CAPTIONS = 16
 # decode-step feeds kept per calibration run: twice the captions, half the steps each, so the LLM is calibrated on
 # as many feeds as with the generic plan's 8 x 12
