@@ -51,6 +51,10 @@ class CalibrationPlan:
     # (evaluation only: accuracy.refinement_figures), beside those of ``generate``: the chain can go wrong on one
     # picture in three while the others stay at 45 dB (nano/README.md "Quantized")
     refine_checks: list = field(default_factory=list)
+    # more (prompt, (height, width), seed) refined end to end whose latents calibrate the VAE decoder only (calibration
+    # only): the LLM, UNet and pixel decoder keep the feeds of ``generate``. A VAE's latent range depends on what is
+    # drawn (nano: the colour pair and the size), and an activation range is the extremes seen.
+    vae_only_refine: list = field(default_factory=list)
     max_new_tokens: int = 16
     llm_samples_per_run: int = 12  # decode-step feeds kept per run (prefill always kept)
     decoder_samples: int = 4  # random code grids per resolution for the pixel decoder
@@ -195,7 +199,9 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     """illume-nano: captions of its grammar at ``resolution`` (default the size its pictures are rendered and trained
     at, nano/data.py IMAGE_SIZE), full and short form; nano's questions on renders of its scenes. Calibration: sixteen
     training-split captions that between them show every (colour, background) pair and every shape, position and
-    size (``_covering``, NANO_CALIBRATION_CAPTIONS), four questions on training scenes. Evaluation (graph figures):
+    size (``_covering``, NANO_CALIBRATION_CAPTIONS), four questions on training scenes, and for the VAE decoder alone
+    the refinements of one more training caption (full form) per (colour, background, size) the full captions do not
+    show (``vae_only_refine``, ``_vae_key``). Evaluation (graph figures):
     three held-out captions, two questions on held-out scenes. Seeds as in ``default_plan``. Every calibration caption also runs the
     diffusion decoder (nano/decoder.py), the first evaluation caption too, so that its
     graphs are measured; the others go through the pixel decoder."""
@@ -213,6 +219,10 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
     gen = [(p, resolution, seed + i) for i, p in enumerate(prompts)]
     questions = [(i, data.QUESTIONS[(i + seed) % len(data.QUESTIONS)]) for i in range(4 if calibrating else 2)]
     extra = {"llm_samples_per_run": NANO_CALIBRATION_LLM_SAMPLES} if calibrating else {}
+    if calibrating:  # the VAE decoder also sees every (colour, background, size) the full captions above do not show
+        shown = {_vae_key(s) for i, s in enumerate(picks) if i % 2 == 0}
+        extra["vae_only_refine"] = [(s.caption, resolution, seed + 200 + i)
+                                    for i, s in enumerate(_one_per_vae_key(scenes, rng, shown))]
     if not calibrating:  # other held-out scenes, drawn apart so the graph figures' three captions stay as they were
         rest = [s for s in scenes if s not in picks]
         checks = [rest[i] for i in np.random.default_rng(seed + 1).choice(len(rest), NANO_REFINE_CHECKS, replace=False)]
@@ -233,12 +243,30 @@ def nano_plan(role: str = "calibration", seed: int | None = None,
 # random picks with no blue shape calibrated the INT8 VAE decoder on latents in [-3.2, 2.6], and the refinement of
 # a blue circle on gray ran it at 9.3: PSNR 20.4 dB against FP32, gate 30 (session 33). One pair seen once does
 # not reach its extremes either: the plan's blue-on-gray caption peaks at 5.59, and the INT8 tensorrt VAE decoder
-# clips the evaluation's two blue-on-gray pictures (30.9 and 33.6 dB, the other ten 45.9-51.9;
-# bench/results/20261204-nano-int8-tensorrt-vae-ranges).
+# clipped the evaluation's two blue-on-gray pictures (30.9 and 33.6 dB, the other ten 45.9-51.9;
+# bench/results/20261204-nano-int8-tensorrt-vae-ranges). Hence the VAE decoder's own extra latents (``_vae_key``):
+# with them its latents reach 11.43 (a small blue circle on gray; bench/results/20261204-nano-vae-calibration-cover).
 NANO_CALIBRATION_CAPTIONS = 16
 # decode-step feeds kept per calibration run: twice the captions, half the steps each, so the LLM is calibrated on
 # as many feeds as with the generic plan's 8 x 12
 NANO_CALIBRATION_LLM_SAMPLES = 6
+
+
+def _vae_key(scene) -> tuple[str, str, str]:
+    """What sets the range of the latent nano's VAE decoder is handed for a scene: the shape's colour, the background
+    and the size. Refined latents of one training scene per blue-or-gray (colour, background, size), session 36,
+    bench/results/20261204-nano-int8-tensorrt-vae-ranges: a small blue circle or square on gray peaks at 10.42 / 9.05,
+    a large one at 6.35 / 5.57, blue shapes on white or black at 2.4-3.2, other shapes on gray at 1.4-2.5."""
+    return scene.colour, scene.background, scene.size
+
+
+def _one_per_vae_key(scenes: list, rng, shown: set) -> list:
+    """One scene of ``scenes`` (drawn in ``rng``'s order) for each ``_vae_key`` not in ``shown``, in a fixed order."""
+    order = [scenes[i] for i in rng.permutation(len(scenes))]
+    first: dict = {}
+    for scene in order:
+        first.setdefault(_vae_key(scene), scene)
+    return [first[key] for key in sorted(first) if key not in shown]
 
 
 def _covering(scenes: list, rng, count: int, attributes: tuple[str, ...]) -> list:
@@ -386,6 +414,18 @@ def capture(pipe, plan: CalibrationPlan, log=print, refinements: bool = True) ->
             s, p = pipe.code_embeddings(sem, pix)
             feeds["pixel_decoder"].append({"semantic_embed": s, "pixel_embed": p})
         del result
+
+    if refinements and plan.vae_only_refine and refinable(comps):
+        refine = plan_refine(pipe, plan)
+        for prompt, resolution, seed in plan.vae_only_refine:
+            vae = _wrap(pipe, "vae_decoder", Recorder(pipe.engines["vae_decoder"]))
+            try:
+                pipe.generate(prompt, tuple(resolution), seed=seed, sampling=sampling, refine=refine)
+            finally:
+                _unwrap(pipe, "vae_decoder", vae)
+            take("vae_decoder", vae)
+            record.setdefault("vae_only_refine", []).append({"prompt": prompt, "resolution": list(resolution),
+                                                             "seed": seed, "refine_steps": refine.steps})
 
     pool = plan_images(plan) if plan.understand else {}
     names = list(pool)[:plan.max_images]

@@ -62,7 +62,7 @@ def test_nano_bundle_calibrates_in_its_grammar_on_training_scenes_only(nano_bund
     # the end-to-end check refines held-out captions that are neither calibrated on nor measured by the graph gates
     from illume_rt.runtime.refine import OFFICIAL_REFINE
 
-    evaluation = datasets.plan_for(model, "evaluation")
+    evaluation = ev = datasets.plan_for(model, "evaluation")  # the graph figures: held-out scenes
     assert cal.refine == list(range(len(cal.generate))) and evaluation.refine == [0]
     assert cal.refine_steps == evaluation.refine_steps == OFFICIAL_REFINE.steps
     checked = {p for p, _, _ in evaluation.refine_checks}
@@ -79,13 +79,23 @@ def test_nano_bundle_calibrates_in_its_grammar_on_training_scenes_only(nano_bund
     for attribute in ("shape", "position"):
         assert {a[attribute] for a in asked} == set(getattr(data, attribute.upper() + "S")), attribute
     assert {a["size"] for a in asked if "size" in a} == set(data.SIZES)
+    # the VAE decoder's extra latents: with the full captions above, every (colour, background, size) once, drawn
+    # from training scenes in the full form (the size sets the latent's range as much as the pair: session 36)
+    full = [data.scene_from_caption(p) for p, _, _ in cal.generate if "size" in data.attributes_of_caption(p)]
+    extra = [data.scene_from_caption(p) for p, _, _ in cal.vae_only_refine]
+    assert extra and None not in extra and not {s.caption for s in extra} & held
+    keys = [(s.colour, s.background, s.size) for s in full + extra]
+    assert sorted(set(keys)) == sorted((c, b, z) for c, b in every_pair for z in data.SIZES)
+    assert len({(s.colour, s.background, s.size) for s in extra}) == len(extra)  # none drawn twice
+    assert all(list(r) in model["trained_resolutions"] for _, r, _ in cal.vae_only_refine)
+    assert not {seed for *_, seed in cal.vae_only_refine} & {seed for *_, seed in cal.generate}
+    assert ev.vae_only_refine == []  # calibration only
     pictures = datasets.plan_images(cal)
     assert len(pictures) >= len(cal.understand)
     for name in pictures:  # "nano-train/<size>/<caption>": renders of training scenes
         caption = name.split("/", 2)[2]
         assert data.scene_from_caption(caption) is not None and caption not in held, name
     assert set(data.QUESTIONS) >= {q for _, q in cal.understand}
-    ev = datasets.plan_for(model, "evaluation")  # the graph figures: held-out scenes
     assert ev.images == "nano-held" and all(p in held for p, _, _ in ev.generate)
 
 

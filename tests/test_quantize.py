@@ -146,6 +146,29 @@ def test_int8_cpu_bundle_manifest(int8_cpu, tiny_bundle):
     assert any("llm" in line for line in summary_lines(manifest))
 
 
+def test_vae_only_refinements_feed_the_vae_decoder_and_nothing_else(tiny_pipe):
+    from dataclasses import replace
+
+    cal, _ = small_plans()
+    plain, _ = datasets.capture(tiny_pipe, cal, log=lambda m: None)
+    more = replace(cal, vae_only_refine=[("a tall lighthouse", (256, 256), 7), ("two blue cups", (256, 256), 8)])
+    feeds, record = datasets.capture(tiny_pipe, more, log=lambda m: None)
+    assert len(feeds["vae_decoder"]) == len(plain["vae_decoder"]) + 2
+    assert [p["prompt"] for p in record["vae_only_refine"]] == ["a tall lighthouse", "two blue cups"]
+    for name in set(plain) | set(feeds):  # every other graph is calibrated on exactly the feeds it had
+        if name != "vae_decoder":
+            assert len(feeds[name]) == len(plain[name]), name
+            for a, b in zip(feeds[name], plain[name]):
+                assert all(np.array_equal(a[k], b[k]) for k in a), name
+    # the extra latents are the refinements' own: different from the plan's, one per prompt
+    extra = [f for f in feeds["vae_decoder"][len(plain["vae_decoder"]):]]
+    assert not any(np.array_equal(next(iter(e.values())), next(iter(f.values())))
+                   for e in extra for f in plain["vae_decoder"])
+    # without the diffusion graphs asked for, nothing is refined
+    none, _ = datasets.capture(tiny_pipe, more, log=lambda m: None, refinements=False)
+    assert "vae_decoder" not in none
+
+
 def test_runtime_generates_with_int8_cpu_bundle(int8_cpu, tiny_pipe):
     from illume_rt.runtime.pipeline import Pipeline
 
