@@ -272,7 +272,8 @@ def quantize_bundle(src: str | Path, dst: str | Path, precision: str, target: st
     pipe = Pipeline(bundle, "ort-cpu", threads)
     # int8/fp8: calibration; fp16/bf16: AutoCast's reference run (which nodes see values out of FP16/BF16 range)
     chain = any(n in names for n in accuracy.REFINE_CHAIN)  # refinements cost UNet steps: only when it is asked for
-    feeds, cal_record = datasets.capture(pipe, calibration, log, refinements=chain)
+    feeds, cal_record = datasets.capture(pipe, calibration, log, refinements=chain,
+                                         vae_refinements="vae_decoder" in names)
     timings = {"calibration_capture": round(time.perf_counter() - t0, 1)}
     log(f"calibration: {cal_record['samples']} feeds captured in {timings['calibration_capture']:.1f}s{_memory()}")
     t1 = time.perf_counter()
