@@ -367,10 +367,10 @@ def _unwrap(pipe, name: str, recorder: Recorder) -> None:
 
 
 def capture(pipe, plan: CalibrationPlan, log=print, refinements: bool = True,
-            vae_refinements: bool | None = None) -> tuple[dict[str, list[dict]], dict]:
+            vae_refinements: bool = True) -> tuple[dict[str, list[dict]], dict]:
     """Run ``plan`` on the FP32 pipeline; return feeds per component name and the record for the manifest.
     ``refinements`` False: the plan's refinements are skipped (no diffusion graph is to be calibrated).
-    ``vae_refinements`` False: its ``vae_only_refine`` are (the VAE decoder is not; default: as ``refinements``)."""
+    ``vae_refinements`` False: its ``vae_only_refine`` are (the VAE decoder is not to be calibrated)."""
     from illume_rt.runtime.images import understanding_image
     from illume_rt.contract import image_grid
     comps = pipe.bundle.manifest["components"]
@@ -417,7 +417,7 @@ def capture(pipe, plan: CalibrationPlan, log=print, refinements: bool = True,
             feeds["pixel_decoder"].append({"semantic_embed": s, "pixel_embed": p})
         del result
 
-    if (refinements if vae_refinements is None else vae_refinements) and plan.vae_only_refine and refinable(comps):
+    if refinements and vae_refinements and plan.vae_only_refine and refinable(comps):
         refine = plan_refine(pipe, plan)
         for prompt, resolution, seed in plan.vae_only_refine:
             vae = _wrap(pipe, "vae_decoder", Recorder(pipe.engines["vae_decoder"]))

@@ -161,7 +161,7 @@ def test_vae_only_refinements_feed_the_vae_decoder_and_nothing_else(tiny_pipe):
             for a, b in zip(feeds[name], plain[name]):
                 assert all(np.array_equal(a[k], b[k]) for k in a), name
     # the extra latents are the refinements' own: different from the plan's, one per prompt
-    extra = [f for f in feeds["vae_decoder"][len(plain["vae_decoder"]):]]
+    extra = feeds["vae_decoder"][len(plain["vae_decoder"]):]
     assert not any(np.array_equal(next(iter(e.values())), next(iter(f.values())))
                    for e in extra for f in plain["vae_decoder"])
     # without the diffusion graphs asked for, nothing is refined; without the VAE decoder, not these 20-step runs

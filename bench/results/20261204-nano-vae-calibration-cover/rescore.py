@@ -9,8 +9,10 @@ flavour.
 The prompt figures are not scored here (``prompt_scorers={}``): the extra latents feed the VAE decoder only, so the
 LLM, UNet, pixel decoder and encoders are calibrated on the feeds they had (tests/test_quantize.py
 test_vae_only_refinements_feed_the_vae_decoder_and_nothing_else), and the prompt scorers draw through the pixel
-decoder, which no VAE touches. The FP32 capture is the same for every flavour (one bundle, one plan), so it is
-taken once, as tests/test_quantize.py does."""
+decoder, which no VAE touches. The FP32 runs are the same for every flavour (one bundle, one plan), so ``once``
+was meant to take them once, as tests/test_quantize.py does. As run, only the evaluation record was reused: the
+calibration capture's key holds the log function, a new one per flavour, so each flavour captured again (the same
+plan on the same bundle: the same feeds, at about 8 minutes each on that day's machine)."""
 
 import copy
 import json
