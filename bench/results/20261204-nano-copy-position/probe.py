@@ -5,22 +5,25 @@
 Session 30's many-distance probe (``nano.copy_probe --fillers 12``): a fresh LLM of nano's size learns to give each
 training picture back on the editing prompt with 1 to 12 words that ask for no change, so no single distance
 between an input cell and its output cell serves; it kept the row and not the side, because nano's input features
-are close to mirror-equivariant (nano/README.md, "Editing"). Three arms, the same data and seed:
+are close to mirror-equivariant (nano/README.md, "Editing"). Four arms, the same data and seed:
 
 - ``frozen``: that probe as committed (the features precomputed by stage ``tokens``, the vision tower frozen);
 - ``oracle``: the same, with a fixed random vector per cell added to every input feature (ViT and pixel encoder,
   scaled to the features' own spread) before the projectors: each input cell then says where it is. Not a
-  candidate (no such input exists in the official structure), an upper bound for what position in the features buys;
-- ``oracle_both``: a fixed random vector per cell (spread CELL_VECTOR_STD, about the projected features') added to each input slot after the
-  projectors and to the token before each output code of that cell (the one that predicts it): both ends of the
-  copy carry the same vector, so one attention head can match them at any distance. A diagnostic only: it tells whether what is missing is the input's position or the output's;
+  candidate (no such input exists in the official structure), an upper bound for what position in the features
+  buys;
+- ``oracle_both``: a fixed random vector per cell (spread CELL_VECTOR_STD, about the projected features') added to
+  each input slot after the projectors and to the token before each output code of that cell (the one that
+  predicts it): both ends of the copy carry the same vector, so one attention head can match them at any distance.
+  A diagnostic only: it tells whether what is missing is the input's position or the output's;
 - ``vit``: the candidate the official structure allows: the vision tower (ViT + merger, ``semantic_encoder.model``)
   trains with the LLM, as the official MLLM's vision tower was fine-tuned (illume-plus-facts.md, section 6), at
   VIT_LR; its features are recomputed from the pictures each step and for each measurement.
 
-Every MEASURE_EVERY steps the held-out pictures are copied back teacher forced (``diagnose.reconstruct_codes``) at the
-reconstruct prompt and at 1, 12 and 18 filler words; the share of object and background codes right per level goes
-to OUT.json. ROPE_THETA: the LLM's RoPE base instead of nano's 10000 (Qwen2.5's is 1e6). One thread. WORK: a nano.train work folder with stages ``semantic`` and ``tokens`` done.
+Every MEASURE_EVERY steps the held-out pictures are copied back teacher forced (``diagnose.reconstruct_codes``) at
+the reconstruct prompt and at 1, 12 and 18 filler words; the share of object and background codes right per level
+goes to OUT.json. ROPE_THETA: the LLM's RoPE base instead of nano's 10000 (Qwen2.5's is 1e6). One thread. WORK: a
+nano.train work folder with stages ``semantic`` and ``tokens`` done.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+ARMS = ("frozen", "oracle", "oracle_both", "vit")
 MEASURE_EVERY = 300
+C_LR = 2e-3  # copy_probe's default learning rate
 VIT_LR = 5e-4
 FILLERS = 12
 # oracle_both's cell vectors: about the spread of the projected input features at init (0.36 / 0.39; the token
@@ -40,9 +45,10 @@ CELL_VECTOR_STD = 0.3
 
 
 def main() -> int:
+    if len(sys.argv) not in (5, 6) or sys.argv[1] not in ARMS:
+        raise SystemExit(f"usage: probe.py {{{','.join(ARMS)}}} WORK STEPS OUT.json [ROPE_THETA]")
     arm, work, steps, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     rope_theta = float(sys.argv[5]) if len(sys.argv) > 5 else None
-    assert arm in ("frozen", "oracle", "oracle_both", "vit"), arm
     import dataclasses
 
     import numpy as np
@@ -69,7 +75,6 @@ def main() -> int:
     params = list(llm.parameters()) + list(proj.parameters())
     groups = [{"params": params, "lr": C_LR}]
 
-    vit_tower = None
     if arm == "vit":
         enc, _, _ = T.load_tokenizer_state(work)
         vit_tower = enc.model.train()
@@ -171,12 +176,10 @@ def main() -> int:
                    "held_out_copied": {w: copied(w) for w in (0, *C.filler_checks(FILLERS))}}
             log.append(row)
             print(json.dumps(row), flush=True)
-            out.write_text(json.dumps({"arm": arm, "rope_theta": preset.llm.rope_theta, "steps": steps, "lr": C_LR, "vit_lr": VIT_LR, "fillers": FILLERS,
-                                       "log": log}, indent=1) + "\n")
+            out.write_text(json.dumps({"arm": arm, "rope_theta": preset.llm.rope_theta, "steps": steps, "lr": C_LR,
+                                       "vit_lr": VIT_LR, "fillers": FILLERS, "log": log}, indent=1) + "\n")
     return 0
 
-
-C_LR = 2e-3  # copy_probe's default learning rate
 
 if __name__ == "__main__":
     raise SystemExit(main())
