@@ -17,6 +17,9 @@ latent; sizes in ``export/configs.py`` (``_nano_diffusion``). Two training stage
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -188,6 +191,23 @@ def tokenizer_from_weights(dualvitok_file):
     encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     pixel.load_state_dict({k: v for k, v in state.items() if not k.startswith((prefix, "semantic_decoder."))})
     return encoder.eval(), pixel.eval()
+
+
+def bundle_tokenizer(bundle: Path) -> Path | None:
+    """The nano tokenizer file ``bundle`` was exported from: refinement is scored from pictures' codes, and the
+    runtime has no picture -> codes graph, so they come from that file. It is the file the manifest names
+    (model.source.dualvitok) while it still holds the recorded bytes, else the committed one if that holds them
+    (a bundle exported in another checkout); None when neither does."""
+    from illume_rt.files import sha256_file
+    from illume_rt.nano.checkpoint import COMMITTED
+
+    source = json.loads((bundle / "manifest.json").read_text())["model"].get("source", {}).get("dualvitok") or {}
+    recorded = (source.get("files") or {}).get(COMMITTED.dualvitok.name, {}).get("sha256")
+    named = Path(source["path"]) if source.get("path") else None
+    for candidate in (named, COMMITTED.dualvitok):
+        if recorded and candidate is not None and candidate.is_file() and sha256_file(candidate) == recorded:
+            return candidate
+    return None
 
 
 def picture_codes(encoder, pixel, picture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

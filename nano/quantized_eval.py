@@ -17,7 +17,8 @@ BF16-emulating copy the graph figures use, ``evaluated_on`` says so).
 A bundle with nano's diffusion decoder is gated by quantize on refinement end to end (``refinement_gate``: the
 quantized chain vs FP32 from the same codes and noise) and also scored on refinement: PSNR of the 2x picture (the
 model's refine defaults) against the scene rendered at 2x, from the codes of the first REFINE_SCENES held-out
-pictures (``decoder.refinement_scores``), FP32 and each flavour that runs on onnxruntime CPU as written.
+pictures (``decoder.refinement_scores``; the codes come from the tokenizer the bundle was exported from,
+``decoder.bundle_tokenizer``), FP32 and each flavour that runs on onnxruntime CPU as written.
 
 Re-run after nano's weights change: the JSON records the weights' hashes it was measured on.
 """
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +41,8 @@ FLAVOURS = (("int8-ort-cpu", "int8", "ort-cpu"), ("int8-tensorrt", "int8", "tens
             ("fp8-tensorrt", "fp8", "tensorrt"), ("fp16-tensorrt", "fp16", "tensorrt"),
             ("bf16-tensorrt", "bf16", "tensorrt"))
 REFINE_SCENES = 10  # ~3 s a picture on the FP32 bundle
+NO_TOKENIZER = ("the tokenizer file the bundle was exported from is gone or changed, and the committed one is "
+                "another: codes from it would score other pictures; re-export the bundle from its weights")
 
 
 def _versions() -> dict:
@@ -53,8 +58,6 @@ def _versions() -> dict:
 
 
 def _machine() -> dict:
-    import os
-
     cpu = ""
     try:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -109,27 +112,34 @@ def _graph_summary(manifest: dict) -> dict:
     return out
 
 
-def _refinement(path: Path, threads: int) -> dict | None:
-    """decoder.refinement_scores of the bundle at ``path`` (None without a diffusion decoder)."""
+def _refinement(path: Path, threads: int, tokenizer: Path | None) -> dict | None:
+    """decoder.refinement_scores of the bundle at ``path`` with the codes of ``tokenizer`` (decoder.bundle_tokenizer;
+    None without a diffusion decoder, the reason when there is no tokenizer to score it with)."""
     from illume_rt.nano import decoder
-    from illume_rt.nano.checkpoint import COMMITTED
     from illume_rt.nano.heldout import eval_scenes
     from illume_rt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(path, "ort-cpu", threads)
     if not pipe.bundle.manifest.get("diffusion"):
         return None
+    if tokenizer is None:
+        return {"not_scored": NO_TOKENIZER}
     return decoder.refinement_scores(pipe, eval_scenes("held")[:REFINE_SCENES],
-                                     *decoder.tokenizer_from_weights(COMMITTED.dualvitok))
+                                     *decoder.tokenizer_from_weights(tokenizer))
 
 
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:
     from illume_rt.calibration import accuracy
     from illume_rt.calibration.quantize import QuantizationError, quantize_bundle
+    from illume_rt.nano import decoder
     from illume_rt.nano.heldout import GATE_SPLIT, PromptScorer
     from illume_rt.runtime.pipeline import Pipeline
 
-    source = json.loads((bundle / "manifest.json").read_text())["model"]
+    fp32_manifest = json.loads((bundle / "manifest.json").read_text())
+    source = fp32_manifest["model"]
+    tokenizer = decoder.bundle_tokenizer(bundle)
+    if tokenizer is None and fp32_manifest.get("diffusion"):
+        log(f"refinement not scored: {NO_TOKENIZER}")
     scorer = PromptScorer(limit, limit, which=GATE_SPLIT, log=log)
     held_out = PromptScorer(limit, limit, log=log)
     result = {"command": " ".join(["python -m illume_rt.nano.quantized_eval", *sys.argv[1:]]),
@@ -141,39 +151,43 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
               "held_out_scored_on": held_out.describe(),
               "threads": threads, "fp32": None,
               "fp32_held_out": held_out(Pipeline.from_bundle(bundle, "ort-cpu", threads)),
-              "fp32_refinement": _refinement(bundle, threads), "flavours": {}}
+              "fp32_refinement": _refinement(bundle, threads, tokenizer), "flavours": {}}
     folder = keep or Path(tempfile.mkdtemp(prefix="nano-quantized-"))
-    for name, precision, target in flavours:
-        t0 = time.time()
-        log(f"== {name}")
-        entry: dict = {"precision": precision, "target": target}
-        dst = folder / name
-        try:
-            manifest = quantize_bundle(bundle, dst, precision, target, keep_failed=True, threads=threads,
-                                       log=log, overwrite=True, prompt_scorers={"nano": scorer})
-        except (QuantizationError, MemoryError, RuntimeError, ValueError, OSError) as exc:
-            entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-            log(f"{name}: {entry['error']}")
-        else:
-            q = manifest["quantization"]
-            fig = q["prompt_accuracy"]["nano"]
-            result["fp32"] = result["fp32"] or fig["fp32"]
-            entry.update(quantized=fig["quantized"],
-                         drop={k: round(fig["fp32"][k] - v, 6) for k, v in fig["quantized"].items()},
-                         prompt_gate="passed" if not fig["failures"] else "failed", prompt_failures=fig["failures"],
-                         status=q["status"], failures=q["failures"], high_precision=q["high_precision"],
-                         evaluated_on=fig["evaluated_on"], graphs=_graph_summary(manifest),
-                         refinement_gate=q.get("refinement"),
-                         calibration_plan={"generate": [g[0] for g in q["calibration"]["plan"]["generate"]],
-                                           "images": q["calibration"]["plan"]["images"]},
-                         runs_directly_on_onnxruntime_cpu=_runs_directly(dst, threads),
-                         quantize_seconds=q["seconds"])
-            if entry["runs_directly_on_onnxruntime_cpu"] == "yes":
-                entry["refinement"] = _refinement(dst, threads)
-                entry["held_out"] = held_out(Pipeline.from_bundle(dst, "ort-cpu", threads))
-        entry["seconds"] = round(time.time() - t0, 1)
-        result["flavours"][name] = entry
-        write(result)  # after every flavour: a stopped run keeps what it measured
+    try:
+        for name, precision, target in flavours:
+            t0 = time.time()
+            log(f"== {name}")
+            entry: dict = {"precision": precision, "target": target}
+            dst = folder / name
+            try:
+                manifest = quantize_bundle(bundle, dst, precision, target, keep_failed=True, threads=threads,
+                                           log=log, overwrite=True, prompt_scorers={"nano": scorer})
+            except (QuantizationError, MemoryError, RuntimeError, ValueError, OSError) as exc:
+                entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                log(f"{name}: {entry['error']}")
+            else:
+                q = manifest["quantization"]
+                fig = q["prompt_accuracy"]["nano"]
+                result["fp32"] = result["fp32"] or fig["fp32"]
+                entry.update(quantized=fig["quantized"],
+                             drop={k: round(fig["fp32"][k] - v, 6) for k, v in fig["quantized"].items()},
+                             prompt_gate="passed" if not fig["failures"] else "failed", prompt_failures=fig["failures"],
+                             status=q["status"], failures=q["failures"], high_precision=q["high_precision"],
+                             evaluated_on=fig["evaluated_on"], graphs=_graph_summary(manifest),
+                             refinement_gate=q.get("refinement"),
+                             calibration_plan={"generate": [g[0] for g in q["calibration"]["plan"]["generate"]],
+                                               "images": q["calibration"]["plan"]["images"]},
+                             runs_directly_on_onnxruntime_cpu=_runs_directly(dst, threads),
+                             quantize_seconds=q["seconds"])
+                if entry["runs_directly_on_onnxruntime_cpu"] == "yes":
+                    entry["refinement"] = _refinement(dst, threads, tokenizer)
+                    entry["held_out"] = held_out(Pipeline.from_bundle(dst, "ort-cpu", threads))
+            entry["seconds"] = round(time.time() - t0, 1)
+            result["flavours"][name] = entry
+            write(result)  # after every flavour: a stopped run keeps what it measured
+    finally:
+        if keep is None:  # our own scratch folder: the figures are in ``result``
+            shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
@@ -206,9 +220,11 @@ def main(argv=None) -> int:
         ap.error(f"--bundle {bundle} is not an illume-nano bundle (model.preset); pass the nano bundle")
 
     def write(result):
-        text = json.dumps(result, indent=1)
-        if args.json:
-            Path(args.json).write_text(text + "\n")
+        if args.json:  # whole or not at all: a run stopped mid-write keeps the last complete figures
+            target = Path(args.json)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(partial, target)
 
     try:
         import illume_rt.calibration.quantize  # noqa: F401 -- the quant extra, checked before any work

@@ -174,6 +174,28 @@ def test_the_nano_gate_scores_every_scene_of_the_grammar_and_the_held_out_questi
     assert few(_Drawer(tmp_path)) == {**{k: 1.0 for k in heldout.SCORED}, "all": 1.0}
 
 
+def test_refinement_is_scored_with_the_tokenizer_the_bundle_was_exported_from(nano_bundle, tmp_path):
+    from illume_rt.files import sha256_file
+    from illume_rt.nano.checkpoint import COMMITTED
+    from illume_rt.nano.decoder import bundle_tokenizer
+
+    assert bundle_tokenizer(nano_bundle) == COMMITTED.dualvitok
+    manifest = json.loads((nano_bundle / "manifest.json").read_text())
+    source = manifest["model"]["source"]["dualvitok"]
+    # retrained weights, exported elsewhere: the manifest names their file and its hash, not the committed one's
+    retrained = tmp_path / "retrained" / COMMITTED.dualvitok.name
+    retrained.parent.mkdir()
+    retrained.write_bytes(COMMITTED.dualvitok.read_bytes() + b"another training run")
+    source["path"] = str(retrained)
+    source["files"][COMMITTED.dualvitok.name]["sha256"] = sha256_file(retrained)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert bundle_tokenizer(bundle) == retrained
+    retrained.write_bytes(b"changed since the export")  # the committed file is not a stand-in: other hash
+    assert bundle_tokenizer(bundle) is None
+
+
 @pytest.mark.runtime
 def test_nano_prompt_scoring_imports_without_torch():
     code = ("import sys; from illume_rt.calibration import accuracy, datasets; "
