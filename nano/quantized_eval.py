@@ -112,9 +112,9 @@ def _graph_summary(manifest: dict) -> dict:
     return out
 
 
-def _refinement(path: Path, threads: int, tokenizer: Path | None) -> dict | None:
-    """decoder.refinement_scores of the bundle at ``path`` with the codes of ``tokenizer`` (decoder.bundle_tokenizer;
-    None without a diffusion decoder, the reason when there is no tokenizer to score it with)."""
+def _refinement(path: Path, threads: int, coder) -> dict | None:
+    """decoder.refinement_scores of the bundle at ``path`` with the codes of ``coder`` (the (encoder, pixel) pair of
+    the tokenizer the FP32 bundle was exported from; None without a diffusion decoder, the reason without a coder)."""
     from illume_rt.nano import decoder
     from illume_rt.nano.heldout import eval_scenes
     from illume_rt.runtime.pipeline import Pipeline
@@ -122,10 +122,9 @@ def _refinement(path: Path, threads: int, tokenizer: Path | None) -> dict | None
     pipe = Pipeline.from_bundle(path, "ort-cpu", threads)
     if not pipe.bundle.manifest.get("diffusion"):
         return None
-    if tokenizer is None:
+    if coder is None:
         return {"not_scored": NO_TOKENIZER}
-    return decoder.refinement_scores(pipe, eval_scenes("held")[:REFINE_SCENES],
-                                     *decoder.tokenizer_from_weights(tokenizer))
+    return decoder.refinement_scores(pipe, eval_scenes("held")[:REFINE_SCENES], *coder)
 
 
 def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | None, write, log=print) -> dict:
@@ -137,9 +136,12 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
 
     fp32_manifest = json.loads((bundle / "manifest.json").read_text())
     source = fp32_manifest["model"]
-    tokenizer = decoder.bundle_tokenizer(bundle)
-    if tokenizer is None and fp32_manifest.get("diffusion"):
-        log(f"refinement not scored: {NO_TOKENIZER}")
+    coder = None
+    if fp32_manifest.get("diffusion"):  # refinement is scored from pictures' codes: loaded once for every flavour
+        tokenizer = decoder.bundle_tokenizer(bundle)
+        coder = decoder.tokenizer_from_weights(tokenizer) if tokenizer is not None else None
+        if coder is None:
+            log(f"refinement not scored: {NO_TOKENIZER}")
     scorer = PromptScorer(limit, limit, which=GATE_SPLIT, log=log)
     held_out = PromptScorer(limit, limit, log=log)
     result = {"command": " ".join(["python -m illume_rt.nano.quantized_eval", *sys.argv[1:]]),
@@ -151,7 +153,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
               "held_out_scored_on": held_out.describe(),
               "threads": threads, "fp32": None,
               "fp32_held_out": held_out(Pipeline.from_bundle(bundle, "ort-cpu", threads)),
-              "fp32_refinement": _refinement(bundle, threads, tokenizer), "flavours": {}}
+              "fp32_refinement": _refinement(bundle, threads, coder), "flavours": {}}
     folder = keep or Path(tempfile.mkdtemp(prefix="nano-quantized-"))
     try:
         for name, precision, target in flavours:
@@ -180,7 +182,7 @@ def run(bundle: Path, flavours, limit: int | None, threads: int, keep: Path | No
                              runs_directly_on_onnxruntime_cpu=_runs_directly(dst, threads),
                              quantize_seconds=q["seconds"])
                 if entry["runs_directly_on_onnxruntime_cpu"] == "yes":
-                    entry["refinement"] = _refinement(dst, threads, tokenizer)
+                    entry["refinement"] = _refinement(dst, threads, coder)
                     entry["held_out"] = held_out(Pipeline.from_bundle(dst, "ort-cpu", threads))
             entry["seconds"] = round(time.time() - t0, 1)
             result["flavours"][name] = entry
