@@ -28,11 +28,11 @@ Stages (each resumable: state is saved under the work folder, ``--work`` or ``$I
 8. ``sampling``  Choose their sampling defaults on the training split, into the same folder
                  (``nano/choose_sampling.py``; with ``--jobs 2`` in two processes, both cores being free by then).
 
-Everything is seeded. One thread per process by default (``--threads``), except stages ``edit`` and ``polish``, which
-train on two once the side chain has ended (TWO_THREAD_STAGES); the weights are bit-identical from run to run at the
-same thread counts. OpenMP threads wait passively (set below, before torch loads): spinning, two threads beside other
-work made a step 9x slower. Run it with ``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the weights'
-``training.json``.
+Everything is seeded (``--seed``, default the recipe's). One thread per process by default (``--threads``), except
+stages ``edit`` and ``polish``, which train on two once the side chain has ended (TWO_THREAD_STAGES); the weights
+are bit-identical from run to run at the same seed and thread counts, on one machine. OpenMP threads wait passively
+(set below, before torch loads): spinning, two threads beside other work made a step 9x slower. Run it with
+``nice``. CPU seconds per stage go to ``WORK/log.json`` and into the weights' ``training.json``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ from illume_rt.nano import data
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "work"
 STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "vae", "decoder", "export", "sampling")
-SEED = 1234
+# The recipe's seed, the committed weights'. ``--seed`` replaces SEED for a run, to train another draw of the same
+# recipe (how far two draws differ: nano/README.md, "Left out"); each stage records the seed it was trained with.
+RECIPE_SEED = 1234
+SEED = RECIPE_SEED
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
 SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
@@ -240,6 +243,11 @@ class Stage:
     def resume(self) -> dict | None:
         if self.partial.is_file():
             state = torch.load(self.partial, weights_only=True)
+            seed = state.get("seed", RECIPE_SEED)  # partial states written before --seed existed: the recipe's
+            if seed != SEED:
+                raise SystemExit(f"nano.train: stage {self.name} in {self.work} was started with seed {seed}, not "
+                                 f"{SEED}: pass --seed {seed} to go on with it, or give seed {SEED} a --work folder "
+                                 "of its own")
             self.cpu_before = state.get("cpu_s", 0.0)
             print(f"[{self.name}] resuming at step {state['step']}")
             return state
@@ -249,7 +257,7 @@ class Stage:
         return self.cpu_before + time.process_time() - self.cpu0
 
     def save_partial(self, state: dict) -> None:
-        state["cpu_s"] = self.cpu_s()
+        state["cpu_s"], state["seed"] = self.cpu_s(), SEED
         tmp = self.partial.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.partial)
@@ -261,7 +269,7 @@ class Stage:
         os.replace(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         entry = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
-                 **(extra or {})}
+                 "seed": SEED, **(extra or {})}
         update_log(self.work, {self.name: entry})
         self.release()
         print(f"[{self.name}] done: {entry}")
@@ -1018,6 +1026,9 @@ def main(argv=None) -> int:
     ap.add_argument("--focus-steps", type=int, default=None,
                     help=f"steps of stage focus (default {FOCUS_STEPS}); pass the same value again to resume it, "
                          "the learning-rate schedule depends on it")
+    ap.add_argument("--seed", type=int, default=RECIPE_SEED,
+                    help=f"the seed of every stage (default {RECIPE_SEED}, the committed weights'); another seed "
+                         "trains another draw of the same recipe, in a --work folder of its own")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads per process (edit and polish: at least 2 where two cores are usable)")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
@@ -1034,6 +1045,7 @@ def main(argv=None) -> int:
             g[name] = 2
     if args.focus_steps:
         globals()["FOCUS_STEPS"] = args.focus_steps
+    globals()["SEED"] = args.seed
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.seed_from is not None:
@@ -1043,6 +1055,7 @@ def main(argv=None) -> int:
             print(f"[redo] {name} too: it was trained on a stage that is redone")
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
+    refuse_other_seeds(args.work)
     stages = [name for name in STAGES if name in (args.stages or STAGES)]  # in dependency order
     side = side_chain(stages, {name for name in STAGES if (args.work / f"{name}.pt").is_file()}, args.jobs)
     side_process, side_started = None, False
@@ -1068,6 +1081,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def refuse_other_seeds(work: Path) -> None:
+    """Stop with one line when a finished stage in ``work`` was trained with another seed than SEED: the stages
+    built on it would mix two draws. States written by ``--seed-from`` are exempt (the user chose them), and log
+    entries from before ``--seed`` existed were trained with the recipe's."""
+    log_path = work / "log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    for name in STAGES:
+        entry = log.get(name, {})
+        seed = entry.get("seed", RECIPE_SEED)
+        if (work / f"{name}.pt").is_file() and "seeded_from" not in entry and seed != SEED:
+            raise SystemExit(f"nano.train: stage {name} in {work} was trained with seed {seed}, not {SEED}: pass "
+                             f"--seed {seed} to go on with that run, or give seed {SEED} a --work folder of its own")
+
+
 def side_chain(stages: list[str], done: set[str], jobs: int) -> list[str]:
     """The SIDE_CHAIN stages of ``stages`` that a second process trains: those not ``done``, when there are MLLM
     stages to do beside them and ``jobs`` allows two processes (else none: one process runs everything in order)."""
@@ -1082,7 +1109,8 @@ def start_side_chain(args, side: list[str]):
 
     print(f"[side] {', '.join(side)} in a second process", flush=True)
     return subprocess.Popen([sys.executable, "-m", "illume_rt.nano.train", *side, "--work", str(args.work),
-                             "--threads", str(args.threads), "--jobs", "1"], preexec_fn=end_with_parent)
+                             "--threads", str(args.threads), "--seed", str(SEED), "--jobs", "1"],
+                            preexec_fn=end_with_parent)
 
 
 def end_with_parent() -> None:

@@ -347,6 +347,40 @@ def test_a_stage_is_trained_by_one_process_at_a_time(tmp_path):
     other.release()
 
 
+def test_a_run_does_not_go_on_from_stages_of_another_seed(tmp_path, monkeypatch):
+    """``--seed`` trains another draw of the recipe: resuming a work folder whose finished or interrupted stages
+    have another seed would mix two draws, so the command stops with one line naming both fixes. States written by
+    ``--seed-from``, and log entries from before ``--seed`` (the recipe's seed), are taken as they are."""
+    import torch
+
+    from illume_rt.nano import train
+
+    monkeypatch.setattr(train, "SEED", train.SEED)  # main() sets it for the process
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pixel.pt").touch()
+    (work / "mllm.pt").touch()
+    (work / "log.json").write_text(json.dumps({"pixel": {"cpu_s": 1.0, "seed": 7},
+                                               "mllm": {"cpu_s": 1.0, "seeded_from": "nano/weights"}}))
+    with pytest.raises(SystemExit, match=r"stage pixel in .* was trained with seed 7, not 5: pass --seed 7 .* "
+                                         r"give seed 5 a --work folder of its own"):
+        train.main(["--work", str(work), "--seed", "5", "tokens"])
+    train.SEED = 7
+    train.refuse_other_seeds(work)  # its own seed, and a seeded state of another seed: no objection
+    (work / "log.json").write_text(json.dumps({"pixel": {"cpu_s": 1.0}}))  # before --seed: the recipe's seed
+    with pytest.raises(SystemExit, match=f"trained with seed {train.RECIPE_SEED}, not 7"):
+        train.refuse_other_seeds(work)
+
+    train.SEED = train.RECIPE_SEED
+    stage = train.Stage(work, "toy")
+    stage.save_partial({"step": 2})
+    assert torch.load(stage.partial, weights_only=True)["seed"] == train.RECIPE_SEED
+    stage.release()
+    train.SEED = 5
+    with pytest.raises(SystemExit, match=f"stage toy in .* was started with seed {train.RECIPE_SEED}, not 5"):
+        train.Stage(work, "toy").resume()
+
+
 def test_the_side_chain_process_ends_with_the_command(tmp_path):
     """The side chain's process (``start_side_chain``, here training ``vae`` into an empty folder) does not outlive
     the command even when the command is killed with SIGKILL, where no cleanup of its own runs: an orphan would go
@@ -806,8 +840,8 @@ def _folder_digest(folder):
 
 @pytest.mark.slow
 def test_the_one_training_command_writes_a_complete_weights_folder_where_it_is_told(tmp_path):
-    """``python -m illume_rt.nano.train --work W --out DIR`` as a user runs it, in its smoke mode (two steps of each
-    stage, a few scenes; ``ILLUME_NANO_SMOKE``): every stage, the diffusion decoder's in a second process, then
+    """``python -m illume_rt.nano.train --work W --out DIR --seed 7`` as a user runs it, in its smoke mode (two steps
+    of each stage, a few scenes; ``ILLUME_NANO_SMOKE``): every stage, the diffusion decoder's in a second process, then
     ``export`` and ``sampling`` (a temporary bundle of DIR, the candidates scored on it) write one complete weights
     folder into DIR, its sampling choices bound to those weights, and nothing into the committed weights."""
     import os
@@ -823,12 +857,14 @@ def test_the_one_training_command_writes_a_complete_weights_folder_where_it_is_t
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "ILLUME_NANO_SMOKE": "1", "ILLUME_RT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "TMPDIR": str(tmp_path / "tmp")}
-    run = subprocess.run([sys.executable, "-m", "illume_rt.nano.train", "--work", str(work), "--out", str(out.root)],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-m", "illume_rt.nano.train", "--work", str(work), "--out", str(out.root),
+                          "--seed", "7"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert available(out) and (out.decoder / "model_index.json").is_file()
     training = json.loads((out.root / "training.json").read_text())
     assert set(training) == set(train.BUILT_ON) and all(training[s]["cpu_s"] > 0 for s in train.BUILT_ON)
+    # the seed reached every stage, the side chain's process included
+    assert {s: training[s]["seed"] for s in train.BUILT_ON} == {s: 7 for s in train.BUILT_ON}
     sampling = json.loads(out.sampling_file.read_text())
     assert sampling["weights_sha256"] == weights_digest(out) and sampling["edits"] > 0
     assert json.loads(out.refine_file.read_text())["decoder_sha256"] == decoder_digest(out)
