@@ -1050,12 +1050,13 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.seed_from is not None:
         seed_from_weights(args.work, args.seed_from)
-    for name in redo_stages(args.redo):
+    redone = redo_stages(args.redo)
+    refuse_other_seeds(args.work, redone)  # before --redo deletes anything: a refused run changes nothing
+    for name in redone:
         if name not in args.redo and (args.work / f"{name}.pt").is_file():
             print(f"[redo] {name} too: it was trained on a stage that is redone")
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
-    refuse_other_seeds(args.work)
     stages = [name for name in STAGES if name in (args.stages or STAGES)]  # in dependency order
     side = side_chain(stages, {name for name in STAGES if (args.work / f"{name}.pt").is_file()}, args.jobs)
     side_process, side_started = None, False
@@ -1081,13 +1082,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def refuse_other_seeds(work: Path) -> None:
-    """Stop with one line when a finished stage in ``work`` was trained with another seed than SEED: the stages
-    built on it would mix two draws. States written by ``--seed-from`` are exempt (the user chose them), and log
-    entries from before ``--seed`` existed were trained with the recipe's."""
+def refuse_other_seeds(work: Path, redone: tuple[str, ...] | list[str] = ()) -> None:
+    """Stop with one line when a finished stage in ``work`` that is not ``redone`` was trained with another seed
+    than SEED: the stages built on it would mix two draws. States written by ``--seed-from`` are exempt (the user
+    chose them), and log entries from before ``--seed`` existed were trained with the recipe's."""
     log_path = work / "log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    for name in STAGES:
+    for name in (s for s in STAGES if s not in redone):
         entry = log.get(name, {})
         seed = entry.get("seed", RECIPE_SEED)
         if (work / f"{name}.pt").is_file() and "seeded_from" not in entry and seed != SEED:

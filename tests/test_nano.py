@@ -366,9 +366,11 @@ def test_a_run_does_not_go_on_from_stages_of_another_seed(tmp_path, monkeypatch)
     try:
         with pytest.raises(SystemExit, match=r"stage pixel in .* was trained with seed 7, not 5: pass --seed 7 .* "
                                              r"give seed 5 a --work folder of its own"):
-            train.main(["--work", str(work), "--seed", "5", "tokens"])
+            train.main(["--work", str(work), "--seed", "5", "--redo", "mllm", "tokens"])
     finally:
         torch.set_num_threads(threads)  # main() sets the process's threads (--threads)
+    assert (work / "mllm.pt").is_file(), "a refused run deleted what --redo names"
+    train.refuse_other_seeds(work, redone=["pixel", "tokens", "mllm"])  # the stage of another seed is redone: go on
     train.SEED = 7
     train.refuse_other_seeds(work)  # its own seed, and a seeded state of another seed: no objection
     (work / "log.json").write_text(json.dumps({"pixel": {"cpu_s": 1.0}}))  # before --seed: the recipe's seed
