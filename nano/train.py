@@ -116,7 +116,12 @@ POLISH_STEPS, POLISH_LR, POLISH_EDIT_BATCH = 800, 3e-4, 2
 # on LATENT_CROP crops of the 64x64 latent (the map cropped with them; half around the shape), then on whole
 # latents; each latent cell's loss weighs 1 + OBJECT_WEIGHT x the share of the shape in it, as the background's
 # cells would otherwise drown the shape's (the first runs drew the shape in the wrong colour).
-VAE_CROP_STEPS, VAE_FULL_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 150, 8, 128, 2e-3
+# 450 whole-picture steps, finishing on the weights averaged over about the last 100 (VAE_AVERAGE_DECAY): the raw
+# weights swing by up to 1.6 dB of round trip between states 50 steps apart, so the last step's state was a draw
+# (seed 1 decoded red as brown and refined below Lanczos); averaged, two draws gave 31.6 and 31.9 dB
+# (bench/results/20261205-nano-vae-draws).
+VAE_CROP_STEPS, VAE_FULL_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 450, 8, 128, 2e-3
+VAE_AVERAGE_DECAY = 0.99
 DECODER_PAIRS, DECODER_CROP_STEPS, DECODER_FULL_STEPS, DECODER_BATCH, LATENT_CROP, DECODER_LR = (
     1200, 3000, 500, 16, 32, 1e-3)
 OBJECT_WEIGHT = 10.0
@@ -311,8 +316,13 @@ def update_log(work: Path, entries: dict) -> None:
 
 
 def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int, peak_lr: float, step_fn,
-                every: int = 20) -> dict:
+                every: int = 20, average_decay: float | None = None) -> dict:
+    """Train ``modules`` for ``steps``, resumable from the stage's partial state. ``average_decay``: also keep an
+    exponential moving average of the modules' weights (the decay capped by (1 + step) / (10 + step) early on), and
+    end with the modules holding it."""
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    average = None if average_decay is None else {
+        k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
     rng = np.random.default_rng(SEED)
     torch.manual_seed(SEED)
     start = 0
@@ -327,6 +337,8 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
         rng.bit_generator.state = state["rng"]
         if "torch_rng" in state:  # absent from partial states written before it was saved
             torch.set_rng_state(state["torch_rng"])
+        if average is not None:
+            average = state["average"]
     hist = []
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -336,14 +348,29 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if average is not None:
+            _update_average(average, modules, min(average_decay, (1 + step) / (10 + step)))
         hist.append(loss.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             print(f"[{stage.name}] step {step + 1}/{steps} loss {np.mean(hist[-every:]):.4f} {info} "
                   f"cpu {stage.cpu_s():.0f}s", flush=True)
             stage.save_partial({"step": step + 1, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                                "opt": opt.state_dict(),
+                                "opt": opt.state_dict(), **({"average": average} if average is not None else {}),
                                 "modules": {k: m.state_dict() for k, m in modules.items()}})
+    if average is not None:
+        for k, m in modules.items():
+            m.load_state_dict(average[k])
     return {"final_loss": float(np.mean(hist[-every:])) if hist else None}
+
+
+@torch.no_grad()
+def _update_average(average: dict, modules: dict[str, nn.Module], decay: float) -> None:
+    for k, m in modules.items():
+        for n, t in m.state_dict().items():
+            if t.is_floating_point():
+                average[k][n].mul_(decay).add_(t, alpha=1 - decay)
+            else:
+                average[k][n].copy_(t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,7 +877,7 @@ def stage_vae(work: Path) -> None:
         return loss, f"l1 {l1:.4f}{' full' if full else ''}"
 
     extra = _train_loop(stage, {"vae": vae}, list(vae.parameters()), VAE_CROP_STEPS + VAE_FULL_STEPS, VAE_LR,
-                        step_fn)
+                        step_fn, average_decay=VAE_AVERAGE_DECAY)  # the VAE now holds the average
     vae.eval()
     x, _ = pictures(np.random.default_rng(SEED + 1), 4 if SMOKE else 32)
     scaling_factor = 1.0 / float(decoder.latents(vae, x, 1.0).std())

@@ -295,9 +295,11 @@ def test_the_diffusion_decoder_draws_from_the_token_map_not_from_the_starting_no
         assert off.max() <= MAX_FIRST_STEP_SPREAD, (scene.caption, off.round(1))
 
 
-def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path):
+@pytest.mark.parametrize("average_decay", [None, 0.9])
+def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path, average_decay):
     """An interrupted stage resumes from its partial state, which loads with torch.load(weights_only=True), and
-    ends where an uninterrupted run ends (parameters, optimizer and both random generators restored)."""
+    ends where an uninterrupted run ends (parameters, optimizer, both random generators and, for a stage that ends
+    on its weights' average (stage ``vae``), the average restored)."""
     import torch
 
     from illume_rt.nano import train
@@ -315,7 +317,8 @@ def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
             return net(x).pow(2).mean(), ""
 
         try:
-            train._train_loop(stage, {"net": net}, list(net.parameters()), steps, 1e-2, step_fn, every=2)
+            train._train_loop(stage, {"net": net}, list(net.parameters()), steps, 1e-2, step_fn, every=2,
+                              average_decay=average_decay)
         except KeyboardInterrupt:
             pass
         return net, stage
@@ -328,6 +331,33 @@ def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
     resumed, _ = run(tmp_path / "b", 6)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_stage_with_an_average_ends_on_the_average_of_its_weights_not_on_the_last_step(tmp_path):
+    """``average_decay``: the modules end holding the exponential moving average of the weights after each step
+    (the decay capped by (1 + step) / (10 + step)), computed here from the weights the steps saw."""
+    import torch
+
+    from illume_rt.nano import train
+
+    torch.manual_seed(0)
+    net, steps, decay = torch.nn.Linear(3, 1), 30, 0.8
+    seen = []  # the weights after 0, 1, ... steps, as each step begins
+
+    def step_fn(step, rng):
+        seen.append(net.weight.detach().clone())
+        return net(torch.from_numpy(rng.normal(size=(4, 3)).astype(np.float32))).pow(2).mean(), ""
+
+    stage = train.Stage(tmp_path, "toy")
+    train._train_loop(stage, {"net": net}, list(net.parameters()), steps, 1e-1, step_fn, every=5,
+                      average_decay=decay)
+    last = torch.load(stage.partial, weights_only=True)["modules"]["net"]["weight"]  # the last step's weights
+    expected = seen[0]
+    for step, weights in enumerate(seen[1:] + [last]):
+        d = min(decay, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * weights
+    assert torch.allclose(net.weight, expected, atol=1e-6)
+    assert not torch.allclose(net.weight, last, atol=1e-3)
 
 
 def test_a_stage_is_trained_by_one_process_at_a_time(tmp_path):
