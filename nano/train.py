@@ -338,6 +338,10 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
         if "torch_rng" in state:  # absent from partial states written before it was saved
             torch.set_rng_state(state["torch_rng"])
         if average is not None:
+            if "average" not in state:  # written before the stage kept an average (stage vae until session 45)
+                raise SystemExit(f"nano.train: {stage.partial} was written before stage {stage.name} kept its "
+                                 f"weights' average, so it cannot end as an uninterrupted run does: pass --redo "
+                                 f"{stage.name} to train the stage again from its start")
             average = state["average"]
     hist = []
     for step in range(start, steps):

@@ -334,6 +334,26 @@ def test_training_stage_resumes_exactly_from_a_weights_only_checkpoint(tmp_path,
         assert torch.equal(a, b)
 
 
+def test_a_partial_state_without_the_average_is_refused_with_the_fix(tmp_path):
+    """A partial state written before its stage kept an average (stage ``vae`` until session 45) cannot end as an
+    uninterrupted run would: one line naming ``--redo``, and the state is left as it was."""
+    import torch
+
+    from illume_rt.nano import train
+
+    net = torch.nn.Linear(2, 1)
+    stage = train.Stage(tmp_path, "vae")
+    opt = torch.optim.AdamW(net.parameters())
+    stage.save_partial({"step": 2, "rng": np.random.default_rng(0).bit_generator.state, "opt": opt.state_dict(),
+                        "modules": {"vae": net.state_dict()}})
+    before = stage.partial.read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        train._train_loop(stage, {"vae": net}, list(net.parameters()), 4, 1e-2,
+                          lambda step, rng: (net(torch.ones(1, 2)).sum(), ""), average_decay=0.9)
+    assert "--redo vae" in str(stop.value) and "\n" not in str(stop.value)
+    assert stage.partial.read_bytes() == before
+
+
 def test_a_stage_with_an_average_ends_on_the_average_of_its_weights_not_on_the_last_step(tmp_path):
     """``average_decay``: the modules end holding the exponential moving average of the weights after each step
     (the decay capped by (1 + step) / (10 + step)), computed here from the weights the steps saw."""
