@@ -118,7 +118,7 @@ POLISH_STEPS, POLISH_LR, POLISH_EDIT_BATCH = 800, 3e-4, 2
 # cells would otherwise drown the shape's (the first runs drew the shape in the wrong colour).
 # 450 whole-picture steps, finishing on the weights averaged over about the last 100 (VAE_AVERAGE_DECAY): the raw
 # weights swing by up to 1.6 dB of round trip between states 50 steps apart, so the last step's state was a draw
-# (seed 1 decoded red as brown and refined below Lanczos); averaged, two draws gave 31.6 and 31.9 dB
+# (seed 1 decoded red as brown and refined below Lanczos); averaged, three draws gave 31.6, 31.9 and 33.0 dB
 # (bench/results/20261205-nano-vae-draws).
 VAE_CROP_STEPS, VAE_FULL_STEPS, VAE_BATCH, VAE_CROP, VAE_LR = 1500, 450, 8, 128, 2e-3
 VAE_AVERAGE_DECAY = 0.99

@@ -3,7 +3,11 @@ nano/weights/quantized_eval.json: the new run becomes the file's top level; the 
 the diffusion decoder (per flavour: status, graph figures, refinement gate, refinement against the 2x scene; and
 FP32's refinement) are kept under ``before_session_45`` with the old run's date, commit and decoder hashes, with
 whether its prompt figures equal the new run's; the older sections the file kept (earlier re-measures) stay as they
-were. ``python merge_quantized.py NEW_JSON QUANTIZED_EVAL_JSON``"""
+were. ``python merge_quantized.py NEW_JSON QUANTIZED_EVAL_JSON``
+
+As run in session 45, two lines were written by hand: the new run's ``code_note`` (added to NEW_JSON before the
+merge: the run started with the new decoder uncommitted) and ``before_session_45.int8_ort_cpu_prompt_figures``
+(after it: why that flavour's prompt figures differ, found by comparing with session 40's re-score)."""
 
 import json
 import sys
