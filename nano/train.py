@@ -1,4 +1,5 @@
-"""Train illume-nano on CPU: ``python -m illume_rt.nano.train [stage ...]`` (default: every stage, in order).
+"""Train illume-nano on CPU: ``python -m illume_rt.nano.train [stage ...]`` (default: every stage, in order;
+``--device cuda`` trains the MLLM stages on a GPU, see DEVICE).
 
 Stages (each resumable: state is saved under the work folder, ``--work`` or ``$ILLUME_NANO_WORK``, default
 ``nano/work/``; a finished stage is skipped unless ``--redo STAGE``):
@@ -64,6 +65,12 @@ STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "vae
 # recipe (how far two draws differ: nano/README.md, "Left out"); each stage records the seed it was trained with.
 RECIPE_SEED = 1234
 SEED = RECIPE_SEED
+# Where the MLLM stages (MLLM_STAGES) train: the CPU, or a GPU with ``--device cuda``. Only those: they are most of
+# the recipe's time (about 100 of its CPU minutes) and a transformer, which a GPU runs well; the tokenizer and the
+# diffusion decoder stay on the CPU, where the side chain trains them beside the MLLM chain. Every state is saved
+# with its tensors on the CPU, so a work folder and its weights read the same whichever device trained them.
+MLLM_STAGES = ("mllm", "focus", "edit", "polish")
+DEVICE = torch.device("cpu")
 
 # Step counts and batch sizes: sized for ~40 CPU minutes on a shared 2-core machine (see nano/README.md).
 SEMANTIC_STEPS, SEMANTIC_BATCH = 400, 16
@@ -262,22 +269,35 @@ class Stage:
         return self.cpu_before + time.process_time() - self.cpu0
 
     def save_partial(self, state: dict) -> None:
+        state = on_cpu(state)
         state["cpu_s"], state["seed"] = self.cpu_s(), SEED
         tmp = self.partial.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.partial)
 
     def finish(self, state: dict, extra: dict | None = None) -> None:
+        state = on_cpu(state)
         state["cpu_s"] = self.cpu_s()
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         entry = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
-                 "seed": SEED, **(extra or {})}
+                 "seed": SEED, **({"device": DEVICE.type} if DEVICE.type != "cpu" else {}), **(extra or {})}
         update_log(self.work, {self.name: entry})
         self.release()
         print(f"[{self.name}] done: {entry}")
+
+
+def on_cpu(state):
+    """``state`` (dicts, lists and tensors) with every tensor on the CPU: what a stage saves (see DEVICE)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
 
 
 def _take_stage_lock(path: Path, name: str):
@@ -342,7 +362,7 @@ def _train_loop(stage: Stage, modules: dict[str, nn.Module], params, steps: int,
                 raise SystemExit(f"nano.train: {stage.partial} was written before stage {stage.name} kept its "
                                  f"weights' average, so it cannot end as an uninterrupted run does: pass --redo "
                                  f"{stage.name} to train the stage again from its start")
-            average = state["average"]
+            average = {k: {n: t.to(DEVICE) for n, t in a.items()} for k, a in state["average"].items()}
     hist = []
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -577,8 +597,8 @@ def splice_image_slots(v, ids: list[int]) -> list[int]:
 def embed_with_features(embed, proj, ids: torch.Tensor, vit: torch.Tensor, pixel_features: torch.Tensor):
     """Token embeddings of ``ids`` with each row's slots filled by its picture's projected features."""
     emb = embed(ids.clamp(min=0)).clone()
-    sem_feat = proj.projector_1(vit)  # [B, 81, H]
-    pix_feat = proj.projector_2(pixel_features)  # [B, 256, H]
+    sem_feat = proj.projector_1(vit.to(ids.device))  # [B, 81, H]
+    pix_feat = proj.projector_2(pixel_features.to(ids.device))  # [B, 256, H]
     emb[ids == SEM_SLOT] = sem_feat.reshape(-1, sem_feat.shape[-1])
     emb[ids == PIX_SLOT] = pix_feat.reshape(-1, pix_feat.shape[-1])
     return emb
@@ -656,6 +676,7 @@ def answers_right(llm, proj, preset, tok, split: dict) -> dict[str, float]:
 
 
 def pad_batch(seqs, pad_id: int):
+    """(ids, labels, mask) of ``seqs`` ((ids, labels) pairs), padded at their ends, on DEVICE."""
     n = max(len(s[0]) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), n), -100, dtype=torch.long)
@@ -664,7 +685,7 @@ def pad_batch(seqs, pad_id: int):
         ids[i, :len(a)] = torch.tensor(a)
         labels[i, :len(b)] = torch.tensor(b)
         mask[i, :len(a)] = 1
-    return ids, labels, mask
+    return ids.to(DEVICE), labels.to(DEVICE), mask.to(DEVICE)
 
 
 def attention_mask_for(mask: torch.Tensor) -> torch.Tensor | None:
@@ -795,6 +816,8 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
         proj.load_state_dict(state["projectors"])
     elif CODE_ROWS_FROM_MEANING:
         init_code_rows(llm, preset, work, CODE_ROWS_FROM_MEANING)
+    llm.to(DEVICE)
+    proj.to(DEVICE)
     llm.config._attn_implementation = "sdpa"  # training only (same function as the eager path, faster)
     llm.train()
     proj.train()
@@ -1064,6 +1087,9 @@ def main(argv=None) -> int:
                     help="threads per process (edit and polish: at least 2 where two cores are usable)")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                     help="processes: 2 trains the diffusion decoder's stages beside the MLLM's (one core each)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help=f"where the MLLM stages ({', '.join(MLLM_STAGES)}) train; the others train on the CPU. On "
+                         "a GPU a draw is not bit-identical from run to run")
     args = ap.parse_args(argv)
     bad = [s for s in args.stages if s not in STAGES]
     if bad:
@@ -1077,6 +1103,9 @@ def main(argv=None) -> int:
     if args.focus_steps:
         globals()["FOCUS_STEPS"] = args.focus_steps
     globals()["SEED"] = args.seed
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("nano.train: --device cuda, but this torch sees no CUDA GPU (torch.cuda.is_available() is "
+                         "False): install a CUDA build of torch, or leave --device out to train on the CPU")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.seed_from is not None:
@@ -1102,6 +1131,7 @@ def main(argv=None) -> int:
                 finish_side_chain(side_process)  # before what reads its states or needs its core, or once it failed
                 side_process = None
             torch.set_num_threads(stage_threads(name, args.threads))
+            globals()["DEVICE"] = torch.device(args.device if name in MLLM_STAGES else "cpu")
             run_stage(name, args)
         if side_process is not None:
             finish_side_chain(side_process)

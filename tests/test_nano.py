@@ -928,3 +928,45 @@ def test_the_one_training_command_writes_a_complete_weights_folder_where_it_is_t
     if committed is not None:
         assert _folder_digest(WEIGHTS) == committed, "the committed weights changed"
     assert not list((tmp_path / "tmp").glob(TEMPORARY_BUNDLE_PREFIX + "*")), "the temporary bundle was left behind"
+
+
+def test_training_on_a_gpu_this_torch_cannot_see_is_refused_with_one_line_before_anything_is_written(tmp_path):
+    """``--device cuda`` where torch sees no CUDA GPU (this machine, CI) stops at once with the fix, before the work
+    folder is made or seeded."""
+    import torch
+
+    from illume_rt.nano import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees a CUDA GPU: the refusal is for machines without one")
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as stop:
+        train.main(["mllm", "--work", str(work), "--device", "cuda", "--seed-from", str(WEIGHTS)])
+    message = str(stop.value)
+    assert "--device cuda" in message and "leave --device out" in message and "\n" not in message
+    assert not work.exists()
+
+
+def test_the_mllm_stages_batches_and_features_go_to_the_training_device(monkeypatch):
+    """pad_batch puts each batch on DEVICE and embed_with_features brings the pictures' features (kept on the CPU in
+    tokens.pt) to the ids' device, so that ``--device cuda`` trains with nothing left behind on the CPU. Checked
+    with the meta device, the one other device every torch build has."""
+    import torch
+
+    from illume_rt.nano import train
+
+    monkeypatch.setattr(train, "DEVICE", torch.device("meta"))
+    ids, labels, mask = train.pad_batch([([1, 2, 3], [-100, 2, 3]), ([4], [4])], 0)
+    assert {t.device.type for t in (ids, labels, mask)} == {"meta"}
+    seen = []
+
+    class Projector(torch.nn.Module):  # records the device its input arrives on
+        def forward(self, x):
+            seen.append(x.device.type)
+            return x
+
+    proj = torch.nn.Module()
+    proj.projector_1, proj.projector_2 = Projector(), Projector()
+    emb = train.embed_with_features(torch.nn.Embedding(8, 4, device="meta"), proj, ids, torch.zeros(2, 81, 4),
+                                    torch.zeros(2, 256, 4))
+    assert seen == ["meta", "meta"] and emb.device.type == "meta" and emb.shape == (2, 3, 4)
