@@ -66,9 +66,10 @@ STAGES = ("semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "vae
 RECIPE_SEED = 1234
 SEED = RECIPE_SEED
 # Where the MLLM stages (MLLM_STAGES) train: the CPU, or a GPU with ``--device cuda``. Only those: they are most of
-# the recipe's time (about 100 of its CPU minutes) and a transformer, which a GPU runs well; the tokenizer and the
-# diffusion decoder stay on the CPU, where the side chain trains them beside the MLLM chain. Every state is saved
-# with its tensors on the CPU, so a work folder and its weights read the same whichever device trained them.
+# the recipe's time (81 of the 129 CPU minutes of session 40's run) and a transformer, which a GPU runs well; the
+# tokenizer and the diffusion decoder stay on the CPU, where the side chain trains them beside the MLLM chain. Every
+# state is saved with its tensors on the CPU, so a work folder and its weights read the same whichever device
+# trained them.
 MLLM_STAGES = ("mllm", "focus", "edit", "polish")
 DEVICE = torch.device("cpu")
 
@@ -1039,9 +1040,10 @@ def seed_from_weights(work: Path, weights: Path) -> None:
     print(f"[seed] {', '.join(states)} states from {weights}")
 
 
-# The stages a second process trains while this one trains the MLLM's (``--jobs 2``): built on the tokenizer only
-# (BUILT_ON), they can start once it is trained, and they finish well before ``polish`` (76 of the MLLM
-# chain's 137 CPU minutes), so the whole recipe takes the MLLM chain's time instead of the sum of both.
+# The stages a second process trains while this one trains the MLLM's (``--jobs 2``): ``vae`` is built on nothing
+# and ``decoder`` on ``vae`` and the tokenizer (BUILT_ON), so the second process starts with the command and its
+# ``decoder`` waits for this process's ``pixel`` (wait_for_states). Started only once the tokenizer was trained
+# (until session 46), the side chain at session 45's ``vae`` ended after ``focus``, and ``edit`` waited for it.
 SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
 # The MLLM stages after the side chain: its stages end during ``focus`` on this machine (session 21: at step 2000 of
@@ -1087,6 +1089,8 @@ def main(argv=None) -> int:
                     help="threads per process (edit and polish: at least 2 where two cores are usable)")
     ap.add_argument("--jobs", type=int, default=2, choices=(1, 2),
                     help="processes: 2 trains the diffusion decoder's stages beside the MLLM's (one core each)")
+    ap.add_argument("--wait-for", action="append", default=[], choices=TOKENIZER_STAGES,
+                    help=argparse.SUPPRESS)  # the side chain's process: see wait_for_states
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help=f"where the MLLM stages ({', '.join(MLLM_STAGES)}) train; the others train on the CPU. On "
                          "a GPU a draw is not bit-identical from run to run")
@@ -1118,14 +1122,16 @@ def main(argv=None) -> int:
         (args.work / f"{name}.pt").unlink(missing_ok=True)
         (args.work / f"{name}.partial.pt").unlink(missing_ok=True)
     stages = [name for name in STAGES if name in (args.stages or STAGES)]  # in dependency order
-    side = side_chain(stages, {name for name in STAGES if (args.work / f"{name}.pt").is_file()}, args.jobs)
-    side_process, side_started = None, False
+    done = {name for name in STAGES if (args.work / f"{name}.pt").is_file()}
+    side = side_chain(stages, done, args.jobs)
+    side_process = None
     try:
+        if side:  # at once: ``vae`` needs nothing from this process, ``decoder`` waits for the tokenizer it trains
+            side_process = start_side_chain(args, side, [s for s in TOKENIZER_STAGES if s in stages and s not in done])
         for name in stages:
-            if side and not side_started and name not in TOKENIZER_STAGES:
-                side_process, side_started = start_side_chain(args, side), True
             if name in side:
                 continue
+            wait_for_states(args.work, [s for s in BUILT_ON.get(name, ()) if s in args.wait_for])
             if side_process is not None and (name in ("export", "sampling") or name in TWO_THREAD_STAGES
                                              or side_process.poll() is not None):
                 finish_side_chain(side_process)  # before what reads its states or needs its core, or once it failed
@@ -1165,14 +1171,28 @@ def side_chain(stages: list[str], done: set[str], jobs: int) -> list[str]:
     return side if jobs >= 2 and mllm_chain else []
 
 
-def start_side_chain(args, side: list[str]):
-    """A second process training the SIDE_CHAIN stages ``side`` on the same work folder, one thread."""
+def start_side_chain(args, side: list[str], wait_for: list[str] = ()):
+    """A second process training the SIDE_CHAIN stages ``side`` on the same work folder, one thread; a stage of it
+    built on a stage in ``wait_for`` (which this process is to train) waits for that stage's finished state."""
     import subprocess
 
-    print(f"[side] {', '.join(side)} in a second process", flush=True)
+    waits = f" ({', '.join(wait_for)} from this one when needed)" if wait_for else ""
+    print(f"[side] {', '.join(side)} in a second process{waits}", flush=True)
     return subprocess.Popen([sys.executable, "-m", "illume_rt.nano.train", *side, "--work", str(args.work),
-                             "--threads", str(args.threads), "--seed", str(SEED), "--jobs", "1"],
-                            preexec_fn=end_with_parent)
+                             "--threads", str(args.threads), "--seed", str(SEED), "--jobs", "1",
+                             *(f"--wait-for={name}" for name in wait_for)], preexec_fn=end_with_parent)
+
+
+def wait_for_states(work: Path, names, poll_s: float = 5.0) -> None:
+    """Return once the finished states of ``names`` are in ``work`` (written whole by Stage.finish, so a state that
+    is there is complete). The side chain starts with the command and trains ``vae``, which is built on nothing,
+    while the first process trains the tokenizer; ``decoder`` then waits here for it. If the first process fails
+    first, it ends this one (main's cleanup, or PR_SET_PDEATHSIG)."""
+    missing = [name for name in names if not (work / f"{name}.pt").is_file()]
+    if missing:
+        print(f"[side] waiting for {', '.join(missing)} from the first process", flush=True)
+    while any(not (work / f"{name}.pt").is_file() for name in names):
+        time.sleep(poll_s)
 
 
 def end_with_parent() -> None:

@@ -970,3 +970,37 @@ def test_the_mllm_stages_batches_and_features_go_to_the_training_device(monkeypa
     emb = train.embed_with_features(torch.nn.Embedding(8, 4, device="meta"), proj, ids, torch.zeros(2, 81, 4),
                                     torch.zeros(2, 256, 4))
     assert seen == ["meta", "meta"] and emb.device.type == "meta" and emb.shape == (2, 3, 4)
+
+
+def test_the_side_chain_starts_with_the_command_and_its_decoder_waits_for_the_tokenizer(tmp_path, monkeypatch):
+    """``vae`` is built on nothing, so the second process starts before the first trains anything, told to wait
+    for the tokenizer stages the first one is to train (none when they are done); the first process skips the
+    side chain's stages."""
+    from illume_rt.nano import train
+
+    events = []
+    monkeypatch.setattr(train, "start_side_chain", lambda args, side, wait_for=(): events.append(
+        ("side", tuple(side), tuple(wait_for))) or None)
+    monkeypatch.setattr(train, "run_stage", lambda name, args: events.append(name))
+    train.main(["--work", str(tmp_path / "a")])
+    assert events[0] == ("side", ("vae", "decoder"), ("semantic", "pixel"))
+    assert events[1:] == ["semantic", "pixel", "tokens", "mllm", "focus", "edit", "polish", "export", "sampling"]
+    events.clear()
+    for name in ("semantic", "pixel"):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / f"{name}.pt").write_bytes(b"")
+    train.main(["--work", str(tmp_path / "b"), "mllm", "vae", "decoder"])
+    assert events == [("side", ("vae", "decoder"), ()), "mllm"]
+
+
+def test_a_stage_waiting_for_states_goes_on_once_they_are_written(tmp_path):
+    import threading
+    import time
+
+    from illume_rt.nano import train
+
+    train.wait_for_states(tmp_path, [])  # nothing to wait for: returns at once
+    threading.Timer(0.3, lambda: (tmp_path / "pixel.pt").write_bytes(b"")).start()
+    start = time.monotonic()
+    train.wait_for_states(tmp_path, ["pixel"], poll_s=0.05)
+    assert (tmp_path / "pixel.pt").is_file() and time.monotonic() - start >= 0.25
