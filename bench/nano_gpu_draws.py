@@ -13,6 +13,11 @@ draw's output and ``log.json``: per-stage CPU and wall seconds, held-out answers
 finished draws' ``polish.pt``, three to a file, as the device tool brings back at most 8 files of 16 MiB). A draw
 still training at ``--deadline`` seconds is stopped (its last checkpoint stays in its work folder). Scoring is left
 to ``nano.evaluate`` on a weights folder exported from a ``polish.pt`` (``nano.train export``).
+
+Never run on a GPU: session 46 prepared it for a lent H100 and was refused a machine. Checked on the CPU only
+(``--device cpu``, stopped at the deadline, logs packed). On the device machine, from a checkout that is not
+installed: ``illume_rt``'s folders linked into one package folder on ``PYTHONPATH`` (``pyproject.toml``'s
+package-dir), as the session's command did.
 """
 
 from __future__ import annotations
