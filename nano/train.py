@@ -1043,14 +1043,14 @@ def seed_from_weights(work: Path, weights: Path) -> None:
 # The stages a second process trains while this one trains the MLLM's (``--jobs 2``): ``vae`` is built on nothing
 # and ``decoder`` on ``vae`` and the tokenizer (BUILT_ON), so the second process starts with the command and its
 # ``decoder`` waits for this process's ``pixel`` (wait_for_states). Started only once the tokenizer was trained
-# (until session 46), it ended about 780 s after ``focus`` at session 45's ``vae``, and ``edit`` waited for it:
-# starting with the command saves the tokenizer stages' time, about 262 s of that wait (bench/results/
-# 20261205-nano-one-command-session46).
+# (until session 46), it ended about 780 s after ``focus`` at session 45's ``vae``, and ``edit`` waited for it;
+# started with the command, it ends about 510 s after ``focus``, and the command took 183 s less with weights bit
+# for bit the same (bench/results/20261205-nano-one-command-session47).
 SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
 # The MLLM stages after the side chain: its stages end near the end of ``focus`` or after it (session 21: at step
-# 2000 of 3000; since session 45's ``vae``, about 520 s after it on session 46's machine even when started with the
-# command, estimated from that session's stage times), leaving the second core idle for the rest, so these train on
+# 2000 of 3000; since session 45's ``vae``, about 510 s after it even when started with the command, as timed in
+# session 47), leaving the second core idle for the rest, so these train on
 # two threads (an edit step 1.21x faster, medians of 3 interleaved rounds,
 # bench/results/20261202-nano-late-threads). The count is fixed per stage, not raised when the side chain ends,
 # because torch's sums depend on the thread count (the weights differ at ~1e-6): the weights of a run must not
