@@ -1050,12 +1050,11 @@ SIDE_CHAIN = ("vae", "decoder")
 TOKENIZER_STAGES = ("semantic", "pixel")  # what the side chain needs from this process's chain
 # The MLLM stages after the side chain: its stages end near the end of ``focus`` or after it (session 21: at step
 # 2000 of 3000; since session 45's ``vae``, about 510 s after it even when started with the command, as timed in
-# session 47), leaving the second core idle for the rest, so these train on
-# two threads (an edit step 1.21x faster, medians of 3 interleaved rounds,
-# bench/results/20261202-nano-late-threads). The count is fixed per stage, not raised when the side chain ends,
-# because torch's sums depend on the thread count (the weights differ at ~1e-6): the weights of a run must not
-# depend on its timing. This process waits for the side chain before them, so that three threads never share two
-# cores.
+# session 47), leaving the second core idle for the rest, so these train on two threads (an edit step 1.21x faster,
+# medians of 3 interleaved rounds, bench/results/20261202-nano-late-threads). The count is fixed per stage, not
+# raised when the side chain ends, because torch's sums depend on the thread count (the weights differ at ~1e-6):
+# the weights of a run must not depend on its timing. This process waits for the side chain before them, so that
+# three threads never share two cores.
 TWO_THREAD_STAGES = ("edit", "polish")
 # The state each training stage starts from (export and sampling keep no state of their own).
 BUILT_ON = {"semantic": (), "pixel": ("semantic",), "tokens": ("pixel",), "mllm": ("tokens",), "focus": ("mllm",),
