@@ -243,3 +243,32 @@ def test_external_data_export_is_listed_and_verified(tmp_path):
     assert logits.shape == (1, preset.vocab.pixel_codebook_size)
     export_onnx(comp, comp.build_module(), path, seed=0, external_data=False)  # re-export inline: side file gone
     assert not data.exists()
+
+
+def test_weights_identity_tells_equal_folders_from_different_ones(tmp_path):
+    """bench/weights_identity.py, how runs of nano's one command are compared: a file that differs, a torch archive
+    whose tensors are equal though its bytes are not, a file one side lacks, and a stage's final loss."""
+    from illume_rt.bench.weights_identity import compare
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    for folder in (new, old):
+        (folder / "mllm").mkdir(parents=True)
+        (folder / "mllm" / "config.json").write_text('{"hidden": 128}')
+        (folder / "training.json").write_text(json.dumps({"semantic": {"final_loss": 0.5, "cpu_s": 1.0}}))
+    torch.save({"w": torch.ones(3)}, new / "tok.bin")
+    torch.save({"w": torch.ones(3), "_": torch.zeros(())}, old / "tok.bin")  # other bytes...
+    out = compare(new, old)
+    assert out["files"]["tok.bin"]["tensors_equal"] is False and not out["all_equal"]
+    torch.save({"w": torch.ones(3)}, old / "tok.bin", _use_new_zipfile_serialization=False)  # ...same tensors
+    out = compare(new, old)
+    assert out["files"]["tok.bin"]["equal"] and out["final_loss"]["semantic"]["equal"] and out["all_equal"]
+    assert "training.json" not in out["files"]  # timings differ from run to run
+
+    (new / "training.json").write_text(json.dumps({"semantic": {"final_loss": 0.5000001}}))
+    (new / "mllm" / "config.json").write_text('{"hidden": 256}')
+    (old / "mllm" / "sampling.json").write_text("{}")
+    out = compare(new, old)
+    assert not out["final_loss"]["semantic"]["equal"] and not out["files"]["mllm/config.json"]["equal"]
+    assert out["files"]["mllm/sampling.json"] == {"new": None, "old": out["files"]["mllm/sampling.json"]["old"],
+                                                 "equal": False}
+    assert not out["all_equal"]
