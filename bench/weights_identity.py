@@ -12,17 +12,14 @@ stage on. Exit status 0 whether or not they are equal; ``all_equal`` says.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
+from illume_rt.files import sha256_file
+
 # Written by the run itself or by later measurements, not weights: timings, scores
 NOT_WEIGHTS = ("training.json", "eval.json", "quantized_eval.json")
-
-
-def short_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def tensors_equal(a, b) -> bool:
@@ -48,18 +45,17 @@ def compare(new: Path, old: Path) -> dict:
     names |= {p.relative_to(old) for p in old.rglob("*") if p.is_file()}
     for rel in sorted(n for n in names if n.name not in NOT_WEIGHTS):
         a, b = new / rel, old / rel
-        entry = {"new": short_sha256(a) if a.is_file() else None, "old": short_sha256(b) if b.is_file() else None}
+        entry = {side: sha256_file(f)[:16] if f.is_file() else None for side, f in (("new", a), ("old", b))}
         entry["equal"] = entry["new"] is not None and entry["new"] == entry["old"]
         if rel.suffix == ".bin" and a.is_file() and b.is_file() and not entry["equal"]:
             entry["tensors_equal"] = tensors_equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True))
             entry["equal"] = entry["tensors_equal"]
         out["files"][str(rel)] = entry
     logs = [json.loads(p.read_text()) if p.is_file() else {} for p in (new / "training.json", old / "training.json")]
-    for stage in logs[0].keys() | logs[1].keys():
+    for stage in sorted(logs[0].keys() | logs[1].keys()):
         pair = [log.get(stage, {}).get("final_loss") for log in logs]
         if pair != [None, None]:
             out["final_loss"][stage] = {"new": pair[0], "old": pair[1], "equal": pair[0] == pair[1]}
-    out["final_loss"] = dict(sorted(out["final_loss"].items()))
     out["all_equal"] = all(e["equal"] for e in out["files"].values()) and all(
         e["equal"] for e in out["final_loss"].values())
     return out

@@ -256,10 +256,10 @@ def test_weights_identity_tells_equal_folders_from_different_ones(tmp_path):
         (folder / "mllm" / "config.json").write_text('{"hidden": 128}')
         (folder / "training.json").write_text(json.dumps({"semantic": {"final_loss": 0.5, "cpu_s": 1.0}}))
     torch.save({"w": torch.ones(3)}, new / "tok.bin")
-    torch.save({"w": torch.ones(3), "_": torch.zeros(())}, old / "tok.bin")  # other bytes...
+    torch.save({"w": torch.ones(3), "_": torch.zeros(())}, old / "tok.bin")  # other tensors
     out = compare(new, old)
     assert out["files"]["tok.bin"]["tensors_equal"] is False and not out["all_equal"]
-    torch.save({"w": torch.ones(3)}, old / "tok.bin", _use_new_zipfile_serialization=False)  # ...same tensors
+    torch.save({"w": torch.ones(3)}, old / "tok.bin", _use_new_zipfile_serialization=False)  # same tensors, other bytes
     out = compare(new, old)
     assert out["files"]["tok.bin"]["equal"] and out["final_loss"]["semantic"]["equal"] and out["all_equal"]
     assert "training.json" not in out["files"]  # timings differ from run to run
