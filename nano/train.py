@@ -230,6 +230,22 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 10) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpointing (resumable stages)
 # ----------------------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    """What a stage's result depends on besides the code and its seed, logged with the stage: float rounding
+    follows the CPU kernels torch dispatches to (its capability level) and torch's version, so a run gives another
+    run's weights back bit for bit only where these match (nano/README.md, "How these weights were made")."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:  # not Linux: the capability level below still says which kernels ran
+        pass
+    found = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    if DEVICE.type == "cuda":  # the MLLM stages' kernels are the GPU's
+        found["gpu"] = torch.cuda.get_device_name(DEVICE)
+    return found
+
+
 class Stage:
     """One stage's states in the work folder. A process holds the stage's lock (``NAME.lock``, fcntl.flock,
     released by the kernel when the process ends) from here until ``finish``: two processes training one stage in
@@ -284,7 +300,8 @@ class Stage:
         os.replace(tmp, self.path)
         self.partial.unlink(missing_ok=True)
         entry = {"cpu_s": round(state["cpu_s"], 1), "wall_s_last_run": round(time.time() - self.wall0, 1),
-                 "seed": SEED, **({"device": DEVICE.type} if DEVICE.type != "cpu" else {}), **(extra or {})}
+                 "seed": SEED, **({"device": DEVICE.type} if DEVICE.type != "cpu" else {}),
+                 "finished_on": machine(), **(extra or {})}
         update_log(self.work, {self.name: entry})
         self.release()
         print(f"[{self.name}] done: {entry}")

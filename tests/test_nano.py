@@ -208,9 +208,8 @@ def test_every_stage_of_the_committed_weights_is_logged_at_the_recipes_seed_on_t
     from illume_rt.nano import train
 
     log = json.loads((WEIGHTS / "training.json").read_text())
-    trained = [name for name in train.STAGES if name not in ("export", "sampling")]
-    assert sorted(log) == sorted(trained)
-    assert {name: log[name].get("seed") for name in trained} == {name: train.RECIPE_SEED for name in trained}
+    assert sorted(log) == sorted(train.BUILT_ON)
+    assert {name: log[name].get("seed") for name in log} == {name: train.RECIPE_SEED for name in train.BUILT_ON}
     assert not any("device" in entry or "seeded_from" in entry for entry in log.values())
 
 
@@ -939,8 +938,9 @@ def test_the_one_training_command_writes_a_complete_weights_folder_where_it_is_t
     assert available(out) and (out.decoder / "model_index.json").is_file()
     training = json.loads((out.root / "training.json").read_text())
     assert set(training) == set(train.BUILT_ON) and all(training[s]["cpu_s"] > 0 for s in train.BUILT_ON)
-    # the seed reached every stage, the side chain's process included
+    # the seed reached every stage, the side chain's process included, and each logs the machine it finished on
     assert {s: training[s]["seed"] for s in train.BUILT_ON} == {s: 7 for s in train.BUILT_ON}
+    assert {s: training[s]["finished_on"] for s in train.BUILT_ON} == {s: train.machine() for s in train.BUILT_ON}
     sampling = json.loads(out.sampling_file.read_text())
     assert sampling["weights_sha256"] == weights_digest(out) and sampling["edits"] > 0
     assert json.loads(out.refine_file.read_text())["decoder_sha256"] == decoder_digest(out)
