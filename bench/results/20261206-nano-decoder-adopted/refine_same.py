@@ -1,22 +1,8 @@
 """Session 49: which of test_nano's refined prompts read as the pixel decoder's scene, per decoder (working tree)."""
 
 
-def exported_bundle():
-    """The working tree's nano weights exported into a temporary folder (removed at exit)."""
-    import atexit
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from illume_rt.export.bundle import write_bundle
-    from illume_rt.nano.checkpoint import load_models
-
-    tmp = Path(tempfile.mkdtemp(prefix="nano-decoder-adopted-"))
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    return write_bundle(load_models(), tmp / "bundle", log=lambda m: None)
-
-
 def main():
+    from refine_figs import exported_bundle  # this folder's other script (the script's folder is on sys.path)
     from illume_rt.runtime.pipeline import Pipeline, to_uint8
     from illume_rt.nano import score
     from illume_rt.nano.heldout import eval_prompts, greedy_sampling
