@@ -233,13 +233,16 @@ def test_quantize_gates_each_attribute_of_a_nano_bundle(nano_bundle, tmp_path):
 
 def test_an_int8_unet_that_passes_its_graph_gate_but_spoils_refined_pictures_is_refused(nano_bundle, tmp_path):
     """The case the end-to-end refinement gate exists for: nano's INT8 onnxruntime CPU UNet calibrated on one
-    picture's refinement instead of all of nano's plan passes its own gate (every call within cosine 0.99 of FP32,
-    at all 20 timesteps) while the refined pictures of other scenes fall further from FP32's. Measured with the
-    eight-caption plan before session 33: cosine 0.998, worst 35.5 dB, against 41.0 dB calibrated on all eight
-    (bench/results/20261203-nano-edit-steps-2700); the sixteen-caption plan starts with another scene. The
-    default limit (24 dB) sits under both: it catches gross spoiling (session 11's decoder calibrated on one picture
-    refined at 6.7 dB), which the committed decoder, with its first and last convolutions kept FP32, no longer
-    shows. So the limit is set between the two calibrations here: the graph gate alone would pass this bundle, the
+    picture's refinement instead of all of nano's plan passes its own gate (every call within the cosine limit of
+    FP32, at all 20 timesteps) while the refined pictures of other scenes fall far from FP32's. The committed
+    decoder (session 48's run) calibrated on the plan's second picture alone (a red circle at the top right on white):
+    worst cosine 0.991, refined pictures worst 23.0 dB, mean 45.3 dB against FP32; on its first, third or fourth the
+    graph gate itself fails (0.987-0.990). Session 45's decoder passed on the first (and session 32's, on the
+    eight-caption plan before session 33: cosine 0.998, worst 35.5 dB against 41.0 calibrated on all eight). The
+    limits are set here, not taken from the recipe, so that neither gate decides on its last thousandth: cosine
+    0.985 (the recipe's 0.99 passes this UNet by 0.001), refinement 30 dB, between this UNet's worst picture and the
+    worst of the UNet calibrated on nano's whole plan (35.5 dB, nano/weights/quantized_eval.json; the recipe's limit,
+    24 dB, is for gross spoiling and would refuse this one by 1 dB). The graph gate alone would pass this bundle; the
     refinement gate refuses it and blames the UNet."""
     pytest.importorskip("modelopt.onnx.quantization", reason="quantization needs the quant extra (nvidia-modelopt)")
     from dataclasses import replace
@@ -247,18 +250,18 @@ def test_an_int8_unet_that_passes_its_graph_gate_but_spoils_refined_pictures_is_
     from illume_rt.calibration import recipes
     from illume_rt.calibration.quantize import quantize_bundle
 
-    one_picture = replace(datasets.plan_for(_manifest_model(nano_bundle), "calibration"), refine=[0])
-    between_calibrations = {**recipes.thresholds_for("nano", "int8", random_weights=False), "refine_psnr_db": 38.0}
+    one_picture = replace(datasets.plan_for(_manifest_model(nano_bundle), "calibration"), refine=[1])
+    limits = {**recipes.thresholds_for("nano", "int8", random_weights=False), "cosine": 0.985, "refine_psnr_db": 30.0}
     manifest = quantize_bundle(nano_bundle, tmp_path / "q", "int8", "ort-cpu", keep_failed=True,
                                threads=TEST_THREADS, components=["diffusion_unet"], log=lambda m: None,
-                               prompt_scorers={}, calibration=one_picture, thresholds=between_calibrations)
+                               prompt_scorers={}, calibration=one_picture, thresholds=limits)
     q = manifest["quantization"]
     unet = manifest["components"]["diffusion_unet"]["quantization"]
     assert unet["passed"] and unet["accuracy"]["worst_cosine"] >= q["thresholds"]["cosine"]  # its own gate: passed
     refinement = q["refinement"]
     assert refinement["steps"] == datasets.NANO_REFINE_STEPS
     assert refinement["pictures"] == 3 + datasets.NANO_REFINE_CHECKS
-    assert refinement["limit_psnr_db"] == 38.0
+    assert refinement["limit_psnr_db"] == 30.0
     assert refinement["worst_psnr_db"] < refinement["limit_psnr_db"] < refinement["mean_psnr_db"], refinement
     assert q["status"] == "failed" and q["failures"] == refinement["failures"] and unet["blamed_for_refinement"]
 
