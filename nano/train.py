@@ -234,13 +234,12 @@ def machine() -> dict:
     """What a stage's result depends on besides the code and its seed, logged with the stage: float rounding
     follows the CPU kernels torch dispatches to (its capability level) and torch's version, so a run gives another
     run's weights back bit for bit only where these match (nano/README.md, "How these weights were made")."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:  # not Linux: the capability level below still says which kernels ran
-        pass
-    found = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    from illume_rt.bench.measure import machine as bench_machine
+
+    # the CPU's model name as the benchmarks record it (none off Linux: the capability level still says which
+    # kernels ran)
+    found = {"cpu": bench_machine().get("cpu", ""), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "torch": torch.__version__}
     if DEVICE.type == "cuda":  # the MLLM stages' kernels are the GPU's
         found["gpu"] = torch.cuda.get_device_name(DEVICE)
     return found
