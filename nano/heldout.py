@@ -94,18 +94,22 @@ def runtime_edit(pipe, scene: data.Scene, instruction: str | None, sampling=None
 
 def score_edits(pipe, edits, sampling=None) -> dict:
     """Over ``edits`` (eval_edits): 'right' (the attribute asked for changed to its value and every other one kept:
-    the issue's measure), 'asked' (the attribute asked for right), 'kept' (the others all right), and 'right' by
-    kind of edit."""
+    the issue's measure), 'asked' (the attribute asked for right), 'kept' (the others all right), 'right' by kind of
+    edit, and 'kept_by_attribute': for each attribute, the share of the edits that do not ask for it which keep it
+    (which attribute an edit loses: shape, in session 50's measurement, nano/README.md "Editing")."""
     rows = []
     for scene, instruction, target in edits:
         marks = score.score_picture(runtime_edit(pipe, scene, instruction, sampling),
                                     {a: getattr(target, a) for a in data.ATTRIBUTES})
-        kind = edit_kind(scene, target)
-        rows.append((kind, marks[kind], all(marks[a] for a in data.ATTRIBUTES if a != kind)))
-    out = {"right": float(np.mean([a and k for _, a, k in rows])), "asked": float(np.mean([a for _, a, _ in rows])),
-           "kept": float(np.mean([k for _, _, k in rows])), "edits": len(rows)}
-    out["right_by_kind"] = {kind: float(np.mean([a and k for c, a, k in rows if c == kind]))
-                            for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _, _ in rows)}
+        rows.append((edit_kind(scene, target), marks))
+    asked = [marks[kind] for kind, marks in rows]
+    kept = [all(marks[a] for a in data.ATTRIBUTES if a != kind) for kind, marks in rows]
+    out = {"right": float(np.mean(np.logical_and(asked, kept))), "asked": float(np.mean(asked)),
+           "kept": float(np.mean(kept)), "edits": len(rows)}
+    out["right_by_kind"] = {kind: float(np.mean([a and k for (c, _), a, k in zip(rows, asked, kept) if c == kind]))
+                            for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _ in rows)}
+    out["kept_by_attribute"] = {a: float(np.mean([marks[a] for kind, marks in rows if kind != a]))
+                                for a in data.ATTRIBUTES if any(kind != a for kind, _ in rows)}
     return out
 
 

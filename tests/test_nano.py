@@ -134,6 +134,39 @@ def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_on
 
 
 @pytest.mark.runtime
+def test_edit_scores_name_the_attribute_an_edit_loses():
+    """score_edits on a stand-in pipeline that draws each edited scene with its shape swapped, unless the edit asks
+    for the shape: every attribute asked for comes out right, shape is kept by none of the edits that do not ask
+    for it and every other attribute by all, so only the shape edits are right."""
+    from illume_rt.nano.heldout import eval_edits, score_edits
+
+    edits = eval_edits(25)
+    by_request = {(source, instruction): target for source, instruction, target in edits}
+    other_shape = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+    class SwapsShape:
+        def default_sampling(self, mode):
+            from illume_rt.runtime.options import SamplingConfig
+
+            return SamplingConfig()
+
+        def edit(self, image, instruction, seed, sampling):
+            source = next(s for s, i in by_request if i == instruction and np.array_equal(np.asarray(image),
+                                                                                           data.render(s)))
+            target = by_request[(source, instruction)]
+            drawn = target if target.shape != source.shape else target.with_("shape", other_shape[target.shape])
+            return types.SimpleNamespace(image=data.render(drawn))
+
+    figures = score_edits(SwapsShape(), edits)
+    assert figures["asked"] == 1.0
+    assert figures["kept_by_attribute"] == {"shape": 0.0, "colour": 1.0, "size": 1.0, "position": 1.0,
+                                            "background": 1.0}
+    assert figures["right_by_kind"] == {"colour": 0.0, "position": 0.0, "shape": 1.0, "background": 0.0,
+                                        "size": 0.0}
+    assert figures["right"] == pytest.approx(0.2) and figures["kept"] == pytest.approx(0.2)
+
+
+@pytest.mark.runtime
 def test_nano_text_tokenizer_makes_each_word_of_the_grammar_one_id_and_still_encodes_any_text(tmp_path):
     """nano's byte-level BPE (text_tokenizer.py): its size is the preset's, each grammar word in a caption is one id
     (so the LLM reads "triangle" at one position), any other text still round-trips byte by byte, and the
