@@ -56,7 +56,8 @@ COMMANDS = ("train", "evaluate", "lengths", "bind-sampling")
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in ARMS or argv[1] not in COMMANDS:
-        raise SystemExit(f"usage: edit_arms.py {{{','.join(ARMS)}}} {{{','.join(COMMANDS)}}} [that command's arguments]")
+        raise SystemExit(f"usage: edit_arms.py {{{','.join(ARMS)}}} {{{','.join(COMMANDS)}}} [that command's "
+                         "arguments]")
     arm, argv = argv[0], argv[1:]
     if arm == "one-length":
         patch_grammar()
@@ -66,11 +67,12 @@ def main(argv: list[str]) -> int:
 
         from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, weights_digest
 
-        arm = NanoWeights(Path(argv[1]))
+        weights = NanoWeights(Path(argv[1]))
         record = json.loads(COMMITTED.sampling_file.read_text())
-        record["weights_sha256"] = weights_digest(arm)
-        record["command"] = "bench/results/20261206-nano-edit-one-length/edit_arms.py bind-sampling (the committed choice)"
-        arm.sampling_file.write_text(json.dumps(record, indent=1) + "\n")
+        record["weights_sha256"] = weights_digest(weights)
+        record["command"] = (f"bench/results/20261206-nano-edit-arms/edit_arms.py {arm} bind-sampling (the committed "
+                             "choice)")
+        weights.sampling_file.write_text(json.dumps(record, indent=1) + "\n")
         return 0
     if argv[0] == "lengths":  # the ids of every instruction of one scene, to check the one length
         from illume_rt.nano import data, text_tokenizer
