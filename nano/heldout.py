@@ -104,9 +104,10 @@ def score_edits(pipe, edits, sampling=None) -> dict:
         rows.append((edit_kind(scene, target), marks))
     asked = [marks[kind] for kind, marks in rows]
     kept = [all(marks[a] for a in data.ATTRIBUTES if a != kind) for kind, marks in rows]
-    out = {"right": float(np.mean(np.logical_and(asked, kept))), "asked": float(np.mean(asked)),
-           "kept": float(np.mean(kept)), "edits": len(rows)}
-    out["right_by_kind"] = {kind: float(np.mean([a and k for (c, _), a, k in zip(rows, asked, kept) if c == kind]))
+    right = [a and k for a, k in zip(asked, kept)]
+    out = {"right": float(np.mean(right)), "asked": float(np.mean(asked)), "kept": float(np.mean(kept)),
+           "edits": len(rows)}
+    out["right_by_kind"] = {kind: float(np.mean([r for (c, _), r in zip(rows, right) if c == kind]))
                             for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _ in rows)}
     out["kept_by_attribute"] = {a: float(np.mean([marks[a] for kind, marks in rows if kind != a]))
                                 for a in data.ATTRIBUTES if any(kind != a for kind, _ in rows)}
