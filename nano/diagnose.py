@@ -34,6 +34,14 @@
    features of the mirrored picture and the picture's features mirrored the same way (0: the encoders are mirror-
    equivariant, so the features say what is where only relative to each other, and where on the canvas must come
    from the LLM's own positions of the input tokens), beside the distance to the unmirrored features.
+9. Held out, edited: which level loses what an edit should keep. Each held-out edit (``heldout.eval_edits``) is
+   decoded greedily at nano's editing guidance (1.0: the conditional row alone) twice, in PyTorch: free (the
+   reference of the runtime's greedy edit) and with the semantic level given (the edited scene's own semantic
+   codes fed, the pixel level greedy). Both are decoded by the tokenizer and scored as the evaluation scores edits
+   (``heldout.score_edits``'s 'kept_by_attribute'), and the free run's semantic codes are compared with the
+   edited scene's where either differs from the empty background's (the object's cells). If an attribute is kept
+   far more often with the semantic level given, the semantic codes are where the edit loses it; if not, the
+   pixel level loses it even when told the semantic codes. ``--edits-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -177,10 +185,96 @@ def code_marks(preset, logits, ids, labels, sem, pix, empty_codes):
     return out
 
 
+@torch.no_grad()
+def greedy_edit_codes(llm, projectors, preset, tok, instruction: str | None, vit, pixel_features,
+                      semantic_given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, pixel) codes of nano's greedy edit of one picture (its features ``vit`` [81, 64],
+    ``pixel_features`` [256, 8]) at guidance 1.0, each level restricted to its own codes as the runtime's masks
+    restrict it; ``semantic_given``: the semantic codes fed instead of the model's (the pixel level stays greedy).
+    The layout (prompt, structure tokens, where each code goes) is ``train.edit_example``'s, read from an example
+    whose codes are all 0."""
+    v = preset.vocab
+    ids, labels = T.edit_example(preset, tok, instruction, torch.zeros(SEMANTIC_GRID, dtype=torch.long),
+                                 torch.zeros(PIXEL_GRID, dtype=torch.long))
+    prefix = next(k for k, label in enumerate(labels) if label != -100)
+    ranges = {v.semantic_code_offset: (v.semantic_code_offset, v.semantic_codebook_size),
+              v.pixel_code_offset: (v.pixel_code_offset, v.pixel_codebook_size)}
+    from illume_rt.export.reference import _Stream  # the reference loop's one sequence with its cache
+
+    stream = _Stream(llm, T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids[:prefix]]),
+                                                vit[None], pixel_features[None])[0])
+    drawn: dict[int, list[int]] = {v.semantic_code_offset: [], v.pixel_code_offset: []}
+    for k in range(prefix, len(ids)):
+        token = ids[k]
+        if token in ranges:  # a code's place: the level's first code stands there in the layout
+            offset, size = ranges[token]
+            if offset == v.semantic_code_offset and semantic_given is not None:
+                code = int(semantic_given[len(drawn[offset])])
+            else:
+                code = int(stream.logits[0, offset:offset + size].argmax())
+            drawn[offset].append(code)
+            token = offset + code
+        if k + 1 < len(ids):
+            stream.feed(token)
+    return torch.tensor(drawn[v.semantic_code_offset]), torch.tensor(drawn[v.pixel_code_offset])
+
+
+def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit: int | None = None) -> dict:
+    """Part 9 over the held-out edits (``limit``: the first so many): per decoding ('free', 'semantic_given'),
+    each attribute's 'kept' over the edits not asking for it, 'asked', and 'right'; and the free run's semantic
+    codes right on the object's cells. ``codes_of(scene)``: its (semantic, pixel) codes; ``empty[background]``:
+    that background's empty picture's codes."""
+    from illume_rt.nano.heldout import edit_kind, eval_edits
+
+    edits = eval_edits(limit, "held")
+    sources = list(dict.fromkeys(scene for scene, _, _ in edits))
+    x = torch.from_numpy(np.concatenate([data.to_model_input(data.render(s)) for s in sources]))
+    with torch.no_grad():
+        vit, pixel_features = enc.features(x), pixel.pixel_encoder(x).flatten(2).transpose(1, 2)
+    rows = collections.defaultdict(list)
+    object_codes_right = []
+    for scene, instruction, target in edits:
+        n = sources.index(scene)
+        want_sem, _ = codes_of(target)
+        wanted = {a: getattr(target, a) for a in data.ATTRIBUTES}
+        kind = edit_kind(scene, target)
+        for mode, given in (("free", None), ("semantic_given", want_sem)):
+            sem, pix = greedy_edit_codes(llm, projectors, preset, tok, instruction, vit[n], pixel_features[n], given)
+            rec = pixel.decode_code(sem.reshape(1, *SEMANTIC_GRID), pix.reshape(1, *PIXEL_GRID))
+            picture = ((rec[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            rows[mode].append((kind, score.score_picture(picture, wanted)))
+            if given is None:
+                on_object = (want_sem != empty[target.background][0]) | (sem != empty[target.background][0])
+                object_codes_right += (sem == want_sem)[on_object].tolist()
+    out = {"edits": len(edits)}
+    for mode, marks in rows.items():
+        asked = [m[kind] for kind, m in marks]
+        kept = [all(m[a] for a in data.ATTRIBUTES if a != kind) for kind, m in marks]
+        out[mode] = {"right": round(float(np.mean([a and k for a, k in zip(asked, kept)])), 3),
+                     "asked": round(float(np.mean(asked)), 3), "kept": round(float(np.mean(kept)), 3),
+                     "kept_by_attribute": {a: round(float(np.mean([m[a] for kind, m in marks if kind != a])), 3)
+                                           for a in data.ATTRIBUTES}}
+    out["free"]["semantic_object_codes_right"] = round(float(np.mean(object_codes_right)), 3)
+    return out
+
+
+def reference_models(llm_state: str | None):
+    """The committed weights as ``ReferenceModels``, their LLM and projectors from ``llm_state`` if given."""
+    models = load_models()
+    if llm_state:
+        state = torch.load(llm_state, weights_only=True)["modules"]
+        models.llm.load_state_dict(state["llm"])
+        models.projectors.load_state_dict(state["projectors"])
+    models.llm.eval()
+    return models
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm-state", default=None, help="a finished or partial MLLM stage state (mllm.pt, focus.pt)")
     ap.add_argument("--scenes", type=int, default=30, help="training scenes for parts 2 and 3")
+    ap.add_argument("--edits-only", action="store_true", help="part 9 alone")
+    ap.add_argument("--edits", type=int, default=None, help="part 9 on the first so many held-out edits (of 225)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out: dict = {}
@@ -191,6 +285,18 @@ def main(argv=None) -> int:
     for bg in data.BACKGROUNDS:
         rows = [i for i, s in enumerate(scenes) if s.background == bg]
         empty[bg] = (S[rows].mode(0).values, P[rows].mode(0).values)
+
+    def codes_of(scene):
+        i = scenes.index(scene)
+        return S[i], P[i]
+
+    def edited(models) -> dict:
+        return edit_levels(models.llm, models.projectors, models.preset, T.nano_tokenizer(models.preset), enc, pixel,
+                           codes_of, empty, args.edits)
+
+    if args.edits_only:
+        print(json.dumps({"held_out_edited": edited(reference_models(args.llm_state))}, indent=1))
+        return 0
 
     # 1. which level carries what
     swaps = {}
@@ -220,11 +326,7 @@ def main(argv=None) -> int:
     colour_of = {c: max(k, key=k.get) for c, k in by_colour.items()}
 
     # 2 and 3: the MLLM
-    models = load_models()
-    if args.llm_state:
-        state = torch.load(args.llm_state, weights_only=True)["modules"]
-        models.llm.load_state_dict(state["llm"])
-        models.projectors.load_state_dict(state["projectors"])
+    models = reference_models(args.llm_state)
     llm, preset = models.llm.eval(), models.preset
     v, tok = preset.vocab, T.nano_tokenizer(preset)
     sem_rows = range(v.semantic_code_offset, v.semantic_code_offset + v.semantic_codebook_size)
@@ -350,6 +452,9 @@ def main(argv=None) -> int:
 
     # 8. input features, mirrored (the held-out pictures of part 7)
     out["input_features_mirror"] = mirror_equivariance(enc, pixel, x)
+
+    # 9. held out, edited: which level loses what an edit keeps
+    out["held_out_edited"] = edited(models)
     print(json.dumps(out, indent=1))
     return 0
 

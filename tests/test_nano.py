@@ -290,6 +290,49 @@ def test_runtime_edits_held_out_pictures(nano_pipe):
 
 
 @needs_weights
+def test_diagnosis_edits_code_for_code_as_the_runtime_does(nano_pipe):
+    """Part 9 of diagnose.py (which level loses what an edit keeps) decodes nano's edits in PyTorch: its free run
+    must be the runtime's greedy edit code for code, or its figures would not be the evaluation's; with the
+    semantic level given it keeps those codes, and its cached pixel codes are the argmax a whole forward of the
+    finished sequence gives at each pixel code's place."""
+    from dataclasses import replace
+
+    import torch
+    from PIL import Image
+
+    from illume_rt.nano import diagnose, train
+    from illume_rt.nano.heldout import eval_edits
+
+    enc, pixel = diagnose.tokenizer_modules()
+    models = diagnose.reference_models(None)
+    preset, tok = models.preset, train.nano_tokenizer(models.preset)
+    greedy = replace(nano_pipe.default_sampling("editing"), greedy=True)
+    for scene, instruction, target in eval_edits(2):
+        x = torch.from_numpy(data.to_model_input(data.render(scene)))
+        with torch.no_grad():
+            vit, features = enc.features(x)[0], pixel.pixel_encoder(x).flatten(2).transpose(1, 2)[0]
+        sem, pix = diagnose.greedy_edit_codes(models.llm, models.projectors, preset, tok, instruction, vit, features)
+        runtime = nano_pipe.edit(Image.fromarray(data.render(scene)), instruction, seed=0, sampling=greedy).tokens
+        assert sem.tolist() == runtime.semantic.reshape(-1).tolist()
+        assert pix.tolist() == runtime.pixel.reshape(-1).tolist()
+        given, _ = diagnose.encode(enc, pixel, [target])
+        sem, pix = diagnose.greedy_edit_codes(models.llm, models.projectors, preset, tok, instruction, vit, features,
+                                              given[0])
+        assert sem.tolist() == given[0].tolist()
+        ids, labels = train.edit_example(preset, tok, instruction, sem.reshape(diagnose.SEMANTIC_GRID),
+                                         pix.reshape(diagnose.PIXEL_GRID))
+        with torch.no_grad():
+            logits = models.llm(inputs_embeds=train.embed_with_features(
+                models.llm.get_input_embeddings(), models.projectors, torch.tensor([ids]), vit[None],
+                features[None])).logits[0, :-1]
+        v = preset.vocab
+        at = [k for k in range(len(ids) - 1) if labels[k + 1] != -100
+              and v.pixel_code_offset <= ids[k + 1] < v.pixel_code_offset + v.pixel_codebook_size]
+        whole = logits[at, v.pixel_code_offset:v.pixel_code_offset + v.pixel_codebook_size].argmax(-1)
+        assert whole.tolist() == pix.tolist()
+
+
+@needs_weights
 def test_refine_works_out_of_the_box_on_the_built_in_model(nano_pipe):
     """``--refine`` on the built-in model: its bundle carries nano's diffusion decoder, and the 2x picture it draws
     from a held-out picture's codes is closer to the scene rendered at 2x (PSNR) than the pixel decoder's picture
