@@ -717,17 +717,34 @@ def attention_mask_for(mask: torch.Tensor) -> torch.Tensor | None:
     return None if torch.equal(mask.cummin(dim=1).values, mask) else mask
 
 
-def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, hard_weight: float = 0.0
-            ) -> torch.Tensor:
+def lm_loss(llm, embeds: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, hard_weight: float = 0.0,
+            slot_codes: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over the labelled tokens: the plain mean, or with ``hard_weight`` > 0 the mean
-    weighted by 1 + hard_weight * (1 - p)^2 (see FOCUS_STEPS)."""
+    weighted by 1 + hard_weight * (1 - p)^2 (see FOCUS_STEPS). ``slot_codes`` (see SLOT_CODE_WEIGHT): plus
+    SLOT_CODE_WEIGHT x the mean cross-entropy of each input feature slot's output against its own code."""
     logits = llm(inputs_embeds=embeds, attention_mask=attention_mask_for(mask)).logits
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="none")
     w = (labels[:, 1:].reshape(-1) != -100).float()
     if hard_weight:
         w = w * (1 + hard_weight * (1 - torch.exp(-ce.detach())) ** 2)
-    return (ce * w).sum() / w.sum().clamp(min=1e-6)
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    if slot_codes is not None:
+        loss = loss + SLOT_CODE_WEIGHT * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), slot_codes.reshape(-1),
+                                                         ignore_index=-100)
+    return loss
+
+
+def slot_codes_for(v, ids: torch.Tensor, semantic: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor | None:
+    """Per position of ``ids`` (a batch with feature slots, as embed_with_features fills them): the token id of the
+    code its input cell has (``semantic`` [B, 81] / ``pixel`` [B, 256]: each row's picture's codes, in the slots'
+    order), -100 elsewhere; None while SLOT_CODE_WEIGHT is 0 (the recipe: nothing is computed)."""
+    if not SLOT_CODE_WEIGHT:
+        return None
+    out = torch.full_like(ids, -100)
+    out[ids == SEM_SLOT] = (semantic.reshape(len(ids), -1).to(ids.device) + v.semantic_code_offset).reshape(-1)
+    out[ids == PIX_SLOT] = (pixel.reshape(len(ids), -1).to(ids.device) + v.pixel_code_offset).reshape(-1)
+    return out
 
 
 ROW_INIT_STD = 0.02  # the embedding table's and LM head's random init (build_mllm, init_code_rows)
@@ -752,6 +769,15 @@ def build_mllm(preset):
 # shape and size were where earlier runs had them, and the finished chain's weights scored below the committed ones
 # (nano/README.md, "Left out"): faster early, not further, so 0.
 CODE_ROWS_FROM_MEANING = 0.0
+# Input slots name their own codes: in every MLLM stage, each feature slot of an input picture (understanding, and
+# an edit's source) is also trained to give, as its output, the code the tokenizer gives its cell (a semantic slot
+# its semantic code, a pixel slot its pixel code: each a function of that one cell's features), weighted by this
+# against the next-token loss; 0 in the recipe (nothing is computed, its random stream is unchanged). Why: an edit
+# keeps a picture by writing each input cell's code back out, and nano does not learn to (nano/README.md,
+# "Editing": with the edited picture's semantic codes given, its pixel codes still lose the shape of 26% of the
+# edits). Taught at the input, the code is there for an output cell to read; never read at inference (the
+# runtime samples no token at an input slot). Session 51's arm from ``focus`` (bench/results/20261206-nano-edit-arms).
+SLOT_CODE_WEIGHT = 0.0
 
 
 @torch.no_grad()
@@ -876,7 +902,8 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
             inputs = pad_batch(fed, pad)[0]
             sources = torch.tensor(sources)
             emb = embed_with_features(embed, proj, inputs, toks["vit"][sources], toks["pixel_features"][sources])
-            loss_edit = lm_loss(llm, emb, labels, mask, hard_weight)
+            loss_edit = lm_loss(llm, emb, labels, mask, hard_weight, slot_codes_for(
+                preset.vocab, inputs, toks["semantic"][sources], toks["pixel"][sources]))
             info += f" edit {loss_edit.item():.3f}"
             loss = loss + loss_edit
         und = []
@@ -885,7 +912,8 @@ def _train_mllm(work: Path, stage: Stage, steps: int, peak_lr: float, init: Path
             und.append(und_example(preset, tok, scenes[int(toks["und_scene"][f])], rng))
         ids, labels, mask = pad_batch(und, pad)
         emb = embed_with_features(embed, proj, ids, toks["vit"][feats], toks["pixel_features"][feats])
-        loss_und = lm_loss(llm, emb, labels, mask)
+        loss_und = lm_loss(llm, emb, labels, mask, slot_codes=slot_codes_for(
+            preset.vocab, ids, toks["semantic"][feats], toks["pixel"][feats]))
         return loss + loss_und, f"{info} und {loss_und.item():.3f}"
 
     params = list(llm.parameters()) + list(proj.parameters())

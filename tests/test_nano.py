@@ -956,6 +956,42 @@ def test_a_right_padded_training_batch_loses_its_padding_mask_and_nothing_else()
     assert train.attention_mask_for(left) is left
 
 
+def test_input_slots_are_labelled_with_their_own_cells_codes_only_when_asked(monkeypatch):
+    """SLOT_CODE_WEIGHT (an arm, 0 in the recipe): each feature slot of an input picture is labelled with its own
+    cell's code, in the order embed_with_features fills the slots, and nothing else is; lm_loss adds the weight
+    times those labels' mean cross-entropy at the slots' own outputs. At 0, nothing is labelled and the loss is the
+    next-token loss alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from illume_rt.nano import train
+
+    preset = train.nano_preset()
+    v, tok = preset.vocab, train.nano_tokenizer(preset)
+    g = torch.Generator().manual_seed(0)
+    sem = torch.randint(0, v.semantic_codebook_size, (2, 81), generator=g)
+    pix = torch.randint(0, v.pixel_codebook_size, (2, 256), generator=g)
+    seqs = [train.edit_example(preset, tok, instruction, sem[0].reshape(9, 9), pix[0].reshape(16, 16))
+            for instruction in ("make it large", None)]  # two lengths: the second row is padded
+    ids, labels, mask = train.pad_batch(seqs, v.pad_id)
+    assert train.slot_codes_for(v, ids, sem, pix) is None
+    monkeypatch.setattr(train, "SLOT_CODE_WEIGHT", 0.5)
+    slots = train.slot_codes_for(v, ids, sem, pix)
+    for row in range(2):
+        assert slots[row][ids[row] == train.SEM_SLOT].tolist() == (sem[row] + v.semantic_code_offset).tolist()
+        assert slots[row][ids[row] == train.PIX_SLOT].tolist() == (pix[row] + v.pixel_code_offset).tolist()
+        assert (slots[row] != -100).sum() == 81 + 256
+    llm, projectors = train.build_mllm(preset)
+    emb = train.embed_with_features(llm.get_input_embeddings(), projectors, ids, torch.randn(2, 81, 64),
+                                    torch.randn(2, 256, 8))
+    with torch.no_grad():
+        plain = train.lm_loss(llm, emb, labels, mask)
+        with_slots = train.lm_loss(llm, emb, labels, mask, slot_codes=slots)
+        logits = llm(inputs_embeds=emb).logits
+    at = slots != -100
+    assert torch.allclose(with_slots - plain, 0.5 * F.cross_entropy(logits[at], slots[at]), atol=1e-5)
+
+
 def _log_many(work, prefix, n):
     from illume_rt.nano import train
 

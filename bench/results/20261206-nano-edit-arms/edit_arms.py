@@ -11,6 +11,16 @@
 - ``captions-2``: the committed grammar, 2 captions a step in ``edit`` instead of EDIT_T2I_BATCH's 6, so that
   copying the input picture (what an edit fails to keep, the shape) weighs more against drawing from captions;
   ``polish`` (which gives drawing back) as committed.
+- ``semantic-erase-0.9`` (session 51): the committed grammar, with the fed semantic codes of stage ``edit``'s
+  examples erased up to 0.9 instead of ERASE_MAX's 0.6 (the pixel codes already are: EDIT_PIXEL_ERASE_MAX), so that
+  fewer of an edited picture's semantic codes can be continued from the codes already drawn and more must be read
+  from the input picture's features, where the shape an edit loses is (the diagnosis behind ``focus``, applied to
+  edits). ``polish`` as committed.
+- ``slot-codes-0.5`` (session 51): the committed grammar, with ``train.SLOT_CODE_WEIGHT`` 0.5 in ``edit`` and
+  ``polish``: every input picture's feature slot (an edit's source, an understanding chat's picture) also trained
+  to give its own cell's code as its output, so that the code an output cell must write back is there to be read
+  (``diagnose.py`` part 9: given the edited picture's semantic codes, the pixel level still loses the shape of 26%
+  of the edits).
 
 Usage (``run.sh``), ARM one of the above:
 
@@ -50,7 +60,8 @@ def patch_grammar() -> None:
     data.edits = edits
 
 
-ARMS = ("one-length", "captions-2")
+ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5")
+EDIT_SEMANTIC_ERASE_MAX = 0.9  # the semantic-erase-0.9 arm's
 COMMANDS = ("train", "evaluate", "lengths", "bind-sampling")
 
 
@@ -86,6 +97,20 @@ def main(argv: list[str]) -> int:
 
         if arm == "captions-2":
             command.EDIT_T2I_BATCH = 2  # read when stage edit starts
+        if arm == "slot-codes-0.5":
+            command.SLOT_CODE_WEIGHT = 0.5  # read at every step of edit and polish
+        if arm == "semantic-erase-0.9":
+            committed_stage_edit = command.stage_edit
+
+            def stage_edit(work):  # ERASE_MAX is read when stage edit starts; polish keeps the committed one
+                committed = command.ERASE_MAX
+                command.ERASE_MAX = EDIT_SEMANTIC_ERASE_MAX
+                try:
+                    committed_stage_edit(work)
+                finally:
+                    command.ERASE_MAX = committed
+
+            command.stage_edit = stage_edit  # run_stage looks stages up by name at call time
     else:
         from illume_rt.nano import evaluate as command
     return command.main(argv[1:]) or 0

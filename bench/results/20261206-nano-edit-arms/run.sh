@@ -1,5 +1,6 @@
 #!/bin/bash
-# Session 50's arms, as run (paths of that session): ./run.sh one-length | ./run.sh captions-2.
+# The arms, as run: ./run.sh one-length | ./run.sh captions-2 (session 50, BASE=/tmp/s50) | ./run.sh
+# semantic-erase-0.9 | ./run.sh slot-codes-0.5 (session 51, BASE=/tmp/s51).
 # W holds the committed recipe's states up to `focus` (session 48's one-command run on this machine, which the
 # committed weights are bit for bit: semantic, pixel, tokens, mllm, focus, vae, decoder and their log.json
 # entries); `edit` and `polish` are trained again in the arm.
@@ -7,7 +8,8 @@ echo 19 > /proc/self/autogroup
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 ARM=$1
 HERE=$(cd "$(dirname "$0")" && pwd)
-W=/tmp/s50/$ARM/work O=/tmp/s50/$ARM/weights
+BASE=${BASE:-/tmp/s50}
+W=$BASE/$ARM/work O=$BASE/$ARM/weights
 nice -n 19 python "$HERE/edit_arms.py" $ARM train edit polish export --work $W --out $O --jobs 1
 python "$HERE/edit_arms.py" $ARM bind-sampling $O
 nice -n 19 python "$HERE/edit_arms.py" $ARM evaluate --weights $O --no-reference --split held --sampled held \
