@@ -193,25 +193,24 @@ def greedy_edit_codes(llm, projectors, preset, tok, instruction: str | None, vit
     restrict it; ``semantic_given``: the semantic codes fed instead of the model's (the pixel level stays greedy).
     The layout (prompt, structure tokens, where each code goes) is ``train.edit_example``'s, read from an example
     whose codes are all 0."""
+    from illume_rt.export.reference import _Stream  # the reference loop's one sequence with its cache
+
     v = preset.vocab
     ids, labels = T.edit_example(preset, tok, instruction, torch.zeros(SEMANTIC_GRID, dtype=torch.long),
                                  torch.zeros(PIXEL_GRID, dtype=torch.long))
     prefix = next(k for k, label in enumerate(labels) if label != -100)
-    ranges = {v.semantic_code_offset: (v.semantic_code_offset, v.semantic_codebook_size),
-              v.pixel_code_offset: (v.pixel_code_offset, v.pixel_codebook_size)}
-    from illume_rt.export.reference import _Stream  # the reference loop's one sequence with its cache
-
+    codebook_size = {v.semantic_code_offset: v.semantic_codebook_size, v.pixel_code_offset: v.pixel_codebook_size}
     stream = _Stream(llm, T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids[:prefix]]),
                                                 vit[None], pixel_features[None])[0])
     drawn: dict[int, list[int]] = {v.semantic_code_offset: [], v.pixel_code_offset: []}
     for k in range(prefix, len(ids)):
         token = ids[k]
-        if token in ranges:  # a code's place: the level's first code stands there in the layout
-            offset, size = ranges[token]
+        if token in codebook_size:  # a code's place: the level's first code stands there in the layout
+            offset = token
             if offset == v.semantic_code_offset and semantic_given is not None:
                 code = int(semantic_given[len(drawn[offset])])
             else:
-                code = int(stream.logits[0, offset:offset + size].argmax())
+                code = int(stream.logits[0, offset:offset + codebook_size[offset]].argmax())
             drawn[offset].append(code)
             token = offset + code
         if k + 1 < len(ids):
