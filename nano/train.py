@@ -776,7 +776,9 @@ CODE_ROWS_FROM_MEANING = 0.0
 # keeps a picture by writing each input cell's code back out, and nano does not learn to (nano/README.md,
 # "Editing": with the edited picture's semantic codes given, its pixel codes still lose the shape of 26% of the
 # edits). Taught at the input, the code is there for an output cell to read; never read at inference (the
-# runtime samples no token at an input slot). Session 51's arm from ``focus`` (bench/results/20261206-nano-edit-arms).
+# runtime samples no token at an input slot). Session 51's arm from ``focus`` at 0.5 in ``edit`` and ``polish``: the
+# slots learned their codes, but edits got worse (41% right greedy against 52%, shape kept 49% against 61%) and so
+# did drawing (held-out shape 81% against 87%; bench/results/20261206-nano-edit-arms), so 0.
 SLOT_CODE_WEIGHT = 0.0
 
 
