@@ -84,9 +84,14 @@ def encode(enc, pixel, scenes):
 
 
 @torch.no_grad()
-def decoded_scores(pixel, sem, pix, scenes):
+def decoded_pictures(pixel, sem, pix) -> np.ndarray:
+    """The tokenizer's pictures (uint8 [B, H, W, 3]) of codes ``sem`` [B, 81] and ``pix`` [B, 256]."""
     rec = pixel.decode_code(sem.reshape(-1, *SEMANTIC_GRID), pix.reshape(-1, *PIXEL_GRID))
-    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def decoded_scores(pixel, sem, pix, scenes):
+    imgs = decoded_pictures(pixel, sem, pix)
     return score.summarize([score.score_picture(im, {a: getattr(s, a) for a in data.ATTRIBUTES})
                             for im, s in zip(imgs, scenes)])
 
@@ -223,7 +228,7 @@ def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit
     each attribute's 'kept' over the edits not asking for it, 'asked', and 'right'; and the free run's semantic
     codes right on the object's cells. ``codes_of(scene)``: its (semantic, pixel) codes; ``empty[background]``:
     that background's empty picture's codes."""
-    from illume_rt.nano.heldout import edit_kind, eval_edits
+    from illume_rt.nano.heldout import edit_figures, edit_kind, eval_edits
 
     edits = eval_edits(limit, "held")
     sources = list(dict.fromkeys(scene for scene, _, _ in edits))
@@ -239,20 +244,15 @@ def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit
         kind = edit_kind(scene, target)
         for mode, given in (("free", None), ("semantic_given", want_sem)):
             sem, pix = greedy_edit_codes(llm, projectors, preset, tok, instruction, vit[n], pixel_features[n], given)
-            rec = pixel.decode_code(sem.reshape(1, *SEMANTIC_GRID), pix.reshape(1, *PIXEL_GRID))
-            picture = ((rec[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            rows[mode].append((kind, score.score_picture(picture, wanted)))
+            rows[mode].append((kind, score.score_picture(decoded_pictures(pixel, sem, pix)[0], wanted)))
             if given is None:
                 on_object = (want_sem != empty[target.background][0]) | (sem != empty[target.background][0])
                 object_codes_right += (sem == want_sem)[on_object].tolist()
     out = {"edits": len(edits)}
     for mode, marks in rows.items():
-        asked = [m[kind] for kind, m in marks]
-        kept = [all(m[a] for a in data.ATTRIBUTES if a != kind) for kind, m in marks]
-        out[mode] = {"right": round(float(np.mean([a and k for a, k in zip(asked, kept)])), 3),
-                     "asked": round(float(np.mean(asked)), 3), "kept": round(float(np.mean(kept)), 3),
-                     "kept_by_attribute": {a: round(float(np.mean([m[a] for kind, m in marks if kind != a])), 3)
-                                           for a in data.ATTRIBUTES}}
+        figures = edit_figures(marks)
+        out[mode] = {key: round(figures[key], 3) for key in ("right", "asked", "kept")}
+        out[mode]["kept_by_attribute"] = {a: round(x, 3) for a, x in figures["kept_by_attribute"].items()}
     out["free"]["semantic_object_codes_right"] = round(float(np.mean(object_codes_right)), 3)
     return out
 

@@ -93,15 +93,21 @@ def runtime_edit(pipe, scene: data.Scene, instruction: str | None, sampling=None
 
 
 def score_edits(pipe, edits, sampling=None) -> dict:
-    """Over ``edits`` (eval_edits): 'right' (the attribute asked for changed to its value and every other one kept:
-    the issue's measure), 'asked' (the attribute asked for right), 'kept' (the others all right), 'right' by kind of
-    edit, and 'kept_by_attribute': for each attribute, the share of the edits that do not ask for it which keep it
-    (which attribute an edit loses: shape, in session 50's measurement, nano/README.md "Editing")."""
+    """Over ``edits`` (eval_edits), the runtime's edits scored by edit_figures."""
     rows = []
     for scene, instruction, target in edits:
         marks = score.score_picture(runtime_edit(pipe, scene, instruction, sampling),
                                     {a: getattr(target, a) for a in data.ATTRIBUTES})
         rows.append((edit_kind(scene, target), marks))
+    return edit_figures(rows)
+
+
+def edit_figures(rows: list[tuple[str, dict[str, bool]]]) -> dict:
+    """Over ``rows`` (per edit: its kind, and the scorer's marks of the edited picture against the edited scene):
+    'right' (the attribute asked for changed to its value and every other one kept: the issue's measure), 'asked'
+    (the attribute asked for right), 'kept' (the others all right), 'right' by kind of edit, and
+    'kept_by_attribute': for each attribute, the share of the edits that do not ask for it which keep it (which
+    attribute an edit loses: shape, in session 50's measurement, nano/README.md "Editing")."""
     asked = [marks[kind] for kind, marks in rows]
     kept = [all(marks[a] for a in data.ATTRIBUTES if a != kind) for kind, marks in rows]
     right = [a and k for a, k in zip(asked, kept)]
