@@ -42,6 +42,12 @@
    edited scene's where either differs from the empty background's (the object's cells). If an attribute is kept
    far more often with the semantic level given, the semantic codes are where the edit loses it; if not, the
    pixel level loses it even when told the semantic codes. ``--edits-only`` runs this part alone.
+10. Held out, drawn: the same question for drawing from captions. Each held-out prompt (``heldout.eval_prompts``:
+   full and short captions) is drawn greedily in PyTorch at the committed text-to-image guidance three ways: free
+   (the reference of the runtime's greedy drawing), with the scene's own semantic codes fed, and with them fed under
+   the unconditional prompt alone (no caption, guidance 1.0: what the pixel level draws from the semantic codes
+   with no word to read). Beside part 9 it says whether the pixel level reads an attribute from the caption, from
+   the semantic codes, or, in an edit, from the input picture. ``--drawing-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -191,36 +197,63 @@ def code_marks(preset, logits, ids, labels, sem, pix, empty_codes):
 
 
 @torch.no_grad()
-def greedy_edit_codes(llm, projectors, preset, tok, instruction: str | None, vit, pixel_features,
-                      semantic_given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(semantic, pixel) codes of nano's greedy edit of one picture (its features ``vit`` [81, 64],
-    ``pixel_features`` [256, 8]) at guidance 1.0, each level restricted to its own codes as the runtime's masks
-    restrict it; ``semantic_given``: the semantic codes fed instead of the model's (the pixel level stays greedy).
-    The layout (prompt, structure tokens, where each code goes) is ``train.edit_example``'s, read from an example
-    whose codes are all 0."""
+def _greedy_codes(llm, v, layout: list[int], cond_prompt, uncond_prompt=None, guidance: float = 1.0,
+                  semantic_given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, pixel) codes decoded greedily along ``layout`` (an image's tokens from <start_of_image> on, every
+    code 0: the level's first code marks a code's place), the conditional row primed with ``cond_prompt`` (ids, or
+    a [length, hidden] tensor of embeddings) and, with ``guidance`` != 1, the unconditional row with
+    ``uncond_prompt``. Each level is restricted to its own codes as the runtime's masks restrict it; guidance mixes
+    the rows' log-probabilities as the reference loop does (the runtime's raw-logit mix differs by one constant per
+    step, so the argmax is the same). ``semantic_given``: the semantic codes fed instead of the model's (the pixel
+    level stays greedy)."""
     from illume_rt.export.reference import _Stream  # the reference loop's one sequence with its cache
 
-    v = preset.vocab
-    ids, labels = T.edit_example(preset, tok, instruction, torch.zeros(SEMANTIC_GRID, dtype=torch.long),
-                                 torch.zeros(PIXEL_GRID, dtype=torch.long))
-    prefix = next(k for k, label in enumerate(labels) if label != -100)
     codebook_size = {v.semantic_code_offset: v.semantic_codebook_size, v.pixel_code_offset: v.pixel_codebook_size}
-    stream = _Stream(llm, T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids[:prefix]]),
-                                                vit[None], pixel_features[None])[0])
+    rows = [_Stream(llm, cond_prompt)] + ([_Stream(llm, uncond_prompt)] if guidance != 1.0 else [])
     drawn: dict[int, list[int]] = {v.semantic_code_offset: [], v.pixel_code_offset: []}
-    for k in range(prefix, len(ids)):
-        token = ids[k]
-        if token in codebook_size:  # a code's place: the level's first code stands there in the layout
+    for k, token in enumerate(layout):
+        if token in codebook_size:
             offset = token
             if offset == v.semantic_code_offset and semantic_given is not None:
                 code = int(semantic_given[len(drawn[offset])])
             else:
-                code = int(stream.logits[0, offset:offset + codebook_size[offset]].argmax())
+                scores = [F.log_softmax(row.logits[0].double(), -1)[offset:offset + codebook_size[offset]]
+                          for row in rows]
+                guided = scores[0] if len(rows) == 1 else guidance * (scores[0] - scores[1]) + scores[1]
+                code = int(guided.argmax())
             drawn[offset].append(code)
             token = offset + code
-        if k + 1 < len(ids):
-            stream.feed(token)
+        if k + 1 < len(layout):
+            for row in rows:
+                row.feed(token)
     return torch.tensor(drawn[v.semantic_code_offset]), torch.tensor(drawn[v.pixel_code_offset])
+
+
+def greedy_edit_codes(llm, projectors, preset, tok, instruction: str | None, vit, pixel_features,
+                      semantic_given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, pixel) codes of nano's greedy edit of one picture (its features ``vit`` [81, 64],
+    ``pixel_features`` [256, 8]) at guidance 1.0 (``_greedy_codes``). The layout (prompt, structure tokens, where
+    each code goes) is ``train.edit_example``'s, read from an example whose codes are all 0."""
+    ids, labels = T.edit_example(preset, tok, instruction, torch.zeros(SEMANTIC_GRID, dtype=torch.long),
+                                 torch.zeros(PIXEL_GRID, dtype=torch.long))
+    prefix = next(k for k, label in enumerate(labels) if label != -100)
+    with torch.no_grad():
+        prompt = T.embed_with_features(llm.get_input_embeddings(), projectors, torch.tensor([ids[:prefix]]),
+                                       vit[None], pixel_features[None])[0]
+    return _greedy_codes(llm, preset.vocab, ids[prefix:], prompt, semantic_given=semantic_given)
+
+
+def greedy_draw_codes(llm, preset, tok, caption: str | None, guidance: float,
+                      semantic_given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic, pixel) codes of nano's greedy drawing of ``caption`` (``None``: the unconditional prompt alone)
+    at ``guidance`` against the unconditional prompt (``_greedy_codes``); the layout is ``train.t2i_example``'s."""
+    zeros = torch.zeros(SEMANTIC_GRID, dtype=torch.long), torch.zeros(PIXEL_GRID, dtype=torch.long)
+    ids, labels = T.t2i_example(preset, tok, None, *zeros, caption)
+    uncond, uncond_labels = T.t2i_example(preset, tok, None, *zeros, None)
+    prefix = next(k for k, label in enumerate(labels) if label != -100)
+    uncond_prefix = next(k for k, label in enumerate(uncond_labels) if label != -100)
+    return _greedy_codes(llm, preset.vocab, ids[prefix:], ids[:prefix], uncond[:uncond_prefix], guidance,
+                         semantic_given)
 
 
 def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit: int | None = None) -> dict:
@@ -257,6 +290,27 @@ def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit
     return out
 
 
+def drawing_levels(llm, preset, tok, pixel, codes_of, guidance: float, limit: int | None = None) -> dict:
+    """Part 10 over the held-out prompts (``heldout.eval_prompts``; ``limit``: the first so many): each
+    attribute's share right and all of them, per decoding: 'free' (the caption at ``guidance``: the runtime's
+    greedy drawing), 'semantic_given' (the same, the scene's own semantic codes fed) and
+    'semantic_given_no_caption' (the unconditional prompt alone, the scene's semantic codes fed: what the pixel
+    level draws from the semantic codes with no word to read). ``codes_of(scene)``: its (semantic, pixel) codes."""
+    from illume_rt.nano.heldout import eval_prompts, eval_scenes
+
+    scenes = eval_scenes("held")
+    prompts = list(zip(scenes * 2, eval_prompts(limit, "held")))  # each scene's full caption, then its short one
+    marks = collections.defaultdict(list)
+    for scene, (caption, wanted) in prompts:
+        semantic = codes_of(scene)[0]
+        for mode, prompt, given in (("free", caption, None), ("semantic_given", caption, semantic),
+                                    ("semantic_given_no_caption", None, semantic)):
+            sem, pix = greedy_draw_codes(llm, preset, tok, prompt, guidance if prompt else 1.0, given)
+            marks[mode].append(score.score_picture(decoded_pictures(pixel, sem, pix)[0], wanted))
+    return {"prompts": len(marks["free"]), "guidance": guidance,
+            **{mode: {a: round(x, 3) for a, x in score.summarize(m).items()} for mode, m in marks.items()}}
+
+
 def reference_models(llm_state: str | None):
     """The committed weights as ``ReferenceModels``, their LLM and projectors from ``llm_state`` if given."""
     models = load_models()
@@ -274,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=int, default=30, help="training scenes for parts 2 and 3")
     ap.add_argument("--edits-only", action="store_true", help="part 9 alone")
     ap.add_argument("--edits", type=int, default=None, help="part 9 on the first so many held-out edits (of 225)")
+    ap.add_argument("--drawing-only", action="store_true", help="part 10 alone")
+    ap.add_argument("--prompts", type=int, default=None, help="part 10 on the first so many held-out prompts (of 90)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out: dict = {}
@@ -293,8 +349,16 @@ def main(argv=None) -> int:
         return edit_levels(models.llm, models.projectors, models.preset, T.nano_tokenizer(models.preset), enc, pixel,
                            codes_of, empty, args.edits)
 
-    if args.edits_only:
-        print(json.dumps({"held_out_edited": edited(reference_models(args.llm_state))}, indent=1))
+    def drawn(models) -> dict:
+        # the committed weights' text-to-image guidance (nano/choose_sampling.py's choice), whatever the LLM state
+        guidance = json.loads(COMMITTED.sampling_file.read_text())["text_to_image"]["guidance_scale"]
+        return drawing_levels(models.llm, models.preset, T.nano_tokenizer(models.preset), pixel, codes_of, guidance,
+                              args.prompts)
+
+    if args.edits_only or args.drawing_only:
+        models = reference_models(args.llm_state)
+        print(json.dumps({**({"held_out_edited": edited(models)} if args.edits_only else {}),
+                          **({"held_out_drawn": drawn(models)} if args.drawing_only else {})}, indent=1))
         return 0
 
     # 1. which level carries what
@@ -454,6 +518,9 @@ def main(argv=None) -> int:
 
     # 9. held out, edited: which level loses what an edit keeps
     out["held_out_edited"] = edited(models)
+
+    # 10. held out, drawn: which level loses what a drawing gets wrong
+    out["held_out_drawn"] = drawn(models)
     print(json.dumps(out, indent=1))
     return 0
 

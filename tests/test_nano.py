@@ -333,6 +333,30 @@ def test_diagnosis_edits_code_for_code_as_the_runtime_does(nano_pipe):
 
 
 @needs_weights
+def test_diagnosis_draws_code_for_code_as_the_runtime_does(nano_pipe):
+    """Part 10 of diagnose.py (which level loses what a drawing gets wrong) draws in PyTorch at nano's guidance: its
+    free run must be the runtime's greedy drawing code for code (both rows, guided), or its figures would not be the
+    evaluation's; with the semantic level given it keeps those codes and draws pixel codes of its own."""
+
+    from illume_rt.nano import diagnose, train
+    from illume_rt.nano.heldout import eval_prompts, greedy_sampling
+
+    models = diagnose.reference_models(None)
+    preset, tok = models.preset, train.nano_tokenizer(models.preset)
+    greedy = greedy_sampling(nano_pipe)
+    assert greedy.guidance_scale != 1.0, "nano's text-to-image guidance is 1.0: the unconditional row goes untested"
+    for prompt, _ in eval_prompts(2):
+        sem, pix = diagnose.greedy_draw_codes(models.llm, preset, tok, prompt, greedy.guidance_scale)
+        runtime = nano_pipe.generate(prompt, resolution=(256, 256), seed=0, sampling=greedy).tokens
+        assert sem.tolist() == runtime.semantic.reshape(-1).tolist()
+        assert pix.tolist() == runtime.pixel.reshape(-1).tolist()
+        given = sem.flip(0)  # the object's codes in the opposite corner, so that feeding them shows
+        given_sem, given_pix = diagnose.greedy_draw_codes(models.llm, preset, tok, prompt, greedy.guidance_scale, given)
+        assert given_sem.tolist() == given.tolist()
+        assert given_pix.tolist() != pix.tolist()
+
+
+@needs_weights
 def test_refine_works_out_of_the_box_on_the_built_in_model(nano_pipe):
     """``--refine`` on the built-in model: its bundle carries nano's diffusion decoder, and the 2x picture it draws
     from a held-out picture's codes is closer to the scene rendered at 2x (PSNR) than the pixel decoder's picture
