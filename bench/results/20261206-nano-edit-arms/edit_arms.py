@@ -21,6 +21,11 @@
   to give its own cell's code as its output, so that the code an output cell must write back is there to be read
   (``diagnose.py`` part 9: given the edited picture's semantic codes, the pixel level still loses the shape of 26%
   of the edits).
+- ``edit-lr-2e-3`` (session 52): the committed grammar, stage ``edit`` at learning rate EDIT_LR_ARM (2e-3, ``focus``'s)
+  instead of EDIT_LR's 1e-3, never varied before. Why: more ``edit`` steps were the one lever that raised editing
+  (25% -> 40% -> 45% -> 52% of edits right), by less each time, and the budget has no room for more steps; a fresh
+  LLM learned the copy an edit needs quickly at 2e-3 while the committed MLLM took to it slowly at 1e-3 (nano/README.md
+  "Editing", sessions 24-25). ``polish`` as committed.
 
 Usage (``run.sh``), ARM one of the above:
 
@@ -60,8 +65,9 @@ def patch_grammar() -> None:
     data.edits = edits
 
 
-ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5")
+ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5", "edit-lr-2e-3")
 EDIT_SEMANTIC_ERASE_MAX = 0.9  # the semantic-erase-0.9 arm's
+EDIT_LR_ARM = 2e-3  # the edit-lr-2e-3 arm's
 COMMANDS = ("train", "evaluate", "lengths", "bind-sampling")
 
 
@@ -97,6 +103,8 @@ def main(argv: list[str]) -> int:
 
         if arm == "captions-2":
             command.EDIT_T2I_BATCH = 2  # read when stage edit starts
+        if arm == "edit-lr-2e-3":
+            command.EDIT_LR = EDIT_LR_ARM  # read when stage edit starts; polish has its own POLISH_LR
         if arm == "slot-codes-0.5":
             command.SLOT_CODE_WEIGHT = 0.5  # read at every step of edit and polish
         if arm == "semantic-erase-0.9":
