@@ -292,23 +292,28 @@ def edit_levels(llm, projectors, preset, tok, enc, pixel, codes_of, empty, limit
 
 def drawing_levels(llm, preset, tok, pixel, codes_of, guidance: float, limit: int | None = None) -> dict:
     """Part 10 over the held-out prompts (``heldout.eval_prompts``; ``limit``: the first so many): each
-    attribute's share right and all of them, per decoding: 'free' (the caption at ``guidance``: the runtime's
-    greedy drawing), 'semantic_given' (the same, the scene's own semantic codes fed) and
-    'semantic_given_no_caption' (the unconditional prompt alone, the scene's semantic codes fed: what the pixel
-    level draws from the semantic codes with no word to read). ``codes_of(scene)``: its (semantic, pixel) codes."""
+    attribute's share right, all of them, and how often each shape was read as each, per decoding: 'free' (the
+    caption at ``guidance``: the runtime's greedy drawing), 'semantic_given' (the same, the scene's own semantic
+    codes fed) and 'semantic_given_no_caption' (the unconditional prompt alone, the scene's semantic codes fed:
+    what the pixel level draws from the semantic codes with no word to read). ``codes_of(scene)``: its (semantic,
+    pixel) codes."""
     from illume_rt.nano.heldout import eval_prompts, eval_scenes
 
     scenes = eval_scenes("held")
     prompts = list(zip(scenes * 2, eval_prompts(limit, "held")))  # each scene's full caption, then its short one
     marks = collections.defaultdict(list)
+    shapes_read = collections.defaultdict(collections.Counter)  # per decoding: "asked -> read" shapes
     for scene, (caption, wanted) in prompts:
         semantic = codes_of(scene)[0]
         for mode, prompt, given in (("free", caption, None), ("semantic_given", caption, semantic),
                                     ("semantic_given_no_caption", None, semantic)):
             sem, pix = greedy_draw_codes(llm, preset, tok, prompt, guidance if prompt else 1.0, given)
-            marks[mode].append(score.score_picture(decoded_pictures(pixel, sem, pix)[0], wanted))
+            picture = decoded_pictures(pixel, sem, pix)[0]
+            marks[mode].append(score.score_picture(picture, wanted))
+            shapes_read[mode][f"{scene.shape} -> {score.read_scene(picture)['shape']}"] += 1
     return {"prompts": len(marks["free"]), "guidance": guidance,
-            **{mode: {a: round(x, 3) for a, x in score.summarize(m).items()} for mode, m in marks.items()}}
+            **{mode: {**{a: round(x, 3) for a, x in score.summarize(m).items()},
+                      "shapes_read": dict(sorted(shapes_read[mode].items()))} for mode, m in marks.items()}}
 
 
 def reference_models(llm_state: str | None):

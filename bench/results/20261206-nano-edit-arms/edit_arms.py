@@ -26,6 +26,8 @@
   (25% -> 40% -> 45% -> 52% of edits right), by less each time, and the budget has no room for more steps; a fresh
   LLM learned the copy an edit needs quickly at 2e-3 while the committed MLLM took to it slowly at 1e-3 (nano/README.md
   "Editing", sessions 24-25). ``polish`` as committed.
+- ``control`` (session 52): the recipe as committed, for draws of ``edit`` and ``polish`` at another seed
+  (``run.sh`` with SEED) beside the arms at that seed.
 
 Usage (``run.sh``), ARM one of the above:
 
@@ -65,7 +67,7 @@ def patch_grammar() -> None:
     data.edits = edits
 
 
-ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5", "edit-lr-2e-3")
+ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5", "edit-lr-2e-3", "control")
 EDIT_SEMANTIC_ERASE_MAX = 0.9  # the semantic-erase-0.9 arm's
 EDIT_LR_ARM = 2e-3  # the edit-lr-2e-3 arm's
 COMMANDS = ("train", "evaluate", "lengths", "bind-sampling")
