@@ -107,7 +107,8 @@ def edit_figures(rows: list[tuple[str, dict[str, bool]]]) -> dict:
     'right' (the attribute asked for changed to its value and every other one kept: the issue's measure), 'asked'
     (the attribute asked for right), 'kept' (the others all right), 'right' by kind of edit, and
     'kept_by_attribute': for each attribute, the share of the edits that do not ask for it which keep it (which
-    attribute an edit loses: shape, in session 50's measurement, nano/README.md "Editing")."""
+    attribute an edit loses: shape, in session 50's measurement, nano/README.md "Editing"), and 'kept_by_kind': that
+    share by kind of edit."""
     asked = [marks[kind] for kind, marks in rows]
     kept = [all(marks[a] for a in data.ATTRIBUTES if a != kind) for kind, marks in rows]
     right = [a and k for a, k in zip(asked, kept)]
@@ -117,6 +118,11 @@ def edit_figures(rows: list[tuple[str, dict[str, bool]]]) -> dict:
                             for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _ in rows)}
     out["kept_by_attribute"] = {a: float(np.mean([marks[a] for kind, marks in rows if kind != a]))
                                 for a in data.ATTRIBUTES if any(kind != a for kind, _ in rows)}
+    # the same per kind of edit: whether an attribute is lost only where the object is redrawn elsewhere or at
+    # another size, or in place too (session 53: the shape, in every kind alike)
+    out["kept_by_kind"] = {kind: {a: float(np.mean([marks[a] for c, marks in rows if c == kind]))
+                                  for a in data.ATTRIBUTES if a != kind}
+                           for kind in data.EDIT_INSTRUCTIONS if any(c == kind for c, _ in rows)}
     return out
 
 

@@ -137,7 +137,8 @@ def test_reconstruction_score_tells_a_left_right_mirrored_picture_from_a_kept_on
 def test_edit_scores_name_the_attribute_an_edit_loses():
     """score_edits on a stand-in pipeline that draws each edited scene with its shape swapped, unless the edit asks
     for the shape: every attribute asked for comes out right, shape is kept by none of the edits that do not ask
-    for it and every other attribute by all, so only the shape edits are right."""
+    for it and every other attribute by all, so only the shape edits are right; one that swaps the shape only when
+    it moves the object loses it in the position edits alone (kept_by_kind)."""
     from illume_rt.nano.heldout import eval_edits, score_edits
 
     edits = eval_edits(25)
@@ -163,6 +164,19 @@ def test_edit_scores_name_the_attribute_an_edit_loses():
     assert figures["right_by_kind"] == {"colour": 0.0, "position": 0.0, "shape": 1.0, "background": 0.0,
                                         "size": 0.0}
     assert figures["right"] == pytest.approx(0.2) and figures["kept"] == pytest.approx(0.2)
+    assert figures["kept_by_kind"]["position"] == {"shape": 0.0, "colour": 1.0, "size": 1.0, "background": 1.0}
+
+    class SwapsShapeWhenMoving(SwapsShape):  # loses the shape in position edits only
+        def edit(self, image, instruction, seed, sampling):
+            source, target = by_request[(np.asarray(image).tobytes(), instruction)]
+            moved = target.position != source.position
+            return types.SimpleNamespace(image=data.render(target.with_("shape", other_shape[target.shape])
+                                                           if moved else target))
+
+    by_kind = score_edits(SwapsShapeWhenMoving(), edits)["kept_by_kind"]
+    assert by_kind["position"]["shape"] == 0.0 and by_kind["position"]["colour"] == 1.0
+    assert all(kept == 1.0 for kind, figures in by_kind.items() if kind != "position" for kept in figures.values())
+    assert set(by_kind) == {"colour", "position", "shape", "background", "size"}
 
 
 @pytest.mark.runtime
