@@ -26,6 +26,8 @@
   (25% -> 40% -> 45% -> 52% of edits right), by less each time, and the budget has no room for more steps; a fresh
   LLM learned the copy an edit needs quickly at 2e-3 while the committed MLLM took to it slowly at 1e-3 (nano/README.md
   "Editing", sessions 24-25). ``polish`` as committed.
+- ``edit-lr-3e-3`` (session 53): stage ``edit`` at 3e-3 (EDIT_LR_3E3), the next step of the one lever that held on
+  two pairs of draws (``edit-lr-2e-3``), at seeds 1234 and 2 beside those pairs. ``polish`` as committed.
 - ``control`` (session 52): the recipe as committed, for draws of ``edit`` and ``polish`` at another seed
   (``run.sh`` with SEED) beside the arms at that seed.
 
@@ -67,9 +69,11 @@ def patch_grammar() -> None:
     data.edits = edits
 
 
-ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5", "edit-lr-2e-3", "control")
+ARMS = ("one-length", "captions-2", "semantic-erase-0.9", "slot-codes-0.5", "edit-lr-2e-3", "edit-lr-3e-3",
+        "control")
 EDIT_SEMANTIC_ERASE_MAX = 0.9  # the semantic-erase-0.9 arm's
 EDIT_LR_ARM = 2e-3  # the edit-lr-2e-3 arm's
+EDIT_LR_3E3 = 3e-3  # the edit-lr-3e-3 arm's
 COMMANDS = ("train", "evaluate", "lengths", "bind-sampling")
 
 
@@ -107,6 +111,8 @@ def main(argv: list[str]) -> int:
             command.EDIT_T2I_BATCH = 2  # read when stage edit starts
         if arm == "edit-lr-2e-3":
             command.EDIT_LR = EDIT_LR_ARM  # read when stage edit starts; polish has its own POLISH_LR
+        if arm == "edit-lr-3e-3":
+            command.EDIT_LR = EDIT_LR_3E3
         if arm == "slot-codes-0.5":
             command.SLOT_CODE_WEIGHT = 0.5  # read at every step of edit and polish
         if arm == "semantic-erase-0.9":

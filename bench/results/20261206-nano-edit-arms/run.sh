@@ -1,7 +1,7 @@
 #!/bin/bash
 # The arms, as run: ./run.sh one-length | ./run.sh captions-2 (session 50, BASE=/tmp/s50) | ./run.sh
 # semantic-erase-0.9 | ./run.sh slot-codes-0.5 (session 51, BASE=/tmp/s51) | ./run.sh edit-lr-2e-3 (session 52,
-# BASE=/tmp/s52).
+# BASE=/tmp/s52) | ./run.sh edit-lr-3e-3 (session 53, BASE=/tmp/s53).
 # W holds the committed recipe's states up to `focus` (session 48's one-command run on this machine, which the
 # committed weights are bit for bit: semantic, pixel, tokens, mllm, focus, vae, decoder and their log.json
 # entries); `edit` and `polish` are trained again in the arm.
