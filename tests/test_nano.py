@@ -175,7 +175,7 @@ def test_edit_scores_name_the_attribute_an_edit_loses():
 
     by_kind = score_edits(SwapsShapeWhenMoving(), edits)["kept_by_kind"]
     assert by_kind["position"]["shape"] == 0.0 and by_kind["position"]["colour"] == 1.0
-    assert all(kept == 1.0 for kind, figures in by_kind.items() if kind != "position" for kept in figures.values())
+    assert all(kept == 1.0 for kind, kept_by in by_kind.items() if kind != "position" for kept in kept_by.values())
     assert set(by_kind) == {"colour", "position", "shape", "background", "size"}
 
 
