@@ -103,6 +103,25 @@ def decoded_scores(pixel, sem, pix, scenes):
 
 
 @torch.no_grad()
+def level_swaps(enc, pixel) -> dict:
+    """Part 1: for colour, shape and size, each held-out scene's semantic codes decoded with the pixel codes of a
+    scene that differs in that attribute (and the other way round): how often the picture shows the semantic
+    scene's value, and how often the pixel scene's."""
+    swaps = {}
+    for attr in ("colour", "shape", "size"):
+        a, b = [], []
+        for s in data.split()[1]:
+            for value in data.CHOICES[attr]:
+                t = data.Scene(**{**s.__dict__, attr: value})
+                if value != getattr(s, attr) and t.colour != t.background:
+                    a.append(s), b.append(t)
+                    break
+        (sa, pa), (sb, pb) = encode(enc, pixel, a), encode(enc, pixel, b)
+        swaps[attr] = {"semantic_codes_decide": decoded_scores(pixel, sa, pb, a)[attr],
+                       "pixel_codes_decide": decoded_scores(pixel, sb, pa, a)[attr]}
+    return swaps
+
+
 def mirror_equivariance(enc, pixel, x: torch.Tensor) -> dict:
     """Part 8 for pictures ``x`` [B, 3, H, W]: per stream and axis, the relative L2 distance of the mirrored
     picture's features to the mirrored features and to the plain features."""
@@ -367,18 +386,7 @@ def main(argv=None) -> int:
         return 0
 
     # 1. which level carries what
-    swaps = {}
-    for attr in ("colour", "shape", "size"):
-        a, b = [], []
-        for s in data.split()[1]:
-            for value in data.CHOICES[attr]:
-                t = data.Scene(**{**s.__dict__, attr: value})
-                if value != getattr(s, attr) and t.colour != t.background:
-                    a.append(s), b.append(t)
-                    break
-        (sa, pa), (sb, pb) = encode(enc, pixel, a), encode(enc, pixel, b)
-        swaps[attr] = {"semantic_codes_decide": decoded_scores(pixel, sa, pb, a)[attr],
-                       "pixel_codes_decide": decoded_scores(pixel, sb, pa, a)[attr]}
+    swaps = level_swaps(enc, pixel)
     by_colour, by_shape = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for s, row in zip(scenes, S):
         for c in row[row != empty[s.background][0]].tolist():

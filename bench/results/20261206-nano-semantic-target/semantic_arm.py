@@ -107,18 +107,7 @@ def purity(work) -> int:
     S, P = diagnose.encode(enc, pixel, scenes)
     empty = {bg: S[[i for i, s in enumerate(scenes) if s.background == bg]].mode(0).values
              for bg in data.BACKGROUNDS}
-    swaps = {}
-    for attr in ("colour", "shape", "size"):
-        a, b = [], []
-        for s in data.split()[1]:
-            for value in data.CHOICES[attr]:
-                t = data.Scene(**{**s.__dict__, attr: value})
-                if value != getattr(s, attr) and t.colour != t.background:
-                    a.append(s), b.append(t)
-                    break
-        (sa, pa), (sb, pb) = diagnose.encode(enc, pixel, a), diagnose.encode(enc, pixel, b)
-        swaps[attr] = {"semantic_codes_decide": diagnose.decoded_scores(pixel, sa, pb, a)[attr],
-                       "pixel_codes_decide": diagnose.decoded_scores(pixel, sb, pa, a)[attr]}
+    swaps = diagnose.level_swaps(enc, pixel)
     tables = {a: collections.defaultdict(collections.Counter) for a in ("colour", "shape", "size")}
     for s, row in zip(scenes, S):
         for c in row[row != empty[s.background]].tolist():
