@@ -1,29 +1,30 @@
-"""Session 53's arm of the whole MLLM chain on a tokenizer whose semantic codes are trained to show each cell finer.
+"""Session 53's tokenizer arms: stage ``semantic`` trained to a target that might put the shape into the semantic
+codes, ``pixel`` and ``tokens`` after it, and the codes measured (NOTES.md). The MLLM stages were not trained on
+either tokenizer: neither put the shape into the codes.
 
-- ``semantic-8x8``: stage ``semantic`` reconstructs each 28-px cell of the 252 view at 8x8 RGB (train.cell_target,
-  4x4 in the recipe) through a per-cell decoder of the same form, twice as wide (train.semantic_decoder); every
-  other stage as committed, each trained again on the new tokenizer (``pixel`` conditions on the semantic codes,
-  the MLLM stages predict them).
+- ``semantic-8x8``: each 28-px cell of the 252 view reconstructed at 8x8 RGB (train.cell_target; 4x4 in the
+  recipe) through a per-cell decoder of the same form, twice as wide (train.semantic_decoder).
+- ``semantic-shape``: each cell at 4x4 RGB (the recipe's) and the object's shape (``patch_shape``).
+- ``recipe``: nothing patched, to measure a committed-recipe tokenizer the same way.
 
 Why: an edit loses the shape it should keep (61% kept, every other attribute 87-99%), and diagnose.py parts 9 and 10
 showed the pixel level reading the shape from the caption's word or the input picture, never from the semantic
 codes, which carry position and size but not the outline (object cells' semantic codes are 41% pure by shape, chance
 33%; nano/README.md "Diagnosis" item 2). The official semantic branch reconstructs a pretrained ViT's features,
 which do carry shape; nano has none, so its target is a coarse picture of each cell, and at 4x4 a 28-px cell's part
-of a circle and of a square look nearly alike. At 8x8 they do not, so the 128 semantic codes may have to tell them
-apart, and then the semantic level (which an edit copies from its input far better than the pixel level writes a
-shape unaided) would carry the shape.
+of a circle and of a square look nearly alike. If the semantic codes told them apart, the semantic level (which an
+edit copies from its input far better than the pixel level writes a shape unaided) would carry the shape.
 
-    python semantic_arm.py semantic-8x8 train semantic pixel tokens --work W --threads 2 --jobs 1
-    python semantic_arm.py semantic-8x8 purity W          # object cells' semantic codes: purity by shape, colour
-    python semantic_arm.py semantic-8x8 train mllm focus edit polish export --work W --out O --threads 2 --jobs 1
+    python semantic_arm.py ARM train semantic pixel tokens --work W --threads 2 --jobs 1
+    python semantic_arm.py ARM purity W                   # the levels' swaps; object codes' purity by attribute
+    python semantic_arm.py semantic-shape read-shape W    # the shape read back through the decoder's shape channels
 """
 import sys
 
 CELL = 8  # the arm's target: each cell at CELL x CELL RGB (the recipe: 4)
 SHAPE_AMPLITUDE = 2.0  # semantic-shape: the shape one-hot's value on a cell the object covers whole (RGB: [-1, 1])
 ARMS = ("semantic-8x8", "semantic-shape", "recipe")
-COMMANDS = ("train", "purity", "read-shape", "evaluate", "bind-sampling")  # recipe: nothing patched (purity of a committed-recipe tokenizer)
+COMMANDS = ("train", "purity", "read-shape")
 
 
 def patch() -> None:
@@ -158,23 +159,9 @@ def main(argv):
         return purity(argv[2])
     if argv[1] == "read-shape":
         return read_shape(argv[2])
-    if argv[1] == "bind-sampling":  # the committed sampling choice, bound to the arm's MLLM weights
-        import json
-        from pathlib import Path
+    from illume_rt.nano import train
 
-        from illume_rt.nano.checkpoint import COMMITTED, NanoWeights, weights_digest
-
-        weights = NanoWeights(Path(argv[2]))
-        record = json.loads(COMMITTED.sampling_file.read_text())
-        record["weights_sha256"] = weights_digest(weights)
-        record["command"] = f"bench/results/20261206-nano-semantic-target/semantic_arm.py {argv[0]} bind-sampling"
-        weights.sampling_file.write_text(json.dumps(record, indent=1) + "\n")
-        return 0
-    if argv[1] == "train":
-        from illume_rt.nano import train as command
-    else:
-        from illume_rt.nano import evaluate as command
-    return command.main(argv[2:]) or 0
+    return train.main(argv[2:]) or 0
 
 
 if __name__ == "__main__":
