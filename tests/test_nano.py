@@ -706,6 +706,43 @@ def test_sampling_defaults_are_chosen_by_the_weakest_attribute_and_bound_to_thei
     assert checkpoint.sampling_defaults(weights) is None  # chosen for other weights: not used
 
 
+def test_text_to_image_guidance_is_chosen_greedily_then_the_sampler_at_that_guidance(monkeypatch):
+    """Stage ``sampling`` picks the guidance by greedy drawings of the training prompts (full and short captions),
+    then scores the samplers at that guidance only: a sampled lead of one scene at another guidance (what picked 1.0
+    for four of six weights, session 53) does not move it. Ties between guidances go to the stronger one."""
+    from types import SimpleNamespace
+
+    from illume_rt.nano import choose_sampling
+    from illume_rt.nano.heldout import eval_prompts, eval_scenes
+
+    drawn = []
+
+    def stand_in_scores(pipe, sampling, prompts, seed=0):
+        drawn.append((sampling.guidance_scale, sampling.greedy, len(prompts)))
+        if sampling.greedy:  # greedy: 1.5 one prompt ahead
+            shape = {2.0: 0.60, 1.5: 0.91, 1.0: 0.89}[sampling.guidance_scale]
+        else:  # sampled: the best sampler at 1.0 one scene ahead of any at 1.5, and top-p 0.6 best at each
+            shape = {2.0: 0.70, 1.5: 0.87, 1.0: 0.89}[sampling.guidance_scale] + (sampling.top_p == 0.6) * 0.02
+        return {**{a: 1.0 for a in data.ATTRIBUTES}, "shape": shape, "all": shape}
+
+    monkeypatch.setattr(choose_sampling, "score_candidate", stand_in_scores)
+    record = choose_sampling.choose_text_to_image(SimpleNamespace(bundle=SimpleNamespace(manifest={"model": {}})),
+                                                  None)
+    assert record["text_to_image"]["guidance_scale"] == 1.5
+    assert record["text_to_image"]["top_p"] == 0.6
+    greedy = [(g, n) for g, is_greedy, n in drawn if is_greedy]
+    sampled = [(g, n) for g, is_greedy, n in drawn if not is_greedy]
+    assert greedy == [(g, len(eval_prompts(None, "train"))) for g in choose_sampling.GUIDANCE_CANDIDATES]
+    assert sampled == [(1.5, len(eval_scenes("train")))] * len(choose_sampling.SAMPLERS)
+    assert len(eval_prompts(None, "train")) == 2 * len(eval_scenes("train"))  # the short captions drawn too
+
+    def tied(guidance):
+        return {"guidance_scale": guidance, "scores": {**{a: 0.9 for a in data.ATTRIBUTES}, "all": 0.9}}
+
+    for order in ([tied(1.0), tied(1.5)], [tied(1.5), tied(1.0)]):
+        assert choose_sampling.choose(order)["guidance_scale"] == 1.5
+
+
 def test_refine_defaults_are_bound_to_the_decoder_they_were_chosen_for(tmp_path):
     from illume_rt.nano import checkpoint
 
