@@ -13,6 +13,7 @@ from illume_rt.runtime.pipeline import Pipeline
 weights, out, offset = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train, held = data.split()
 scenes = train[offset::9]
+full_captions = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]  # score_candidate's pairs
 official = OFFICIAL_SAMPLING["text_to_image"]
 results = []
 with evaluate.bundle_of(NanoWeights(weights)) as bundle:
@@ -20,7 +21,8 @@ with evaluate.bundle_of(NanoWeights(weights)) as bundle:
     for g in (1.5, 1.0):
         for t, p in choose_sampling.SAMPLERS:
             t0 = time.time()
-            s = choose_sampling.score_candidate(pipe, replace(official, guidance_scale=g, temperature=t, top_p=p), scenes)
+            s = choose_sampling.score_candidate(pipe, replace(official, guidance_scale=g, temperature=t, top_p=p),
+                                                full_captions)
             results.append({"guidance_scale": g, "temperature": t, "top_p": p, "scores": s})
             print(g, t, p, {k: round(v, 3) for k, v in s.items() if isinstance(v, float)}, f"{time.time()-t0:.0f}s", flush=True)
             json.dump({"offset": offset, "scenes": len(scenes), "results": results}, open(out, "w"), indent=1)
