@@ -148,7 +148,7 @@ def choose_part(part: str, bundle: Path, weights_root: Path, limit: int | None, 
 
 
 def choose_text_to_image(pipe, limit: int | None) -> dict:
-    from illume_rt.nano.heldout import eval_prompts, eval_scenes
+    from illume_rt.nano.heldout import eval_prompts, eval_scenes, full_caption_prompts
     from illume_rt.runtime.options import OFFICIAL_SAMPLING
 
     if pipe.bundle.manifest["model"].get("sampling_defaults"):
@@ -164,7 +164,7 @@ def choose_text_to_image(pipe, limit: int | None) -> dict:
         print(f"guidance {guidance}, greedy: {scores} ({time.time() - t0:.0f}s)", flush=True)
     guidance = choose(guidance_results)["guidance_scale"]
     scenes = eval_scenes("train")[:limit] if limit else eval_scenes("train")
-    full_captions = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
+    full_captions = full_caption_prompts(scenes)
     results = []
     for temperature, top_p in SAMPLERS:
         t0 = time.time()

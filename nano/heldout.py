@@ -44,11 +44,16 @@ def eval_scenes(which: str = "held") -> list[data.Scene]:
     return held if which == "held" else train[::9]
 
 
+def full_caption_prompts(scenes: list[data.Scene]) -> list[tuple[str, dict]]:
+    """Each scene's full caption with the five attributes it names."""
+    return [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
+
+
 def eval_prompts(limit: int | None = None, which: str = "held") -> list[tuple[str, dict]]:
     """Prompts of ``eval_scenes``: each scene's full caption, then its short (size-free) one; for 'grammar' the
     full captions only (each names all five attributes; 450 prompts already take ~3 minutes on 2 cores)."""
     scenes = eval_scenes(which)
-    out = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]
+    out = full_caption_prompts(scenes)
     if which != "grammar":
         out += [(s.short_caption, {a: getattr(s, a) for a in data.ATTRIBUTES if a != "size"}) for s in scenes]
     return out[:limit] if limit else out

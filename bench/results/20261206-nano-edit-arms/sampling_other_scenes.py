@@ -6,14 +6,14 @@ import json, sys, time
 from dataclasses import replace
 from illume_rt.nano import data
 from illume_rt.nano.checkpoint import NanoWeights
-from illume_rt.nano import choose_sampling, evaluate
+from illume_rt.nano import choose_sampling, evaluate, heldout
 from illume_rt.runtime.options import OFFICIAL_SAMPLING
 from illume_rt.runtime.pipeline import Pipeline
 
 weights, out, offset = sys.argv[1], sys.argv[2], int(sys.argv[3])
 train, held = data.split()
 scenes = train[offset::9]
-full_captions = [(s.caption, {a: getattr(s, a) for a in data.ATTRIBUTES}) for s in scenes]  # score_candidate's pairs
+full_captions = heldout.full_caption_prompts(scenes)  # score_candidate's pairs
 official = OFFICIAL_SAMPLING["text_to_image"]
 results = []
 with evaluate.bundle_of(NanoWeights(weights)) as bundle:
