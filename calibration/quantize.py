@@ -199,6 +199,8 @@ def _check_external(name: str, entry: dict, recipe, src: Path) -> None:
     if streamed.streamable(recipe) is None:
         what = ("this preset's percentile ranges hold every calibrated value in memory"
                 if recipe.calibration_method == "Percentile"
+                else "this preset's entropy ranges take histograms of the whole graph's activations"
+                if recipe.calibration_method == "entropy"
                 else "the FP16/BF16 remainder is made by AutoCast, which loads the whole graph several times over"
                 if recipe.precision == "int8"
                 else f"{recipe.precision} is made by modelopt's quantizer and AutoCast, which load the whole graph "

@@ -125,6 +125,16 @@ SMOOTHQUANT_ALPHA: dict[str, float | None] = {"default": 0.5, "nano": None}
 LLM_ORT_CPU_CALIBRATION: dict[str, str] = {"default": "MinMax", "nano": "Percentile"}
 CALIBRATION_PERCENTILE = 99.999
 
+# How the INT8 tensorrt LLM's activation ranges are calibrated by ModelOpt, by preset (absent: "default"). "max"
+# takes each tensor's extremes, as MinMax does for ort-cpu, and for the same reason failed illume-nano's LLM: on the
+# weights `edit` trains at twice its learning rate its worst held-out cosine was 0.9895 (gate 0.99) while every other
+# graph passed (session 54). "entropy" picks each range from a histogram of the values (the one minimising the
+# KL divergence between the clipped and the original distribution, TensorRT's own INT8 calibration), and gave 0.9962
+# there (bench/results/20261206-nano-int8-tensorrt-llm-entropy). Its histograms cost calibration time, which nano's
+# small LLM can spend; the default keeps max: the 3B/7B LLM bodies are quantized streamed (calibration/streamed.py),
+# which reproduces max ranges only, and were never quantized here.
+LLM_TENSORRT_CALIBRATION: dict[str, str] = {"default": "max", "nano": "entropy"}
+
 
 def recipe_for(component: str, precision: str, target: str, high_precision: str | None = None,
                preset: str = "default") -> Recipe:
@@ -156,8 +166,11 @@ def recipe_for(component: str, precision: str, target: str, high_precision: str 
                       "fp8 e4m3fn per-tensor static (max)", "fp8 e4m3fn per-tensor", high_precision=hp,
                       keep_fp32_ops=keep, keep_boundary_convs=boundary)
     if target == "tensorrt":
-        # max, not entropy: entropy's histograms took 78 s on the tiny pixel decoder alone (2 cores) for 0.0002 cos
-        return Recipe(component, precision, target, "nvidia-modelopt", "max", alpha, "int8 symmetric per-tensor static",
+        # max, not entropy, but for the LLM of some presets (LLM_TENSORRT_CALIBRATION): entropy's histograms took 78 s
+        # on the tiny pixel decoder alone (2 cores) for 0.0002 cosine
+        method = (LLM_TENSORRT_CALIBRATION.get(preset, LLM_TENSORRT_CALIBRATION["default"]) if component == "llm"
+                  else "max")
+        return Recipe(component, precision, target, "nvidia-modelopt", method, alpha, "int8 symmetric per-tensor static",
                       "int8 symmetric per-channel", high_precision=hp, keep_fp32_ops=keep,
                       keep_boundary_convs=boundary)
     # MinMax: onnxruntime's histogram calibrators stack every feed and fail on the varied shapes captured here;

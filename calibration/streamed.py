@@ -51,8 +51,9 @@ STREAMED = ("int8 ort-cpu (onnxruntime quantize_static's QDQ)",
 
 def streamable(recipe) -> str | None:
     """Which reproduction a recipe takes ("ort-cpu", "tensorrt"), or None: FP8 and the FP16/BF16 remainder (AutoCast)
-    are not reproduced, nor percentile ranges (recipes.percentile_ranges holds every value of every tensor)."""
-    if recipe.precision != "int8" or recipe.calibration_method == "Percentile":
+    are not reproduced, nor ranges other than each tensor's extremes (percentile ranges: recipes.percentile_ranges
+    holds every value of every tensor; entropy: ModelOpt's histograms of the whole graph's activations)."""
+    if recipe.precision != "int8" or recipe.calibration_method not in ("MinMax", "max"):
         return None
     if recipe.target == "ort-cpu":
         return "ort-cpu"

@@ -608,7 +608,13 @@ def test_percentile_calibration_keeps_one_rare_value_from_setting_the_step_of_ev
     default = recipes.recipe_for("llm", "int8", "ort-cpu")
     assert (default.calibration_method, default.percentile) == ("MinMax", None)
     assert recipes.recipe_for("vae_decoder", "int8", "ort-cpu", preset="nano").calibration_method == "MinMax"
-    assert recipes.recipe_for("llm", "int8", "tensorrt", preset="nano").calibration_method == "max"
+    # the tensorrt LLM's ranges are ModelOpt's: entropy for nano (LLM_TENSORRT_CALIBRATION), max for the others
+    trt_nano = recipes.recipe_for("llm", "int8", "tensorrt", preset="nano")
+    assert (trt_nano.calibration_method, trt_nano.name) == ("entropy", "int8-entropy-fp16-tensorrt")
+    assert recipes.recipe_for("llm", "int8", "tensorrt").calibration_method == "max"
+    assert recipes.recipe_for("pixel_decoder", "int8", "tensorrt", preset="nano").calibration_method == "max"
+    assert recipes.recipe_for("llm", "fp8", "tensorrt", preset="nano").calibration_method == "max"
+    assert streamed.streamable(replace(trt_nano, high_precision="fp32")) is None
     assert streamed.streamable(nano) is None and streamed.streamable(default) == "ort-cpu"
 
     src = tmp_path / "two.onnx"
@@ -637,3 +643,42 @@ def test_percentile_calibration_keeps_one_rare_value_from_setting_the_step_of_ev
     assert step_m > (50.0 + 4.0) / 255  # MinMax: the outlier sets the step
     assert step_p < 10.0 / 255, (step_p, step_m)  # the 99.999th percentile of ~200k normal values is about 4.4
     assert err_p < 0.7 * err_m, (err_p, err_m)  # measured 0.073 against 0.131 (weights are 7-bit in both)
+
+
+def test_entropy_calibration_keeps_one_rare_value_from_setting_the_tensorrt_step(tmp_path):
+    """illume-nano's INT8 tensorrt LLM takes ModelOpt's entropy ranges (recipes.LLM_TENSORRT_CALIBRATION): with max
+    one outlier sets the input's quantization step, with entropy (the histogram's KL-optimal clip) it does not, and
+    the graph's error on ordinary inputs drops with it. Feeds of varied lengths, as the LLM's calibration captures;
+    FP32 remainder, so the figures are the Q/DQ's alone."""
+    import onnx
+    from dataclasses import replace
+
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    src = tmp_path / "two.onnx"
+    _two_matmul_graph(src)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(size=(int(rng.integers(150, 250)), 64)).astype(np.float32)} for _ in range(16)]
+    feeds[5]["x"][7, 3] = 50.0  # one rare value
+    held_out = [{"x": rng.normal(size=(100, 64)).astype(np.float32)} for _ in range(4)]
+    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+
+    def quantize(recipe, name):
+        dst = tmp_path / f"{name}.onnx"
+        (tmp_path / name).mkdir()
+        recipes.quantize_graph(recipe, src, dst, feeds, threads=1, work=tmp_path / name)
+        q = onnx.load(str(dst))
+        inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+        step = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        err = np.mean([np.abs(session.run(None, f)[0] - reference.run(None, f)[0]).mean() for f in held_out])
+        return step[0], err
+
+    nano = recipes.recipe_for("llm", "int8", "tensorrt", high_precision="fp32", preset="nano")
+    graph = replace(nano, component="two_matmuls", smoothquant_alpha=None)
+    step_e, err_e = quantize(graph, "entropy")
+    step_m, err_m = quantize(replace(graph, calibration_method="max"), "max")
+    assert step_m > 49.0 / 127  # max: the outlier sets the step (symmetric INT8)
+    assert step_e < 10.0 / 127, (step_e, step_m)  # measured 0.032 (a clip near 4.1) against 0.394
+    assert err_e < 0.7 * err_m, (err_e, err_m)  # measured 0.023 against 0.175

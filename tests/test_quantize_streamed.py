@@ -388,6 +388,15 @@ def test_what_the_streamed_path_refuses(tiny_external, tmp_path, capsys, monkeyp
             quantize_bundle(tiny_external, tmp_path / "pct", "int8", "ort-cpu", threads=TEST_THREADS,
                             calibration=cal, evaluation=cal, components=["llm"], log=lambda m: None)
     assert not (tmp_path / "pct").exists()
+    # entropy ranges (illume-nano's tensorrt LLM) take ModelOpt's histograms of the whole graph: refused likewise,
+    # even with the FP32 remainder the streamed path reproduces
+    with monkeypatch.context() as m:
+        m.setitem(recipes.LLM_TENSORRT_CALIBRATION, "default", "entropy")
+        with pytest.raises(QuantizationError, match=r"only: this preset's entropy ranges take histograms"):
+            quantize_bundle(tiny_external, tmp_path / "ent", "int8", "tensorrt", threads=TEST_THREADS,
+                            calibration=cal, evaluation=cal, components=["llm"], high_precision="fp32",
+                            log=lambda m: None)
+    assert not (tmp_path / "ent").exists()
     with pytest.raises(streamed.StreamingUnsupported, match="MatMul weights only"):  # a Conv graph (pixel decoder)
         streamed.Plan(onnx.load(str(tiny_external / "pixel_decoder.onnx"), load_external_data=False), ())
     assert main(["quantize", str(tiny_external), "--precision", "int8", "--target", "ort-cpu",
