@@ -130,9 +130,9 @@ CALIBRATION_PERCENTILE = 99.999
 # weights `edit` trains at twice its learning rate its worst held-out cosine was 0.9895 (gate 0.99) while every other
 # graph passed (session 54). "entropy" picks each range from a histogram of the values (the one minimising the
 # KL divergence between the clipped and the original distribution, TensorRT's own INT8 calibration), and gave 0.9962
-# there, and 0.9946 against max's 0.9930 on the committed weights (bench/results/20261206-nano-int8-tensorrt-llm-
-# entropy; nano's LLM calibrates in the same 20 s either way). The default keeps max: the 3B/7B LLM bodies are
-# quantized streamed (calibration/streamed.py), which reproduces max ranges only, and were never quantized here.
+# there, and 0.9946 against max's 0.9930 on the committed weights, nano's LLM calibrating in the same 20 s either way
+# (bench/results/20261206-nano-int8-tensorrt-llm-entropy). The default keeps max: the 3B/7B LLM bodies are quantized
+# streamed (calibration/streamed.py), which reproduces max ranges only, and were never quantized here.
 LLM_TENSORRT_CALIBRATION: dict[str, str] = {"default": "max", "nano": "entropy"}
 
 
@@ -170,9 +170,9 @@ def recipe_for(component: str, precision: str, target: str, high_precision: str 
         # on the tiny pixel decoder alone (2 cores) for 0.0002 cosine
         method = (LLM_TENSORRT_CALIBRATION.get(preset, LLM_TENSORRT_CALIBRATION["default"]) if component == "llm"
                   else "max")
-        return Recipe(component, precision, target, "nvidia-modelopt", method, alpha, "int8 symmetric per-tensor static",
-                      "int8 symmetric per-channel", high_precision=hp, keep_fp32_ops=keep,
-                      keep_boundary_convs=boundary)
+        return Recipe(component, precision, target, "nvidia-modelopt", method, alpha,
+                      "int8 symmetric per-tensor static", "int8 symmetric per-channel", high_precision=hp,
+                      keep_fp32_ops=keep, keep_boundary_convs=boundary)
     # MinMax: onnxruntime's histogram calibrators stack every feed and fail on the varied shapes captured here;
     # the LLM of some presets takes percentile ranges computed by percentile_ranges (LLM_ORT_CPU_CALIBRATION)
     method = (LLM_ORT_CPU_CALIBRATION.get(preset, LLM_ORT_CPU_CALIBRATION["default"]) if component == "llm"
