@@ -589,16 +589,40 @@ def _two_matmul_graph(path, width: int = 64):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
 
 
+def _quantize_with_one_rare_value(recipe, name: str, tmp_path):
+    """Quantize the two-MatMul graph with ``recipe`` on 16 feeds of varied lengths (as the LLM's calibration
+    captures them), one of which holds a single value of 50 among ~200k normal ones; return the quantize_graph info,
+    the step of the input's QuantizeLinear, and the mean absolute error against FP32 on ordinary held-out inputs."""
+    import onnx
+
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    src = tmp_path / "two.onnx"
+    if not src.is_file():
+        _two_matmul_graph(src)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(size=(int(rng.integers(150, 250)), 64)).astype(np.float32)} for _ in range(16)]
+    feeds[5]["x"][7, 3] = 50.0  # one rare value
+    held_out = [{"x": rng.normal(size=(100, 64)).astype(np.float32)} for _ in range(4)]
+    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    dst = tmp_path / f"{name}.onnx"
+    (tmp_path / name).mkdir()
+    info = recipes.quantize_graph(recipe, src, dst, feeds, threads=1, work=tmp_path / name)
+    q = onnx.load(str(dst))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    step = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    err = np.mean([np.abs(session.run(None, f)[0] - reference.run(None, f)[0]).mean() for f in held_out])
+    return info, step[0], err
+
+
 def test_percentile_calibration_keeps_one_rare_value_from_setting_the_step_of_every_other(tmp_path):
     """illume-nano's INT8 ort-cpu LLM takes percentile ranges (recipes.LLM_ORT_CPU_CALIBRATION): with MinMax one
     outlier among ~200k calibrated values sets the input's quantization step, with the 99.999th percentile it does
     not, and the graph's error on ordinary inputs drops with it. Feeds of varied lengths, which onnxruntime's own
     histogram calibrators cannot stack."""
-    import onnx
     from dataclasses import replace
-
-    import onnxruntime as ort
-    from onnx import numpy_helper
 
     from illume_rt.calibration import streamed
 
@@ -617,28 +641,10 @@ def test_percentile_calibration_keeps_one_rare_value_from_setting_the_step_of_ev
     assert streamed.streamable(replace(trt_nano, high_precision="fp32")) is None
     assert streamed.streamable(nano) is None and streamed.streamable(default) == "ort-cpu"
 
-    src = tmp_path / "two.onnx"
-    _two_matmul_graph(src)
-    rng = np.random.default_rng(3)
-    feeds = [{"x": rng.normal(size=(int(rng.integers(150, 250)), 64)).astype(np.float32)} for _ in range(16)]
-    feeds[5]["x"][7, 3] = 50.0  # one rare value
-    held_out = [{"x": rng.normal(size=(100, 64)).astype(np.float32)} for _ in range(4)]
-    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-
-    def quantize(recipe, name):
-        dst = tmp_path / f"{name}.onnx"
-        (tmp_path / name).mkdir()
-        info = recipes.quantize_graph(recipe, src, dst, feeds, threads=1, work=tmp_path / name)
-        q = onnx.load(str(dst))
-        inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-        step = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
-        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        err = np.mean([np.abs(session.run(None, f)[0] - reference.run(None, f)[0]).mean() for f in held_out])
-        return info, step[0], err
-
     nano_graph = replace(nano, component="two_matmuls", smoothquant_alpha=None)
-    info_p, step_p, err_p = quantize(nano_graph, "percentile")
-    _, step_m, err_m = quantize(replace(nano_graph, calibration_method="MinMax", percentile=None), "minmax")
+    info_p, step_p, err_p = _quantize_with_one_rare_value(nano_graph, "percentile", tmp_path)
+    _, step_m, err_m = _quantize_with_one_rare_value(replace(nano_graph, calibration_method="MinMax", percentile=None),
+                                                     "minmax", tmp_path)
     assert info_p["percentile_ranges"] == 4  # the inputs and outputs of both MatMuls: x, a, a_act, y
     assert step_m > (50.0 + 4.0) / 255  # MinMax: the outlier sets the step
     assert step_p < 10.0 / 255, (step_p, step_m)  # the 99.999th percentile of ~200k normal values is about 4.4
@@ -648,37 +654,13 @@ def test_percentile_calibration_keeps_one_rare_value_from_setting_the_step_of_ev
 def test_entropy_calibration_keeps_one_rare_value_from_setting_the_tensorrt_step(tmp_path):
     """illume-nano's INT8 tensorrt LLM takes ModelOpt's entropy ranges (recipes.LLM_TENSORRT_CALIBRATION): with max
     one outlier sets the input's quantization step, with entropy (the histogram's KL-optimal clip) it does not, and
-    the graph's error on ordinary inputs drops with it. Feeds of varied lengths, as the LLM's calibration captures;
-    FP32 remainder, so the figures are the Q/DQ's alone."""
-    import onnx
+    the graph's error on ordinary inputs drops with it. FP32 remainder, so the figures are the Q/DQ's alone."""
     from dataclasses import replace
-
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    src = tmp_path / "two.onnx"
-    _two_matmul_graph(src)
-    rng = np.random.default_rng(3)
-    feeds = [{"x": rng.normal(size=(int(rng.integers(150, 250)), 64)).astype(np.float32)} for _ in range(16)]
-    feeds[5]["x"][7, 3] = 50.0  # one rare value
-    held_out = [{"x": rng.normal(size=(100, 64)).astype(np.float32)} for _ in range(4)]
-    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-
-    def quantize(recipe, name):
-        dst = tmp_path / f"{name}.onnx"
-        (tmp_path / name).mkdir()
-        recipes.quantize_graph(recipe, src, dst, feeds, threads=1, work=tmp_path / name)
-        q = onnx.load(str(dst))
-        inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-        step = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
-        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        err = np.mean([np.abs(session.run(None, f)[0] - reference.run(None, f)[0]).mean() for f in held_out])
-        return step[0], err
 
     nano = recipes.recipe_for("llm", "int8", "tensorrt", high_precision="fp32", preset="nano")
     graph = replace(nano, component="two_matmuls", smoothquant_alpha=None)
-    step_e, err_e = quantize(graph, "entropy")
-    step_m, err_m = quantize(replace(graph, calibration_method="max"), "max")
+    _, step_e, err_e = _quantize_with_one_rare_value(graph, "entropy", tmp_path)
+    _, step_m, err_m = _quantize_with_one_rare_value(replace(graph, calibration_method="max"), "max", tmp_path)
     assert step_m > 49.0 / 127  # max: the outlier sets the step (symmetric INT8)
     assert step_e < 10.0 / 127, (step_e, step_m)  # measured 0.032 (a clip near 4.1) against 0.394
     assert err_e < 0.7 * err_m, (err_e, err_m)  # measured 0.023 against 0.175
