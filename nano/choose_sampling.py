@@ -15,12 +15,12 @@ the decoder it was measured on. ``--refine-only`` redoes only this choice (after
 A model's sampling defaults are part of the model (a checkpoint's generation config); illume-nano's go into its
 bundle as ``model.sampling_defaults`` (nano/checkpoint.py reads the file written here), and a call or a command
 that gives no sampling option uses them. The official defaults' guidance (2.0) and sampler (temperature 1.0, top-k
-2048, top-p 1.0) are among the candidates. Text to image is chosen in two steps: the guidance first, by greedy drawings of the training
-sample's 90 prompts (``heldout.eval_prompts('train')``: its full and short captions), then the sampler (temperature,
-top-p) at that guidance, each candidate drawing the sample's 45 full captions (``heldout.eval_scenes('train')``) at
-seed 0. Both are combinations the model was trained on, so the held-out figures stay unbiased; in each step the
-candidate whose weakest attribute is best wins (ties: more pictures fully right, then the stronger guidance, then
-the candidate listed first). Rerun after the weights change.
+2048, top-p 1.0) are among the candidates. Text to image is chosen in two steps: the guidance first, by greedy
+drawings of the training sample's 90 prompts (``heldout.eval_prompts('train')``: its full and short captions), then
+the sampler (temperature, top-p) at that guidance, each candidate drawing the sample's 45 full captions
+(``heldout.eval_scenes('train')``) at seed 0. Both are combinations the model was trained on, so the held-out
+figures stay unbiased; in each step the candidate whose weakest attribute is best wins (ties: more pictures fully
+right, then the stronger guidance, then the candidate listed first). Rerun after the weights change.
 """
 
 from __future__ import annotations
